@@ -1,0 +1,3 @@
+from segcompare.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Cityscapes data: labels, dataset, pipelines, the synthetic set."""

@@ -1,0 +1,107 @@
+"""The Cityscapes label table: the one place the 35 labels, the 19 train classes and the palette live.
+
+The values equal `cityscapesscripts.helpers.labels` (tests/test_labels.py compares them), but the
+package does not need cityscapesscripts at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+IGNORE_INDEX = 255
+NUM_CLASSES = 19
+
+
+@dataclass(frozen=True)
+class Label:
+    name: str
+    id: int
+    train_id: int  # 255: not trained on; -1: license plate (not in labelIds images)
+    category: str
+    category_id: int
+    has_instances: bool
+    ignore_in_eval: bool
+    color: tuple[int, int, int]
+
+
+# fmt: off
+LABELS: tuple[Label, ...] = (
+    #     name                    id  trainId  category        catId  inst   ignore  color
+    Label("unlabeled",             0, 255, "void",          0, False, True,  (0, 0, 0)),
+    Label("ego vehicle",           1, 255, "void",          0, False, True,  (0, 0, 0)),
+    Label("rectification border",  2, 255, "void",          0, False, True,  (0, 0, 0)),
+    Label("out of roi",            3, 255, "void",          0, False, True,  (0, 0, 0)),
+    Label("static",                4, 255, "void",          0, False, True,  (0, 0, 0)),
+    Label("dynamic",               5, 255, "void",          0, False, True,  (111, 74, 0)),
+    Label("ground",                6, 255, "void",          0, False, True,  (81, 0, 81)),
+    Label("road",                  7,   0, "flat",          1, False, False, (128, 64, 128)),
+    Label("sidewalk",              8,   1, "flat",          1, False, False, (244, 35, 232)),
+    Label("parking",               9, 255, "flat",          1, False, True,  (250, 170, 160)),
+    Label("rail track",           10, 255, "flat",          1, False, True,  (230, 150, 140)),
+    Label("building",             11,   2, "construction",  2, False, False, (70, 70, 70)),
+    Label("wall",                 12,   3, "construction",  2, False, False, (102, 102, 156)),
+    Label("fence",                13,   4, "construction",  2, False, False, (190, 153, 153)),
+    Label("guard rail",           14, 255, "construction",  2, False, True,  (180, 165, 180)),
+    Label("bridge",               15, 255, "construction",  2, False, True,  (150, 100, 100)),
+    Label("tunnel",               16, 255, "construction",  2, False, True,  (150, 120, 90)),
+    Label("pole",                 17,   5, "object",        3, False, False, (153, 153, 153)),
+    Label("polegroup",            18, 255, "object",        3, False, True,  (153, 153, 153)),
+    Label("traffic light",        19,   6, "object",        3, False, False, (250, 170, 30)),
+    Label("traffic sign",         20,   7, "object",        3, False, False, (220, 220, 0)),
+    Label("vegetation",           21,   8, "nature",        4, False, False, (107, 142, 35)),
+    Label("terrain",              22,   9, "nature",        4, False, False, (152, 251, 152)),
+    Label("sky",                  23,  10, "sky",           5, False, False, (70, 130, 180)),
+    Label("person",               24,  11, "human",         6, True,  False, (220, 20, 60)),
+    Label("rider",                25,  12, "human",         6, True,  False, (255, 0, 0)),
+    Label("car",                  26,  13, "vehicle",       7, True,  False, (0, 0, 142)),
+    Label("truck",                27,  14, "vehicle",       7, True,  False, (0, 0, 70)),
+    Label("bus",                  28,  15, "vehicle",       7, True,  False, (0, 60, 100)),
+    Label("caravan",              29, 255, "vehicle",       7, True,  True,  (0, 0, 90)),
+    Label("trailer",              30, 255, "vehicle",       7, True,  True,  (0, 0, 110)),
+    Label("train",                31,  16, "vehicle",       7, True,  False, (0, 80, 100)),
+    Label("motorcycle",           32,  17, "vehicle",       7, True,  False, (0, 0, 230)),
+    Label("bicycle",              33,  18, "vehicle",       7, True,  False, (119, 11, 32)),
+    Label("license plate",        -1,  -1, "vehicle",       7, False, True,  (0, 0, 142)),
+)
+# fmt: on
+
+LABEL_BY_ID = {label.id: label for label in LABELS}
+LABEL_BY_NAME = {label.name: label for label in LABELS}
+
+# The 19 evaluated classes in train-id order.
+TRAIN_LABELS: tuple[Label, ...] = tuple(
+    sorted((lb for lb in LABELS if 0 <= lb.train_id < IGNORE_INDEX), key=lambda lb: lb.train_id)
+)
+CLASS_NAMES: tuple[str, ...] = tuple(lb.name for lb in TRAIN_LABELS)
+# The 7 evaluated categories (void excluded), in category-id order.
+CATEGORY_NAMES: tuple[str, ...] = tuple(dict.fromkeys(lb.category for lb in TRAIN_LABELS))
+# Classes whose instances are annotated; iIoU is defined for these.
+INSTANCE_CLASS_NAMES: tuple[str, ...] = tuple(lb.name for lb in TRAIN_LABELS if lb.has_instances)
+
+# train id -> RGB colour; 19x3 uint8, and a 256x3 version where 255 (ignore) is black.
+PALETTE = np.array([lb.color for lb in TRAIN_LABELS], dtype=np.uint8)
+PALETTE_256 = np.zeros((256, 3), dtype=np.uint8)
+PALETTE_256[:NUM_CLASSES] = PALETTE
+
+# label id (0..255) -> train id lookup table; ids outside the table map to 255.
+ID_TO_TRAIN_ID = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+for _lb in LABELS:
+    if _lb.id >= 0:
+        ID_TO_TRAIN_ID[_lb.id] = _lb.train_id if _lb.train_id >= 0 else IGNORE_INDEX
+# train id -> label id (for writing predictions the Cityscapes server accepts); 255 -> 0.
+TRAIN_ID_TO_ID = np.zeros(256, dtype=np.uint8)
+for _lb in TRAIN_LABELS:
+    TRAIN_ID_TO_ID[_lb.train_id] = _lb.id
+# label id -> RGB colour, as in gtFine_color images.
+ID_TO_COLOR = np.zeros((256, 3), dtype=np.uint8)
+for _lb in LABELS:
+    if _lb.id >= 0:
+        ID_TO_COLOR[_lb.id] = _lb.color
+VALID_LABEL_IDS = frozenset(lb.id for lb in LABELS if lb.id >= 0)
+
+
+def colorize(train_ids: np.ndarray) -> np.ndarray:
+    """H×W train ids (255 = ignore) -> H×W×3 uint8 RGB in the official palette."""
+    return PALETTE_256[train_ids]
