@@ -173,3 +173,211 @@ def official_segformer_to_hf(state_dict: StateDict) -> StateDict:
     if official:
         raise _leftover_error(official, "official SegFormer")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SegFormer: NVlabs releases, MiT ImageNet backbones, mmsegmentation (0.x from v0.17, and 1.x).
+# ---------------------------------------------------------------------------------------------
+
+
+def segformer_release_to_official(state_dict: StateDict) -> StateDict:
+    """NVlabs SegFormer segmentor checkpoint (`segformer.b0.1024x1024.city.160k.pth`'s
+    `state_dict`) -> our keys: the same names, less `decode_head.conv_seg.*`, the classifier that
+    mmseg's `BaseDecodeHead` creates and `SegFormerHead` never calls."""
+    from segcompare.models.segformer import UNUSED_OFFICIAL_KEYS
+
+    return {k: v for k, v in state_dict.items() if k not in UNUSED_OFFICIAL_KEYS}
+
+
+def _strip(prefix: str, key: str) -> str:
+    return key[len(prefix) :] if key.startswith(prefix) else key
+
+
+def mit_to_official(state_dict: StateDict) -> StateDict:
+    """NVlabs MiT ImageNet backbone (`mit_b0.pth` ... `mit_b5.pth`) -> our `backbone.*` keys.
+
+    The files hold the encoder without prefix plus the 1000-class ImageNet classifier `head.*`,
+    which a segmentation model has no use for and is dropped.
+    """
+    return {f"backbone.{k}": v for k, v in state_dict.items() if not k.startswith("head.")}
+
+
+# (official name, mmseg name) inside one MiT block (mmseg/models/backbones/mit.py:
+# `TransformerEncoderLayer`). mmseg holds q and kv in one `nn.MultiheadAttention`
+# (`attn.attn.in_proj_*` = rows of q, then k, then v) and runs the MLP as 1×1 convs in
+# `ffn.layers` = [fc1, pe_conv, act, drop, fc2, drop]; the two other sequences map one to one.
+_MMSEG_MIT_BLOCK = [
+    ("norm1", "norm1"),
+    # attn.q + attn.kv <-> attn.attn.in_proj_{weight,bias}
+    ("attn.proj", "attn.attn.out_proj"),
+    ("attn.sr", "attn.sr"),
+    ("attn.norm", "attn.norm"),
+    ("norm2", "norm2"),
+    ("mlp.fc1", "ffn.layers.0"),
+    ("mlp.dwconv.dwconv", "ffn.layers.1"),
+    ("mlp.fc2", "ffn.layers.4"),
+]
+_WB = ("weight", "bias")
+_MMSEG_MIT_1X1 = ("mlp.fc1.weight", "mlp.fc2.weight")  # Linear [O, I] <-> 1×1 conv [O, I, 1, 1]
+
+
+def mmseg_segformer_to_official(state_dict: StateDict) -> StateDict:
+    """mmsegmentation SegFormer / MiT (`backbone.layers.0.0.projection.weight`, ...) -> our keys.
+
+    Takes a segmentor checkpoint (`backbone.` prefix) or a backbone file converted by mmseg's
+    `mit2mmseg.py` (no prefix); returns the `backbone.*` keys only. mmseg's `SegformerHead` is not
+    the official head: each `decode_head.convs.N` is a 1×1 conv + BatchNorm + ReLU where the
+    official `linear_cN` is one Linear, and it concatenates c1..c4 where the official head
+    concatenates c4..c1, so the official architecture cannot hold it. Its `decode_head.*` keys are
+    dropped here; `segcompare.models.checkpoint` says so to the user.
+    """
+    mm = {_strip("backbone.", k): v for k, v in state_dict.items()}
+    mm = {k: v for k, v in mm.items() if not k.startswith("decode_head.")}
+    keys = list(mm)
+    out: StateDict = {}
+    num_stages = _count(keys, r"layers\.(\d+)\.")
+    for i in range(num_stages):
+        _move(mm, f"layers.{i}.0.projection", out, f"backbone.patch_embed{i + 1}.proj")
+        _move(mm, f"layers.{i}.0.norm", out, f"backbone.patch_embed{i + 1}.norm")
+    for i in range(num_stages):
+        for j in range(_count(keys, rf"layers\.{i}\.1\.(\d+)\.")):
+            src, dst = f"layers.{i}.1.{j}", f"backbone.block{i + 1}.{j}"
+            for name, mm_name in _MMSEG_MIT_BLOCK:
+                if name == "attn.proj":  # official order: q, kv, proj, sr, norm
+                    qkv = {t: mm.pop(f"{src}.attn.attn.in_proj_{t}", None) for t in _WB}
+                    for part, first, last in (("q", 0, 1), ("kv", 1, 3)):  # in thirds
+                        for t, value in qkv.items():
+                            if value is not None:
+                                third = value.shape[0] // 3
+                                part_rows = value[first * third : last * third]
+                                out[f"{dst}.attn.{part}.{t}"] = part_rows.clone()
+                _move(mm, f"{src}.{mm_name}", out, f"{dst}.{name}")
+            for key in _MMSEG_MIT_1X1:
+                if f"{dst}.{key}" in out:
+                    out[f"{dst}.{key}"] = out[f"{dst}.{key}"].flatten(1)
+        _move(mm, f"layers.{i}.2", out, f"backbone.norm{i + 1}")
+    if mm:
+        raise _leftover_error(mm, "mmsegmentation SegFormer")
+    return out
+
+
+def official_segformer_to_mmseg(state_dict: StateDict) -> StateDict:
+    """Our / official SegFormer backbone keys -> mmsegmentation's `backbone.layers.*` keys.
+
+    The inverse of `mmseg_segformer_to_official` for the encoder. The official decode head has no
+    mmseg counterpart (see there), so `decode_head.*` keys are dropped.
+    """
+    official = {k: v for k, v in state_dict.items() if not k.startswith("decode_head.")}
+    keys = list(official)
+    out: StateDict = {}
+    num_stages = _count(keys, r"backbone\.patch_embed(\d+)\.") - 1  # 1-based
+    for i in range(num_stages):
+        s = i + 1
+        _move(official, f"backbone.patch_embed{s}.proj", out, f"backbone.layers.{i}.0.projection")
+        _move(official, f"backbone.patch_embed{s}.norm", out, f"backbone.layers.{i}.0.norm")
+        for j in range(_count(keys, rf"backbone\.block{s}\.(\d+)\.")):
+            src, dst = f"backbone.block{s}.{j}", f"backbone.layers.{i}.1.{j}"
+            for key in _MMSEG_MIT_1X1:
+                if f"{src}.{key}" in official:
+                    official[f"{src}.{key}"] = official[f"{src}.{key}"][:, :, None, None]
+            for name, mm_name in _MMSEG_MIT_BLOCK:
+                if name == "attn.proj":  # mmseg order: in_proj, out_proj, sr, norm
+                    for t in _WB:
+                        q = official.pop(f"{src}.attn.q.{t}", None)
+                        if q is not None:
+                            kv = official.pop(f"{src}.attn.kv.{t}")
+                            out[f"{dst}.attn.attn.in_proj_{t}"] = torch.cat([q, kv], dim=0)
+                _move(official, f"{src}.{name}", out, f"{dst}.{mm_name}")
+        _move(official, f"backbone.norm{s}", out, f"backbone.layers.{i}.2")
+    if official:
+        raise _leftover_error(official, "official SegFormer backbone")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# HRNet: our names are those of HRNet-Semantic-Segmentation `lib/models/seg_hrnet.py`.
+# ---------------------------------------------------------------------------------------------
+
+# The ImageNet classification head of HRNet-Image-Classification `lib/models/cls_hrnet.py`
+# (`_make_head` and the final Linear): no use to a segmentation model.
+_HRNET_IMAGENET_HEAD = ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier.")
+# The class weights of the loss that HRNet-Semantic-Segmentation's train.py wraps with the model
+# in `FullModel` (`self.loss = criterion`, a CrossEntropy / OhemCrossEntropy holding an
+# `nn.CrossEntropyLoss(weight=...)`): saved with the model, not a model parameter.
+_HRNET_LOSS_KEYS = ("loss.criterion.weight",)
+
+
+def hrnet_release_to_official(state_dict: StateDict) -> StateDict:
+    """Official HRNet Cityscapes release (`hrnet_w48_cityscapes_cls19_1024x2048_trainset.pth`)
+    -> our keys: the `FullModel`'s `model.` prefix removed, the loss's class weights dropped.
+    Keys without the prefix (a bare `seg_hrnet` state dict) pass unchanged."""
+    return {_strip("model.", k): v for k, v in state_dict.items() if k not in _HRNET_LOSS_KEYS}
+
+
+def hrnet_imagenet_to_official(state_dict: StateDict) -> StateDict:
+    """Official HRNet ImageNet checkpoint (`hrnetv2_w48_imagenet_pretrained.pth`,
+    `hrnet_w18_small_model_v2.pth`, ...) -> our backbone keys: the backbone has the same names
+    in both repositories; the classification head (`incre_modules`, `downsamp_modules`,
+    `final_layer`, `classifier`) is dropped, so `last_layer` is missing."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(_HRNET_IMAGENET_HEAD)}
+
+
+# mmseg's HRNet (mmseg/models/backbones/hrnet.py) names every BatchNorm `normN` (stem and
+# blocks) where the official code says `bnN`; all other names and indices are the same. The
+# FCN head of its fcn_hr* configs (`FCNHead`, num_convs=1, kernel 1, concat_input=False,
+# resize_concat of all branches) is the official `last_layer`: convs.0 = 1×1 conv without bias
+# + BN + ReLU, conv_seg = the classifier.
+_MMSEG_HRNET_NORM = re.compile(r"(^|\.)norm(\d)\.")
+_OFFICIAL_HRNET_BN = re.compile(r"(^|\.)bn(\d)\.")
+
+
+def mmseg_hrnet_to_official(state_dict: StateDict) -> StateDict:
+    """mmsegmentation HRNet + FCN head (`backbone.stage2.0.branches.0.0.norm1.weight`,
+    `decode_head.convs.0.conv.weight`, `decode_head.conv_seg.weight`) -> our keys.
+
+    The head's conv has no bias where the official `last_layer.0` has one: it becomes zeros,
+    which computes the same function. A backbone-only file (no `backbone.` prefix, no head)
+    gives the backbone keys; an ImageNet head is dropped as in `hrnet_imagenet_to_official`.
+    """
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        key = _strip("backbone.", key)
+        if key.startswith(_HRNET_IMAGENET_HEAD):
+            continue
+        if key.startswith("decode_head.convs.0.conv."):
+            key = "last_layer.0." + key[len("decode_head.convs.0.conv.") :]
+        elif key.startswith("decode_head.convs.0.bn."):
+            key = "last_layer.1." + key[len("decode_head.convs.0.bn.") :]
+        elif key.startswith("decode_head.conv_seg."):
+            key = "last_layer.3." + key[len("decode_head.conv_seg.") :]
+        elif not key.startswith("decode_head."):
+            key = _MMSEG_HRNET_NORM.sub(r"\1bn\2.", key)
+        out[key] = value
+        if key == "last_layer.0.weight":
+            out["last_layer.0.bias"] = value.new_zeros(value.shape[0])
+    return out
+
+
+def official_hrnet_to_mmseg(state_dict: StateDict) -> StateDict:
+    """Our / official HRNet keys -> mmsegmentation HRNet + FCN head keys.
+
+    The inverse of `mmseg_hrnet_to_official`. mmseg's head conv has no bias: the official
+    `last_layer.0.bias` b is folded into the BatchNorm that follows (running_mean - b), which
+    computes the same function.
+    """
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        if key == "last_layer.0.bias":
+            continue
+        if key.startswith("last_layer.0."):
+            key = "decode_head.convs.0.conv." + key[len("last_layer.0.") :]
+        elif key.startswith("last_layer.1."):
+            key = "decode_head.convs.0.bn." + key[len("last_layer.1.") :]
+            if key.endswith(".running_mean") and "last_layer.0.bias" in state_dict:
+                value = value - state_dict["last_layer.0.bias"]
+        elif key.startswith("last_layer.3."):
+            key = "decode_head.conv_seg." + key[len("last_layer.3.") :]
+        else:
+            key = "backbone." + _OFFICIAL_HRNET_BN.sub(r"\1norm\2.", key)
+        out[key] = value
+    return out
