@@ -9,6 +9,7 @@ the model class, which takes `num_classes` and those settings as keyword argumen
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from torch import nn
@@ -47,7 +48,8 @@ def model_settings(name: str, **overrides: Any) -> dict[str, Any]:
         raise ValueError(
             f"unknown setting(s) {', '.join(unknown)} for {name}; valid: {', '.join(defaults)}"
         )
-    return {**defaults, **overrides}
+    # Deep copy: the stage settings are nested dicts and must never alias the VARIANTS table.
+    return copy.deepcopy({**defaults, **overrides})
 
 
 def build_model(
