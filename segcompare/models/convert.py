@@ -142,7 +142,9 @@ def official_segformer_to_hf(state_dict: StateDict) -> StateDict:
     `SegformerForSemanticSegmentation` (via `from_pretrained` of a saved file, which applies
     transformers' own renaming).
     """
-    official = {k: v for k, v in state_dict.items() if not k.startswith("decode_head.conv_seg.")}
+    from segcompare.models.segformer import UNUSED_OFFICIAL_KEYS
+
+    official = {k: v for k, v in state_dict.items() if k not in UNUSED_OFFICIAL_KEYS}
     keys = list(official)
     enc = "segformer.encoder"
     out: StateDict = {}
