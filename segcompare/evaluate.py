@@ -18,10 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Any, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from segcompare.data.labels import (
     CATEGORY_NAMES,
@@ -346,3 +348,186 @@ def format_results(results: dict[str, Any]) -> str:
         f"pixel accuracy {pct(results['pixel_acc']).strip()}  ({results['num_images']} images)",
     ]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Test-time inference
+# ------------------------------------------------------------------------------------------------
+
+Model = Callable[[torch.Tensor], torch.Tensor]  # N×3×H×W normalised -> N×C×h×w logits
+
+# The image size the official window and stride numbers are given for (Cityscapes, H×W).
+OFFICIAL_TEST_HW = (1024, 2048)
+# Both papers' multi-scale test: SegFormer's Cityscapes dataset config (img_ratios, commented out
+# in local_configs/_base_/datasets/cityscapes_1024x1024_repeat.py) and HRNet's README
+# (TEST.SCALE_LIST 0.5,0.75,1.0,1.25,1.5,1.75 with TEST.FLIP_TEST True).
+MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    window_hw: tuple[int, int]  # slide window at OFFICIAL_TEST_HW
+    stride_hw: tuple[int, int]
+    score: str  # what is averaged over flips and scales: "softmax" or "exp"
+
+
+OFFICIAL_TEST = {
+    # NVlabs/SegFormer local_configs/segformer/B*/segformer.b*.1024x1024.city.160k.py: test_cfg
+    # mode 'slide', crop_size (1024, 1024), stride (768, 768). mmseg encoder_decoder.py (0.x):
+    # slide_inference averages the windows' logits, inference() takes the softmax of each
+    # (scale, flip) pass at the original size, aug_test averages those.
+    "segformer": _Recipe((1024, 1024), (768, 768), "softmax"),
+    # HRNet/HRNet-Semantic-Segmentation (HRNet-OCR branch, 0bbb2880): tools/test.py sets the
+    # crop size to TEST.IMAGE_SIZE (1024×2048); lib/datasets/cityscapes.py multi_scale_inference
+    # runs scales <= 1 on the whole image and larger ones on crop-sized windows with stride =
+    # crop (the last window aligned to the border, as above); base_dataset.py inference()
+    # averages the logits of the image and its flip, then takes exp(); windows are averaged
+    # and scales summed.
+    "hrnet": _Recipe((1024, 2048), (1024, 2048), "exp"),
+}
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How to run a model at test time.
+
+    family: whose official test code to follow ('segformer' | 'hrnet'): the default slide window
+        and how flips and scales are averaged.
+    mode: 'whole' (one pass over the image at the test size) or 'slide' (windows).
+    scales: test-size multipliers; several, or flip, average the class probabilities.
+    size_hw: test size the image is resized to; None: each image's own size.
+    window_hw / stride_hw: slide window and step in pixels at the test size; None: the family's
+        official ones, each side scaled from 1024×2048 to the test size (SegFormer on a 64×128
+        image: window 64×64, stride 48×48).
+    """
+
+    family: str = "segformer"
+    mode: str = "slide"
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    size_hw: Optional[tuple[int, int]] = None
+    window_hw: Optional[tuple[int, int]] = None
+    stride_hw: Optional[tuple[int, int]] = None
+
+    def __post_init__(self) -> None:
+        if self.family not in OFFICIAL_TEST:
+            raise ValueError(f"unknown model family {self.family!r}; valid: segformer, hrnet")
+        if self.mode not in ("whole", "slide"):
+            raise ValueError(f"unknown test mode {self.mode!r}; valid: whole, slide")
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ValueError(f"test scales must be positive numbers, got {self.scales}")
+        for name in ("size_hw", "window_hw", "stride_hw"):
+            hw = getattr(self, name)
+            if hw is not None and (len(hw) != 2 or min(hw) < 1):
+                raise ValueError(f"{name} must be two positive sizes (H, W), got {hw}")
+
+    def windows_for(self, test_hw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(window_hw, stride_hw) in pixels for images tested at `test_hw`."""
+        recipe = OFFICIAL_TEST[self.family]
+
+        def scaled(hw: tuple[int, int]) -> tuple[int, int]:
+            # Each side in proportion to the test size: HRNet's window stays the whole test
+            # image, SegFormer's stays half its width, whatever the image's aspect.
+            return tuple(max(1, round(v * t / o)) for v, t, o in zip(hw, test_hw, OFFICIAL_TEST_HW))
+
+        window = self.window_hw or scaled(recipe.window_hw)
+        stride = self.stride_hw or (self.window_hw if self.window_hw else scaled(recipe.stride_hw))
+        return window, stride
+
+
+def _resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of N×C×H×W to `hw` (align_corners=False, as both official codes)."""
+    if tuple(x.shape[-2:]) == tuple(hw):
+        return x
+    return F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
+
+
+def forward_logits(model: Model, images: torch.Tensor) -> torch.Tensor:
+    """The model's 1/4-resolution logits upsampled to the input size (float32)."""
+    return _resize(model(images).float(), tuple(images.shape[-2:]))
+
+
+def slide_windows(
+    hw: tuple[int, int], window_hw: tuple[int, int], stride_hw: tuple[int, int]
+) -> list[tuple[int, int, int, int]]:
+    """Window boxes (y1, y2, x1, x2) covering an image of size `hw`: a grid with step `stride_hw`
+    whose last row and column are moved back to end at the border; a window larger than the image
+    is clipped to it. The grid of mmseg's slide_inference and HRNet's multi_scale_inference."""
+    (h, w), (wh, ww), (sh, sw) = hw, window_hw, stride_hw
+    rows = max(h - wh + sh - 1, 0) // sh + 1
+    cols = max(w - ww + sw - 1, 0) // sw + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * sh + wh, h), min(c * sw + ww, w)
+            boxes.append((max(y2 - wh, 0), y2, max(x2 - ww, 0), x2))
+    return boxes
+
+
+def slide_inference(
+    window_fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    window_hw: tuple[int, int],
+    stride_hw: tuple[int, int],
+) -> torch.Tensor:
+    """Run `window_fn` (N×3×h×w -> N×C×h×w) on each window and average where windows overlap."""
+    n, _, h, w = images.shape
+    total: Optional[torch.Tensor] = None
+    count = torch.zeros(1, 1, h, w, device=images.device)
+    for y1, y2, x1, x2 in slide_windows((h, w), window_hw, stride_hw):
+        out = window_fn(images[:, :, y1:y2, x1:x2])
+        if total is None:
+            total = out.new_zeros(n, out.shape[1], h, w)
+        total[:, :, y1:y2, x1:x2] += out
+        count[:, :, y1:y2, x1:x2] += 1
+    return total / count
+
+
+def inference(
+    model: Model,
+    images: torch.Tensor,
+    settings: InferenceSettings = InferenceSettings(),
+    out_hw: Optional[tuple[int, int]] = None,
+) -> torch.Tensor:
+    """Class scores N×C×out_h×out_w (default: the input size) for a normalised N×3×H×W batch.
+
+    The argmax over C is the prediction. With one scale and no flip the scores are logits; else
+    the average over scales (and flips) of what the family's official code averages:
+    SegFormer the softmax of each pass, HRNet exp() of the flip-averaged logits.
+    """
+    n, _, h, w = images.shape
+    out_hw = tuple(out_hw or (h, w))
+    test_hw = tuple(settings.size_hw or (h, w))
+    window_hw, stride_hw = settings.windows_for(test_hw)
+    single = len(settings.scales) == 1 and not settings.flip
+    hrnet_style = OFFICIAL_TEST[settings.family].score == "exp"
+
+    def run(window_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if settings.mode == "whole":
+            return window_fn(x)
+        return slide_inference(window_fn, x, window_hw, stride_hw)
+
+    def hrnet_window(x: torch.Tensor) -> torch.Tensor:
+        logits = forward_logits(model, x)
+        if settings.flip:
+            logits = (logits + forward_logits(model, x.flip(-1)).flip(-1)) / 2
+        # exp() as the official code; the clamp keeps float32 finite (exp(80) ~ 5.5e34).
+        return logits if single else logits.clamp(max=80.0).exp()
+
+    total: Optional[torch.Tensor] = None
+    passes = 0
+    for scale in settings.scales:
+        x = _resize(images, (int(test_hw[0] * scale + 0.5), int(test_hw[1] * scale + 0.5)))
+        if hrnet_style:
+            outs = [_resize(run(hrnet_window, x), out_hw)]
+        else:
+            outs = []
+            for flipped in (False, True) if settings.flip else (False,):
+                xi = x.flip(-1) if flipped else x
+                scores = _resize(run(lambda c: forward_logits(model, c), xi), out_hw)
+                scores = scores if single else scores.softmax(1)
+                outs.append(scores.flip(-1) if flipped else scores)
+        for scores in outs:
+            total = scores if total is None else total + scores
+            passes += 1
+    return total / passes if passes > 1 else total

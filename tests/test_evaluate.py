@@ -4,10 +4,17 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from segcompare.data.labels import CATEGORY_NAMES, CLASS_NAMES, ID_TO_TRAIN_ID, LABELS
-from segcompare.evaluate import ConfusionMatrix, label_ids_to_pred
+from segcompare.evaluate import (
+    ConfusionMatrix,
+    InferenceSettings,
+    inference,
+    label_ids_to_pred,
+    slide_windows,
+)
 
 INSTANCE_LABEL_IDS = [lb.id for lb in LABELS if lb.has_instances]  # 24..33
 ALL_IDS = np.array([lb.id for lb in LABELS if lb.id >= 0])  # 0..33
@@ -131,3 +138,127 @@ def test_hand_computed_case():
     assert r["miou"] == pytest.approx((2 / 5 + 2 / 4) / 2)
     assert r["pixel_acc"] == pytest.approx(4 / 7)
     assert r["mean_acc"] == pytest.approx((2 / 4 + 2 / 3) / 2)
+
+
+# --- inference modes ------------------------------------------------------------------------------
+class QuarterNet(torch.nn.Module):
+    """A tiny real segmentation net with the model contract: logits at 1/4 of the input size."""
+
+    def __init__(self, num_classes=19):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, num_classes, 3, stride=2, padding=1),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class WindowMean(torch.nn.Module):
+    """Output depends on the whole window: every pixel gets the window's channel means."""
+
+    def forward(self, x):
+        return x.mean((2, 3), keepdim=True).expand(-1, -1, x.shape[2], x.shape[3]) * 1.0
+
+
+def test_slide_windows_match_the_official_grids():
+    # SegFormer at 1024×2048: window 1024², stride 768 -> 3 windows, the last one moved back.
+    assert slide_windows((1024, 2048), (1024, 1024), (768, 768)) == [
+        (0, 1024, 0, 1024),
+        (0, 1024, 768, 1792),
+        (0, 1024, 1024, 2048),
+    ]
+    # HRNet at scale 1.5 (1536×3072): crop 1024×2048, stride = crop -> 2×2, ends aligned.
+    assert slide_windows((1536, 3072), (1024, 2048), (1024, 2048)) == [
+        (0, 1024, 0, 2048),
+        (0, 1024, 1024, 3072),
+        (512, 1536, 0, 2048),
+        (512, 1536, 1024, 3072),
+    ]
+    # a window larger than the image is clipped to it
+    assert slide_windows((40, 50), (64, 64), (48, 48)) == [(0, 40, 0, 50)]
+    # the official numbers scale down with the test size
+    assert InferenceSettings("segformer").windows_for((64, 128)) == ((64, 64), (48, 48))
+    assert InferenceSettings("hrnet").windows_for((64, 128)) == ((64, 128), (64, 128))
+    assert InferenceSettings(window_hw=(32, 32)).windows_for((64, 128)) == ((32, 32), (32, 32))
+
+
+def test_slide_equals_whole_when_the_window_covers_the_image():
+    model = QuarterNet().eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        whole = inference(model, x, InferenceSettings(mode="whole"))
+        slide = inference(model, x, InferenceSettings(mode="slide", window_hw=(32, 64)))
+        hrnet = inference(model, x, InferenceSettings("hrnet", mode="slide"))  # window = image
+    assert whole.shape == (2, 19, 32, 48)
+    assert torch.equal(whole, slide) and torch.equal(whole, hrnet)
+    # whole = the quarter-resolution logits upsampled bilinearly (align_corners=False)
+    expected = F.interpolate(model(x), size=(32, 48), mode="bilinear", align_corners=False)
+    assert torch.allclose(whole, expected)
+
+
+def test_slide_averages_overlapping_windows():
+    x = torch.randn(1, 3, 16, 40)
+    out = inference(WindowMean(), x, InferenceSettings(window_hw=(16, 16), stride_hw=(16, 12)))
+    # windows at x = 0..16, 12..28, 24..40: pixel 14 is in the first two, pixel 26 in the last two
+    means = [x[..., a : a + 16].mean((2, 3)) for a in (0, 12, 24)]
+    assert torch.allclose(out[:, :, 5, 14], (means[0] + means[1]) / 2, atol=1e-6)
+    assert torch.allclose(out[:, :, 5, 26], (means[1] + means[2]) / 2, atol=1e-6)
+    assert torch.allclose(out[:, :, 0, 39], means[2], atol=1e-6)
+
+
+def _up(t, hw):
+    return F.interpolate(t, size=hw, mode="bilinear", align_corners=False)
+
+
+def test_flip_and_multi_scale_average_as_the_official_code():
+    model = QuarterNet().eval()
+    x = torch.randn(1, 3, 32, 64)
+    f = lambda t: _up(model(t), t.shape[-2:])  # noqa: E731
+    with torch.no_grad():
+        seg = inference(model, x, InferenceSettings(mode="whole", scales=(0.5, 1.0), flip=True))
+        hr = inference(
+            model, x, InferenceSettings("hrnet", mode="whole", scales=(0.5, 1.0), flip=True)
+        )
+        # mmseg aug_test: softmax of each (scale, flip) pass at the original size, averaged
+        passes = []
+        for s in (0.5, 1.0):
+            xs = _up(x, (int(32 * s), int(64 * s)))
+            passes.append(_up(f(xs), (32, 64)).softmax(1))
+            passes.append(_up(f(xs.flip(-1)), (32, 64)).softmax(1).flip(-1))
+        expected_seg = sum(passes) / 4
+        # HRNet: exp of the flip-averaged logits per scale, summed (we average: same argmax)
+        expected_hr = (
+            sum(
+                _up(((f(xs) + f(xs.flip(-1)).flip(-1)) / 2).exp(), (32, 64))
+                for xs in (_up(x, (16, 32)), x)
+            )
+            / 2
+        )
+    assert seg.shape == hr.shape == (1, 19, 32, 64)
+    assert torch.allclose(seg, expected_seg, atol=1e-6)
+    assert torch.allclose(hr, expected_hr, rtol=1e-5)
+
+
+def test_test_size_and_output_size():
+    model = QuarterNet().eval()
+    x = torch.randn(1, 3, 30, 50)
+    with torch.no_grad():
+        out = inference(
+            model, x, InferenceSettings(mode="whole", size_hw=(64, 96)), out_hw=(15, 25)
+        )
+        expected = _up(_up(model(_up(x, (64, 96))), (64, 96)), (15, 25))
+    assert out.shape == (1, 19, 15, 25)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_bad_settings_are_errors():
+    with pytest.raises(ValueError, match="mode"):
+        InferenceSettings(mode="tile")
+    with pytest.raises(ValueError, match="family"):
+        InferenceSettings("deeplab")
+    with pytest.raises(ValueError, match="scales"):
+        InferenceSettings(scales=(0.0,))
