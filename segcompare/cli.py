@@ -13,6 +13,31 @@ from typing import Optional, Sequence
 from segcompare import __version__
 
 
+# --- argument types shared by several subcommands ----------------------------------------------
+def size_hw(text: str) -> tuple[int, int]:
+    """'HxW' (e.g. 1024x2048) -> (H, W)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not HxW, e.g. 1024x2048") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return h, w
+
+
+def model_names(values: Sequence[str]) -> list[str]:
+    """Check model names against the factory; empty means all of them."""
+    from segcompare.models import list_models
+
+    valid = list_models()
+    unknown = [v for v in values if v not in valid]
+    if unknown:
+        from segcompare.utils import SegcompareError
+
+        raise SegcompareError(f"unknown model {unknown[0]!r}; valid names: {', '.join(valid)}")
+    return list(values) or valid
+
+
 # --- segcompare models -------------------------------------------------------------------------
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the model names with their parameter counts")
@@ -33,9 +58,156 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- segcompare stats --------------------------------------------------------------------------
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stats", help="parameters, GMACs, layer counts, depth and activation memory of models"
+    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="model names (default: all)")
+    p.add_argument("--size", type=size_hw, default=(1024, 2048), help="input HxW (1024x2048)")
+    p.add_argument("--num-classes", type=int, default=19)
+    p.add_argument("--json", metavar="F", help="also write the figures to this JSON file")
+    p.set_defaults(func=_run_stats)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    from tqdm import tqdm
+
+    from segcompare.stats import format_stats_table, model_stats
+    from segcompare.utils import atomic_write_text
+
+    names = model_names(args.names)
+    rows = [
+        model_stats(n, args.size, args.num_classes) for n in tqdm(names, desc="stats", leave=False)
+    ]
+    meta = {"torch": torch.__version__, "device": "meta (counted, not timed)"}
+    if args.json:
+        doc = {"models": rows, "size": list(args.size), "meta": meta}
+        atomic_write_text(args.json, json.dumps(doc, indent=2) + "\n")
+    print(format_stats_table(rows, args.size))
+    return 0
+
+
+# --- segcompare bench --------------------------------------------------------------------------
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="latency, throughput and memory, models side by side")
+    p.add_argument("names", nargs="+", metavar="NAME", help="model names")
+    p.add_argument("--size", type=size_hw, default=(1024, 2048), help="input HxW (1024x2048)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--num-classes", type=int, default=19)
+    p.add_argument("--no-optimize", action="store_true", help="time the plain eager models")
+    p.add_argument(
+        "--reference", action="store_true",
+        help="add transformers' SegFormer with the same weights as a row (SegFormers only)",
+    )
+    p.add_argument("--json", metavar="F", help="also write the figures to this JSON file")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from segcompare import bench
+    from segcompare.models import build_model, model_family
+    from segcompare.utils import SegcompareError, atomic_write_text
+
+    names = model_names(args.names)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SegcompareError("--device cuda: no CUDA device is available to this torch")
+    dtype = bench.DTYPES[args.dtype]
+    candidates = []
+    for name in names:
+        model = build_model(name, num_classes=args.num_classes).eval()
+        reference = bench.transformers_segformer(model).to(device) if args.reference else None
+        if args.reference and model_family(name) != "segformer":
+            raise SegcompareError(f"--reference: {name} has no transformers counterpart")
+        runnable = model if args.no_optimize else _prepare(model, device)
+        candidates.append(bench.model_candidate(name, runnable.to(device), dtype))
+        if reference is not None:
+            candidates.append(bench.Candidate(f"{name} (transformers)", bench.hf_logits(reference)))
+    x = torch.randn(args.batch, 3, *args.size, device=device)
+    rows = bench.benchmark(candidates, x, args.warmup, args.iters)
+    meta = bench.machine_info(device, torch.get_num_threads(), args.dtype)
+    meta.update(batch=args.batch, size=list(args.size), optimized=not args.no_optimize)
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"models": rows, "meta": meta}, indent=2) + "\n")
+    print(bench.format_table(rows, meta))
+    return 0
+
+
+def _prepare(model, device):
+    """The inference-optimised model where segcompare.infer provides it, else the model itself."""
+    try:
+        from segcompare.infer import prepare_for_inference
+    except ImportError:
+        return model
+    return prepare_for_inference(model.to(device))
+
+
+# --- segcompare train --------------------------------------------------------------------------
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from a recipe in configs/ (under torchrun for several processes)",
+        description="Train a model from a YAML recipe. Several processes: "
+        "torchrun --nproc-per-node N -m segcompare train CONFIG ...",
+    )
+    p.add_argument(
+        "config", metavar="CONFIG", help="a recipe, e.g. configs/synthcity_segformer_b0.yaml"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, value in YAML (repeatable): --set data.crop_size=[128,128]",
+    )
+    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<config name>)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in the run folder"
+    )
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import logging
+    import os
+    from pathlib import Path
+
+    from segcompare.train import load_config, summary_line, train
+    from segcompare.utils import SegcompareError
+
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun; only rank 0 talks
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    try:
+        cfg = load_config(args.config, args.set)
+        out = args.out or str(Path("runs") / Path(args.config).stem)
+        summary = train(cfg, out, resume=args.resume)
+    except SegcompareError:
+        if rank != 0:
+            return 1  # every process fails alike; rank 0 prints the one line
+        raise
+    if rank == 0:
+        print(summary_line(summary))
+    return 0
+
+
 # Each subcommand registers itself here, in the order `--help` lists them.
 _SUBCOMMANDS = [
     _add_models,
+    _add_stats,
+    _add_bench,
+    _add_train,
 ]
 
 
