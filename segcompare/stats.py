@@ -13,7 +13,8 @@ Everything is measured on the model itself, never typed in:
   of the autograd graph: the way ResNet-50 is "50 layers deep".
 - `activation_mb` is the peak of the bytes held by live tensors (weights excluded) during one
   inference forward, tracked tensor by tensor on the meta device: the figure depends only on the
-  model and the input size, not on the allocator or the machine.
+  model and the input size, not on the allocator or the machine. Attention is tracked as the fused
+  kernel runs it (no L×S matrix held), as on the CPU and GPU.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from collections import Counter
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -103,6 +106,25 @@ def depth(model: nn.Module, size: Sequence[int] = (64, 64)) -> int:
     return memo[out.grad_fn]
 
 
+class _FusedAttentionOnMeta(TorchFunctionMode):
+    """On the meta device, run `scaled_dot_product_attention` as the fused CPU kernel does.
+
+    Left alone, meta tensors take SDPA's math path, which materialises the L×S attention matrix
+    (1 GB for SegFormer's first stage at 1024×2048) that the fused kernels of CPU and GPU never
+    hold; the memory figure must describe what really runs.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and args[0].is_meta:
+            q, k, v = args[:3]
+            unsupported = set(kwargs) - {"scale"} or len(args) > 3
+            if not unsupported:
+                fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+                return fused(q, k, v, scale=kwargs.get("scale"))[0]
+        return func(*args, **kwargs)
+
+
 class _LiveBytes(TorchDispatchMode):
     """Tracks the bytes of tensors created inside the mode that are still alive, and their peak."""
 
@@ -140,7 +162,7 @@ def activation_mb(model: nn.Module, size: Sequence[int] = DEFAULT_SIZE, batch: i
     model.eval()
     x = torch.zeros(batch, 3, *size, device=device)
     tracker = _LiveBytes()
-    with torch.no_grad(), tracker:
+    with torch.no_grad(), _FusedAttentionOnMeta(), tracker:
         out = model(x)
     del out
     model.train(was_training)

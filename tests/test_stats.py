@@ -106,3 +106,20 @@ def test_model_stats_row():
     assert row["gmacs"] == pytest.approx(33.39 / 16, rel=0.01)
     table = stats.format_stats_table([row], (256, 512))
     assert "hrnet-w18-small-v1" in table and "1,540,819" in table
+
+
+def test_activation_memory_does_not_count_the_attention_matrix():
+    # Fused SDPA never holds the L x S attention matrix; the meta-device count must agree.
+    q = torch.zeros(1, 1, 4096, 8, device="meta")
+    k = torch.zeros(1, 1, 4096, 8, device="meta")
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return nn.functional.scaled_dot_product_attention(q, k, k)
+
+    mb = stats.activation_mb(Attn().to("meta"), (1, 1))
+    assert mb * 2**20 < 4096 * 4096 * 4 / 8  # far below the 64 MiB matrix
