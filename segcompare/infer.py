@@ -1,0 +1,461 @@
+"""Running a model on images: `Predictor`, predictions written to files, the side-by-side video.
+
+    predictor = Predictor(build_model("segformer-b0", weights="b0.safetensors"), device="auto")
+    train_ids = predictor.predict(image)            # H×W×3 uint8 RGB -> H×W uint8 train ids
+
+`Predictor` calls the model in one place, `run_model`, so that an optimised model can take its
+place; the test-time modes (whole / slide / scales / flip) are `segcompare.evaluate.inference`.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import time
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segcompare.data.labels import CLASS_NAMES, PALETTE, TRAIN_ID_TO_ID, colorize
+from segcompare.evaluate import InferenceSettings, inference
+from segcompare.utils import PathLike, SegcompareError, atomic_path
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+FORMATS = ("trainid", "labelid", "color", "overlay", "logits")
+OVERLAY_OPACITY = 0.5  # mmseg's show_result default
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda, else mps, else cpu; otherwise the named device, checked."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SegcompareError(f"unknown device {name!r}; use auto, cpu, cuda or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SegcompareError("--device cuda: no CUDA device is available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SegcompareError("--device mps: no MPS device is available")
+    return device
+
+
+def load_image(path: PathLike) -> np.ndarray:
+    """An image file -> H×W×3 uint8 RGB; one clear error if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (OSError, ValueError) as err:
+        raise SegcompareError(f"cannot read image {path}: {err}") from None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+class Predictor:
+    """A model ready to segment images.
+
+    model: a segmentation model (N×3×H×W normalised -> N×C×H/4×W/4 logits).
+    device: 'auto' | 'cpu' | 'cuda' | 'mps'.
+    mode, size: test mode ('whole' | 'slide'; default the family's official, see
+        `InferenceSettings`) and test size (H, W) images are resized to (default: their own).
+    scales, flip, window, stride: the rest of `InferenceSettings`.
+    amp: autocast the model (float16 on CUDA and MPS, bfloat16 on CPU).
+    optimize: run the model through `prepare_for_inference` where this module has it; until
+        then the flag changes nothing.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: Union[str, torch.device] = "auto",
+        mode: Optional[str] = None,
+        size: Optional[tuple[int, int]] = None,
+        *,
+        scales: Sequence[float] = (1.0,),
+        flip: bool = False,
+        window: Optional[tuple[int, int]] = None,
+        stride: Optional[tuple[int, int]] = None,
+        amp: bool = False,
+        optimize: bool = False,
+    ) -> None:
+        self.device = device if isinstance(device, torch.device) else select_device(device)
+        self.model = model.to(self.device).eval()
+        self.name = getattr(model, "variant", type(model).__name__)
+        self.settings = InferenceSettings(
+            family=_family(model),
+            mode=mode or InferenceSettings.mode,
+            scales=tuple(scales),
+            flip=flip,
+            size_hw=tuple(size) if size else None,
+            window_hw=tuple(window) if window else None,
+            stride_hw=tuple(stride) if stride else None,
+        )
+        self.amp = amp
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        # What run_model calls: the model itself, or what prepare_for_inference makes of it.
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model
+        if optimize:
+            prepare = globals().get("prepare_for_inference")
+            if prepare is None:
+                log.info("optimize: prepare_for_inference is not available; using the model as is")
+            else:
+                self.forward = prepare(self.model)
+
+    def run_model(self, images: torch.Tensor) -> torch.Tensor:
+        """The one place the model is called: N×3×H×W normalised -> N×C×H/4×W/4 float logits."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            return self.forward(images).float()
+
+    @torch.inference_mode()
+    def scores(
+        self, images: torch.Tensor, out_hw: Optional[tuple[int, int]] = None
+    ) -> torch.Tensor:
+        """Class scores N×C×out_h×out_w (default: the input size) for a normalised batch, on
+        the predictor's device; see `segcompare.evaluate.inference`."""
+        return inference(self.run_model, images.to(self.device), self.settings, out_hw)
+
+    def predict_scores(self, image: Union[np.ndarray, PathLike]) -> torch.Tensor:
+        """One image (H×W×3 uint8 RGB, or a path) -> C×H×W float32 scores on the CPU."""
+        from segcompare.data.transforms import normalize
+
+        if not isinstance(image, np.ndarray):
+            image = load_image(image)
+        return self.scores(normalize(image)[None])[0].cpu()
+
+    def predict(self, image: Union[np.ndarray, PathLike]) -> np.ndarray:
+        """One image (H×W×3 uint8 RGB, or a path) -> H×W uint8 train ids."""
+        from segcompare.data.transforms import normalize
+
+        if not isinstance(image, np.ndarray):
+            image = load_image(image)
+        pred = self.scores(normalize(image)[None]).argmax(1)[0]
+        return pred.to(torch.uint8).cpu().numpy()
+
+
+def _family(model: torch.nn.Module) -> str:
+    variant = getattr(model, "variant", None)
+    if variant is None:
+        return "segformer"
+    from segcompare.models import model_family
+
+    return model_family(variant)
+
+
+# ------------------------------------------------------------------------------------------------
+# Predictions to files
+# ------------------------------------------------------------------------------------------------
+
+
+def collect_inputs(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
+    """Files, folders (searched recursively) and glob patterns -> sorted (image path, output path
+    relative to the output folder, without suffix). Folder inputs keep their sub-folders."""
+    pairs: list[tuple[Path, Path]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            pairs += [(p, p.relative_to(path).with_suffix("")) for p in found]
+        elif path.is_file():
+            found = [path]
+            pairs.append((path, Path(path.stem)))
+        else:
+            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            pairs += [(p, Path(p.stem)) for p in found]
+        if not found:
+            raise SegcompareError(f"no images found for input {item!r}")
+    seen: dict[Path, Path] = {}
+    for src, rel in pairs:
+        if rel in seen and seen[rel] != src:
+            raise SegcompareError(f"inputs {seen[rel]} and {src} would both be written as {rel}")
+        seen[rel] = src
+    return list(dict.fromkeys(pairs))
+
+
+def render_prediction(train_ids: np.ndarray, image: np.ndarray, fmt: str) -> np.ndarray:
+    """H×W train ids -> the array written for `fmt` (trainid | labelid | color | overlay)."""
+    if fmt == "trainid":
+        return train_ids
+    if fmt == "labelid":
+        return TRAIN_ID_TO_ID[train_ids]
+    if fmt == "color":
+        return colorize(train_ids)
+    if fmt == "overlay":
+        blended = (1 - OVERLAY_OPACITY) * image + OVERLAY_OPACITY * colorize(train_ids)
+        return blended.round().astype(np.uint8)
+    raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def predict_files(
+    predictor: Predictor,
+    inputs: Sequence[str],
+    out_dir: PathLike,
+    fmt: str = "labelid",
+    progress: bool = True,
+) -> list[Path]:
+    """Segment every input image and write one file per image under `out_dir`: a PNG named after
+    the image (labelid PNGs are what the Cityscapes server takes), or for 'logits' the float16
+    C×H×W scores as .npy."""
+    from tqdm import tqdm
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    pairs = collect_inputs(inputs)
+    written = []
+    for src, rel in tqdm(pairs, desc="predict", unit="img", disable=not progress):
+        image = load_image(src)
+        out = Path(out_dir) / rel.with_name(rel.name + (".npy" if fmt == "logits" else ".png"))
+        if fmt == "logits":
+            scores = predictor.predict_scores(image).to(torch.float16).numpy()
+            with atomic_path(out) as tmp, open(tmp, "wb") as f:
+                np.save(f, scores)
+        else:
+            _save_png(out, render_prediction(predictor.predict(image), image, fmt))
+        written.append(out)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------
+# Video: input | model 1 | model 2 ..., titled, with a class legend
+# ------------------------------------------------------------------------------------------------
+
+
+def iter_frames(
+    source: PathLike, every: int = 1, max_frames: Optional[int] = None
+) -> Iterator[np.ndarray]:
+    """H×W×3 uint8 RGB frames, one at a time: the images of a folder in name order
+    (leftImg8bit_demoVideo/stuttgart_00/) or a video file (needs imageio-ffmpeg). Every
+    `every`-th frame, at most `max_frames`."""
+    source = Path(source)
+    if every < 1:
+        raise ValueError(f"--every must be at least 1, got {every}")
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise SegcompareError(f"no image frames in folder {source}")
+        frames: Iterator[np.ndarray] = (load_image(p) for p in files)
+    elif source.is_file():
+        frames = _video_frames(source)
+    else:
+        raise SegcompareError(f"frames source {source} is neither a folder nor a file")
+    count = 0
+    for i, frame in enumerate(frames):
+        if i % every:
+            continue
+        if max_frames is not None and count >= max_frames:
+            return
+        yield frame
+        count += 1
+
+
+def _need_ffmpeg(what: str) -> None:
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        raise SegcompareError(
+            f"{what} needs imageio-ffmpeg: pip install imageio-ffmpeg (the 'video' extra), "
+            "or use a folder of frames / a .gif"
+        ) from None
+
+
+def _video_frames(path: Path) -> Iterator[np.ndarray]:
+    _need_ffmpeg(f"reading the video {path}")
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(str(path), format="FFMPEG")
+    try:
+        for frame in reader:
+            yield np.asarray(frame)[..., :3]
+    finally:
+        reader.close()
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def _title_bar(text: str, width: int, height: int) -> np.ndarray:
+    from PIL import ImageDraw
+
+    bar = Image.new("RGB", (width, height), (24, 24, 24))
+    ImageDraw.Draw(bar).text(
+        (6, height // 2),
+        text,
+        fill=(255, 255, 255),
+        anchor="lm",
+        font=_font(max(8, height * 2 // 3)),
+    )
+    return np.asarray(bar)
+
+
+def legend(width: int, row_h: int = 18) -> np.ndarray:
+    """The 19 classes as colour swatches with names, in rows that fit `width` pixels."""
+    from PIL import ImageDraw
+
+    font = _font(max(8, row_h * 2 // 3))
+    entry_w = max(font.getbbox(name)[2] for name in CLASS_NAMES) + row_h + 12
+    per_row = max(1, width // entry_w)
+    rows = -(-len(CLASS_NAMES) // per_row)
+    im = Image.new("RGB", (width, rows * row_h + 4), (24, 24, 24))
+    draw = ImageDraw.Draw(im)
+    for i, name in enumerate(CLASS_NAMES):
+        x, y = (i % per_row) * entry_w + 6, (i // per_row) * row_h + 2
+        draw.rectangle(
+            (x, y + 2, x + row_h - 6, y + row_h - 4), fill=tuple(int(v) for v in PALETTE[i])
+        )
+        draw.text((x + row_h, y + row_h // 2), name, fill=(230, 230, 230), anchor="lm", font=font)
+    return np.asarray(im)
+
+
+def compose_frame(
+    frame: np.ndarray,
+    overlays: Sequence[tuple[str, np.ndarray, float]],
+    legend_strip: np.ndarray,
+    title_h: int,
+) -> np.ndarray:
+    """[input | overlay 1 | overlay 2 ...] each under a title bar, the legend below."""
+    h, w = frame.shape[:2]
+    panels = [np.concatenate([_title_bar("input", w, title_h), frame])]
+    for name, overlay, latency_ms in overlays:
+        title = _title_bar(f"{name}  {latency_ms:.0f} ms", w, title_h)
+        panels.append(np.concatenate([title, overlay]))
+    return np.concatenate([np.concatenate(panels, axis=1), legend_strip])
+
+
+class GifWriter:
+    """Writes an animated GIF one frame at a time (memory stays flat): Pillow encodes each frame
+    with its own 256-colour palette; the file loops forever."""
+
+    def __init__(self, fp: IO[bytes], fps: float) -> None:
+        self.fp = fp
+        self.duration_ms = max(20, round(1000 / fps))  # GIF delays are in 1/100 s
+        self.frames = 0
+
+    def append(self, frame: np.ndarray) -> None:
+        from PIL import GifImagePlugin
+
+        im = Image.fromarray(frame).quantize(colors=256)
+        if self.frames == 0:
+            header, _ = GifImagePlugin.getheader(im, info={"loop": 0, "duration": self.duration_ms})
+            self.fp.write(b"".join(header))
+        data = GifImagePlugin.getdata(im, duration=self.duration_ms, include_color_table=True)
+        self.fp.write(b"".join(data))
+        self.frames += 1
+
+    def close(self) -> None:
+        self.fp.write(b";")  # GIF trailer
+
+
+def render_video(
+    predictors: Sequence[Predictor],
+    source: PathLike,
+    out: PathLike,
+    fps: float = 17.0,
+    size: Optional[tuple[int, int]] = None,
+    every: int = 1,
+    max_frames: Optional[int] = None,
+    progress: bool = True,
+) -> int:
+    """Segment each frame of `source` with every predictor and write the side-by-side video
+    (.gif through Pillow, .mp4 through imageio-ffmpeg) to `out`. Frames are resized to `size`
+    (H, W) first, if given. Returns the number of frames written."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in (".gif", ".mp4"):
+        raise SegcompareError(f"video output {out} must end in .gif or .mp4")
+    if suffix == ".mp4":
+        _need_ffmpeg(f"writing {out}")
+    if not predictors:
+        raise ValueError("no models to run")
+
+    frames = iter_frames(source, every, max_frames)
+    count = 0
+    legend_strip: Optional[np.ndarray] = None
+    with atomic_path(out) as tmp:
+        writer: Any = None
+        try:
+            for frame in tqdm(frames, desc="video", unit="frame", disable=not progress):
+                if size is not None and frame.shape[:2] != tuple(size):
+                    frame = np.asarray(Image.fromarray(frame).resize(size[::-1], Image.BILINEAR))
+                overlays = []
+                for predictor in predictors:
+                    _sync(predictor.device)
+                    start = time.perf_counter()
+                    train_ids = predictor.predict(frame)
+                    latency_ms = 1000 * (time.perf_counter() - start)
+                    overlays.append(
+                        (predictor.name, render_prediction(train_ids, frame, "overlay"), latency_ms)
+                    )
+                title_h = max(14, frame.shape[0] // 16)
+                if legend_strip is None:
+                    legend_strip = legend(frame.shape[1] * (len(predictors) + 1), title_h)
+                canvas = compose_frame(frame, overlays, legend_strip, title_h)
+                if writer is None:
+                    writer = _open_writer(tmp, suffix, fps)
+                writer.append(_even(canvas) if suffix == ".mp4" else canvas)
+                count += 1
+        finally:
+            if writer is not None:
+                writer.close()
+        if count == 0:
+            raise SegcompareError(f"no frames read from {source}")
+    return count
+
+
+def _even(frame: np.ndarray) -> np.ndarray:
+    """Pad to even height and width (H.264 with yuv420p needs them)."""
+    h, w = frame.shape[:2]
+    return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+
+class _Mp4Writer:
+    def __init__(self, path: Path, fps: float) -> None:
+        import imageio.v2 as imageio
+
+        self.writer = imageio.get_writer(
+            str(path), format="FFMPEG", mode="I", fps=fps, codec="libx264", macro_block_size=1
+        )
+
+    def append(self, frame: np.ndarray) -> None:
+        self.writer.append_data(frame)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _GifFileWriter(GifWriter):
+    def __init__(self, path: Path, fps: float) -> None:
+        super().__init__(open(path, "wb"), fps)
+
+    def close(self) -> None:
+        super().close()
+        self.fp.close()
+
+
+def _open_writer(path: Path, suffix: str, fps: float) -> Any:
+    return _GifFileWriter(path, fps) if suffix == ".gif" else _Mp4Writer(path, fps)

@@ -1,0 +1,156 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from segcompare.data.labels import PALETTE, TRAIN_ID_TO_ID
+from segcompare.infer import Predictor, predict_files, render_video
+from segcompare.utils import SegcompareError
+
+MEAN = np.array([123.675, 116.28, 103.53])
+STD = np.array([58.395, 57.12, 57.375])
+
+
+class RedNet(torch.nn.Module):
+    """Logits at 1/4 size; class c scores w_c × (normalised red), w rising from -1 to 1: a red
+    pixel (normalised red > 0) is class 18 (bicycle), a pixel without red class 0 (road)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.linspace(-1, 1, 19).view(1, 19, 1, 1))
+
+    def forward(self, x):
+        return F.avg_pool2d(x[:, :1], 4, ceil_mode=True) * self.w
+
+
+class QuarterNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 19, 4, stride=4)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _half_red(h=32, w=64):
+    image = np.zeros((h, w, 3), np.uint8)
+    image[:, : w // 2, 0] = 255
+    image[:, :, 1] = 40
+    return image
+
+
+def test_predict_equals_normalise_forward_upsample_argmax():
+    model = QuarterNet()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    pred = Predictor(model, device="cpu", mode="whole").predict(image)
+    x = torch.from_numpy(((image - MEAN) / STD).astype(np.float32)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        logits = F.interpolate(model(x), size=(32, 48), mode="bilinear", align_corners=False)
+    assert pred.dtype == np.uint8 and pred.shape == (32, 48)
+    assert np.array_equal(pred, logits.argmax(1)[0].numpy())
+
+
+def test_optimize_flag_is_accepted_and_changes_nothing_yet():
+    model = QuarterNet()
+    image = np.random.default_rng(1).integers(0, 256, (16, 32, 3), dtype=np.uint8)
+    a = Predictor(model, device="cpu").predict(image)
+    b = Predictor(model, device="cpu", optimize=True).predict(image)
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("fmt", ["trainid", "labelid", "color", "overlay", "logits"])
+def test_predict_files_writes_ids_and_names(tmp_path, fmt):
+    src = tmp_path / "in"
+    (src / "ulm").mkdir(parents=True)
+    image = _half_red()
+    Image.fromarray(image).save(src / "ulm" / "ulm_000000_000019_leftImg8bit.png")
+    Image.fromarray(image).save(tmp_path / "single.jpg", quality=100)
+    predictor = Predictor(RedNet(), device="cpu", mode="whole")
+    out = tmp_path / "out"
+    written = predict_files(predictor, [str(src), str(tmp_path / "*.jpg")], out, fmt, False)
+    suffix = ".npy" if fmt == "logits" else ".png"
+    assert written == [
+        out / "ulm" / f"ulm_000000_000019_leftImg8bit{suffix}",
+        out / f"single{suffix}",
+    ]
+    if fmt == "logits":
+        scores = np.load(written[0])
+        assert scores.dtype == np.float16 and scores.shape == (19, 32, 64)
+        assert scores[:, 4, 4].argmax() == 18 and scores[:, 4, 60].argmax() == 0
+        return
+    result = np.asarray(Image.open(written[0]))
+    left, right = result[4:28, 4:28], result[4:28, 36:60]  # away from the red/black border
+    expected = {
+        "trainid": (18, 0),
+        "labelid": (TRAIN_ID_TO_ID[18], TRAIN_ID_TO_ID[0]),  # bicycle 33, road 7
+        "color": (PALETTE[18], PALETTE[0]),
+        "overlay": (
+            np.round(0.5 * image[8, 8] + 0.5 * PALETTE[18]),
+            np.round(0.5 * image[8, 40] + 0.5 * PALETTE[0]),
+        ),
+    }[fmt]
+    assert (left == expected[0]).all() and (right == expected[1]).all()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_predict_files_bad_inputs(tmp_path):
+    predictor = Predictor(RedNet(), device="cpu")
+    with pytest.raises(SegcompareError, match="no images found"):
+        predict_files(predictor, [str(tmp_path / "missing*.png")], tmp_path / "out", progress=False)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(SegcompareError, match="bad.png"):
+        predict_files(predictor, [str(tmp_path / "bad.png")], tmp_path / "out", progress=False)
+
+
+def _frames(folder, n=5, h=32, w=64):
+    folder.mkdir(parents=True)
+    for i in range(n):
+        image = _half_red(h, w)
+        image[..., 2] = 20 * i  # a frame index we can read back
+        Image.fromarray(image).save(folder / f"stuttgart_00_000000_{i:06d}_leftImg8bit.png")
+    return folder
+
+
+def test_video_gif_has_the_frames_and_panels(tmp_path):
+    frames = _frames(tmp_path / "stuttgart_00")
+    a = Predictor(RedNet(), device="cpu", mode="whole")
+    b = Predictor(QuarterNet(), device="cpu", mode="whole")
+    out = tmp_path / "demo.gif"
+    n = render_video([a, b], frames, out, fps=10, every=2, progress=False)
+    assert n == 3  # frames 0, 2, 4
+    with Image.open(out) as gif:
+        assert gif.n_frames == 3
+        assert gif.info.get("loop") == 0 and gif.info.get("duration") == 100
+        width, height = gif.size
+        assert width == 3 * 64  # input | model 1 | model 2
+        gif.seek(2)
+        last = np.asarray(gif.convert("RGB")).astype(int)
+    title_h = 14  # max(14, 32 // 16)
+    assert height > title_h + 32  # title bars above, legend below
+    # panel 1 is the input (frame 4: blue = 80); panel 2 RedNet's overlay (bicycle | road)
+    assert np.abs(last[title_h + 16, 16] - [255, 40, 80]).max() <= 12
+    overlay_left = 0.5 * np.array([255, 40, 80]) + 0.5 * PALETTE[18]
+    overlay_right = 0.5 * np.array([0, 40, 80]) + 0.5 * PALETTE[0]
+    assert np.abs(last[title_h + 16, 64 + 8] - overlay_left).max() <= 12
+    assert np.abs(last[title_h + 16, 64 + 56] - overlay_right).max() <= 12
+
+
+def test_video_max_frames_size_and_errors(tmp_path):
+    frames = _frames(tmp_path / "f", n=4)
+    p = Predictor(RedNet(), device="cpu")
+    n = render_video([p], frames, tmp_path / "v.gif", size=(16, 32), max_frames=2, progress=False)
+    with Image.open(tmp_path / "v.gif") as gif:
+        assert n == gif.n_frames == 2 and gif.size[0] == 2 * 32
+    with pytest.raises(SegcompareError, match=r"\.gif or \.mp4"):
+        render_video([p], frames, tmp_path / "v.avi", progress=False)
+    with pytest.raises(SegcompareError, match="neither a folder nor a file"):
+        render_video([p], tmp_path / "nothing", tmp_path / "w.gif", progress=False)
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        with pytest.raises(SegcompareError, match="imageio-ffmpeg"):
+            render_video([p], frames, tmp_path / "v.mp4", progress=False)
+    assert not (tmp_path / "w.gif").exists()
