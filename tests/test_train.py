@@ -1,0 +1,212 @@
+"""segcompare.train: config, losses, optimizer groups, schedule, and the loop itself.
+
+Loss and schedule tests compare against numbers worked out by hand from the official formulas
+(HRNet's lib/core/criterion.py, mmcv's PolyLrUpdaterHook). The loop tests train tiny models on
+a tiny synthetic Cityscapes for a few iterations on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from segcompare.train import (
+    OptimConfig,
+    build_optimizer,
+    config_from_dict,
+    cross_entropy,
+    learning_rate,
+    load_config,
+    ohem_cross_entropy,
+    param_groups,
+    set_learning_rate,
+)
+from segcompare.utils import SegcompareError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# A SegFormer small enough for seconds-long CPU runs: one block per stage, narrow stages.
+TINY_SEGFORMER = {
+    "model": {
+        "name": "segformer-b0",
+        "overrides": {"depths": [1, 1, 1, 1], "embed_dims": [8, 16, 24, 32], "decoder_dim": 16,
+                      "num_heads": [1, 1, 1, 1]},
+    },
+}
+
+
+def _write(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# --- config ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("optim.lrr=0.1", ["optim.lrr", "lr", "weight_decay"]),  # unknown key: names valid ones
+        ("trian.max_iters=3", ["trian", "train"]),  # unknown section
+        ("train.max_iters=ten", ["train.max_iters", "integer"]),
+        ("train.max_iters=0", ["train.max_iters", "positive"]),
+        ("train.amp=fp8", ["train.amp", "bf16"]),
+        ("data.crop_size=[128]", ["data.crop_size", "2"]),
+        ("train.class_weights=[1.0,2.0]", ["train.class_weights", "19"]),
+        ("optim.warmup_iters=5000", ["optim.warmup_iters", "max_iters"]),
+        ("max_iters=3", ["SECTION.KEY"]),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path: Path, override: str, words: list) -> None:
+    path = _write(tmp_path, {**TINY_SEGFORMER, "train": {"max_iters": 100}})
+    with pytest.raises(SegcompareError) as err:
+        load_config(path, [override])
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def test_config_overrides_are_yaml(tmp_path: Path) -> None:
+    path = _write(tmp_path, {**TINY_SEGFORMER, "train": {"amp": False}})  # YAML's bare `off`
+    cfg = load_config(path, ["data.crop_size=[64,128]", "optim.lr=6e-5",
+                             "model.overrides.drop_path_rate=0.0", "train.loss=ohem"])
+    assert cfg.data.crop_size == (64, 128)
+    assert cfg.optim.lr == 6e-5  # YAML reads 6e-5 as a string; accepted as a number
+    assert cfg.model.overrides["drop_path_rate"] == 0.0
+    assert cfg.train.amp == "off" and cfg.train.loss == "ohem"
+
+
+def test_recipes_load() -> None:
+    from segcompare.models import model_settings
+
+    recipes = sorted(CONFIGS.glob("*.yaml"))
+    names = {p.name for p in recipes}
+    assert {f"segformer_b{i}_cityscapes_1024x1024_160k.yaml" for i in range(6)} <= names
+    assert {"hrnet_w48_cityscapes_512x1024.yaml", "synthcity_segformer_b0.yaml",
+            "synthcity_hrnet_w18_small_v1.yaml"} <= names
+    for path in recipes:
+        cfg = load_config(path)
+        model_settings(cfg.model.name, **cfg.model.overrides)  # the overrides exist
+
+
+# --- losses: hand-computed ---------------------------------------------------------------------
+# Five pixels, two classes. Target-class probabilities 0.5, 0.9, 0.75, 0.95 (by construction of
+# the logits: p = e^a / (e^a + 1)), and one ignored pixel.
+LOGITS = torch.tensor(
+    [[0.0, math.log(9), math.log(3), 0.0, 5.0], [0.0, 0.0, 0.0, math.log(19), 0.0]]
+).view(1, 2, 1, 5)
+LABEL = torch.tensor([[0, 0, 0, 1, 255]]).view(1, 1, 5)
+NLL = [math.log(2), -math.log(0.9), math.log(4 / 3), -math.log(0.95)]  # -log p per pixel
+
+
+def test_cross_entropy_hand_computed() -> None:
+    assert cross_entropy(LOGITS, LABEL).item() == pytest.approx(sum(NLL) / 4, rel=1e-6)
+    # mmseg averages over every pixel, the ignored one counting 0
+    got = cross_entropy(LOGITS, LABEL, average="all").item()
+    assert got == pytest.approx(sum(NLL) / 5, rel=1e-6)
+    # class weights (2, 1): torch's weighted mean, sum w*l / sum w, as HRNet's CrossEntropy
+    w = torch.tensor([2.0, 1.0])
+    expected = (2 * (NLL[0] + NLL[1] + NLL[2]) + NLL[3]) / (2 + 2 + 2 + 1)
+    assert cross_entropy(LOGITS, LABEL, class_weights=w).item() == pytest.approx(expected, 1e-6)
+
+
+def test_ohem_hand_computed() -> None:
+    # sorted probabilities 0.5, 0.75, 0.9, 0.95. min_kept=1: cutoff max(p[1]=0.75, 0.8) = 0.8
+    # -> the pixels with p < 0.8: 0.5 and 0.75.
+    got = ohem_cross_entropy(LOGITS, LABEL, threshold=0.8, min_kept=1).item()
+    assert got == pytest.approx((NLL[0] + NLL[2]) / 2, rel=1e-6)
+    # min_kept=3: cutoff max(p[3]=0.95, 0.8) = 0.95 -> p < 0.95 keeps three pixels
+    got = ohem_cross_entropy(LOGITS, LABEL, threshold=0.8, min_kept=3).item()
+    assert got == pytest.approx((NLL[0] + NLL[1] + NLL[2]) / 3, rel=1e-6)
+    # threshold above everything: all four labelled pixels
+    got = ohem_cross_entropy(LOGITS, LABEL, threshold=0.99, min_kept=1).item()
+    assert got == pytest.approx(sum(NLL) / 4, rel=1e-6)
+    # class weights scale each kept pixel; the mean is a plain mean (official code)
+    w = torch.tensor([2.0, 1.0])
+    got = ohem_cross_entropy(LOGITS, LABEL, threshold=0.8, min_kept=1, class_weights=w).item()
+    assert got == pytest.approx((2 * NLL[0] + 2 * NLL[2]) / 2, rel=1e-6)
+
+
+def test_losses_upsample_to_label_size() -> None:
+    logits = torch.randn(2, 3, 4, 4)
+    label = torch.randint(0, 3, (2, 16, 16))
+    up = torch.nn.functional.interpolate(logits, size=(16, 16), mode="bilinear",
+                                         align_corners=False)
+    assert cross_entropy(logits, label).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(up, label).item(), rel=1e-6)
+
+
+# --- schedule: mmcv's poly + linear warmup, HRNet's poly 0.9 ----------------------------------
+def test_schedule_matches_formula() -> None:
+    seg = OptimConfig(lr=6e-5, power=1.0, min_lr=0.0, warmup_iters=1500, warmup_ratio=1e-6)
+    n = 160000
+    # it 0: warmup factor 1 - (1 - 0)(1 - 1e-6) = 1e-6 of the regular lr 6e-5
+    assert learning_rate(0, 6e-5, seg, n) == pytest.approx(6e-11, rel=1e-9)
+    # it 750: regular 6e-5 * (1 - 750/160000), factor 1 - 0.5 * (1 - 1e-6) = 0.5000005
+    assert learning_rate(750, 6e-5, seg, n) == pytest.approx(
+        6e-5 * (159250 / 160000) * 0.5000005, rel=1e-12)
+    # from it 1500 on: plain poly, power 1
+    assert learning_rate(1500, 6e-5, seg, n) == pytest.approx(6e-5 * 158500 / 160000, rel=1e-12)
+    assert learning_rate(159999, 6e-5, seg, n) == pytest.approx(6e-5 / 160000, rel=1e-9)
+    # HRNet: 0.01 * (1 - it / max) ** 0.9, no warmup; half way: 0.01 * 0.5 ** 0.9 = 0.0053589
+    hr = OptimConfig(name="sgd", lr=0.01, power=0.9, warmup_iters=0)
+    assert learning_rate(0, 0.01, hr, 119548) == 0.01
+    assert learning_rate(59774, 0.01, hr, 119548) == pytest.approx(0.0053588673, rel=1e-7)
+
+
+def test_set_learning_rate_scales_head_groups() -> None:
+    model = torch.nn.ModuleDict(
+        {"backbone": torch.nn.Linear(2, 2), "decode_head": torch.nn.Linear(2, 2)}
+    )
+    cfg = OptimConfig(lr=1e-3, head_lr_mult=10.0, power=1.0, warmup_iters=0)
+    opt = build_optimizer(model, cfg)
+    base = set_learning_rate(opt, 50, cfg, 100)
+    assert base == pytest.approx(5e-4)
+    lrs = sorted(g["lr"] for g in opt.param_groups)
+    assert lrs == pytest.approx([5e-4, 5e-3])
+
+
+# --- optimizer groups --------------------------------------------------------------------------
+def test_segformer_groups_head_lr_and_no_decay() -> None:
+    from segcompare.models import build_model
+
+    cfg = config_from_dict({**TINY_SEGFORMER, "optim": {
+        "lr": 6e-5, "weight_decay": 0.01, "head_lr_mult": 10.0, "no_decay": ["norm", "pos_block"]}})
+    model = build_model("segformer-b0", **cfg.model.overrides)
+    groups = param_groups(model, cfg.optim)
+    names = {n for g in groups for n in g["param_names"]}
+    assert names == {n for n, _ in model.named_parameters()}  # every parameter, once
+    assert sum(len(g["param_names"]) for g in groups) == len(names)
+    by_name = {n: g for g in groups for n in g["param_names"]}
+    # head: everything under decode_head, lr x10, decayed (its BN is not named "norm")
+    for name in ("decode_head.linear_c1.proj.weight", "decode_head.linear_fuse.bn.weight",
+                 "decode_head.linear_pred.bias"):
+        assert by_name[name]["lr"] == pytest.approx(6e-4) and by_name[name]["weight_decay"] == 0.01
+    # no decay: every LayerNorm of the encoder (block, stage, patch-embedding, attention's
+    # spatial-reduction norm), backbone lr
+    for name in ("backbone.block1.0.norm1.weight", "backbone.block1.0.norm2.bias",
+                 "backbone.norm4.weight", "backbone.patch_embed1.norm.bias",
+                 "backbone.block1.0.attn.norm.weight"):
+        assert by_name[name]["weight_decay"] == 0.0 and by_name[name]["lr"] == pytest.approx(6e-5)
+    # decayed at backbone lr: linear/conv weights and their biases (mmcv decays biases)
+    for name in ("backbone.block1.0.attn.q.weight", "backbone.block1.0.attn.q.bias",
+                 "backbone.block1.0.mlp.dwconv.dwconv.weight", "backbone.patch_embed1.proj.weight"):
+        assert by_name[name]["weight_decay"] == 0.01 and by_name[name]["lr"] == pytest.approx(6e-5)
+    assert all(("norm" in n) == (by_name[n]["weight_decay"] == 0.0) for n in names)
+    assert all(n.startswith("decode_head.") == (by_name[n]["lr_mult"] == 10.0) for n in names)
+
+
+def test_hrnet_recipe_is_one_sgd_group() -> None:
+    from segcompare.models import build_model
+
+    cfg = load_config(CONFIGS / "hrnet_w18_small_v1_cityscapes_512x1024.yaml")
+    model = build_model(cfg.model.name)
+    opt = build_optimizer(model, cfg.optim)
+    assert isinstance(opt, torch.optim.SGD)
+    (group,) = opt.param_groups  # the official code: one group, decay on every parameter
+    assert len(group["params"]) == len(list(model.parameters()))
+    assert group["lr"] == 0.01 and group["weight_decay"] == 5e-4 and group["momentum"] == 0.9
+    assert group["nesterov"] is False
