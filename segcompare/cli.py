@@ -202,12 +202,54 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- segcompare convert ------------------------------------------------------------------------
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a checkpoint (official, HuggingFace, mmseg, ...) to ours or to HuggingFace",
+        description="Convert any supported checkpoint (file, HuggingFace directory or hub id; the "
+        "format is read from its keys) to our safetensors with metadata (DST ending in "
+        ".safetensors) or to a HuggingFace directory: config.json + model.safetensors (any other "
+        "DST; SegFormer only).",
+    )
+    p.add_argument("src", metavar="SRC", help="checkpoint file, HuggingFace directory or hub id")
+    p.add_argument("dst", metavar="DST", help="out.safetensors, or a directory for HuggingFace")
+    p.add_argument("--model", metavar="NAME", help="variant (default: read from SRC's keys)")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        metavar="K",
+        help="classes (default: SRC's; another K keeps all but the classifier, initialised)",
+    )
+    p.add_argument(
+        "--backbone-only",
+        action="store_true",
+        help="load only the backbone, the head stays initialised (mmseg SegFormer files need it)",
+    )
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    import logging
+
+    from segcompare.models.checkpoint import convert_checkpoint
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    print(
+        convert_checkpoint(
+            args.src, args.dst, args.model, args.num_classes, backbone_only=args.backbone_only
+        )
+    )
+    return 0
+
+
 # Each subcommand registers itself here, in the order `--help` lists them.
 _SUBCOMMANDS = [
     _add_models,
     _add_stats,
     _add_bench,
     _add_train,
+    _add_convert,
 ]
 
 

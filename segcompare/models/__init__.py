@@ -10,7 +10,7 @@ the model class, which takes `num_classes` and those settings as keyword argumen
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Optional
 
 from torch import nn
 
@@ -53,13 +53,35 @@ def model_settings(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def build_model(
-    name: str, num_classes: int = 19, weights: Any = None, **overrides: Any
+    name: Optional[str] = None,
+    num_classes: Optional[int] = None,
+    weights: Any = None,
+    **overrides: Any,
 ) -> nn.Module:
     """Build the variant `name` with `num_classes` outputs, optionally loading `weights`.
 
     The model maps N×3×H×W images to N×num_classes×ceil(H/4)×ceil(W/4) logits and records
     `model.variant` (the name) and `model.settings` (the resolved settings).
+
+    `weights`: a checkpoint of any format `segcompare.models.checkpoint` reads (file, HuggingFace
+    directory or hub id). Without `name` the variant (and settings) come from the file: our
+    metadata, else its keys and shapes. `num_classes` defaults to the file's, else 19; another
+    number keeps all weights but the classifier, which stays initialised.
     """
+    if weights is not None:
+        from segcompare.models.checkpoint import describe_weights
+
+        spec = describe_weights(weights, name)
+        if spec.variant is None:
+            raise ValueError(
+                f"{weights}: its keys match no model; name one of {', '.join(_VARIANTS)}"
+            )
+        name, weights = spec.variant, spec.checkpoint
+        overrides = {**spec.settings, **overrides}
+        num_classes = num_classes or spec.num_classes
+    elif name is None:
+        raise ValueError("build_model needs a model name, or weights= to read it from")
+    num_classes = num_classes or 19
     settings = model_settings(name, **overrides)
     cls = _VARIANTS[name][0]
     model = cls(num_classes=num_classes, **settings)

@@ -1,0 +1,723 @@
+"""Checkpoint files: read every supported layout safely, load it strictly, write our own.
+
+    load_weights(model, "segformer.b0.1024x1024.city.160k.pth")  # any format of FORMATS
+    save_weights(model, "model.safetensors")                      # ours, with its metadata
+    build_model(weights="model.safetensors")                      # rebuilt from the file alone
+    export_hf(model, "segformer-b0-hf/")                          # config.json + model.safetensors
+
+Reading never runs code from a file: `.pth/.pt/.bin` go through `torch.load(weights_only=True)`
+(tensors, dicts, lists, numbers, strings), safetensors through safetensors; which of the two a
+file is comes from its first bytes. Its layout comes from its keys (`detect_format`), never from
+its name; each foreign layout is one pure function of `convert.py`. Loading is strict: a key
+missing, left over or of another shape is an error that names the format, the keys with both
+shapes and the variant the file looks like. Known-unused keys (mmseg's `conv_seg`, ImageNet
+heads, HRNet's loss weights) are dropped by name in `convert.py`; the two tolerated differences
+are a backbone-only file (the head stays initialised) and another number of classes (the
+classifier stays initialised); each is logged in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import pickle
+import re
+import socket
+import struct
+import threading
+import urllib.parse
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from segcompare import __version__
+from segcompare.data.labels import CLASS_NAMES
+from segcompare.models import build_model, convert, hrnet, list_models, model_family, segformer
+from segcompare.utils import PathLike, SegcompareError, atomic_path
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+# `metadata["format"]` of the safetensors files `save_weights` writes.
+OUR_FORMAT_TAG = "segcompare"
+WEIGHTS_NAME = "model.safetensors"  # our file name and HuggingFace's
+HF_CONFIG_NAME = "config.json"
+_HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
+_HUB_PROBE_TIMEOUT_S = 3.0
+
+# family -> (head prefix, classifier prefix) in our (official) names.
+_HEADS = {
+    "segformer": ("decode_head.", "decode_head.linear_pred."),
+    "hrnet": ("last_layer.", "last_layer.3."),
+}
+
+
+# --- formats --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """A checkpoint layout: what messages call it, and its conversion to our names."""
+
+    name: str
+    to_official: Callable[[StateDict], StateDict]
+    # A raw-key prefix of a head that our (the official) architecture cannot hold, and why;
+    # such a file loads only with backbone_only=True.
+    foreign_head: str = ""
+    foreign_head_why: str = ""
+
+
+def _same(state_dict: StateDict) -> StateDict:
+    return dict(state_dict)
+
+
+FORMATS: dict[str, Format] = {
+    "segcompare": Format("segcompare safetensors", _same),
+    "segformer": Format("NVlabs SegFormer", convert.segformer_release_to_official),
+    "mit": Format("NVlabs MiT ImageNet backbone", convert.mit_to_official),
+    "hf-segformer": Format("HuggingFace SegFormer", convert.hf_segformer_to_official),
+    "mmseg-segformer": Format(
+        "mmsegmentation SegFormer",
+        convert.mmseg_segformer_to_official,
+        foreign_head="decode_head.",
+        foreign_head_why=(
+            "its decode head is mmseg's SegformerHead (a 1×1 conv + BatchNorm + ReLU per stage, "
+            "stages concatenated c1..c4), which the official all-MLP head (one Linear per stage, "
+            "c4..c1) cannot hold"
+        ),
+    ),
+    "hrnet": Format("official HRNet", convert.hrnet_release_to_official),
+    "hrnet-imagenet": Format("official HRNet ImageNet", convert.hrnet_imagenet_to_official),
+    "mmseg-hrnet": Format("mmsegmentation HRNet + FCN head", convert.mmseg_hrnet_to_official),
+}
+
+
+def detect_format(keys: Any, metadata: Optional[Mapping[str, str]] = None) -> Format:
+    """The format of a state dict, from its keys (and our metadata tag); SegcompareError if none."""
+    keys = list(keys)
+
+    def has(pattern: str) -> bool:
+        regex = re.compile(pattern)
+        return any(regex.match(k) for k in keys)
+
+    if metadata and metadata.get("format") == OUR_FORMAT_TAG:
+        return FORMATS["segcompare"]
+    if has(r"(segformer\.)?(encoder\.(patch_embeddings|block)\.|stages\.\d+\.)"):
+        return FORMATS["hf-segformer"]
+    if has(r"(backbone\.)?layers\.\d+\.0\.projection\."):
+        return FORMATS["mmseg-segformer"]
+    if has(r"backbone\.patch_embed1\."):
+        return FORMATS["segformer"]
+    if has(r"patch_embed1\."):
+        return FORMATS["mit"]
+    if has(r"(model\.|backbone\.)?stage2\.0\.branches\."):
+        if has(r"(model\.)?(ocr_distri_head|ocr_gather_head|aux_head|cls_head|conv3x3_ocr)\."):
+            raise SegcompareError(
+                "an HRNet + OCR checkpoint: the OCR head is not supported, only HRNetV2 with its "
+                "plain last_layer head"
+            )
+        if has(r"(backbone\.)?norm1\."):
+            return FORMATS["mmseg-hrnet"]
+        if has(r"(incre_modules|downsamp_modules|final_layer|classifier)\."):
+            return FORMATS["hrnet-imagenet"]
+        return FORMATS["hrnet"]
+    shown = ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
+    raise SegcompareError(
+        f"not a SegFormer or HRNet checkpoint of any known layout ({len(keys)} keys: {shown}); "
+        "see the Checkpoints table of the README"
+    )
+
+
+# --- reading --------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Checkpoint:
+    """The tensors of a checkpoint as stored (not yet converted) and what came with them."""
+
+    state_dict: StateDict
+    metadata: dict[str, str]  # ours: model, num_classes, ...; a HuggingFace dir: hf_config
+    source: str  # for messages: the path, hub id or "state dict"
+
+
+def read_checkpoint(src: Union[PathLike, Mapping[str, torch.Tensor], Checkpoint]) -> Checkpoint:
+    """Read a file, a HuggingFace directory, a hub id or an in-memory state dict.
+
+    Raises SegcompareError (one line) for a missing, empty, truncated, corrupt, unknown or
+    unsafe file.
+    """
+    if isinstance(src, Checkpoint):
+        return src
+    if isinstance(src, Mapping):
+        return Checkpoint(_as_state_dict(dict(src), "state dict"), {}, "state dict")
+    path = Path(src)
+    if path.is_dir():
+        return _read_hf_dir(path)
+    if path.is_file():
+        state, metadata = _read_file(path)
+        return Checkpoint(state, metadata, str(path))
+    if _HUB_ID.match(str(src)) and not str(src).endswith(_TORCH_SUFFIXES):
+        return _read_hf_dir(_download_from_hub(str(src)), source=str(src))
+    raise SegcompareError(f"{src}: no such file or directory")
+
+
+def _read_file(path: Path) -> tuple[StateDict, dict[str, str]]:
+    size = path.stat().st_size
+    if size == 0:
+        raise SegcompareError(f"{path}: the file is empty")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip (torch >= 1.6), pickle
+        return _read_torch(path), {}
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return _read_safetensors(path)
+    raise SegcompareError(
+        f"{path}: not a checkpoint: neither a PyTorch file (.pth/.pt/.bin) nor safetensors"
+    )
+
+
+def _read_torch(path: Path) -> StateDict:
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise SegcompareError(f"{path}: corrupt or truncated ({_first_line(err)})") from None
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        needs = f" (it refers to {needs.group(1)})" if needs else ""
+        raise SegcompareError(
+            f"{path}: refused: unpickling it needs more than tensors, dicts, lists, numbers and "
+            f"strings{needs}, so it may contain code; it was not loaded"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, struct.error, zipfile.BadZipFile) as err:  # fmt: skip
+        raise SegcompareError(f"{path}: corrupt or truncated ({_first_line(err)})") from None
+    return _as_state_dict(obj, str(path))
+
+
+def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise SegcompareError(f"{path}: corrupt or truncated ({_first_line(err)})") from None
+    return _as_state_dict(state, str(path)), metadata
+
+
+def _first_line(err: BaseException) -> str:
+    """The first sentence of an error's message: the part a user needs."""
+    text = str(err).strip().splitlines()
+    return text[0].split(". ")[0][:200] if text else type(err).__name__
+
+
+def _as_state_dict(obj: Any, source: str) -> StateDict:
+    """The state dict inside a loaded object: itself, or under `state_dict` / `model` / `module`
+    (mmseg/mmcv, timm-style and DataParallel wrappers); a `module.` prefix on every key goes."""
+    if not isinstance(obj, dict):
+        raise SegcompareError(f"{source}: holds a {type(obj).__name__}, not a state dict")
+
+    def is_state(d: Any) -> bool:
+        return (
+            isinstance(d, dict) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+        )
+
+    state = obj if is_state(obj) else None
+    for key in ("state_dict", "model_state_dict", "model", "module"):
+        if state is None and is_state(obj.get(key)):
+            state = obj[key]
+    if state is None:
+        shown = ", ".join(f"{k}: {type(v).__name__}" for k, v in list(obj.items())[:6])
+        raise SegcompareError(f"{source}: holds no state dict of tensors ({shown or 'empty'})")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _read_hf_dir(path: Path, source: Optional[str] = None) -> Checkpoint:
+    """A HuggingFace model directory: config.json + model.safetensors (or sharded, or a
+    pytorch_model.bin); a directory holding just our model.safetensors works too."""
+    source = source or str(path)
+    metadata: dict[str, str] = {}
+    if (path / HF_CONFIG_NAME).is_file():
+        metadata["hf_config"] = (path / HF_CONFIG_NAME).read_text()
+    found = [name for name in _HF_WEIGHT_FILES if (path / name).is_file()]
+    if not found:
+        raise SegcompareError(
+            f"{source}: a directory without {' or '.join(_HF_WEIGHT_FILES)}: not a model directory"
+        )
+    if found[0].endswith(".index.json"):  # sharded: {"weight_map": {key: file}}
+        try:
+            shards = sorted(set(json.loads((path / found[0]).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as err:
+            raise SegcompareError(f"{path / found[0]}: not a shard index ({err})") from None
+        state: StateDict = {}
+        for shard in shards:
+            state.update(_read_file(path / shard)[0])
+    else:
+        state, file_metadata = _read_file(path / found[0])
+        metadata.update(file_metadata)
+    return Checkpoint(state, metadata, source)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    """The local directory of hub model `repo_id` (config.json + weights), from the cache or
+    downloaded. Fails at once, naming the id, when offline or when the hub cannot be reached."""
+    advice = "pass a local path (a checkpoint file or a directory with config.json)"
+    try:
+        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    except ImportError:
+        raise SegcompareError(
+            f"{repo_id}: no such file; as a HuggingFace Hub id it needs `pip install "
+            f"huggingface_hub`; or {advice}"
+        ) from None
+
+    def fetch(local_only: bool) -> Path:
+        config = hf_hub_download(repo_id, HF_CONFIG_NAME, local_files_only=local_only)
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            try:
+                hf_hub_download(repo_id, name, local_files_only=local_only)
+                return Path(config).parent
+            except EntryNotFoundError:  # also "not in the cache" when local_only
+                continue
+        raise SegcompareError(f"{repo_id}: the hub model has no model.safetensors or .bin")
+
+    try:
+        return fetch(local_only=True)  # the cache: no network
+    except (EntryNotFoundError, FileNotFoundError, SegcompareError):
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline or constants.HF_HUB_OFFLINE:
+        raise SegcompareError(
+            f"{repo_id}: not a local path, not in the HuggingFace cache, and HF_HUB_OFFLINE is "
+            f"set; {advice}"
+        )
+    unreachable = _unreachable(constants.ENDPOINT)
+    if unreachable:
+        raise SegcompareError(
+            f"{repo_id}: not a local path, and the HuggingFace Hub ({constants.ENDPOINT}) "
+            f"cannot be reached ({unreachable}); {advice}"
+        )
+    try:
+        return fetch(local_only=False)
+    except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError) as err:
+        raise SegcompareError(
+            f"{repo_id}: not a local path, and downloading it from the HuggingFace Hub failed "
+            f"({_first_line(err)}); {advice}"
+        ) from None
+
+
+def _unreachable(endpoint: str) -> str:
+    """Why a TCP connection to `endpoint` fails within a few seconds, or '' when it works.
+
+    huggingface_hub retries an unreachable hub for half a minute; this probe answers at once.
+    It runs in a daemon thread because name resolution has no timeout of its own.
+    """
+    url = urllib.parse.urlparse(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    result = ["timed out"]
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=_HUB_PROBE_TIMEOUT_S).close()
+            result[0] = ""
+        except OSError as err:
+            result[0] = str(err) or type(err).__name__
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(_HUB_PROBE_TIMEOUT_S + 1.0)
+    return result[0]
+
+
+# --- loading --------------------------------------------------------------------------------
+def _family(model: nn.Module) -> str:
+    if isinstance(model, segformer.SegFormer):
+        return "segformer"
+    if isinstance(model, hrnet.HRNet):
+        return "hrnet"
+    raise TypeError(f"not a segcompare model: {type(model).__name__}")
+
+
+def _variant_of(model: nn.Module) -> str:
+    return getattr(model, "variant", None) or type(model).__name__
+
+
+def to_official(checkpoint: Checkpoint, backbone_only: bool = False) -> tuple[Format, StateDict]:
+    """(format, state dict in our names) of a checkpoint; SegcompareError for an unknown layout."""
+    try:
+        fmt = detect_format(checkpoint.state_dict, checkpoint.metadata)
+    except SegcompareError as err:
+        raise SegcompareError(f"{checkpoint.source}: {err}") from None
+    if fmt.foreign_head and not backbone_only:
+        if any(k.startswith(fmt.foreign_head) for k in checkpoint.state_dict):
+            raise SegcompareError(
+                f"{checkpoint.source}: {fmt.name} checkpoint: {fmt.foreign_head_why}; load only "
+                "its backbone with load_weights(model, src, backbone_only=True) or "
+                "`segcompare convert SRC DST --backbone-only`"
+            )
+    try:
+        state = fmt.to_official(checkpoint.state_dict)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise SegcompareError(f"{checkpoint.source}: {fmt.name} checkpoint: {err}") from None
+    return fmt, state
+
+
+def load_weights(
+    model: nn.Module,
+    src: Union[PathLike, Mapping[str, torch.Tensor], Checkpoint],
+    backbone_only: bool = False,
+) -> Format:
+    """Load a checkpoint of any supported format into `model` (strictly); return its format.
+
+    `src`: a file, a HuggingFace directory, a hub id, a state dict or a `Checkpoint`.
+    `backbone_only`: load the backbone and leave the head initialised.
+    """
+    checkpoint = read_checkpoint(src)
+    fmt, state = to_official(checkpoint, backbone_only)
+    family = _family(model)
+    head, classifier = _HEADS[family]
+    if backbone_only:
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+    expected = model.state_dict()
+    with_head = any(k.startswith(head) for k in state)
+
+    def optional(key: str) -> bool:  # may be absent from the file
+        return key.endswith("num_batches_tracked") or (not with_head and key.startswith(head))
+
+    missing = [k for k in expected if k not in state and not optional(k)]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    other_classes = bool(reshaped) and all(
+        k.startswith(classifier) and state[k].shape[1:] == expected[k].shape[1:] for k in reshaped
+    )
+    if missing or unexpected or (reshaped and not other_classes):
+        raise SegcompareError(_mismatch_message(model, checkpoint, fmt, state, expected))
+    if other_classes:
+        file_classes = state[reshaped[0]].shape[0]
+        state = {k: v for k, v in state.items() if not k.startswith(classifier)}
+        log.warning(
+            "%s has %d classes, the model %d: the classifier (%s*) stays initialised",
+            checkpoint.source,
+            file_classes,
+            expected[reshaped[0]].shape[0],
+            classifier,
+        )
+    model.load_state_dict(state, strict=False)  # every difference was checked above
+    if not with_head:
+        log.warning(
+            "%s (%s): loaded the backbone only; the head (%s*) stays initialised",
+            checkpoint.source,
+            fmt.name,
+            head,
+        )
+    return fmt
+
+
+def _mismatch_message(
+    model: nn.Module,
+    checkpoint: Checkpoint,
+    fmt: Format,
+    state: StateDict,
+    expected: Mapping[str, torch.Tensor],
+) -> str:
+    """One line: what does not fit, the first few keys with both shapes, the likely variant."""
+    head = _HEADS[_family(model)][0]
+    with_head = any(k.startswith(head) for k in state)
+    missing = [
+        k
+        for k in expected
+        if k not in state
+        and not k.endswith("num_batches_tracked")
+        and (with_head or not k.startswith(head))
+    ]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+
+    def shape(t: torch.Tensor) -> list[int]:
+        return list(t.shape)
+
+    examples = [f"{k}: file {shape(state[k])}, model {shape(expected[k])}" for k in reshaped[:3]]
+    examples += [f"{k} {shape(expected[k])} missing from the file" for k in missing[:3]]
+    examples += [f"{k} {shape(state[k])} not in the model" for k in unexpected[:3]]
+    counts = ", ".join(
+        f"{n} {what}"
+        for n, what in (
+            (len(reshaped), "of another shape"),
+            (len(missing), "missing"),
+            (len(unexpected), "unexpected"),
+        )
+        if n
+    )
+    asked = _variant_of(model)
+    guess = guess_variant(state)
+    if guess and guess != asked:
+        cause = f"this looks like {guess} weights; you asked for {asked}"
+    elif guess:
+        cause = f"this looks like {guess} weights, but the model was built with other settings"
+    else:
+        cause = f"it matches no known variant (closest: {closest_variant(state)})"
+    return (
+        f"{checkpoint.source}: {fmt.name} weights do not fit {asked} ({counts} keys): "
+        f"{'; '.join(examples)}; {cause}"
+    )
+
+
+@functools.cache
+def _signature(name: str) -> dict[str, tuple[int, ...]]:
+    """key -> shape of variant `name` (19 classes, default settings), built on the meta device."""
+    with torch.device("meta"):
+        model = build_model(name)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _fits(name: str, state: StateDict) -> tuple[int, int]:
+    """(keys of `state` that variant `name` has with that shape, keys `name` needs) for the
+    comparison; the classifier may have any number of classes, the head may be absent."""
+    head, classifier = _HEADS[model_family(name)]
+    sig = _signature(name)
+    with_head = any(k.startswith(head) for k in state)
+    good = 0
+    for key, value in state.items():
+        want = sig.get(key)
+        shape = tuple(value.shape)
+        if want == shape or (want and key.startswith(classifier) and want[1:] == shape[1:]):
+            good += 1
+    needed = [
+        k
+        for k in sig
+        if not k.endswith("num_batches_tracked") and (with_head or not k.startswith(head))
+    ]
+    return good, len(needed) + sum(1 for k in state if k not in sig)
+
+
+def guess_variant(state: StateDict) -> Optional[str]:
+    """The variant whose keys and shapes a state dict in our names has (the head optional, the
+    classifier of any size), or None."""
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    for name in list_models():
+        good, total = _fits(name, state)
+        if good == len(state) == total:
+            return name
+    return None
+
+
+def closest_variant(state: StateDict) -> str:
+    """The variant that shares the most keys and shapes with a state dict, with the share."""
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    scores = {name: _fits(name, state) for name in list_models()}
+    name = max(scores, key=lambda n: scores[n][0] / max(scores[n][1], 1))
+    good, total = scores[name]
+    return f"{name}, {good} of {total} keys"
+
+
+# --- what a checkpoint builds ---------------------------------------------------------------
+@dataclasses.dataclass
+class WeightsSpec:
+    """What `build_model(weights=...)` needs to know about a checkpoint before building."""
+
+    checkpoint: Checkpoint
+    variant: Optional[str]  # our metadata's model name, else guessed from the keys
+    num_classes: Optional[int]  # None for a backbone-only file
+    settings: dict[str, Any]  # our metadata's settings, else {}
+    class_names: Optional[list[str]]
+
+
+def describe_weights(
+    src: Union[PathLike, Mapping[str, torch.Tensor], Checkpoint], name: Optional[str] = None
+) -> WeightsSpec:
+    """Read a checkpoint once and say which model it builds (see `build_model`).
+
+    With `name` given only the number of classes is read from the file; else the variant comes
+    from our metadata, or is guessed from the keys and shapes (None if nothing fits).
+    """
+    checkpoint = read_checkpoint(src)
+    meta = checkpoint.metadata
+    if meta.get("format") == OUR_FORMAT_TAG:
+        try:
+            same = name in (None, meta["model"])
+            return WeightsSpec(
+                checkpoint,
+                name or meta["model"],
+                int(meta["num_classes"]),
+                _tuples(json.loads(meta["settings"])) if same else {},
+                json.loads(meta["class_names"]),
+            )
+        except (KeyError, ValueError) as err:
+            raise SegcompareError(
+                f"{checkpoint.source}: broken segcompare metadata ({err})"
+            ) from None
+    _, state = _try_convert(checkpoint)
+    variant = name or guess_variant(state)
+    num_classes = None
+    if variant is not None:
+        cls_weight = state.get(_HEADS[model_family(variant)][1] + "weight")
+        num_classes = int(cls_weight.shape[0]) if cls_weight is not None else None
+    return WeightsSpec(checkpoint, variant, num_classes, {}, _hf_class_names(meta, num_classes))
+
+
+def _try_convert(checkpoint: Checkpoint) -> tuple[Format, StateDict]:
+    """The converted state dict with its head where the format allows, else the backbone."""
+    try:
+        return to_official(checkpoint)
+    except SegcompareError:
+        return to_official(checkpoint, backbone_only=True)
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples of the VARIANTS tables."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def _hf_class_names(metadata: Mapping[str, str], num_classes: Optional[int]) -> Optional[list[str]]:
+    try:
+        id2label = json.loads(metadata.get("hf_config", "{}")).get("id2label") or {}
+        names = [id2label[str(i)] for i in range(len(id2label))]
+    except (ValueError, KeyError, AttributeError):
+        return None
+    return names if names and len(names) == num_classes else None
+
+
+# --- writing --------------------------------------------------------------------------------
+def num_classes_of(model: nn.Module) -> int:
+    """The number of classes a model predicts (the classifier's output channels)."""
+    classifier = _HEADS[_family(model)][1]
+    return int(model.state_dict()[classifier + "weight"].shape[0])
+
+
+def _class_names(model: nn.Module, class_names: Optional[list[str]]) -> list[str]:
+    num_classes = num_classes_of(model)
+    if class_names is None:
+        class_names = list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else None
+        class_names = class_names or [f"class_{i}" for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
+    return [str(name) for name in class_names]
+
+
+def save_weights(model: nn.Module, path: PathLike, class_names: Optional[list[str]] = None) -> Path:
+    """Write `model` as our safetensors file, with the metadata that rebuilds it alone.
+
+    Metadata (all strings): format, model (the variant name), num_classes, class_names (JSON),
+    settings (JSON: the `build_model` settings), version (of segcompare). `class_names` default:
+    the 19 Cityscapes classes for a 19-class model, else class_0, class_1, ...
+    """
+    from safetensors.torch import save_file
+
+    if not getattr(model, "variant", None) or getattr(model, "settings", None) is None:
+        raise ValueError("save_weights needs a model made by build_model (variant, settings)")
+    names = _class_names(model, class_names)
+    metadata = {
+        "format": OUR_FORMAT_TAG,
+        "model": model.variant,
+        "num_classes": str(len(names)),
+        "class_names": json.dumps(names),
+        "settings": json.dumps(model.settings),
+        "version": __version__,
+    }
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    return path
+
+
+def hf_config(model: nn.Module, class_names: Optional[list[str]] = None) -> dict[str, Any]:
+    """The config.json of transformers' SegformerForSemanticSegmentation for our SegFormer."""
+    if _family(model) != "segformer":
+        raise SegcompareError(
+            f"{_variant_of(model)}: only SegFormer has a HuggingFace transformers counterpart"
+        )
+    s = model.settings
+    if not s.get("qkv_bias", True):
+        raise SegcompareError("transformers' SegFormer always has q/k/v biases; qkv_bias=False")
+    names = _class_names(model, class_names)
+    return {
+        "architectures": ["SegformerForSemanticSegmentation"],
+        "model_type": "segformer",
+        "num_channels": 3,
+        "num_encoder_blocks": len(s["depths"]),
+        "depths": list(s["depths"]),
+        "sr_ratios": list(s["sr_ratios"]),
+        "hidden_sizes": list(s["embed_dims"]),
+        "patch_sizes": list(s["patch_sizes"]),
+        "strides": list(s["strides"]),
+        "num_attention_heads": list(s["num_heads"]),
+        "mlp_ratios": list(s["mlp_ratios"]),
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "classifier_dropout_prob": s.get("dropout", 0.1),
+        "drop_path_rate": s.get("drop_path_rate", 0.1),
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-6,
+        "decoder_hidden_size": s["decoder_dim"],
+        "semantic_loss_ignore_index": 255,
+        "reshape_last_stage": True,
+        "id2label": {str(i): name for i, name in enumerate(names)},
+        "label2id": {name: i for i, name in enumerate(names)},
+    }
+
+
+def export_hf(model: nn.Module, out_dir: PathLike, class_names: Optional[list[str]] = None) -> Path:
+    """Write a HuggingFace model directory: config.json + model.safetensors in hub names, which
+    `SegformerForSemanticSegmentation.from_pretrained(out_dir)` loads. Each file is atomic."""
+    from safetensors.torch import save_file
+
+    config = hf_config(model, class_names)
+    official = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    state = {k: v.contiguous() for k, v in convert.official_segformer_to_hf(official).items()}
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SegcompareError(f"{out_dir}: exists and is not a directory")
+    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    with atomic_path(out_dir / HF_CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def convert_checkpoint(
+    src: PathLike,
+    dst: PathLike,
+    model_name: Optional[str] = None,
+    num_classes: Optional[int] = None,
+    backbone_only: bool = False,
+) -> str:
+    """Any supported checkpoint -> our safetensors (`dst` ending in .safetensors) or a
+    HuggingFace directory (any other `dst`). Returns a one-line summary for the CLI.
+
+    The variant comes from `model_name`, else our metadata, else the keys and shapes.
+    """
+    spec = describe_weights(src, model_name)
+    name = spec.variant
+    if name is None:
+        raise SegcompareError(
+            f"{src}: its keys match no variant; name one with --model ({', '.join(list_models())})"
+        )
+    classes = num_classes or spec.num_classes or len(CLASS_NAMES)
+    model = build_model(name, num_classes=classes, **spec.settings)
+    fmt = load_weights(model, spec.checkpoint, backbone_only=backbone_only)
+    names = spec.class_names if spec.class_names and len(spec.class_names) == classes else None
+    if str(dst).endswith(".safetensors"):
+        save_weights(model, dst, class_names=names)
+        what = "segcompare safetensors"
+    else:
+        export_hf(model, dst, class_names=names)
+        what = "HuggingFace directory"
+    return f"{src} ({fmt.name}) -> {dst} ({what}): {name}, {classes} classes"
