@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from segcompare import __version__
 
@@ -243,6 +243,211 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- segcompare eval / predict / video: options they share -------------------------------------
+def _scales(text: str) -> tuple[float, ...]:
+    """'0.5,0.75,1.0' -> (0.5, 0.75, 1.0)."""
+    try:
+        scales = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"scales {text!r} are not numbers like 0.5,1.0") from None
+    if not scales or min(scales) <= 0:
+        raise argparse.ArgumentTypeError(f"scales {text!r} must be positive")
+    return scales
+
+
+def _add_test_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inference")
+    g.add_argument(
+        "--mode", choices=("whole", "slide"), help="whole image, or sliding windows (default: "
+        "slide, the official test: SegFormer windows 1024x1024 stride 768 at 1024x2048, HRNet "
+        "windows of the whole test size; both scaled to other sizes)",
+    )  # fmt: skip
+    g.add_argument(
+        "--scales", type=_scales, default=(1.0,), metavar="S,S,..",
+        help="test scales, averaged (both papers: 0.5,0.75,1.0,1.25,1.5,1.75)",
+    )  # fmt: skip
+    g.add_argument("--flip", action="store_true", help="average with the flipped image")
+    g.add_argument("--size", type=size_hw, metavar="HxW", help="test size (default: the image's)")
+    g.add_argument("--window", type=size_hw, metavar="HxW", help="slide window at the test size")
+    g.add_argument("--stride", type=size_hw, metavar="HxW", help="slide stride at the test size")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    g.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
+
+
+def _predictor(args: argparse.Namespace, name: Optional[str], weights: Optional[str]) -> Any:
+    """Build the model (weights through build_model) and wrap it in a Predictor."""
+    import logging
+
+    import torch
+
+    from segcompare.infer import Predictor
+    from segcompare.models import build_model
+    from segcompare.utils import SegcompareError
+
+    if name is None and weights is None:
+        raise SegcompareError("name a model: --model NAME --weights W")
+    torch.manual_seed(0)  # without weights: the same random model every run
+    model = build_model(name, weights=weights)
+    if weights is None:
+        logging.getLogger("segcompare").warning(
+            "no --weights for %s: random weights (seed 0), the predictions mean nothing", name
+        )
+    return Predictor(
+        model, args.device, args.mode, args.size, scales=args.scales, flip=args.flip,
+        window=args.window, stride=args.stride, amp=args.amp,
+    )  # fmt: skip
+
+
+# --- segcompare eval ---------------------------------------------------------------------------
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="Cityscapes metrics (mIoU, iIoU, categories) of a model or of prediction PNGs",
+        description="Score a model on a split, or score existing labelIds prediction PNGs "
+        "(--pred-dir, from any tool) the same way. The figures equal cityscapesscripts'.",
+    )
+    p.add_argument("--model", metavar="NAME", help="model name (default: read from --weights)")
+    p.add_argument("--weights", metavar="W", help="checkpoint (any format build_model reads)")
+    p.add_argument(
+        "--pred-dir", metavar="DIR", help="score the labelIds PNGs in DIR instead of a model "
+        "(file names contain <city>_<seq>_<frame>)",
+    )  # fmt: skip
+    p.add_argument("--data", required=True, metavar="ROOT", help="Cityscapes root folder")
+    p.add_argument("--split", default="val", help="split (default val)")
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="images per batch (1)")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="loader processes (2)")
+    p.add_argument("--json", metavar="F", help="write the results to this JSON file")
+    p.add_argument("--save-pred", metavar="DIR", help="also write the predictions (labelIds PNGs)")
+    _add_test_options(p)
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import time
+
+    from segcompare.data.cityscapes import CityscapesDataset
+    from segcompare.data.transforms import build_test_transform
+    from segcompare.evaluate import (
+        evaluate_model,
+        evaluate_prediction_files,
+        format_results,
+        write_results,
+    )
+    from segcompare.utils import SegcompareError
+
+    if args.batch < 1 or args.workers < 0:
+        raise SegcompareError("--batch must be at least 1 and --workers at least 0")
+    start = time.perf_counter()
+    if args.pred_dir:
+        if args.model or args.weights or args.save_pred:
+            raise SegcompareError(
+                "--pred-dir scores existing files: drop --model/--weights/--save-pred"
+            )
+        dataset = CityscapesDataset(args.data, args.split, with_instances=True)
+        results = evaluate_prediction_files(args.pred_dir, dataset, args.workers)
+        meta = {"model": None, "weights": None, "mode": "pred-dir", "size": None}
+        meta["pred_dir"] = args.pred_dir
+    else:
+        predictor = _predictor(args, args.model, args.weights)
+        dataset = CityscapesDataset(
+            args.data, args.split, transform=build_test_transform(), with_instances=True
+        )
+        results = evaluate_model(
+            predictor.scores, dataset, args.batch, args.workers, args.save_pred
+        )
+        s = predictor.settings
+        meta = {
+            "model": predictor.name, "weights": args.weights, "mode": s.mode,
+            "size": list(s.size_hw) if s.size_hw else None, "scales": list(s.scales),
+            "flip": s.flip, "device": str(predictor.device), "amp": args.amp,
+        }  # fmt: skip
+    seconds = time.perf_counter() - start
+    results.update(meta, data=args.data, split=args.split, seconds=round(seconds, 3))
+    results["images_per_s"] = round(results["num_images"] / seconds, 3)
+    print(format_results(results))
+    print(f"{results['num_images']} images in {seconds:.1f} s ({results['images_per_s']:.2f}/s)")
+    if args.json:
+        write_results(results, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+# --- segcompare predict ------------------------------------------------------------------------
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="segment images and write labelIds / trainIds / colour / overlay PNGs or logits",
+        description="Segment image files, folders (recursively) or glob patterns and write one "
+        "file per image under --out, named after it. labelid PNGs are what the Cityscapes test "
+        "server takes; logits are float16 C×H×W .npy.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
+    p.add_argument("--model", metavar="NAME", help="model name (default: read from --weights)")
+    p.add_argument("--weights", metavar="W", help="checkpoint (any format build_model reads)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--format", default="labelid",
+        choices=("trainid", "labelid", "color", "overlay", "logits"), help="(default labelid)",
+    )  # fmt: skip
+    _add_test_options(p)
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from segcompare.infer import predict_files
+
+    predictor = _predictor(args, args.model, args.weights)
+    written = predict_files(predictor, args.inputs, args.out, args.format)
+    print(f"wrote {len(written)} {args.format} file(s) to {args.out}")
+    return 0
+
+
+# --- segcompare video --------------------------------------------------------------------------
+def _add_video(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "video",
+        help="side-by-side video (GIF or MP4) of one or more models on a frame sequence",
+        description="Run every --model on each frame and write input | model 1 | model 2 ... "
+        "side by side, each panel titled with the model and its latency, with a class legend. "
+        "Give --weights once per --model, in the same order. Frames: a folder of images "
+        "(e.g. leftImg8bit/demoVideo/stuttgart_00) or a video file (needs imageio-ffmpeg).",
+    )
+    p.add_argument("source", metavar="FRAMES_DIR_OR_VIDEO")
+    p.add_argument("--model", action="append", default=[], metavar="NAME", help="(repeatable)")
+    p.add_argument("--weights", action="append", default=[], metavar="W", help="(repeatable)")
+    p.add_argument("--out", required=True, metavar="F", help="F.gif, or F.mp4 (imageio-ffmpeg)")
+    p.add_argument("--fps", type=float, default=17.0, help="frames per second (17, Cityscapes')")
+    p.add_argument("--every", type=int, default=1, metavar="K", help="use every K-th frame")
+    p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    _add_test_options(p)
+    p.set_defaults(func=_run_video)
+
+
+def _run_video(args: argparse.Namespace) -> int:
+    from segcompare.infer import render_video
+    from segcompare.utils import SegcompareError
+
+    names, weights = args.model, args.weights
+    if not names and not weights:
+        raise SegcompareError("name at least one model: --model NAME --weights W")
+    if names and weights and len(names) != len(weights):
+        raise SegcompareError(
+            f"{len(names)} --model but {len(weights)} --weights: give one --weights per --model"
+        )
+    count = max(len(names), len(weights))
+    names = names or [None] * count
+    weights = weights or [None] * count
+    if args.fps <= 0 or (args.max_frames is not None and args.max_frames < 1):
+        raise SegcompareError("--fps must be positive and --max-frames at least 1")
+    predictors = [_predictor(args, n, w) for n, w in zip(names, weights)]
+    # the panels are the frame size, so --size sets both the display and the test size
+    frames = render_video(
+        predictors, args.source, args.out, args.fps, args.size, args.every, args.max_frames
+    )
+    print(f"wrote {args.out}: {frames} frames, {len(predictors)} model(s)")
+    return 0
+
+
 # Each subcommand registers itself here, in the order `--help` lists them.
 _SUBCOMMANDS = [
     _add_models,
@@ -250,6 +455,9 @@ _SUBCOMMANDS = [
     _add_bench,
     _add_train,
     _add_convert,
+    _add_eval,
+    _add_predict,
+    _add_video,
 ]
 
 

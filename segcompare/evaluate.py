@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ from segcompare.data.labels import (
     NUM_CLASSES,
     TRAIN_LABELS,
 )
+from segcompare.utils import PathLike, SegcompareError, atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -531,3 +534,202 @@ def inference(
             total = scores if total is None else total + scores
             passes += 1
     return total / passes if passes > 1 else total
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluating a split
+# ------------------------------------------------------------------------------------------------
+
+
+class _Catching:
+    """Wraps a dataset so that a user-facing error in a loader worker comes back as one line
+    (a DataLoader would re-raise it with the worker's traceback in the message)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return self.dataset[index]
+        except SegcompareError as err:
+            return {"error": str(err)}
+
+
+def _batches(dataset: Any, batch_size: int, workers: int, desc: str, progress: bool) -> Iterable:
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        from torch.utils.data import default_collate
+
+        for item in items:
+            if "error" in item:
+                return item
+        return default_collate(items)
+
+    loader = DataLoader(
+        _Catching(dataset),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        persistent_workers=False,
+    )
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        if "error" in batch:
+            raise SegcompareError(batch["error"])
+        yield batch
+
+
+def save_label_ids(train_ids: np.ndarray, out_dir: PathLike, name: str) -> Path:
+    """Write H×W train ids as the labelIds PNG the Cityscapes server and `evaluate_prediction_files`
+    take: OUT/<city>/<name>_leftImg8bit.png."""
+    from PIL import Image
+
+    from segcompare.data.labels import TRAIN_ID_TO_ID
+
+    city = name.rsplit("_", 2)[0]
+    path = Path(out_dir) / city / f"{name}_leftImg8bit.png"
+    with atomic_path(path) as tmp:
+        Image.fromarray(TRAIN_ID_TO_ID[train_ids]).save(tmp, format="PNG")
+    return path
+
+
+def evaluate_model(
+    scores_fn: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Any,
+    batch_size: int = 1,
+    workers: int = 0,
+    save_pred_dir: Optional[PathLike] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score a model on a dataset and return `ConfusionMatrix.compute()`.
+
+    scores_fn: normalised N×3×H×W -> N×C×H×W class scores at the input size (e.g.
+        `Predictor.scores`, or `lambda x: inference(model, x, settings)`).
+    dataset: a `CityscapesDataset` with the test transform and with_instances=True (without
+        instances iIoU is NaN).
+    save_pred_dir: also write each prediction as a labelIds PNG there (`save_label_ids`).
+    """
+    cm = ConfusionMatrix()
+    for batch in _batches(dataset, batch_size, workers, "eval", progress):
+        pred = scores_fn(batch["image"]).argmax(1)
+        labels = batch["label"].to(pred.device)
+        if pred.shape != labels.shape:  # a transform that resized the image: score at label size
+            raise SegcompareError(
+                f"prediction {tuple(pred.shape[1:])} and label {tuple(labels.shape[1:])} sizes "
+                "differ; use a test transform that keeps the image size"
+            )
+        cm.update(pred, labels, batch.get("instances"))
+        if save_pred_dir is not None:
+            for train_ids, name in zip(pred.to(torch.uint8).cpu().numpy(), batch["name"]):
+                save_label_ids(train_ids, save_pred_dir, name)
+    return cm.compute()
+
+
+# A prediction file belongs to sample <city>_<seq>_<frame> when its name contains that stem, as
+# cityscapesscripts' getPrediction looks for <city>_<seq>_<frame>*.png anywhere under the folder.
+_SEQ_FRAME = re.compile(r"\d{6}_\d{6}")
+
+
+def find_predictions(pred_dir: PathLike, names: Sequence[str]) -> list[Path]:
+    """The prediction PNG of each sample name under `pred_dir` (searched recursively): the one
+    file whose name contains the name. A missing or ambiguous prediction is an error."""
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise SegcompareError(f"prediction folder {pred_dir} does not exist")
+    by_numbers: dict[str, list[Path]] = {}
+    for path in pred_dir.rglob("*.png"):
+        for numbers in set(_SEQ_FRAME.findall(path.name)):
+            by_numbers.setdefault(numbers, []).append(path)
+    found, missing = [], []
+    for name in names:
+        matches = sorted(p for p in by_numbers.get(name[-13:], []) if name in p.name)
+        if len(matches) > 1:
+            raise SegcompareError(
+                f"several predictions for {name}: {', '.join(str(p) for p in matches[:3])}"
+            )
+        if matches:
+            found.append(matches[0])
+        else:
+            missing.append(name)
+    if missing:
+        raise SegcompareError(
+            f"no prediction for {missing[0]} under {pred_dir} (expected a PNG whose name contains "
+            f"it, e.g. {missing[0]}_leftImg8bit.png); {len(missing)} of {len(names)} missing"
+        )
+    return found
+
+
+def read_prediction(path: PathLike, hw: tuple[int, int]) -> np.ndarray:
+    """A labelIds prediction PNG -> H×W prediction codes (`label_ids_to_pred`), checked: one
+    channel, the label's size, only Cityscapes label ids."""
+    from PIL import Image, UnidentifiedImageError
+
+    from segcompare.data.labels import VALID_LABEL_IDS
+
+    try:
+        with Image.open(path) as im:
+            ids = np.array(im)
+    except (OSError, UnidentifiedImageError) as err:
+        raise SegcompareError(f"{path}: cannot read the prediction ({err})") from None
+    if ids.ndim != 2:
+        raise SegcompareError(
+            f"{path}: a prediction must be a 1-channel labelIds PNG, got shape {ids.shape}"
+        )
+    if ids.shape != tuple(hw):
+        raise SegcompareError(
+            f"{path}: size {ids.shape[1]}x{ids.shape[0]} differs from the label's {hw[1]}x{hw[0]}"
+        )
+    present = np.unique(ids)
+    unknown = [int(v) for v in present if int(v) not in VALID_LABEL_IDS]
+    if unknown:
+        raise SegcompareError(
+            f"{path}: unknown label ids {unknown[:8]} (Cityscapes labelIds are "
+            f"0-{max(VALID_LABEL_IDS)})"
+        )
+    return label_ids_to_pred(ids.astype(np.uint8))
+
+
+class _PredictionPairs:
+    """(prediction codes, train-id label, instances) per sample, for `evaluate_prediction_files`."""
+
+    def __init__(self, dataset: Any, predictions: list[Path]) -> None:
+        self.dataset, self.predictions = dataset, predictions
+
+    def __len__(self) -> int:
+        return len(self.predictions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from segcompare.data.cityscapes import label_path, read_instances, read_train_ids
+
+        image_path, label_file = self.dataset.samples[index]
+        name = Path(image_path).name.rsplit("_", 1)[0]
+        label = read_train_ids(label_file)
+        inst_file = label_path(
+            self.dataset.root, self.dataset.split, Path(image_path).parent.name, name, "instanceIds"
+        )
+        item = {"pred": read_prediction(self.predictions[index], label.shape), "label": label}
+        if inst_file.exists():
+            item["instances"] = read_instances(inst_file)
+        return item
+
+
+def evaluate_prediction_files(
+    pred_dir: PathLike, dataset: Any, workers: int = 0, progress: bool = True
+) -> dict[str, Any]:
+    """Score existing labelIds prediction PNGs (from segcompare or any other tool) against a
+    `CityscapesDataset`'s labels, exactly as `evaluate_model` scores a model."""
+    names = [Path(image).name.rsplit("_", 1)[0] for image, _ in dataset.samples]
+    pairs = _PredictionPairs(dataset, find_predictions(pred_dir, names))
+    cm = ConfusionMatrix()
+    for batch in _batches(pairs, 1, workers, "eval", progress):
+        cm.update(batch["pred"], batch["label"], batch.get("instances"))
+    return cm.compute()
+
+
+def write_results(results: dict[str, Any], path: PathLike) -> None:
+    """The results as JSON (`results_to_json`), written atomically."""
+    atomic_write_text(path, results_to_json(results))

@@ -1,5 +1,6 @@
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,3 +263,108 @@ def test_bad_settings_are_errors():
         InferenceSettings("deeplab")
     with pytest.raises(ValueError, match="scales"):
         InferenceSettings(scales=(0.0,))
+
+
+# --- segcompare eval, end to end on the synthetic set ---------------------------------------------
+TINY_SEGFORMER = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 40, 64), decoder_dim=32)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """3 synthetic val images (64×128) and a tiny seeded SegFormer saved as our checkpoint."""
+    from segcompare.data.synth import make_synthetic_cityscapes
+    from segcompare.models import build_model
+    from segcompare.models.checkpoint import save_weights
+
+    root = tmp_path_factory.mktemp("synth")
+    make_synthetic_cityscapes(root / "city", train=0, val=3, size=(64, 128), seed=0)
+    torch.manual_seed(0)
+    model = build_model("segformer-b0", **TINY_SEGFORMER)
+    save_weights(model, root / "tiny.safetensors")
+    return root
+
+
+def _cli(capsys, *argv):
+    from segcompare.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_eval_cli_equals_cityscapesscripts_and_pred_dir(synth, tmp_path, capsys, monkeypatch):
+    import json
+
+    data, weights = synth / "city", synth / "tiny.safetensors"
+    rc, out, _ = _cli(
+        capsys, "eval", "--model", "segformer-b0", "--weights", weights, "--data", data,
+        "--workers", 0, "--device", "cpu", "--json", tmp_path / "model.json",
+        "--save-pred", tmp_path / "pred",
+    )  # fmt: skip
+    assert rc == 0 and "mean" in out and "3 images" in out
+    ours = json.loads((tmp_path / "model.json").read_text())
+    assert ours["model"] == "segformer-b0" and ours["mode"] == "slide" and ours["num_images"] == 3
+    assert set(ours["per_class"]["car"]) == {"iou", "iiou", "acc"}
+    assert all(v is None or 0 <= v <= 1 for v in (ours["miou"], ours["pixel_acc"]))
+
+    # the saved predictions, scored by cityscapesscripts, give the same figures
+    cs = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    monkeypatch.setattr(np, "in1d", np.isin, raising=False)
+    gts = sorted(str(p) for p in data.glob("gtFine/val/*/*_gtFine_labelIds.png"))
+    pred_dir = tmp_path / "pred"
+    preds = [
+        str(pred_dir / Path(g).parent.name / f"{Path(g).name[:-20]}_leftImg8bit.png") for g in gts
+    ]
+    args = copy.copy(cs.args)
+    args.quiet, args.JSONOutput = True, False
+    official = cs.evaluateImgLists(preds, gts, args)
+    nan = float("nan")
+    for name in CLASS_NAMES:
+        iou = ours["per_class"][name]["iou"]
+        iiou = ours["per_class"][name]["iiou"]
+        assert _close(nan if iou is None else iou, official["classScores"][name])
+        assert _close(nan if iiou is None else iiou, official["classInstScores"][name])
+    assert _close(ours["miou"], official["averageScoreClasses"])
+    assert _close(ours["category_miou"], official["averageScoreCategories"])
+
+    # --pred-dir scores the same files to the same figures
+    rc, _, _ = _cli(
+        capsys, "eval", "--pred-dir", tmp_path / "pred", "--data", data, "--workers", 0,
+        "--json", tmp_path / "files.json",
+    )  # fmt: skip
+    files = json.loads((tmp_path / "files.json").read_text())
+    assert rc == 0 and files["mode"] == "pred-dir"
+    for key in ("miou", "miiou", "category_miou", "pixel_acc", "mean_acc", "per_class"):
+        assert files[key] == ours[key]
+
+
+def test_eval_cli_bad_predictions_are_one_line(synth, tmp_path, capsys):
+    data = synth / "city"
+    names = sorted(p.name[:-16] for p in data.glob("leftImg8bit/val/*/*.png"))
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for name in names:
+        Image.fromarray(np.full((64, 128), 7, np.uint8)).save(pred / f"{name}_pred.png")
+
+    def run():
+        rc, _, err = _cli(capsys, "eval", "--pred-dir", pred, "--data", data, "--workers", 0)
+        return rc, err.strip().splitlines()[-1]
+
+    assert run()[0] == 0
+    bad = pred / f"{names[1]}_pred.png"
+    Image.fromarray(np.full((64, 128), 40, np.uint8)).save(bad)
+    rc, line = run()
+    assert rc == 1 and str(bad) in line and "unknown label ids [40]" in line
+    Image.fromarray(np.full((32, 128), 7, np.uint8)).save(bad)
+    rc, line = run()
+    assert rc == 1 and str(bad) in line and "differs" in line
+    Image.fromarray(np.zeros((64, 128, 3), np.uint8)).save(bad)
+    rc, line = run()
+    assert rc == 1 and str(bad) in line and "1-channel" in line
+    bad.unlink()
+    rc, line = run()
+    assert rc == 1 and f"no prediction for {names[1]}" in line
+    rc, _, err = _cli(capsys, "eval", "--data", data)  # neither a model nor --pred-dir
+    assert (
+        rc == 1 and err.strip() == "segcompare eval: error: name a model: --model NAME --weights W"
+    )
