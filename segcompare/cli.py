@@ -448,9 +448,107 @@ def _run_video(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- segcompare data check | prepare | synth ---------------------------------------------------
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="check, prepare or synthesise a Cityscapes folder")
+    data = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    c = data.add_parser(
+        "check",
+        help="verify the layout and decode every file",
+        description="Verify leftImg8bit/ and gtFine/ (labelIds, color, instanceIds, and "
+        "labelTrainIds if present): names, counts per split, sizes, unknown ids, unreadable "
+        "or truncated PNGs. Prints one line per problem, naming the file; exit 1 if any.",
+    )
+    c.add_argument("root", metavar="ROOT")
+    c.add_argument("--split", metavar="S[,S]", help="splits to check (default: all present)")
+    c.add_argument("--workers", type=int, metavar="N", help="processes (default: all cores)")
+    c.set_defaults(func=_run_data_check)
+
+    r = data.add_parser(
+        "prepare",
+        help="write *_gtFine_labelTrainIds.png and the file lists",
+        description="Write *_labelTrainIds.png beside every *_labelIds.png (as cityscapesscripts' "
+        "createTrainIdLabelImgs), skipping files already done, and ROOT/lists/<split>.lst.",
+    )
+    r.add_argument("root", metavar="ROOT")
+    r.add_argument("--split", metavar="S[,S]", help="splits to prepare (default: all present)")
+    r.add_argument("--workers", type=int, metavar="N", help="processes (default: all cores)")
+    r.add_argument("--overwrite", action="store_true", help="rewrite existing labelTrainIds")
+    r.set_defaults(func=_run_data_prepare)
+
+    y = data.add_parser(
+        "synth",
+        help="write a synthetic Cityscapes in the real layout",
+        description="Street scenes with labelIds, color, instanceIds and polygons, in the real "
+        "folder layout; deterministic for a seed. --video adds leftImg8bit_demoVideo frames.",
+    )
+    y.add_argument("out", metavar="OUT")
+    y.add_argument("--train", type=int, default=20, metavar="N")
+    y.add_argument("--val", type=int, default=10, metavar="N")
+    y.add_argument("--test", type=int, default=0, metavar="N")
+    y.add_argument("--size", default="256x512", metavar="HxW", help="image size (256x512)")
+    y.add_argument("--seed", type=int, default=0, metavar="S")
+    y.add_argument("--video", type=int, default=0, metavar="FRAMES", help="demo video frames")
+    y.set_defaults(func=_run_data_synth)
+
+
+def _splits(text: Optional[str]) -> Optional[list[str]]:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def _run_data_check(args: argparse.Namespace) -> int:
+    from segcompare.data.cityscapes import check_dataset
+
+    report = check_dataset(args.root, _splits(args.split), args.workers)
+    for line in report.problems:
+        print(line)
+    for split, n in report.counts.items():
+        print(f"{split}: {n} images")
+    for line in report.notes:
+        print(line)
+    if report.problems:
+        print(f"{len(report.problems)} problem(s) in {args.root}")
+        return 1
+    print(f"{args.root}: OK")
+    return 0
+
+
+def _run_data_prepare(args: argparse.Namespace) -> int:
+    from segcompare.data.cityscapes import prepare_dataset
+
+    report = prepare_dataset(args.root, _splits(args.split), args.workers,
+                             overwrite=args.overwrite)
+    for line in report.problems:
+        print(line)
+    print(f"labelTrainIds: {report.written} written, {report.skipped} already there")
+    for path in report.lists:
+        print(f"wrote {path}")
+    return 1 if report.problems else 0
+
+
+def _run_data_synth(args: argparse.Namespace) -> int:
+    from segcompare.data.synth import make_synthetic_cityscapes
+    from segcompare.utils import SegcompareError
+
+    try:
+        h, w = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise SegcompareError(f"--size {args.size!r}: expected HxW, e.g. 256x512") from None
+    if min(args.train, args.val, args.test, args.video) < 0:
+        raise SegcompareError("--train, --val, --test and --video must not be negative")
+    counts = make_synthetic_cityscapes(
+        args.out, train=args.train, val=args.val, test=args.test, size=(h, w), seed=args.seed,
+        video_frames=args.video, progress=True,
+    )
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+    return 0
+
+
 # Each subcommand registers itself here, in the order `--help` lists them.
 _SUBCOMMANDS = [
     _add_models,
+    _add_data,
     _add_stats,
     _add_bench,
     _add_train,
