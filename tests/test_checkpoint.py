@@ -1,0 +1,429 @@
+"""Checkpoint formats, each made with its real layout and checked against the official outputs.
+
+Every file is synthesised from the fixtures' manifests and the seeded-weights rule of
+tests/fixtures/REFERENCE.md (or written by transformers itself for the HuggingFace formats);
+after loading, the model must give the official `logits_quarter` (< 1e-4), or, for backbones,
+hold exactly the backbone tensors and leave the head as initialised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import time
+
+import pytest
+import torch
+from reference import load_io, load_manifest, seeded_state_dict
+from torch import nn
+
+from segcompare import cli
+from segcompare.models import build_model, convert
+from segcompare.models.checkpoint import (
+    describe_weights,
+    detect_format,
+    load_weights,
+    read_checkpoint,
+    save_weights,
+)
+from segcompare.utils import SegcompareError
+
+B0 = "segformer_b0"
+SMALL_V1 = "hrnet_w18_small_v1"
+
+
+@pytest.fixture(scope="module")
+def b0_state() -> dict[str, torch.Tensor]:
+    """The official B0 checkpoint's state dict (conv_seg included) behind the fixture outputs."""
+    return seeded_state_dict(load_manifest(B0), "segformer")
+
+
+@pytest.fixture(scope="module")
+def hrnet_state() -> dict[str, torch.Tensor]:
+    return seeded_state_dict(load_manifest(SMALL_V1), "hrnet")
+
+
+def _max_error(model: nn.Module, stem: str) -> float:
+    io = load_io(stem)
+    with torch.no_grad():
+        return (model.eval()(io["input"]) - io["logits_quarter"]).abs().max().item()
+
+
+def _fresh(name: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(name, **kwargs)
+
+
+# --- SegFormer formats ----------------------------------------------------------------------
+def test_nvlabs_segformer_release(tmp_path, b0_state):
+    # segformer.b0.1024x1024.city.160k.pth: {"meta": ..., "state_dict": ...} with conv_seg
+    path = tmp_path / "segformer.b0.1024x1024.city.160k.pth"
+    meta = {"CLASSES": ("road", "sidewalk"), "PALETTE": [[128, 64, 128]], "iter": 160000}
+    torch.save({"meta": meta, "state_dict": b0_state}, path)
+    model = build_model(weights=path)  # the variant comes from the keys
+    assert model.variant == "segformer-b0"
+    assert _max_error(model, B0) < 1e-4
+
+
+def test_mit_imagenet_backbone_loads_the_backbone_only(tmp_path, b0_state, caplog):
+    # mit_b0.pth: the encoder without prefix + a 1000-class `head`
+    mit = {k[len("backbone.") :]: v for k, v in b0_state.items() if k.startswith("backbone.")}
+    mit["head.weight"] = torch.randn(1000, 256)
+    mit["head.bias"] = torch.randn(1000)
+    path = tmp_path / "mit_b0.pth"
+    torch.save(mit, path)
+    model, untouched = _fresh("segformer-b0"), _fresh("segformer-b0")
+    with caplog.at_level(logging.WARNING):
+        fmt = load_weights(model, path)
+    assert fmt.name == "NVlabs MiT ImageNet backbone"
+    assert len(caplog.records) == 1 and "backbone only" in caplog.records[0].getMessage()
+    for key, value in model.state_dict().items():
+        expected = b0_state[key] if key.startswith("backbone.") else untouched.state_dict()[key]
+        assert torch.equal(value, expected), key
+    io = load_io(B0)
+    with torch.no_grad():
+        features = model.eval().forward_features(io["input"])
+    for got, want in zip(features, io["backbone_features"]):
+        assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, b0_state):
+    """A directory written by transformers' `save_pretrained`, holding the official B0 weights."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    staging = tmp_path_factory.mktemp("staging")
+    transformers.SegformerConfig(num_labels=19).save_pretrained(staging)  # its defaults are B0
+    save_file(convert.official_segformer_to_hf(b0_state), staging / "model.safetensors")
+    hf = transformers.SegformerForSemanticSegmentation.from_pretrained(staging)
+    out = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(out)
+    torch.save(hf.state_dict(), out / "pytorch_model.bin")  # transformers 5's in-memory names
+    return out
+
+
+def test_huggingface_directory_and_files(hf_dir, tmp_path):
+    assert sorted(p.name for p in hf_dir.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "pytorch_model.bin",
+    ]
+    assert _max_error(build_model("segformer-b0", weights=hf_dir), B0) < 1e-4
+    assert _max_error(build_model(weights=hf_dir / "model.safetensors"), B0) < 1e-4
+    assert _max_error(build_model(weights=hf_dir / "pytorch_model.bin"), B0) < 1e-4
+
+
+def test_huggingface_hub_id_from_the_cache(hf_dir, tmp_path, monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    repo = tmp_path / "models--nvidia--segformer-b0-finetuned-cityscapes-1024-1024"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((hf_dir / name).read_bytes())
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # never the network
+    model = build_model(weights="nvidia/segformer-b0-finetuned-cityscapes-1024-1024")
+    assert model.variant == "segformer-b0"
+    assert _max_error(model, B0) < 1e-4
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_huggingface_hub_id_fails_at_once_without_the_hub(tmp_path, monkeypatch, offline):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:  # a hub that refuses connections: the probe answers instead of 30 s of retries
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises(SegcompareError, match="nvidia/segformer-b0.*pass a local path"):
+        read_checkpoint("nvidia/segformer-b0-finetuned-cityscapes-1024-1024")
+    assert time.monotonic() - start < 5
+
+
+def _mmseg_segformer_head(manifest: dict) -> dict[str, torch.Tensor]:
+    """mmseg's SegformerHead for the manifest's widths, seeded: convs.N (1×1 conv + BN),
+    fusion_conv (conv + BN), conv_seg."""
+    shapes = dict(manifest["state_dict"])
+    dim, fused = shapes["decode_head.linear_fuse.conv.weight"][:2]
+    layout = []
+    for i in range(4):
+        in_dim = shapes[f"decode_head.linear_c{i + 1}.proj.weight"][1]
+        layout.append((f"decode_head.convs.{i}.conv.weight", [dim, in_dim, 1, 1]))
+        layout += [(f"decode_head.convs.{i}.bn.{t}", [dim]) for t in _BN]
+    layout.append(("decode_head.fusion_conv.conv.weight", [dim, fused, 1, 1]))
+    layout += [(f"decode_head.fusion_conv.bn.{t}", [dim]) for t in _BN]
+    layout += [
+        ("decode_head.conv_seg.weight", [19, dim, 1, 1]),
+        ("decode_head.conv_seg.bias", [19]),
+    ]
+    return seeded_state_dict({"state_dict": layout}, "segformer")
+
+
+_BN = ("weight", "bias", "running_mean", "running_var")
+
+
+def test_mmseg_segformer(tmp_path, b0_state, caplog):
+    manifest = load_manifest(B0)
+    mmseg = {**convert.official_segformer_to_mmseg(b0_state), **_mmseg_segformer_head(manifest)}
+    assert "backbone.layers.0.1.0.attn.attn.in_proj_weight" in mmseg  # the real mmseg names
+    assert "backbone.layers.3.1.1.ffn.layers.4.weight" in mmseg
+    path = tmp_path / "segformer_mit-b0_8xb1-160k_cityscapes-1024x1024.pth"
+    torch.save({"meta": {"dataset_meta": {"classes": ("road",)}}, "state_dict": mmseg}, path)
+
+    # Its head is mmseg's own design: refused by default, with what to do instead.
+    with pytest.raises(SegcompareError, match="SegformerHead.*backbone_only=True"):
+        load_weights(_fresh("segformer-b0"), path)
+    model, untouched = _fresh("segformer-b0"), _fresh("segformer-b0")
+    with caplog.at_level(logging.WARNING):
+        load_weights(model, path, backbone_only=True)
+    assert len(caplog.records) == 1
+    for key, value in model.state_dict().items():
+        expected = b0_state[key] if key.startswith("backbone.") else untouched.state_dict()[key]
+        assert torch.equal(value, expected), key
+
+    # A backbone converted by mmseg's mit2mmseg.py (no prefix, no head) loads as a backbone.
+    backbone = {k[len("backbone.") :]: v for k, v in mmseg.items() if k.startswith("backbone.")}
+    model = _fresh("segformer-b0")
+    assert load_weights(model, backbone).name == "mmsegmentation SegFormer"
+    io = load_io(B0)
+    with torch.no_grad():
+        features = model.eval().forward_features(io["input"])
+    assert all((g - w).abs().max() < 1e-4 for g, w in zip(features, io["backbone_features"]))
+
+
+# --- HRNet formats --------------------------------------------------------------------------
+def test_official_hrnet_release_with_and_without_prefix(tmp_path, hrnet_state):
+    # hrnet_w18_small_v1_cityscapes_cls19_1024x2048.pth: HRNet's FullModel (model.* + loss.*)
+    release = {f"model.{k}": v for k, v in hrnet_state.items()}
+    release["loss.criterion.weight"] = torch.rand(19)
+    torch.save(release, tmp_path / "release.pth")
+    model = build_model(weights=tmp_path / "release.pth")
+    assert model.variant == "hrnet-w18-small-v1"
+    assert _max_error(model, SMALL_V1) < 1e-4
+    torch.save(hrnet_state, tmp_path / "bare.pth")
+    assert (
+        _max_error(build_model("hrnet-w18-small-v1", weights=tmp_path / "bare.pth"), SMALL_V1)
+        < 1e-4
+    )
+
+
+def _imagenet_head(channels: tuple[int, ...]) -> list[tuple[str, list[int]]]:
+    """A layout like cls_hrnet.py's ImageNet head (incre/downsamp modules, final_layer, fc)."""
+    head = [32, 64, 128, 256]
+    layout = []
+    for i, c in enumerate(channels):
+        layout.append((f"incre_modules.{i}.0.conv1.weight", [head[i], c, 1, 1]))
+        layout += [(f"incre_modules.{i}.0.bn1.{t}", [head[i]]) for t in _BN]
+    for i in range(3):
+        layout.append((f"downsamp_modules.{i}.0.weight", [head[i + 1] * 4, head[i] * 4, 3, 3]))
+        layout.append((f"downsamp_modules.{i}.0.bias", [head[i + 1] * 4]))
+    layout += [("final_layer.0.weight", [2048, 1024, 1, 1]), ("final_layer.0.bias", [2048])]
+    layout += [("classifier.weight", [1000, 2048]), ("classifier.bias", [1000])]
+    return layout
+
+
+def test_hrnet_imagenet_checkpoint_loads_the_backbone(tmp_path, hrnet_state, caplog):
+    # hrnet_w18_small_model_v1.pth: the backbone under the same names + the ImageNet head
+    backbone = {k: v for k, v in hrnet_state.items() if not k.startswith("last_layer.")}
+    head = seeded_state_dict({"state_dict": _imagenet_head((16, 32, 64, 128))}, "hrnet")
+    torch.save({**backbone, **head}, tmp_path / "hrnet_w18_small_model_v1.pth")
+    model, untouched = _fresh("hrnet-w18-small-v1"), _fresh("hrnet-w18-small-v1")
+    with caplog.at_level(logging.WARNING):
+        fmt = load_weights(model, tmp_path / "hrnet_w18_small_model_v1.pth")
+    assert fmt.name == "official HRNet ImageNet"
+    assert len(caplog.records) == 1 and "last_layer" in caplog.records[0].getMessage()
+    for key, value in model.state_dict().items():
+        expected = backbone[key] if key in backbone else untouched.state_dict()[key]
+        assert torch.equal(value, expected), key
+
+
+def test_mmseg_hrnet_fcn(tmp_path, hrnet_state):
+    mmseg = convert.official_hrnet_to_mmseg(hrnet_state)
+    for key in (  # the real mmseg names
+        "backbone.norm1.weight",
+        "backbone.stage2.0.branches.0.0.norm2.running_var",
+        "backbone.layer1.0.downsample.1.weight",
+        "decode_head.convs.0.conv.weight",
+        "decode_head.conv_seg.bias",
+    ):
+        assert key in mmseg
+    assert "decode_head.convs.0.conv.bias" not in mmseg  # mmseg's ConvModule before BN: no bias
+    torch.save({"meta": {}, "state_dict": mmseg}, tmp_path / "fcn_hr18s.pth")
+    model = build_model(weights=tmp_path / "fcn_hr18s.pth")
+    assert model.variant == "hrnet-w18-small-v1"
+    assert _max_error(model, SMALL_V1) < 1e-4
+
+
+# --- ours -----------------------------------------------------------------------------------
+def test_ours_round_trip_rebuilds_from_the_file_alone(tmp_path, hrnet_state):
+    model = build_model("hrnet-w18-small-v1", num_classes=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    names = ["sky", "road", "car"]
+    path = save_weights(model, tmp_path / "model.safetensors", class_names=names)
+    spec = describe_weights(path)
+    assert (spec.variant, spec.num_classes, spec.class_names) == ("hrnet-w18-small-v1", 3, names)
+    meta = read_checkpoint(path).metadata
+    assert meta["version"] and json.loads(meta["settings"])["stage2"]["num_channels"] == [16, 32]
+    again = build_model(weights=path)
+    assert again.variant == model.variant and again.settings == model.settings
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), model.eval()(x))
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary name
+
+
+def test_ours_to_huggingface_to_transformers(tmp_path, b0_state):
+    transformers = pytest.importorskip("transformers")
+    ours = build_model("segformer-b0", weights=b0_state)
+    save_weights(ours, tmp_path / "b0.safetensors")
+    assert cli.main(["convert", str(tmp_path / "b0.safetensors"), str(tmp_path / "hf")]) == 0
+    hf, info = transformers.SegformerForSemanticSegmentation.from_pretrained(
+        tmp_path / "hf", output_loading_info=True
+    )
+    assert not any(info.values()), info
+    assert hf.config.id2label[0] == "road" and hf.config.num_labels == 19
+    # as exported, eps 1e-5 in its LayerNorms included (README: the official MiT uses 1e-6)
+    io = load_io(B0)
+    with torch.no_grad():
+        logits = hf.eval()(pixel_values=io["input"]).logits
+        ours_logits = ours.eval()(io["input"])
+    assert (logits - ours_logits).abs().max().item() < 1e-4
+    assert (logits - io["logits_quarter"]).abs().max().item() < 1e-4
+
+
+def test_huggingface_mit_imagenet_loads_the_backbone(tmp_path, hf_dir, b0_state):
+    # nvidia/mit-b0 is a SegformerForImageClassification: the encoder + a 1000-class classifier
+    transformers = pytest.importorskip("transformers")
+    seg = transformers.SegformerForSemanticSegmentation.from_pretrained(hf_dir)
+    config = transformers.SegformerConfig(num_labels=1000)
+    mit = transformers.SegformerForImageClassification(config)
+    mit.segformer.load_state_dict(seg.segformer.state_dict())
+    mit.save_pretrained(tmp_path)
+    model, untouched = _fresh("segformer-b0"), _fresh("segformer-b0")
+    assert load_weights(model, tmp_path).name == "HuggingFace SegFormer"
+    for key, value in model.state_dict().items():
+        expected = b0_state[key] if key.startswith("backbone.") else untouched.state_dict()[key]
+        assert torch.equal(value, expected), key
+
+
+def test_convert_any_format_to_ours(tmp_path, hrnet_state, capsys):
+    torch.save({"state_dict": convert.official_hrnet_to_mmseg(hrnet_state)}, tmp_path / "mm.pth")
+    assert cli.main(["convert", str(tmp_path / "mm.pth"), str(tmp_path / "ours.safetensors")]) == 0
+    assert "hrnet-w18-small-v1, 19 classes" in capsys.readouterr().out
+    assert detect_format([], read_checkpoint(tmp_path / "ours.safetensors").metadata).name == (
+        "segcompare safetensors"
+    )
+    assert _max_error(build_model(weights=tmp_path / "ours.safetensors"), SMALL_V1) < 1e-4
+
+
+# --- refusals -------------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this would create the marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("container", ["torch.save", "pickle"])
+def test_pickle_with_code_is_refused_and_runs_nothing(tmp_path, b0_state, container):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pth"
+    payload = {"state_dict": {"backbone.patch_embed1.proj.bias": torch.zeros(32)}}
+    payload["meta"] = _Payload(str(marker))
+    if container == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    with pytest.raises(SegcompareError, match="may contain code.*not loaded"):
+        load_weights(_fresh("segformer-b0"), path)
+    assert not marker.exists()
+
+
+def test_wrong_variant_is_refused_naming_keys_and_the_likely_variant(tmp_path):
+    b1 = seeded_state_dict(load_manifest("segformer_b1"), "segformer")
+    torch.save({"state_dict": b1}, tmp_path / "b1.pth")
+    with pytest.raises(SegcompareError) as err:
+        build_model("segformer-b0", weights=tmp_path / "b1.pth")
+    message = str(err.value)
+    assert "NVlabs SegFormer" in message
+    assert "backbone.patch_embed1.proj.weight: file [64, 3, 7, 7], model [32, 3, 7, 7]" in message
+    assert "this looks like segformer-b1 weights; you asked for segformer-b0" in message
+    assert "\n" not in message
+
+
+def test_other_number_of_classes_reinitialises_the_classifier(tmp_path, b0_state, caplog):
+    model, untouched = _fresh("segformer-b0", num_classes=5), _fresh("segformer-b0", num_classes=5)
+    with caplog.at_level(logging.WARNING):
+        load_weights(model, b0_state)
+    assert len(caplog.records) == 1 and "19 classes, the model 5" in caplog.records[0].getMessage()
+    for key, value in model.state_dict().items():
+        cls = key.startswith("decode_head.linear_pred.")
+        assert torch.equal(value, untouched.state_dict()[key] if cls else b0_state[key]), key
+
+
+def test_other_mismatch_is_an_error(b0_state):
+    broken = dict(b0_state)
+    del broken["backbone.block2.1.mlp.fc2.bias"]
+    with pytest.raises(SegcompareError, match=r"1 missing.*mlp\.fc2\.bias \[64\] missing"):
+        load_weights(_fresh("segformer-b0"), broken)
+
+
+def _cli_error(capsys, src, tmp_path) -> str:
+    assert cli.main(["convert", str(src), str(tmp_path / "out.safetensors")]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.err.count("\n") == 1, captured.err
+    assert not (tmp_path / "out.safetensors").exists()
+    return captured.err
+
+
+def test_truncated_empty_and_unknown_files_give_one_line(tmp_path, hrnet_state, capsys):
+    from safetensors.torch import save_file
+
+    torch.save(hrnet_state, tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    assert "corrupt or truncated" in _cli_error(capsys, tmp_path / "truncated.pth", tmp_path)
+    torch.save(hrnet_state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    data = (tmp_path / "legacy.pth").read_bytes()
+    (tmp_path / "legacy_truncated.pth").write_bytes(data[: len(data) // 2])
+    assert "corrupt or truncated" in _cli_error(capsys, tmp_path / "legacy_truncated.pth", tmp_path)
+    save_file(hrnet_state, tmp_path / "full.safetensors")
+    data = (tmp_path / "full.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) - 1000])
+    assert "corrupt or truncated" in _cli_error(
+        capsys, tmp_path / "truncated.safetensors", tmp_path
+    )
+    (tmp_path / "empty.pth").write_bytes(b"")
+    assert "empty" in _cli_error(capsys, tmp_path / "empty.pth", tmp_path)
+    (tmp_path / "notes.txt").write_text("not weights")
+    assert "neither a PyTorch file" in _cli_error(capsys, tmp_path / "notes.txt", tmp_path)
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
+    assert "any known layout" in _cli_error(capsys, tmp_path / "other.pth", tmp_path)
+    assert "no such file" in _cli_error(capsys, tmp_path / "missing.pth", tmp_path)
+
+
+def test_big_variants_are_told_apart_on_the_meta_device():
+    # The variant guess builds every variant on the meta device: B5 and W48 cost nothing.
+    from segcompare.models.checkpoint import guess_variant
+
+    for name in ("segformer-b5", "hrnet-w48"):
+        with torch.device("meta"):
+            state = build_model(name).state_dict()
+        assert guess_variant(state) == name
+        backbone = {
+            k: v for k, v in state.items() if not k.startswith(("decode_head", "last_layer"))
+        }
+        assert guess_variant(backbone) == name
