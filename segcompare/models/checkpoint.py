@@ -174,10 +174,12 @@ def _read_file(path: Path) -> tuple[StateDict, dict[str, str]]:
         raise SegcompareError(f"{path}: the file is empty")
     with open(path, "rb") as f:
         head = f.read(9)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip (torch >= 1.6), pickle
-        return _read_torch(path), {}
+    # safetensors: an 8-byte little-endian header length, then the JSON header (its first byte
+    # may be 0x80 too, so this test goes first)
     if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
         return _read_safetensors(path)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip (torch >= 1.6), pickle
+        return _read_torch(path), {}
     raise SegcompareError(
         f"{path}: not a checkpoint: neither a PyTorch file (.pth/.pt/.bin) nor safetensors"
     )
