@@ -325,9 +325,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     import time
 
-    from segcompare.data.cityscapes import CityscapesDataset
     from segcompare.data.transforms import build_test_transform
     from segcompare.evaluate import (
+        eval_dataset,
         evaluate_model,
         evaluate_prediction_files,
         format_results,
@@ -343,15 +343,13 @@ def _run_eval(args: argparse.Namespace) -> int:
             raise SegcompareError(
                 "--pred-dir scores existing files: drop --model/--weights/--save-pred"
             )
-        dataset = CityscapesDataset(args.data, args.split, with_instances=True)
+        dataset = eval_dataset(args.data, args.split)
         results = evaluate_prediction_files(args.pred_dir, dataset, args.workers)
         meta = {"model": None, "weights": None, "mode": "pred-dir", "size": None}
         meta["pred_dir"] = args.pred_dir
     else:
         predictor = _predictor(args, args.model, args.weights)
-        dataset = CityscapesDataset(
-            args.data, args.split, transform=build_test_transform(), with_instances=True
-        )
+        dataset = eval_dataset(args.data, args.split, build_test_transform())
         results = evaluate_model(
             predictor.scores, dataset, args.batch, args.workers, args.save_pred
         )

@@ -597,6 +597,21 @@ def save_label_ids(train_ids: np.ndarray, out_dir: PathLike, name: str) -> Path:
     return path
 
 
+def eval_dataset(root: PathLike, split: str = "val", transform: Any = None) -> Any:
+    """The `CityscapesDataset` an evaluation reads: with gtFine instanceIds when the split has
+    them (for iIoU), else without (iIoU is then NaN, with a warning)."""
+    from segcompare.data.cityscapes import CityscapesDataset, label_path, sample_name
+
+    dataset = CityscapesDataset(root, split, transform=transform, with_instances=True)
+    image = dataset.samples[0][0]
+    if not label_path(
+        root, split, Path(image).parent.name, sample_name(image), "instanceIds"
+    ).exists():
+        log.warning("%s: no gtFine instanceIds for split %s; iIoU is not computed", root, split)
+        dataset = CityscapesDataset(root, split, transform=transform, with_instances=False)
+    return dataset
+
+
 def evaluate_model(
     scores_fn: Callable[[torch.Tensor], torch.Tensor],
     dataset: Any,
@@ -703,15 +718,18 @@ class _PredictionPairs:
         return len(self.predictions)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from segcompare.data.cityscapes import label_path, read_instances, read_train_ids
+        from segcompare.data.cityscapes import (
+            label_path,
+            read_instances,
+            read_train_ids,
+            sample_name,
+        )
 
         image_path, label_file = self.dataset.samples[index]
-        name = Path(image_path).name.rsplit("_", 1)[0]
+        city, name = Path(image_path).parent.name, sample_name(image_path)
         label = read_train_ids(label_file)
-        inst_file = label_path(
-            self.dataset.root, self.dataset.split, Path(image_path).parent.name, name, "instanceIds"
-        )
         item = {"pred": read_prediction(self.predictions[index], label.shape), "label": label}
+        inst_file = label_path(self.dataset.root, self.dataset.split, city, name, "instanceIds")
         if inst_file.exists():
             item["instances"] = read_instances(inst_file)
         return item
@@ -721,12 +739,23 @@ def evaluate_prediction_files(
     pred_dir: PathLike, dataset: Any, workers: int = 0, progress: bool = True
 ) -> dict[str, Any]:
     """Score existing labelIds prediction PNGs (from segcompare or any other tool) against a
-    `CityscapesDataset`'s labels, exactly as `evaluate_model` scores a model."""
-    names = [Path(image).name.rsplit("_", 1)[0] for image, _ in dataset.samples]
+    `CityscapesDataset`'s labels, exactly as `evaluate_model` scores a model. Samples without a
+    gtFine instanceIds file count for everything but iIoU."""
+    from segcompare.data.cityscapes import sample_name
+
+    names = [sample_name(image) for image, _ in dataset.samples]
     pairs = _PredictionPairs(dataset, find_predictions(pred_dir, names))
     cm = ConfusionMatrix()
+    without_instances = 0
     for batch in _batches(pairs, 1, workers, "eval", progress):
         cm.update(batch["pred"], batch["label"], batch.get("instances"))
+        without_instances += "instances" not in batch
+    if without_instances:
+        log.warning(
+            "%d of %d samples have no instanceIds file: iIoU leaves them out",
+            without_instances,
+            len(names),
+        )
     return cm.compute()
 
 

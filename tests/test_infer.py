@@ -154,3 +154,79 @@ def test_video_max_frames_size_and_errors(tmp_path):
         with pytest.raises(SegcompareError, match="imageio-ffmpeg"):
             render_video([p], frames, tmp_path / "v.mp4", progress=False)
     assert not (tmp_path / "w.gif").exists()
+
+
+# --- segcompare predict / video, end to end on the synthetic set ----------------------------------
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """2 synthetic val images and 3 demo-video frames (64×128); a tiny seeded SegFormer and a
+    seeded HRNet-W18-Small-v1 saved as our checkpoints."""
+    from segcompare.data.synth import make_synthetic_cityscapes
+    from segcompare.models import build_model
+    from segcompare.models.checkpoint import save_weights
+
+    root = tmp_path_factory.mktemp("synth")
+    make_synthetic_cityscapes(root / "city", train=0, val=2, size=(64, 128), seed=0, video_frames=3)
+    torch.manual_seed(0)
+    tiny = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 40, 64), decoder_dim=32)
+    save_weights(build_model("segformer-b0", **tiny), root / "b0.safetensors")
+    save_weights(build_model("hrnet-w18-small-v1"), root / "hr.safetensors")
+    return root
+
+
+def _cli(capsys, *argv):
+    from segcompare.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_predict_cli_writes_label_ids_named_after_the_inputs(synth, tmp_path, capsys):
+    from segcompare.models import build_model
+
+    images = synth / "city" / "leftImg8bit" / "val"
+    rc, out, _ = _cli(
+        capsys, "predict", "--weights", synth / "b0.safetensors", images, "--out", tmp_path,
+        "--device", "cpu", "--mode", "whole",
+    )  # fmt: skip
+    assert rc == 0 and "wrote 2 labelid file(s)" in out
+    inputs = sorted(images.glob("*/*.png"))
+    written = sorted(tmp_path.glob("*/*.png"))
+    assert [p.relative_to(tmp_path) for p in written] == [p.relative_to(images) for p in inputs]
+    # the ids are the loaded model's train-id predictions mapped to label ids
+    model = build_model(weights=synth / "b0.safetensors")
+    expected = Predictor(model, device="cpu", mode="whole").predict(inputs[0])
+    assert np.array_equal(np.asarray(Image.open(written[0])), TRAIN_ID_TO_ID[expected])
+
+
+def test_video_cli_two_models_side_by_side(synth, tmp_path, capsys):
+    frames = synth / "city" / "leftImg8bit_demoVideo" / "stuttgart_00"
+    out = tmp_path / "demo.gif"
+    rc, stdout, _ = _cli(
+        capsys, "video", "--model", "segformer-b0", "--weights", synth / "b0.safetensors",
+        "--model", "hrnet-w18-small-v1", "--weights", synth / "hr.safetensors", frames,
+        "--out", out, "--max-frames", 2, "--device", "cpu",
+    )  # fmt: skip
+    assert rc == 0 and "2 frames, 2 model(s)" in stdout
+    with Image.open(out) as gif:
+        assert gif.n_frames == 2 and gif.size[0] == 3 * 128 and gif.size[1] > 64
+
+
+def test_cli_bad_inputs_are_one_line(synth, tmp_path, capsys):
+    w = synth / "b0.safetensors"
+    cases = [
+        (("predict", "--weights", w, tmp_path / "none*.png", "--out", tmp_path), "no images found"),
+        (("video", "--model", "segformer-b0", "--model", "hrnet-w18", "--weights", w, tmp_path,
+          "--out", tmp_path / "v.gif"), "give one --weights per --model"),
+        (("video", "--weights", w, tmp_path / "missing", "--out", tmp_path / "v.gif"),
+         "neither a folder nor a file"),
+        (("predict", "--model", "segformer-b9", tmp_path, "--out", tmp_path), "unknown model"),
+        (("predict", "--weights", tmp_path / "missing.pt", tmp_path, "--out", tmp_path),
+         "missing.pt"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        rc, _, err = _cli(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert rc == 1 and lines[-1].startswith(f"segcompare {argv[0]}: error: "), err
+        assert message in lines[-1]
