@@ -394,18 +394,15 @@ def load_weights(
         state = {k: v for k, v in state.items() if not k.startswith(head)}
     expected = model.state_dict()
     with_head = any(k.startswith(head) for k in state)
-
-    def optional(key: str) -> bool:  # may be absent from the file
-        return key.endswith("num_batches_tracked") or (not with_head and key.startswith(head))
-
-    missing = [k for k in expected if k not in state and not optional(k)]
-    unexpected = [k for k in state if k not in expected]
-    reshaped = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    differences = _differences(state, expected, head)
+    missing, unexpected, reshaped = differences
     other_classes = bool(reshaped) and all(
         k.startswith(classifier) and state[k].shape[1:] == expected[k].shape[1:] for k in reshaped
     )
     if missing or unexpected or (reshaped and not other_classes):
-        raise SegcompareError(_mismatch_message(model, checkpoint, fmt, state, expected))
+        raise SegcompareError(
+            _mismatch_message(model, checkpoint, fmt, state, expected, differences)
+        )
     if other_classes:
         file_classes = state[reshaped[0]].shape[0]
         state = {k: v for k, v in state.items() if not k.startswith(classifier)}
@@ -427,15 +424,14 @@ def load_weights(
     return fmt
 
 
-def _mismatch_message(
-    model: nn.Module,
-    checkpoint: Checkpoint,
-    fmt: Format,
-    state: StateDict,
-    expected: Mapping[str, torch.Tensor],
-) -> str:
-    """One line: what does not fit, the first few keys with both shapes, the likely variant."""
-    head = _HEADS[_family(model)][0]
+def _differences(
+    state: StateDict, expected: Mapping[str, torch.Tensor], head: str
+) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, of another shape) keys of `state` against the model's `expected`.
+
+    Not missing: `num_batches_tracked` (a counter that old checkpoints lack) and, when `state`
+    has no head at all, the head (a backbone-only file).
+    """
     with_head = any(k.startswith(head) for k in state)
     missing = [
         k
@@ -446,6 +442,19 @@ def _mismatch_message(
     ]
     unexpected = [k for k in state if k not in expected]
     reshaped = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    return missing, unexpected, reshaped
+
+
+def _mismatch_message(
+    model: nn.Module,
+    checkpoint: Checkpoint,
+    fmt: Format,
+    state: StateDict,
+    expected: Mapping[str, torch.Tensor],
+    differences: tuple[list[str], list[str], list[str]],
+) -> str:
+    """One line: what does not fit, the first few keys with both shapes, the likely variant."""
+    missing, unexpected, reshaped = differences
 
     def shape(t: torch.Tensor) -> list[int]:
         return list(t.shape)
@@ -485,8 +494,9 @@ def _signature(name: str) -> dict[str, tuple[int, ...]]:
 
 
 def _fits(name: str, state: StateDict) -> tuple[int, int]:
-    """(keys of `state` that variant `name` has with that shape, keys `name` needs) for the
-    comparison; the classifier may have any number of classes, the head may be absent."""
+    """(matching, compared): the keys of `state` that variant `name` has with that shape, and
+    the keys the variant needs plus those of `state` it lacks. The classifier may have any
+    number of classes; without head keys in `state` the variant's head is not needed."""
     head, classifier = _HEADS[model_family(name)]
     sig = _signature(name)
     with_head = any(k.startswith(head) for k in state)
