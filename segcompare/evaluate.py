@@ -630,7 +630,8 @@ def evaluate_model(
     """
     cm = ConfusionMatrix()
     for batch in _batches(dataset, batch_size, workers, "eval", progress):
-        pred = scores_fn(batch["image"]).argmax(1)
+        with torch.inference_mode():
+            pred = scores_fn(batch["image"]).argmax(1)
         labels = batch["label"].to(pred.device)
         if pred.shape != labels.shape:  # a transform that resized the image: score at label size
             raise SegcompareError(

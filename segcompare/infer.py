@@ -381,7 +381,7 @@ def render_video(
 ) -> int:
     """Segment each frame of `source` with every predictor and write the side-by-side video
     (.gif through Pillow, .mp4 through imageio-ffmpeg) to `out`. Frames are resized to `size`
-    (H, W) first, if given. Returns the number of frames written."""
+    (H, W) first (default: the first frame's size). Returns the number of frames written."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -400,7 +400,8 @@ def render_video(
         writer: Any = None
         try:
             for frame in tqdm(frames, desc="video", unit="frame", disable=not progress):
-                if size is not None and frame.shape[:2] != tuple(size):
+                size = size or frame.shape[:2]  # every frame as large as the first
+                if frame.shape[:2] != tuple(size):
                     frame = np.array(Image.fromarray(frame).resize(size[::-1], Image.BILINEAR))
                 overlays = []
                 if count == 0:  # one untimed pass each: the first call pays one-time costs
