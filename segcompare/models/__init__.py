@@ -74,7 +74,8 @@ def build_model(
         spec = describe_weights(weights, name)
         if spec.variant is None:
             raise ValueError(
-                f"{weights}: its keys match no model; name one of {', '.join(_VARIANTS)}"
+                f"{spec.checkpoint.source}: its keys match no model; name one of "
+                f"{', '.join(_VARIANTS)}"
             )
         name, weights = spec.variant, spec.checkpoint
         overrides = {**spec.settings, **overrides}
