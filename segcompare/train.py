@@ -36,6 +36,7 @@ import random
 import re
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from segcompare.data.labels import NUM_CLASSES
 from segcompare.utils import SegcompareError, atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -281,6 +283,8 @@ def _check_values(cfg: Config) -> None:
             raise bad(key, "one of " + ", ".join(choices))
     if not cfg.model.name:
         raise SegcompareError("model.name is required (see `segcompare models`)")
+    if cfg.model.num_classes < NUM_CLASSES:
+        raise bad("model.num_classes", f"at least {NUM_CLASSES} (the Cityscapes train ids)")
     positive = {
         "model.num_classes": cfg.model.num_classes,
         "data.base_size": cfg.data.base_size,
@@ -477,13 +481,14 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, it: int, cfg: OptimConfi
 # 4. Data order: every sample's randomness is a pure function of (seed, epoch, index)
 # =================================================================================================
 # The DistributedSampler shuffles with a generator seeded by (seed + epoch); each process takes
-# its share of the permutation. `EpochSampler` yields (epoch, index) pairs and can start inside
-# an epoch, so a resumed run continues the permutation where the checkpoint left it. Every random
-# draw of the augmentation comes from a generator seeded by (seed, epoch, index) (the `rng`
-# argument of segcompare.data.transforms): the same sample gets the same crop whichever worker
-# process makes it, so a run does not depend on num_workers either.
+# its share of the permutation. `EpochSampler` yields (index, epoch) pairs and can start inside
+# an epoch, so a resumed run continues the permutation where the checkpoint left it. The dataset,
+# made with `seed`, gives sample `ds[(index, epoch)]` the augmentation generator
+# `np.random.default_rng((seed, epoch, index))` (every random draw of segcompare.data.transforms
+# comes from it): the same sample gets the same crop whichever worker process makes it, so a run
+# does not depend on num_workers either.
 class EpochSampler(torch.utils.data.distributed.DistributedSampler):
-    """DistributedSampler (shuffle, drop_last) that yields (epoch, index) from position `start`."""
+    """DistributedSampler (shuffle, drop_last) that yields (index, epoch) from position `start`."""
 
     def __init__(self, dataset: Any, num_replicas: int, rank: int, seed: int) -> None:
         super().__init__(
@@ -493,29 +498,10 @@ class EpochSampler(torch.utils.data.distributed.DistributedSampler):
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         indices = list(super().__iter__())[self.start:]
-        return iter([(self.epoch, i) for i in indices])
+        return iter([(i, self.epoch) for i in indices])
 
     def __len__(self) -> int:
         return self.num_samples - self.start
-
-
-class SeededSamples(torch.utils.data.Dataset):
-    """(epoch, index) -> (image 3×h×w float, label h×w int64): `transform` applied to
-    `dataset[index]` with the generator `np.random.default_rng((seed, epoch, index))`."""
-
-    def __init__(self, dataset: Any, transform: Any, seed: int) -> None:
-        self.dataset = dataset  # made without a transform: it returns uint8 arrays
-        self.transform = transform
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        epoch, index = key
-        sample = self.dataset[index]
-        rng = np.random.default_rng((self.seed, epoch, index))
-        return self.transform(sample["image"], sample["label"], rng=rng)
 
 
 # =================================================================================================
@@ -580,6 +566,11 @@ def _memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the training process, which checkpoints and exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _StopRequest:
@@ -649,12 +640,14 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
     except ValueError as err:
         raise SegcompareError(f"model: {err}") from None
     family = model_family(cfg.model.name)
-    train_set = CityscapesDataset(cfg.data.root, split=cfg.data.train_split)
     train_transform = build_train_transform(
         cfg.data.pipeline,
         crop_size=cfg.data.crop_size,
         scale_range=cfg.data.scale_range,
         base_size=cfg.data.base_size,
+    )
+    train_set = CityscapesDataset(
+        cfg.data.root, split=cfg.data.train_split, transform=train_transform, seed=tc.seed
     )
     if len(train_set) < tc.batch_size:
         raise SegcompareError(
@@ -692,6 +685,9 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
     # -- distributed setup: gloo on the CPU, nccl on GPUs ------------------------------------------
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # depthwise-conv gradients come back channels-last on the CPU; DDP copies them into its
+        # buckets and warns every step about a cost that is negligible here
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
     if tc.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -759,13 +755,13 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
     sampler = EpochSampler(train_set, num_replicas=world, rank=rank, seed=tc.seed)
     iters_per_epoch = sampler.num_samples // per_process
     loader = torch.utils.data.DataLoader(
-        SeededSamples(train_set, train_transform, tc.seed),
+        train_set,
         batch_size=per_process,
         sampler=sampler,
         num_workers=tc.num_workers,
         pin_memory=device.type == "cuda",
         drop_last=True,
-        persistent_workers=False,
+        worker_init_fn=_ignore_sigint,
         generator=torch.Generator(),  # keeps the loader off the global torch generator
     )
 
@@ -775,8 +771,8 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
             epoch, step = divmod(it, iters_per_epoch)
             sampler.set_epoch(epoch)
             sampler.start = step * per_process
-            for image, label in loader:
-                yield image, label
+            for sample in loader:
+                yield sample["image"], sample["label"]
                 it += 1
 
     val_loader = None
@@ -785,6 +781,7 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
             torch.utils.data.Subset(val_set, range(rank, len(val_set), world)),
             batch_size=1,
             num_workers=min(tc.num_workers, 2),
+            worker_init_fn=_ignore_sigint,
             generator=torch.Generator(),
         )
 
@@ -808,11 +805,20 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
         for note in notes:
             log.info(note)
 
+    def sync_buffers() -> None:
+        """BN running statistics from rank 0 on every process. With SyncBatchNorm they agree
+        anyway; on the CPU, DDP broadcasts them only at the start of each forward pass, so after
+        a step each process holds its own batch's update. Validation and checkpoints use one."""
+        if ddp:
+            for buffer in raw_model.buffers():
+                dist.broadcast(buffer, src=0)
+
     def write_log() -> None:
         if master:
             atomic_write_text(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
     def save_checkpoint(done: int) -> Path:
+        sync_buffers()
         rng = [None] * world
         if ddp:
             dist.all_gather_object(rng, _rng_states())
@@ -842,17 +848,17 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
             dist.barrier()
         return path
 
-    def save_weights_file(name: str, done: int, miou: Optional[float]) -> None:
+    def save_weights_file(name: str) -> None:
+        """Our safetensors (loadable by build_model(weights=...)); iteration and mIoU are in
+        log.jsonl."""
         if master:
             from segcompare.models.checkpoint import save_weights
 
-            save_weights(raw_model, out / name, metadata={
-                "iter": str(done), "val_mIoU": "" if miou is None else f"{miou:.6f}",
-                "config": json.dumps(config_to_dict(cfg)),
-            })
+            save_weights(raw_model, out / name)
 
     def run_validation(done: int) -> float:
         t0 = time.time()
+        sync_buffers()
         result = validate(raw_model, val_loader, cfg.model.num_classes, device)
         miou = result["mIoU"]
         if master:
@@ -863,7 +869,7 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
                 writer.add_scalar("val/mIoU", miou, done)
         if best["mIoU"] is None or miou > best["mIoU"]:
             best.update({"mIoU": miou, "iter": done})
-            save_weights_file("best.safetensors", done, miou)
+            save_weights_file("best.safetensors")
         return miou
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -892,9 +898,10 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
                 dist.all_reduce(stats)
             last_loss = stats[0].item() / world
             if not math.isfinite(last_loss):
+                write_log()
                 kept = _checkpoints(out)
                 raise SegcompareError(
-                    f"non-finite loss ({last_loss}) at iteration {it}; stopped. The last good "
+                    f"non-finite loss ({last_loss}) at iteration {it + 1}; stopped. The last good "
                     + (f"checkpoint is {kept[-1][1]}" if kept else "state was never saved")
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -935,7 +942,7 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
 
     minutes = (time.time() - t_start) / 60
     if stop is None:
-        save_weights_file("final.safetensors", tc.max_iters, last_miou)
+        save_weights_file("final.safetensors")
     summary = {
         "summary": "stopped" if stop else "finished", "iter": done, "max_iters": tc.max_iters,
         "minutes": minutes, "final_loss": last_loss, "val_mIoU": last_miou,
@@ -962,15 +969,15 @@ def _changed_keys(old: dict, new: dict) -> List[str]:
 
 def summary_line(summary: dict) -> str:
     """The line the CLI prints at the end of a run."""
-    def fmt(x: Optional[float]) -> str:
-        return "n/a" if x is None else f"{x:.4f}"
-
     what = "trained" if summary["summary"] == "finished" else (
-        f"stopped by {summary['stopped_by']}; resume with --resume:"
+        f"stopped by {summary['stopped_by']} (continue with --resume):"
     )
-    return (
+    line = (
         f"{what} {summary['model']} {summary['iter']}/{summary['max_iters']} iterations in "
-        f"{summary['minutes']:.1f} min, final loss {fmt(summary['final_loss'])}, val mIoU "
-        f"{fmt(summary['val_mIoU'])} (best {fmt(summary['best_mIoU'])} at iteration "
-        f"{summary['best_iter']}); run folder {summary['out']}"
+        f"{summary['minutes']:.1f} min, final loss {summary['final_loss']:.4f}"
     )
+    if summary["val_mIoU"] is not None:
+        line += f", val mIoU {summary['val_mIoU']:.4f}"
+    if summary["best_mIoU"] is not None:
+        line += f" (best {summary['best_mIoU']:.4f} at iteration {summary['best_iter']})"
+    return line + f"; run folder {summary['out']}"

@@ -210,3 +210,217 @@ def test_hrnet_recipe_is_one_sgd_group() -> None:
     assert len(group["params"]) == len(list(model.parameters()))
     assert group["lr"] == 0.01 and group["weight_decay"] == 5e-4 and group["momentum"] == 0.9
     assert group["nesterov"] is False
+
+
+# --- the loop ----------------------------------------------------------------------------------
+# Tiny runs on a tiny synthetic Cityscapes: 64×128 images, 48×48 crops, batch 4.
+def _tiny_run_config(root: Path, **train: object) -> dict:
+    return {
+        **TINY_SEGFORMER,
+        "data": {"root": str(root), "crop_size": [48, 48], "base_size": 128},
+        "optim": {"lr": 2e-3, "head_lr_mult": 10.0, "no_decay": ["norm"], "warmup_iters": 2},
+        "train": {"max_iters": 12, "batch_size": 4, "num_workers": 0, "log_every": 2,
+                  "eval_every": 0, "checkpoint_every": 4, **train},
+    }
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from segcompare.data.synth import make_synthetic_cityscapes
+
+    root = tmp_path_factory.mktemp("synthcity")
+    make_synthetic_cityscapes(root, train=8, val=2, size=(64, 128), seed=0)
+    return root
+
+
+def _subprocess_env() -> dict:
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"  # the same threads in every run (and torchrun's default)
+    return env
+
+
+def _run_group(cmd: list, timeout: float = 300) -> tuple:
+    """Run `cmd` in its own process group (torchrun and its workers); kill the group on timeout.
+    Returns (returncode, stderr)."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, env=_subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+    return proc.returncode, stderr
+
+
+def _model_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def test_loss_decreases_and_run_folder(tmp_path: Path, synth_root: Path) -> None:
+    import json
+
+    from segcompare.models import build_model
+    from segcompare.train import train
+
+    cfg = config_from_dict(_tiny_run_config(synth_root, max_iters=30, log_every=5,
+                                            eval_every=15, checkpoint_every=10))
+    out = tmp_path / "run"
+    summary = train(cfg, out)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
+    step = next(r for r in records if "loss" in r)
+    assert {"iter", "loss", "lr", "time_per_iter", "data_time", "memory_mb"} <= step.keys()
+    assert [r["iter"] for r in records if "val_IoU" in r] == [15, 30]
+    assert summary["iter"] == 30 and summary["val_mIoU"] is not None
+    assert load_config(out / "config.yaml").train.max_iters == 30  # the resolved config
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_20.pt", "iter_30.pt"]
+    # final.safetensors is our format: build_model rebuilds the trained model from it alone
+    final = build_model(weights=out / "final.safetensors")
+    _assert_same_state(final.state_dict(), _model_state(out / "checkpoints" / "iter_30.pt"))
+    assert (out / "best.safetensors").is_file()
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path: Path, synth_root: Path) -> None:
+    """SIGKILL a run after its first checkpoint, resume it (with data workers this time): the
+    weights equal those of a run that was never interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = _write(tmp_path, _tiny_run_config(synth_root, max_iters=40))
+    cmd = [sys.executable, "-m", "segcompare", "train", str(config)]
+    env = _subprocess_env()
+    whole = subprocess.Popen([*cmd, "--out", str(tmp_path / "whole")], env=env,
+                             stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    killed = subprocess.Popen([*cmd, "--out", str(tmp_path / "killed")], env=env,
+                              stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    first = tmp_path / "killed" / "checkpoints" / "iter_4.pt"
+    deadline = time.time() + 120
+    while not first.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL  # it was killed mid-run, not finished
+    assert not (tmp_path / "killed" / "final.safetensors").exists()
+    resumed = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "killed"), "--resume", "--set", "train.num_workers=2"],
+        env=env, capture_output=True, text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    assert whole.wait() == 0
+    _assert_same_state(_model_state(tmp_path / "whole" / "checkpoints" / "iter_40.pt"),
+                       _model_state(tmp_path / "killed" / "checkpoints" / "iter_40.pt"))
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path: Path, synth_root: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = _write(tmp_path, _tiny_run_config(synth_root, max_iters=10_000,
+                                               checkpoint_every=10_000))
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "segcompare", "train", str(config), "--out", str(out)],
+        env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped by SIGTERM" in stdout
+    (done, path), = [(int(p.stem.split("_")[1]), p) for p in (out / "checkpoints").iterdir()]
+    assert 0 < done < 10_000 and torch.load(path, weights_only=True)["iter"] == done
+
+
+def test_torchrun_two_processes_agree(tmp_path: Path, synth_root: Path) -> None:
+    """torchrun --nproc-per-node 2 (gloo): the run finishes and both processes end with the same
+    weights (each process saves its own copy here; the tool itself writes from rank 0 only)."""
+    import sys
+
+    config = _write(tmp_path, _tiny_run_config(synth_root, max_iters=6, eval_every=6))
+    script = tmp_path / "run_rank.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "from segcompare.train import load_config, train\n"
+        "import segcompare.train as t\n"
+        "models = []\n"
+        "orig = t.build_optimizer\n"
+        "def spy(model, cfg):\n"
+        "    models.append(model)\n"
+        "    return orig(model, cfg)\n"
+        "t.build_optimizer = spy\n"
+        "train(load_config(sys.argv[1]), sys.argv[2])\n"
+        "torch.save(models[0].state_dict(), f\"{sys.argv[2]}/rank{os.environ['RANK']}.pt\")\n"
+    )
+    out = tmp_path / "run"
+    returncode, stderr = _run_group(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), str(config), str(out)],
+    )
+    assert returncode == 0, stderr[-3000:]
+    rank0 = torch.load(out / "rank0.pt", weights_only=True)
+    rank1 = torch.load(out / "rank1.pt", weights_only=True)
+    _assert_same_state(rank0, rank1)
+    _assert_same_state(rank0, _model_state(out / "checkpoints" / "iter_6.pt"))
+    import json
+
+    start = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert start["world_size"] == 2 and start["batch_per_process"] == 2
+
+
+def test_bad_input_is_one_line_before_work(tmp_path: Path, synth_root: Path, capsys) -> None:
+    from segcompare.cli import main
+
+    config = _write(tmp_path, _tiny_run_config(synth_root))
+    cases = [
+        (["--set", f"data.root={tmp_path / 'nowhere'}"], "nowhere"),
+        (["--set", f"model.pretrained={tmp_path / 'mit_b0.pth'}"], "mit_b0.pth"),
+        (["--set", "model.overrides.depth=[1,1,1,1]"], "depth"),
+        (["--set", "train.batch_size=9"], "train.batch_size"),
+    ]
+    for extra, word in cases:
+        out = tmp_path / f"run{len(extra)}"
+        assert main(["train", str(config), "--out", str(out), *extra]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and word in err, err
+        assert not (out / "checkpoints").exists()  # nothing was started
+    # a folder holding a run is not overwritten without --resume
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoints" / "iter_4.pt").write_bytes(b"")
+    assert main(["train", str(config), "--out", str(tmp_path / "old")]) == 1
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_naming_the_iteration(tmp_path: Path, synth_root: Path) -> None:
+    from segcompare.train import train
+
+    # the lr warms up from 1e-3 at iteration 1 to 1e29 at iteration 2: diverges at 3
+    cfg = config_from_dict(_tiny_run_config(synth_root, max_iters=12, checkpoint_every=1))
+    cfg.optim.lr, cfg.optim.warmup_iters, cfg.optim.warmup_ratio = 1e30, 10, 1e-33
+    out = tmp_path / "run"
+    with pytest.raises(SegcompareError, match=r"non-finite loss .* at iteration (\d+)") as err:
+        train(cfg, out)
+    it = int(err.value.args[0].split("at iteration ")[1].split(";")[0])
+    kept = sorted(int(p.stem.split("_")[1]) for p in (out / "checkpoints").iterdir())
+    assert kept and kept[-1] == it - 1  # the checkpoint before the bad step stays
+    assert f"iter_{it - 1}.pt" in err.value.args[0]
