@@ -543,6 +543,87 @@ def _run_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- segcompare compare ------------------------------------------------------------------------
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="evaluate, count and time several models; write metrics.json and an HTML report",
+        description="Run evaluation, stats and bench for each --model and write into --out: "
+        "metrics.json, report.md, a self-contained report.html and the plots as PNG files. "
+        "Give --weights once per --model, in the same order (or only --weights: the model "
+        "names come from the files).",
+    )
+    p.add_argument("--model", action="append", default=[], metavar="NAME", help="(repeatable)")
+    p.add_argument("--weights", action="append", default=[], metavar="W", help="(repeatable)")
+    p.add_argument("--data", required=True, metavar="ROOT", help="Cityscapes root folder")
+    p.add_argument("--split", default="val", help="split (default val)")
+    p.add_argument("--out", default="compare", metavar="DIR", help="report folder (compare)")
+    p.add_argument(
+        "--images", type=int, default=4, metavar="K", help="hardest images shown (4; 0: none)"
+    )
+    p.add_argument(
+        "--corrupt", metavar="LIST", default="",
+        help="also mIoU under corruptions at 3 severities: noise,blur,jpeg,brightness (or all)",
+    )  # fmt: skip
+    p.add_argument("--max-images", type=int, metavar="N", help="score only the first N images")
+    p.add_argument(
+        "--corrupt-images", type=int, metavar="N", help="corruptions on the first N images only"
+    )
+    p.add_argument("--bench-iters", type=int, default=3, metavar="N", help="timed runs (3)")
+    p.add_argument("--bench-warmup", type=int, default=1, metavar="N", help="warm-up runs (1)")
+    p.add_argument(
+        "--boundary-frac", type=float, default=None, metavar="F",
+        help="Boundary IoU band as a fraction of the image diagonal (0.005; the paper: 0.02)",
+    )  # fmt: skip
+    p.add_argument(
+        "--optimize", action="store_true", help="run the models through prepare_for_inference"
+    )
+    _add_test_options(p)
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    import logging
+
+    from segcompare.compare import BOUNDARY_FRAC, parse_corruptions, run_compare
+    from segcompare.utils import SegcompareError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    names, weights = args.model, args.weights
+    if not names and not weights:
+        raise SegcompareError("name at least one model: --model NAME --weights W")
+    if names and weights and len(names) != len(weights):
+        raise SegcompareError(
+            f"{len(names)} --model but {len(weights)} --weights: give one --weights per --model"
+        )
+    model_names(names)
+    count = max(len(names), len(weights))
+    models = list(zip(names or [None] * count, weights or [None] * count))
+    for flag in ("max_images", "corrupt_images"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SegcompareError(f"--{flag.replace('_', '-')} must be at least 1")
+    frac = BOUNDARY_FRAC if args.boundary_frac is None else args.boundary_frac
+    if not 0 < frac < 1:
+        raise SegcompareError(f"--boundary-frac must be in (0, 1), got {frac}")
+    doc = run_compare(
+        models, args.data, args.split, args.out, images=args.images,
+        corrupt=parse_corruptions(args.corrupt), device=args.device, mode=args.mode,
+        size=args.size, scales=args.scales, flip=args.flip, window=args.window,
+        stride=args.stride, amp=args.amp, max_images=args.max_images,
+        corrupt_images=args.corrupt_images, bench_iters=args.bench_iters,
+        bench_warmup=args.bench_warmup, boundary_frac=frac, optimize=args.optimize,
+    )  # fmt: skip
+    print(f"{'model':<24}{'mIoU':>7}{'B-IoU':>7}{'GMACs':>10}{'ms':>9}")
+    for m in doc["models"]:
+        print(
+            f"{m['label']:<24}{100 * m['miou']:>7.1f}{100 * m['boundary_iou']:>7.1f}"
+            f"{m['gmacs']:>10.4g}{m['latency_ms']:>9.1f}"
+        )
+    print(f"wrote {args.out}/report.html, report.md, metrics.json")
+    return 0
+
+
 # Each subcommand registers itself here, in the order `--help` lists them.
 _SUBCOMMANDS = [
     _add_models,
@@ -554,6 +635,7 @@ _SUBCOMMANDS = [
     _add_eval,
     _add_predict,
     _add_video,
+    _add_compare,
 ]
 
 

@@ -428,9 +428,9 @@ def _colors(n: int) -> list[Any]:
     return [cmap(i % 10) for i in range(n)]
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _save(fig: Any, path: Path, dpi: int = 100) -> Path:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=dpi)
     return path
 
 
@@ -630,7 +630,8 @@ def plot_hardest(
     from tqdm import tqdm
 
     cols = 3 + len(runs)
-    panel_w = 3.0
+    panel_w, dpi = 3.6, 120  # inches, dots per inch: 432-px panels
+    width = round(panel_w * dpi)
     sample0 = raw_dataset[indices[0]]
     h0, w0 = sample0["label"].shape
     panel_h = panel_w * h0 / w0
@@ -641,7 +642,6 @@ def plot_hardest(
         sample = sample0 if row == 0 else raw_dataset[index]
         image, label = sample["image"], sample["label"]
         preds = [run.predictor.predict(image) for run in runs]
-        width = 600
         panels = [_thumb(image, width, False), _thumb(colorize(label), width, True)]
         panels += [_thumb(colorize(p), width, True) for p in preds]
         panels.append(_thumb(disagreement_map(image, label, preds, colors), width, True))
@@ -650,7 +650,7 @@ def plot_hardest(
         titles.append("where they disagree")
         titles[0] = sample["name"]
         for ax, panel, title in zip(axes[row], panels, titles):
-            ax.imshow(panel, interpolation="nearest")
+            ax.imshow(panel, interpolation="antialiased" if ax is axes[row][0] else "nearest")
             ax.set_title(title, fontsize=9)
             ax.set_axis_off()
     handles = [Patch(color=c, label=f"only {r.label} right") for r, c in zip(runs, colors)]
@@ -658,7 +658,7 @@ def plot_hardest(
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
     fig.suptitle("Hardest images (lowest mean per-image mIoU); model titles: per-image mIoU %",
                  fontsize=11)
-    return _save(fig, path)
+    return _save(fig, path, dpi)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1051,8 +1051,9 @@ def run_compare(
         max_images,
     )
     raw = _Subset(CityscapesDataset(data_root, split), max_images)
-    eval_hw = tuple(size) if size else tuple(raw[0]["label"].shape)
-    d = boundary_width(eval_hw, boundary_frac)
+    label_hw = tuple(raw[0]["label"].shape)  # predictions are scored at the label size
+    eval_hw = tuple(size) if size else label_hw  # the size the models run at
+    d = boundary_width(label_hw, boundary_frac)
 
     # Build every model first, so that a bad name or file fails before any long step.
     runs: list[ModelRun] = []

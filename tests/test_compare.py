@@ -1,0 +1,315 @@
+"""segcompare.compare: Boundary IoU on cases counted by hand, corruptions against independent
+implementations (colorsys, OpenCV, the statistics of the noise), and the whole report end to end
+on a tiny synthetic Cityscapes with two tiny models, checked against `segcompare eval`."""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from segcompare import compare
+from segcompare.cli import main
+from segcompare.compare import (
+    BoundaryIoU,
+    boundary_band,
+    boundary_iou,
+    boundary_width,
+    corrupt,
+    hardest_images,
+    image_miou,
+)
+
+# --- Boundary IoU -------------------------------------------------------------------------------
+
+
+def _square(hw=(20, 20), top=5, left=5, side=10) -> torch.Tensor:
+    label = torch.zeros(hw, dtype=torch.long)
+    label[top : top + side, left : left + side] = 1
+    return label
+
+
+def test_boundary_iou_of_a_perfect_prediction_is_one():
+    rng = np.random.default_rng(0)
+    label = torch.from_numpy(rng.integers(0, 19, (2, 24, 40)))
+    label[:, :3, :5] = 255  # ignored pixels change nothing
+    assert boundary_iou(label.clamp(max=18), label, d=2) == pytest.approx(1.0)
+
+
+def test_boundary_iou_of_a_shifted_square_counted_by_hand():
+    # A 10×10 square of class 1 on class 0 (20×20 image), predicted 2 px to the right; d = 1.
+    # Class 1: both bands are the squares' 1-px inner rings (36 px each); they share the top and
+    # bottom rows over columns 7..14: 2 × 8 = 16 px -> 16 / (36 + 36 - 16) = 2/7.
+    # Class 0: both bands are the 1-px rings just outside the squares (44 px each); they share
+    # rows 4 and 15 over columns 6..15: 2 × 10 = 20 px -> 20 / (44 + 44 - 20) = 5/17.
+    target, pred = _square(), _square(left=7)
+    acc = BoundaryIoU(d=1, num_classes=2)
+    acc.update(pred, target)
+    assert acc.per_class() == pytest.approx([5 / 17, 2 / 7])
+    assert acc.mean() == pytest.approx((2 / 7 + 5 / 17) / 2)
+    # Plain IoU: square 80 / 120, background 280 / 320; Boundary IoU is stricter on edges.
+    assert image_miou(pred, target, num_classes=2) == pytest.approx((80 / 120 + 280 / 320) / 2)
+
+
+def test_a_wide_band_gives_the_mask_iou():
+    # Cheng et al.: as d grows, Boundary IoU of an object tends to its mask IoU. With d = 5 every
+    # pixel of the 10-px squares is within d of their contour: class 1 scores 80 / 120.
+    acc = BoundaryIoU(d=5, num_classes=2)
+    acc.update(_square(left=7), _square())
+    assert acc.per_class()[1] == pytest.approx(80 / 120)
+
+
+def test_the_image_frame_is_not_a_contour():
+    label = torch.zeros(16, 16, dtype=torch.long)
+    assert not boundary_band(label, 3).any()
+    band = boundary_band(_square(), 1)
+    assert band.sum() == 36 + 44  # the two rings of the square's edge, nothing on the frame
+
+
+def test_boundary_width_scales_with_the_image():
+    assert boundary_width((1024, 2048)) == 11  # 0.5% of the 2290 px diagonal
+    assert boundary_width((1024, 2048), 0.02) == 46  # the paper's 2%
+    assert boundary_width((64, 128)) == 1  # never less than a pixel
+
+
+def test_hardest_images_have_the_lowest_mean_miou():
+    a, b = compare.ModelRun("a", None, "a", None), compare.ModelRun("b", None, "b", None)
+    a.image_miou = [0.9, 0.2, 0.5, float("nan")]
+    b.image_miou = [0.7, 0.4, 0.1, 0.6]
+    assert hardest_images([a, b], 2) == [2, 1]  # means 0.3 and 0.3: stable order by index
+
+
+# --- corruptions --------------------------------------------------------------------------------
+
+
+def _image(h=24, w=32, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("kind", compare.CORRUPTIONS)
+@pytest.mark.parametrize("severity", compare.SEVERITIES)
+def test_corruptions_keep_shape_and_dtype_and_are_deterministic(kind, severity):
+    image = _image()
+    out = corrupt(image, kind, severity, seed=3)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert not np.array_equal(out, image)
+    assert np.array_equal(out, corrupt(image, kind, severity, seed=3))
+    assert np.array_equal(image, _image())  # the input is left alone
+
+
+@pytest.mark.parametrize("kind", compare.CORRUPTIONS)
+def test_a_higher_severity_moves_the_image_further(kind):
+    image = _image(48, 64, seed=1)
+    image = cv2.GaussianBlur(image, (0, 0), 2)  # some structure for blur and JPEG to destroy
+    err = [np.abs(corrupt(image, kind, s).astype(float) - image).mean() for s in (1, 3, 5)]
+    assert err[0] < err[1] < err[2]
+
+
+def test_noise_has_the_imagenet_c_standard_deviation():
+    grey = np.full((200, 200, 3), 128, np.uint8)  # far from 0 and 255: no clipping at level 1
+    diff = corrupt(grey, "noise", 1, seed=0).astype(float) - 128
+    assert diff.std() == pytest.approx(0.08 * 255, rel=0.02)
+    assert abs(diff.mean()) < 0.3
+    assert not np.array_equal(corrupt(grey, "noise", 1, seed=1), corrupt(grey, "noise", 1, seed=0))
+
+
+def test_blur_equals_opencv_gaussian_blur():
+    image = _image(40, 56, seed=2)
+    for severity, sigma in ((1, 1), (3, 3)):
+        radius = math.ceil(4 * sigma)
+        ref = cv2.GaussianBlur(
+            image.astype(np.float32) / 255, (2 * radius + 1,) * 2, sigma,
+            borderType=cv2.BORDER_REPLICATE,
+        )  # fmt: skip
+        ref = (np.clip(ref, 0, 1) * 255 + 0.5).astype(np.uint8)
+        out = corrupt(image, "blur", severity)
+        assert np.abs(out.astype(int) - ref).max() <= 1
+
+
+def test_brightness_adds_to_v_of_hsv():
+    image = _image(6, 7, seed=4)
+    image[0, 0] = 0  # black: saturation 0, becomes grey
+    out = corrupt(image, "brightness", 3)  # level 3: +0.3
+    for y, x in np.ndindex(image.shape[:2]):
+        h, s, v = colorsys.rgb_to_hsv(*(image[y, x] / 255.0))
+        ref = np.array(colorsys.hsv_to_rgb(h, s, min(v + 0.3, 1.0))) * 255
+        assert np.abs(out[y, x].astype(float) - ref).max() <= 0.51
+
+
+def test_jpeg_quality_sets_the_loss():
+    image = cv2.GaussianBlur(_image(64, 64, seed=5), (0, 0), 1.5)
+    out = corrupt(image, "jpeg", 5)  # quality 7
+    assert np.array_equal(out, corrupt(image, "jpeg", 5))
+    assert np.abs(out.astype(float) - image).mean() > 1
+
+
+def test_unknown_corruption_is_an_error():
+    with pytest.raises(ValueError, match="valid"):
+        corrupt(_image(), "fog", 1)
+    with pytest.raises(compare.SegcompareError, match="noise"):
+        compare.parse_corruptions("noise,fog")
+    assert compare.parse_corruptions("all") == list(compare.CORRUPTIONS)
+
+
+# --- the report, end to end ---------------------------------------------------------------------
+
+TINY_SEGFORMER = {"depths": (1, 1, 1, 1), "embed_dims": (8, 16, 24, 32), "num_heads": (1, 1, 1, 1),
+                  "decoder_dim": 16}
+_STAGE = {"num_modules": 1, "block": "BASIC", "fuse_method": "SUM"}
+TINY_HRNET = {
+    "stage1": {"num_modules": 1, "num_branches": 1, "block": "BOTTLENECK", "num_blocks": (1,),
+               "num_channels": (8,), "fuse_method": "SUM"},
+    "stage2": {**_STAGE, "num_branches": 2, "num_blocks": (1, 1), "num_channels": (4, 8)},
+    "stage3": {**_STAGE, "num_branches": 3, "num_blocks": (1, 1, 1), "num_channels": (4, 8, 16)},
+    "stage4": {**_STAGE, "num_branches": 4, "num_blocks": (1, 1, 1, 1),
+               "num_channels": (4, 8, 16, 32)},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    from segcompare.data.synth import make_synthetic_cityscapes
+    from segcompare.models import build_model
+    from segcompare.models.checkpoint import save_weights
+
+    root = tmp_path_factory.mktemp("compare")
+    make_synthetic_cityscapes(root / "data", train=0, val=3, size=(64, 128), seed=0)
+    torch.manual_seed(0)
+    weights = {
+        "segformer-b0": save_weights(
+            build_model("segformer-b0", **TINY_SEGFORMER), root / "b0.safetensors"),
+        "hrnet-w18-small-v1": save_weights(
+            build_model("hrnet-w18-small-v1", **TINY_HRNET), root / "w18s.safetensors"),
+    }  # fmt: skip
+    out = root / "report"
+    doc = compare.run_compare(
+        [(name, path) for name, path in weights.items()], root / "data", "val", out, images=2,
+        corrupt=["noise", "blur", "jpeg", "brightness"], corrupt_images=1, bench_iters=1,
+        bench_warmup=0, device="cpu", progress=False,
+    )  # fmt: skip
+    return {"root": root, "out": out, "doc": doc, "weights": weights}
+
+
+def test_report_writes_every_file(report):
+    out = report["out"]
+    names = {
+        "metrics.json", "report.md", "report.html", "per_class_iou.png", "per_class_diff.png",
+        "miou_vs_gmacs.png", "miou_vs_latency.png", "boundary_iou.png", "hardest_images.png",
+        "confusion_segformer-b0.png", "confusion_hrnet-w18-small-v1.png", "robustness.png",
+    }  # fmt: skip
+    assert names <= {p.name for p in out.iterdir()}
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    for name in names:
+        if name.endswith(".png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    for name in names - {"metrics.json", "report.md", "report.html"}:
+        assert f"({name})" in md  # every plot is shown in the Markdown report
+
+
+class _StrictHTML(HTMLParser):
+    """Checks that every element is closed in order and collects the src/href values."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input", "source", "col", "area", "base", "wbr"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.links: list[str] = []
+        self.tags: list[str] = []
+        self.doctype = ""
+
+    def handle_decl(self, decl: str) -> None:
+        self.doctype = decl
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.links += [v for k, v in attrs if k in ("src", "href") and v]
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes {self.stack[-1:]}"
+        self.stack.pop()
+
+
+def test_report_html_is_valid_and_self_contained(report):
+    text = (report["out"] / "report.html").read_text()
+    parser = _StrictHTML()
+    parser.feed(text)
+    parser.close()
+    assert parser.doctype.lower() == "doctype html"
+    assert parser.stack == []
+    assert [parser.tags.count(t) for t in ("html", "head", "body", "title")] == [1, 1, 1, 1]
+    images = [link for link in parser.links if link.startswith("data:image/png;base64,")]
+    assert len(images) == 9 and images == parser.links  # every plot embedded, nothing else
+    assert "http://" not in text and "https://" not in text
+    assert "url(" not in text and "@import" not in text
+
+
+def test_metrics_json_schema(report):
+    doc = json.loads((report["out"] / "metrics.json").read_text())
+    assert set(doc) >= {"models", "data", "split", "num_images", "meta"}
+    assert doc["split"] == "val" and doc["num_images"] == 3
+    keys = {"name", "weights", "miou", "miiou", "category_miou", "pixel_acc", "boundary_iou",
+            "per_class", "parameters", "gmacs", "latency_ms", "images_per_s", "memory_mb",
+            "robustness"}  # fmt: skip
+    assert [m["name"] for m in doc["models"]] == ["segformer-b0", "hrnet-w18-small-v1"]
+    for m in doc["models"]:
+        assert keys <= set(m)
+        for key in ("miou", "category_miou", "pixel_acc", "boundary_iou"):
+            assert 0 <= m[key] <= 1
+        assert m["parameters"] > 0 and m["gmacs"] > 0 and m["latency_ms"] > 0
+        rb = m["robustness"]
+        assert rb["severities"] == [1, 3, 5]
+        assert set(rb["miou"]) == {"noise", "blur", "jpeg", "brightness"}
+        assert all(len(v) == 3 and all(0 <= x <= 1 for x in v) for v in rb["miou"].values())
+    assert doc["meta"]["boundary"]["d_px"] == 1
+
+
+def test_metrics_agree_with_segcompare_eval(report, capsys):
+    doc = json.loads((report["out"] / "metrics.json").read_text())
+    for entry in doc["models"]:
+        out = report["root"] / f"eval_{entry['name']}.json"
+        args = ["eval", "--model", entry["name"], "--weights", entry["weights"], "--data",
+                str(report["root"] / "data"), "--workers", "0", "--device", "cpu", "--json",
+                str(out)]  # fmt: skip
+        assert main(args) == 0
+        ref = json.loads(out.read_text())
+        for key in ("miou", "miiou", "category_miou", "pixel_acc"):
+            assert entry[key] == pytest.approx(ref[key], nan_ok=True), key
+        assert entry["per_class"] == ref["per_class"]
+    capsys.readouterr()
+
+
+def test_parameters_and_gmacs_match_stats(report):
+    from segcompare.models import build_model
+    from segcompare.stats import count_macs
+
+    entry = report["doc"]["models"][0]
+    model = build_model(weights=report["weights"]["segformer-b0"])
+    assert entry["parameters"] == sum(p.numel() for p in model.parameters())
+    assert entry["gmacs"] == pytest.approx(count_macs(model, (64, 128))["gmacs"], rel=1e-3)
+
+
+def test_cli_pairs_models_with_weights(tmp_path, capsys):
+    code = main(["compare", "--model", "segformer-b0", "--model", "hrnet-w18", "--weights", "a",
+                 "--data", str(tmp_path)])  # fmt: skip
+    assert code == 1
+    assert "one --weights per --model" in capsys.readouterr().err
+    assert main(["compare", "--model", "segformer-b0", "--data", str(tmp_path), "--corrupt",
+                 "rain"]) == 1  # fmt: skip
+    assert "unknown corruption 'rain'" in capsys.readouterr().err
+
+
+def test_report_text_names_the_boundary_band(report):
+    md = (report["out"] / "report.md").read_text()
+    assert "d = 1 px" in md and "0.5% of the image diagonal" in md
+    assert Path(report["out"] / "report.html").stat().st_size > 10_000
