@@ -624,8 +624,47 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- segcompare demo ---------------------------------------------------------------------------
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the built-in synthetic Cityscapes: train SegFormer-B0 and "
+        "HRNet-W18-Small-v1, evaluate, compare, render the side-by-side video",
+    )
+    p.add_argument("--out", default="segcompare-demo", help="output folder (segcompare-demo)")
+    p.add_argument("--fresh", action="store_true", help="recompute every step")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes and few iterations (a test)")
+    p.add_argument("--cache", help="where the synthetic data set is kept (~/.cache/segcompare)")
+    p.add_argument("--data", help="a real Cityscapes root: compare --weights on it, no training")
+    p.add_argument("--weights", help="comma-separated checkpoints to compare with --data")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import logging
+    import time
+
+    from segcompare.demo import run_demo, summary_table
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.time()
+    weights = [w for w in (args.weights or "").split(",") if w]
+    doc = run_demo(
+        args.out, fresh=args.fresh, tiny=args.tiny, data=args.data, weights=weights,
+        cache=args.cache,
+    )  # fmt: skip
+    print(summary_table(doc))
+    files = doc["files"]
+    print(f"\nreport: {files['report_html']}  (also {files['report_md']}, {files['metrics']})")
+    if files["video"]:
+        print(f"video:  {files['video']}")
+    print(f"done in {(time.time() - start) / 60:.1f} min")
+    return 0
+
+
 # Each subcommand registers itself here, in the order `--help` lists them.
 _SUBCOMMANDS = [
+    _add_demo,
     _add_models,
     _add_data,
     _add_stats,

@@ -1,0 +1,215 @@
+"""`segcompare demo`: the whole pipeline on the built-in synthetic Cityscapes, on a CPU.
+
+1. synthesise a Cityscapes-layout data set into a cache folder (reused when complete);
+2. train SegFormer-B0 and HRNetV2-W18-Small-v1 with the `configs/synthcity_*.yaml` recipes;
+3. evaluate both on the val split with the official metrics, count and time them, and write the
+   comparison report (`segcompare compare`);
+4. render the side-by-side video (input | SegFormer | HRNet) of the synthetic drive as a GIF.
+
+Every step writes its files atomically and is skipped when its output exists, so a rerun takes
+seconds and a rerun after Ctrl-C continues (training resumes from its last checkpoint).
+With `data` and `weights` the same comparison runs on real Cityscapes with real weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from segcompare.utils import PathLike, SegcompareError, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RECIPES = ("synthcity_segformer_b0.yaml", "synthcity_hrnet_w18_small_v1.yaml")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """How big each step is. `FULL` is the README's demo; `TINY` the test suite's."""
+
+    train: int  # synthetic images per split
+    val: int
+    video: int  # frames of the synthetic drive
+    size: tuple[int, int]  # H, W of the synthetic images
+    train_set: tuple[str, ...] = ()  # `--set` overrides applied to both recipes
+    corrupt: tuple[str, ...] = ("noise", "blur", "jpeg", "brightness")
+    corrupt_images: int = 10
+    hardest: int = 4
+    bench_iters: int = 5
+    fps: float = 8.0
+    extra: dict = field(default_factory=dict)
+
+
+FULL = DemoPlan(train=100, val=20, video=48, size=(256, 512))
+TINY = DemoPlan(
+    train=4, val=2, video=3, size=(64, 128),
+    train_set=(
+        "train.max_iters=4", "train.batch_size=2", "train.num_workers=0", "train.log_every=2",
+        "train.eval_every=4", "train.checkpoint_every=4", "optim.warmup_iters=1",
+        "data.crop_size=[64,64]", "data.base_size=128",
+    ),
+    corrupt=("noise",), corrupt_images=1, hardest=1, bench_iters=1,
+)  # fmt: skip
+
+
+def default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "segcompare"
+
+
+def synth_data(plan: DemoPlan, cache: Path, fresh: bool, progress: bool) -> Path:
+    """The synthetic set for `plan` under `cache`, made once: a folder appears only complete."""
+    from segcompare.data.synth import make_synthetic_cityscapes
+
+    h, w = plan.size
+    root = cache / f"synthcity_{h}x{w}_train{plan.train}_val{plan.val}_video{plan.video}_seed0"
+    if root.is_dir() and not fresh:
+        log.info("data: reusing %s", root)
+        return root
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        make_synthetic_cityscapes(
+            tmp, train=plan.train, val=plan.val, size=plan.size, seed=0,
+            video_frames=plan.video, progress=progress,
+        )  # fmt: skip
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def train_model(recipe: Path, data_root: Path, run_dir: Path, plan: DemoPlan) -> Path:
+    """Train one recipe into `run_dir` (continuing an interrupted run); returns its weights."""
+    from segcompare.train import load_config, summary_line, train
+
+    final = run_dir / "final.safetensors"
+    if final.exists():
+        log.info("train: reusing %s", final)
+        return final
+    cfg = load_config(recipe, [f"data.root={data_root}", *plan.train_set])
+    summary = train(cfg, run_dir, resume=True)
+    log.info("%s", summary_line(summary))
+    if not final.exists():  # stopped by a signal: train() saved a checkpoint and returned
+        raise KeyboardInterrupt
+    return final
+
+
+def render_demo_video(
+    weights: Sequence[Path], frames: Path, out: Path, plan: DemoPlan, progress: bool
+) -> Optional[Path]:
+    from segcompare.infer import Predictor, render_video
+    from segcompare.models import build_model
+
+    if not frames.is_dir():
+        log.warning("video: %s not found; no video", frames)
+        return None
+    if out.exists():
+        return out
+    predictors = [Predictor(build_model(weights=w), "cpu", optimize=True) for w in weights]
+    render_video(predictors, frames, out, fps=plan.fps, progress=progress)
+    return out
+
+
+def run_demo(
+    out: PathLike = "segcompare-demo",
+    *,
+    fresh: bool = False,
+    tiny: bool = False,
+    data: Optional[PathLike] = None,
+    weights: Sequence[PathLike] = (),
+    cache: Optional[PathLike] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the demo into `out`; returns the comparison's metrics.json document plus `files`."""
+    from segcompare.compare import run_compare
+
+    plan = TINY if tiny else FULL
+    out = Path(out)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if data is not None:  # real data, real weights: nothing to train
+        if not weights:
+            raise SegcompareError("--data needs --weights A,B (the checkpoints to compare)")
+        data_root = Path(data)
+        if not data_root.is_dir():
+            raise SegcompareError(f"--data {data_root}: no such directory")
+        model_weights = [Path(w) for w in weights]
+        for w in model_weights:
+            if not w.exists():
+                raise SegcompareError(f"--weights {w}: no such file")
+        frames = data_root / "leftImg8bit" / "demoVideo" / "stuttgart_00"
+        if not frames.is_dir():
+            frames = data_root / "leftImg8bit_demoVideo" / "stuttgart_00"
+    else:
+        if weights:
+            raise SegcompareError("--weights goes with --data; the synthetic demo trains its own")
+        missing = [r for r in RECIPES if not (REPO_CONFIGS / r).exists()]
+        if missing:
+            raise SegcompareError(
+                f"recipe {REPO_CONFIGS / missing[0]} not found: run the demo from a source "
+                "checkout (pip install -e .)"
+            )
+        cache_dir = Path(cache) if cache is not None else default_cache()
+        data_root = synth_data(plan, cache_dir, fresh, progress)
+        model_weights = []
+        for recipe in RECIPES:
+            run_dir = out / "runs" / recipe.removesuffix(".yaml").removeprefix("synthcity_")
+            model_weights.append(train_model(REPO_CONFIGS / recipe, data_root, run_dir, plan))
+        frames = data_root / "leftImg8bit_demoVideo" / "stuttgart_00"
+
+    metrics_path = out / "metrics.json"
+    if metrics_path.exists() and not fresh and _same_models(metrics_path, model_weights):
+        doc = json.loads(metrics_path.read_text())
+    else:
+        doc = run_compare(
+            [(None, w) for w in model_weights], data_root, "val", out,
+            images=plan.hardest, corrupt=plan.corrupt, corrupt_images=plan.corrupt_images,
+            bench_iters=plan.bench_iters, device="cpu", optimize=True, progress=progress,
+        )  # fmt: skip
+    video = render_demo_video(model_weights, frames, out / "side_by_side.gif", plan, progress)
+    doc["files"] = {
+        "report_html": str(out / "report.html"),
+        "report_md": str(out / "report.md"),
+        "metrics": str(metrics_path),
+        "video": None if video is None else str(video),
+    }
+    atomic_write_text(out / "demo.json", json.dumps(doc["files"], indent=2) + "\n")
+    return doc
+
+
+def _same_models(metrics_path: Path, weights: Sequence[Path]) -> bool:
+    """Whether an existing metrics.json was made from these weight files (and is newer)."""
+    try:
+        doc = json.loads(metrics_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    listed = [m.get("weights") for m in doc.get("models", [])]
+    newest = max(Path(w).stat().st_mtime for w in weights)
+    return listed == [str(w) for w in weights] and metrics_path.stat().st_mtime >= newest
+
+
+def summary_table(doc: dict[str, Any]) -> str:
+    """The demo's closing table: accuracy, size, cost and speed of each model."""
+    lines = [
+        "| model | mIoU | category mIoU | Boundary IoU | parameters | GMACs | latency ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for m in doc["models"]:
+        boundary = m.get("boundary_iou")
+        lines.append(
+            f"| {m['name']} | {m['miou']:.3f} | {m['category_miou']:.3f} | "
+            f"{'-' if boundary is None else f'{boundary:.3f}'} | {m['parameters']:,} | "
+            f"{m['gmacs']:.1f} | {m['latency_ms']:.0f} |"
+        )
+    return "\n".join(lines)

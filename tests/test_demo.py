@@ -1,0 +1,57 @@
+"""`segcompare demo --tiny`: the whole pipeline end to end, every output file checked."""
+
+import json
+import time
+
+import pytest
+from PIL import Image
+
+from segcompare.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("demo")
+    out, cache = base / "out", base / "cache"
+    rc = main(["demo", "--tiny", "--out", str(out), "--cache", str(cache)])
+    assert rc == 0
+    return out, cache
+
+
+def test_demo_writes_every_output(demo, capsys):
+    out, cache = demo
+    for name in ("metrics.json", "report.md", "report.html", "side_by_side.gif", "demo.json",
+                 "per_class_iou.png", "miou_vs_gmacs.png", "miou_vs_latency.png"):
+        assert (out / name).is_file(), name
+    for run in ("segformer_b0", "hrnet_w18_small_v1"):
+        assert (out / "runs" / run / "final.safetensors").is_file()
+        assert (out / "runs" / run / "log.jsonl").is_file()
+    doc = json.loads((out / "metrics.json").read_text())
+    assert [m["name"] for m in doc["models"]] == ["segformer-b0", "hrnet-w18-small-v1"]
+    for m in doc["models"]:
+        assert 0.0 <= m["miou"] <= 1.0
+    gif = Image.open(out / "side_by_side.gif")
+    assert gif.n_frames == 3  # TINY renders every frame of its 3-frame drive
+    # input | SegFormer | HRNet side by side: three 128-pixel-wide panels
+    assert gif.size[0] == 3 * 128
+    # the synthetic set is in the cache, complete, with no temporary folder left behind
+    (data,) = cache.iterdir()
+    assert (data / "leftImg8bit" / "val").is_dir()
+
+
+def test_demo_rerun_reuses_every_step(demo, capsys):
+    out, cache = demo
+    stamp = (out / "metrics.json").stat().st_mtime
+    start = time.time()
+    assert main(["demo", "--tiny", "--out", str(out), "--cache", str(cache)]) == 0
+    assert time.time() - start < 30
+    assert (out / "metrics.json").stat().st_mtime == stamp
+    printed = capsys.readouterr().out
+    assert "segformer-b0" in printed and "report:" in printed
+
+
+def test_demo_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "nope"),
+                 "--weights", "a.safetensors"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0]
