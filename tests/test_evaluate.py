@@ -361,7 +361,11 @@ def test_eval_cli_bad_predictions_are_one_line(synth, tmp_path, capsys):
     Image.fromarray(np.zeros((64, 128, 3), np.uint8)).save(bad)
     rc, line = run()
     assert rc == 1 and str(bad) in line and "1-channel" in line
+    Image.fromarray(np.full((64, 128), 7, np.uint8)).save(pred / f"{names[1]}_other.png")
+    rc, line = run()
+    assert rc == 1 and f"several predictions for {names[1]}" in line
     bad.unlink()
+    (pred / f"{names[1]}_other.png").unlink()
     rc, line = run()
     assert rc == 1 and f"no prediction for {names[1]}" in line
     rc, _, err = _cli(capsys, "eval", "--data", data)  # neither a model nor --pred-dir
