@@ -287,18 +287,21 @@ def _sign_outline(shape: str, size: float, y: float):
 
 
 # --- palettes (RGB 0-255) -------------------------------------------------------------------------
-FACADES = [(190, 172, 142), (142, 140, 136), (150, 84, 62), (206, 200, 188), (200, 176, 112),
-           (120, 112, 104), (176, 150, 130)]
-CAR_COLOURS = [(172, 174, 178), (36, 36, 42), (214, 214, 212), (32, 48, 92), (150, 28, 28),
-               (100, 100, 106), (42, 82, 150), (70, 76, 60)]
-CLOTHES = [(30, 32, 40), (60, 40, 30), (150, 30, 40), (180, 160, 130), (90, 90, 96), (40, 60, 110),
-           (120, 130, 70), (200, 200, 200)]
-RIDER_CLOTHES = [(230, 200, 30), (240, 110, 20), (150, 210, 40), (25, 25, 25), (200, 40, 40)]
+# Each class has a colour family most of its instances come from, and a few shared, neutral
+# colours (silver, black, white, gray) that make classes overlap: colour alone is not enough.
+FACADES = [(192, 168, 130), (176, 146, 108), (204, 184, 146), (160, 120, 88), (186, 160, 120),
+           (150, 84, 62), (142, 140, 136)]
+CAR_COLOURS = [(34, 52, 140), (44, 74, 170), (24, 34, 96), (52, 64, 150), (36, 58, 120),
+               (172, 174, 178), (36, 36, 42), (214, 214, 212)]
+CLOTHES = [(140, 36, 48), (120, 28, 60), (160, 50, 50), (100, 30, 40), (30, 32, 40),
+           (180, 160, 130)]
+RIDER_CLOTHES = [(240, 130, 20), (236, 160, 30), (230, 110, 30), (150, 210, 40), (25, 25, 25)]
 SKIN = [(228, 188, 160), (196, 150, 110), (140, 100, 70), (92, 64, 44)]
-TRUCKS = [(222, 222, 216), (220, 120, 30), (60, 110, 70), (170, 40, 30), (90, 120, 170)]
-BUSES = [(232, 200, 30), (200, 42, 40), (228, 232, 236), (40, 110, 180)]
-TRAINS = [(224, 218, 204), (212, 40, 40), (250, 240, 120)]
-TWO_WHEELERS = [(30, 30, 34), (160, 30, 30), (40, 70, 150), (180, 182, 186), (20, 110, 60)]
+TRUCKS = [(60, 112, 100), (70, 128, 110), (50, 96, 88), (222, 222, 216)]
+BUSES = [(232, 196, 36), (236, 176, 28), (224, 206, 60), (200, 42, 40)]
+TRAINS = [(226, 220, 206), (236, 232, 220), (212, 40, 40)]
+MOTORCYCLES = [(30, 30, 34), (46, 46, 54), (24, 24, 28), (150, 28, 28)]
+BICYCLES = [(118, 20, 34), (140, 30, 44), (100, 16, 28), (40, 70, 150)]
 
 
 def _jitter(rng, colour, amount: float = 12.0) -> np.ndarray:
@@ -599,8 +602,8 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
         z = visible_z(x, 7, 25) if i == 0 else rng.uniform(7, 40 + length)
         facing = "z" if rng.random() < 0.5 else "x"
         speed = rng.uniform(0.15, 0.3) if not motor else rng.uniform(0.3, 0.5)
-        look = dict(kind="two_wheeler", colour=_jitter(rng, _pick(rng, TWO_WHEELERS), 8),
-                    motor=motor)
+        look = dict(kind="two_wheeler", motor=motor,
+                    colour=_jitter(rng, _pick(rng, MOTORCYCLES if motor else BICYCLES), 8))
         vehicle(label, x, z, facing, look, speed, flip=facing == "x" and side < 0)
         h = rng.uniform(1.6, 1.9)
         seat = 0.75 if motor else 0.95
@@ -621,8 +624,8 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
         side = float(rng.choice([-1.0, 1.0]))
         x = side * (road_hw + rng.uniform(0.8, 1.5))
         z = visible_z(x, 6, 25)
-        look = dict(kind="two_wheeler", colour=_jitter(rng, _pick(rng, TWO_WHEELERS), 8),
-                    motor=motor, seed=seed(), facing="x")
+        look = dict(kind="two_wheeler", motor=motor, seed=seed(), facing="x",
+                    colour=_jitter(rng, _pick(rng, MOTORCYCLES if motor else BICYCLES), 8))
         outline = (_two_wheeler_side(2.1, 0.32, 1.1, True) if motor
                    else _two_wheeler_side(1.75, 0.34, 1.0, False))
         anchor = np.array([x, 0.12, z])
