@@ -77,8 +77,12 @@ def _decode(path: PathLike, flags: int) -> np.ndarray:
 
 def read_image(path: PathLike) -> np.ndarray:
     """A leftImg8bit PNG -> H×W×3 uint8 RGB."""
-    image = _decode(path, cv2.IMREAD_COLOR)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if _IMREAD_RGB is not None:  # OpenCV >= 4.10 decodes straight to RGB
+        return _decode(path, _IMREAD_RGB)
+    return cv2.cvtColor(_decode(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
 def read_label(path: PathLike) -> np.ndarray:
