@@ -689,7 +689,10 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
         # buckets and warns every step about a cost that is negligible here
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
     if tc.deterministic:
-        torch.use_deterministic_algorithms(True)
+        # cuBLAS needs this for deterministic matmuls; CUDA's bilinear-upsampling backward has no
+        # deterministic kernel, hence warn_only (the CPU is deterministic without any of this)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -876,7 +879,9 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
     model.train()
     data = batches(start_iter)
     window = {"loss": 0.0, "n": 0, "data_time": 0.0, "t0": time.time()}
-    last_loss, last_miou, stop, done = math.nan, None, None, start_iter
+    last_loss = next((r["loss"] for r in reversed(records) if "loss" in r), math.nan)
+    last_miou = next((r["val_mIoU"] for r in reversed(records) if "val_IoU" in r), None)
+    stop, done = None, start_iter
     bar = tqdm(total=tc.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True,
                desc=cfg.model.name, unit="it")
     with _StopRequest() as stop_request, logging_redirect_tqdm():

@@ -292,6 +292,14 @@ def test_loss_decreases_and_run_folder(tmp_path: Path, synth_root: Path) -> None
     final = build_model(weights=out / "final.safetensors")
     _assert_same_state(final.state_dict(), _model_state(out / "checkpoints" / "iter_30.pt"))
     assert (out / "best.safetensors").is_file()
+    # --resume refuses a changed recipe, naming the key; a finished run resumes to its end
+    changed = config_from_dict({**_tiny_run_config(synth_root, max_iters=30, log_every=5,
+                                                   eval_every=15, checkpoint_every=10),
+                                "optim": {"lr": 1e-3}})
+    with pytest.raises(SegcompareError, match="optim.lr"):
+        train(changed, out, resume=True)
+    again = train(cfg, out, resume=True)
+    assert again["iter"] == 30 and again["final_loss"] == losses[-1]
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path: Path, synth_root: Path) -> None:
