@@ -1,0 +1,512 @@
+"""Inference rewrites: the same function as our eager models, computed faster.
+
+`prepare_for_inference(model)` deep-copies a SegFormer or HRNet and rebuilds it from modules that
+only run forward. Nothing here changes what is computed (up to float rounding); the rewrites are:
+
+1. **BatchNorm folded into the conv before it** (eval statistics: y = a·conv(x) + b).
+2. **One oneDNN call per conv/linear with its epilogue**: bias, residual add, ReLU/GELU run
+   inside the kernel (`torch.ops.mkldnn._convolution_pointwise` / `_linear_pointwise`, the ops
+   inductor emits for CPU), instead of three passes over memory. Where they cannot run (off the
+   CPU, while tracing, exporting or compiling, without oneDNN) the same maths runs as plain ops.
+3. **channels_last (NHWC)** for every map: oneDNN's fast layout on CPU. SegFormer's tokens
+   (N×L×C) *are* NHWC, so going from tokens to maps and back (the depthwise conv, the sequence
+   reduction, the stage ends) is a view instead of a transpose-and-copy.
+4. **The heads, where linear maps meet bilinear upsampling.** A per-pixel linear (1×1 conv) map
+   commutes with bilinear resizing (align_corners=False interpolates with weights that sum to 1,
+   so even the bias passes through), hence W·concat(up(x_1), …, up(x_n)) = Σ up(W_s·x_s): the
+   concatenation is never built and the big 1×1 conv runs at each branch's own resolution.
+   SegFormer: `linear_c{s}` and its slice of `linear_fuse` (with BN folded) become one Linear
+   per stage. HRNet: `last_layer`'s first conv (with BN folded) is split per branch.
+5. **Fused attention**: `F.scaled_dot_product_attention` (no L×L' matrix in memory), fed
+   with views of the q/kv projections, no copies.
+
+Each idea was kept only if `benchmarks/inference_cpu.py` measured it faster (RESULTS.md there).
+The prepared model is for inference only (no gradients, no `train()`): its weights are frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcompare.models import hrnet, segformer
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+# epilogue name -> (oneDNN post-op, its algorithm, the plain-op equivalent)
+_ACTS = {
+    None: ("none", None, lambda x: x),
+    "relu": ("relu", None, F.relu),
+    "gelu": ("gelu", "none", F.gelu),  # "none": the exact erf GELU, nn.GELU's default
+}
+
+
+def _use_onednn(x: torch.Tensor) -> bool:
+    """Whether the fused oneDNN ops may run on `x` (else: the same maths with plain ops)."""
+    return (
+        _ONEDNN
+        and x.device.type == "cpu"
+        and x.dtype in _FUSED_DTYPES
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not torch.compiler.is_compiling()
+        and not torch.onnx.is_in_onnx_export()
+    )
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().contiguous(), requires_grad=False)
+
+
+def fold_bn(
+    weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.BatchNorm2d
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a conv or linear followed by `bn` in eval mode, as one layer.
+
+    bn(z) = a·(z - mean) + beta with a = gamma / sqrt(var + eps), so the layer becomes
+    W' = a·W (per output channel) and b' = a·(b - mean) + beta. Computed in float64.
+    """
+    var, mean = bn.running_var.double(), bn.running_mean.double()
+    a = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        a = a * bn.weight.double()
+    b = -mean if bias is None else bias.double() - mean
+    b = a * b
+    if bn.bias is not None:
+        b = b + bn.bias.double()
+    w = weight.double() * a.reshape(-1, *([1] * (weight.ndim - 1)))
+    return w.to(weight.dtype), b.to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two fused primitives
+
+
+class FusedConv(nn.Module):
+    """conv2d (+ residual add) (+ ReLU/GELU) in one oneDNN call: act(conv(x) + residual)."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        stride: Sequence[int],
+        padding: Sequence[int],
+        groups: int = 1,
+        act: Optional[str] = None,
+    ):
+        super().__init__()
+        self.weight = _frozen(weight)
+        self.bias = None if bias is None else _frozen(bias)
+        self.stride, self.padding, self.groups, self.act = list(stride), list(padding), groups, act
+
+    @classmethod
+    def fold(
+        cls, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None, act: Optional[str] = None
+    ) -> FusedConv:
+        """`conv`, with the BatchNorm after it folded in, then `act`."""
+        if conv.dilation != (1, 1) or not isinstance(conv.padding, tuple):
+            raise ValueError(f"unsupported conv {conv}")
+        w, b = (conv.weight, conv.bias) if bn is None else fold_bn(conv.weight, conv.bias, bn)
+        return cls(w, b, conv.stride, conv.padding, conv.groups, act)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        post, algorithm, plain = _ACTS[self.act]
+        if _use_onednn(x):
+            args = (self.weight, self.bias, self.padding, self.stride, [1, 1], self.groups)
+            if residual is None:
+                return torch.ops.mkldnn._convolution_pointwise(x, *args, post, [], algorithm)
+            unary = None if self.act is None else post
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual, *args, "add", None, unary, [], algorithm
+            )
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        return plain(y if residual is None else y + residual)
+
+    def extra_repr(self) -> str:
+        o, i, kh, kw = self.weight.shape
+        return (
+            f"{i * self.groups}, {o}, kernel=({kh}, {kw}), stride={tuple(self.stride)}, "
+            f"groups={self.groups}, act={self.act}"
+        )
+
+
+class FusedLinear(nn.Module):
+    """Linear on the last dim (+ GELU, or + residual add) in one oneDNN call."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: Optional[torch.Tensor], act: Optional[str] = None
+    ):
+        super().__init__()
+        self.weight = _frozen(weight)
+        self.bias = None if bias is None else _frozen(bias)
+        self.act = act
+
+    @classmethod
+    def of(cls, linear: nn.Linear, act: Optional[str] = None) -> FusedLinear:
+        return cls(linear.weight, linear.bias, act)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        post, algorithm, plain = _ACTS[self.act]
+        if _use_onednn(x) and x.is_contiguous():
+            if residual is None:
+                return torch.ops.mkldnn._linear_pointwise(
+                    x, self.weight, self.bias, post, [], algorithm
+                )
+            if self.act is None:  # oneDNN's linear has no add-then-activation
+                return torch.ops.mkldnn._linear_pointwise.binary(
+                    x, residual, self.weight, self.bias, "add"
+                )
+        y = F.linear(x, self.weight, self.bias)
+        return plain(y if residual is None else y + residual)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[1]}, {self.weight.shape[0]}, act={self.act}"
+
+
+def _conv_bn(seq: nn.Sequential) -> FusedConv:
+    """An HRNet `conv_bn` (Conv2d, BatchNorm2d[, ReLU]) as one FusedConv."""
+    act = "relu" if len(seq) == 3 else None
+    return FusedConv.fold(seq[0], seq[1], act)
+
+
+def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# HRNet
+
+
+class FastResidualBlock(nn.Module):
+    """hrnet.BasicBlock / Bottleneck: convs with BN folded; the last adds the shortcut, ReLU."""
+
+    def __init__(self, block: hrnet.BasicBlock | hrnet.Bottleneck):
+        super().__init__()
+        pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+        if isinstance(block, hrnet.Bottleneck):
+            pairs.append((block.conv3, block.bn3))
+        self.convs = nn.ModuleList(FusedConv.fold(c, bn, "relu") for c, bn in pairs)
+        self.downsample = None if block.downsample is None else _conv_bn(block.downsample)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        for conv in self.convs[:-1]:
+            x = conv(x)
+        return self.convs[-1](x, shortcut)  # relu(conv(x) + shortcut)
+
+
+class FastHRModule(nn.Module):
+    """hrnet.HighResolutionModule: parallel branches, then the multi-resolution fusion.
+
+    Branch i receives x_i + Σ_{j>i} up(conv1×1_ij(x_j)) + Σ_{j<i} down_ij(x_j), then ReLU. The
+    upsampled terms are summed first; each stride-2 chain's last conv then adds the running sum
+    inside its kernel, the last one also applying the ReLU, so no separate add or ReLU pass
+    remains for i > 0.
+    """
+
+    def __init__(self, module: hrnet.HighResolutionModule):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Sequential(*(FastResidualBlock(b) for b in branch)) for branch in module.branches
+        )
+        fuse = []
+        for i, to_i in enumerate(module.fuse_layers):
+            paths = []
+            for j, layer in enumerate(to_i):
+                if j == i:
+                    paths.append(nn.Identity())
+                elif j > i:
+                    paths.append(_conv_bn(layer))
+                else:
+                    chain = [_conv_bn(seq) for seq in layer]
+                    if j == i - 1:  # the last term of the sum: ReLU after the add
+                        chain[-1].act = "relu"
+                    paths.append(nn.Sequential(*chain))
+            fuse.append(nn.ModuleList(paths))
+        self.fuse_layers = nn.ModuleList(fuse)
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        xs = [branch(x) for branch, x in zip(self.branches, xs)]
+        n = len(xs)
+        fused = []
+        for i, paths in enumerate(self.fuse_layers):
+            acc = xs[i]
+            for j in range(i + 1, n):  # lower resolutions: 1×1 conv there, then upsample
+                up = _resize(paths[j](xs[j]), xs[i].shape[-2:])
+                acc = acc + up if acc is xs[i] else acc.add_(up)
+            for j in range(i):  # higher resolutions: stride-2 chains; the last conv adds acc
+                chain = paths[j]
+                y = xs[j]
+                for conv in chain[:-1]:
+                    y = conv(y)
+                acc = chain[-1](y, acc)
+            if i == 0:
+                acc = F.relu(acc) if acc is xs[i] else acc.relu_()
+            fused.append(acc)
+        return fused
+
+
+class FastHRNetHead(nn.Module):
+    """HRNet's `last_layer` (1×1 conv-BN-ReLU over the concatenated branches, then the classifier)
+    with the first conv split per branch and applied at the branch's own resolution:
+    relu(W_0·x_0 + b + Σ_{j>0} up(W_j·x_j)). The concatenation is never built; the conv's MACs
+    at 1/4 resolution drop from D·D to C_0·D per pixel (D = ΣC_j: 270 for W18, 720 for W48).
+    """
+
+    def __init__(self, last_layer: nn.Sequential, channels: Sequence[int]):
+        super().__init__()
+        conv, bn, _, classifier = last_layer
+        w, b = fold_bn(conv.weight, conv.bias, bn)  # D×ΣC×1×1
+        slices = torch.split(w, list(channels), dim=1)
+        self.branch0 = FusedConv(slices[0], b, (1, 1), (0, 0), act="relu")
+        self.branches = nn.ModuleList(FusedConv(s, None, (1, 1), (0, 0)) for s in slices[1:])
+        self.classifier = FusedConv.fold(classifier)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        size = features[0].shape[-2:]
+        acc = None
+        for conv, x in zip(self.branches, features[1:]):
+            up = _resize(conv(x), size)  # N×D×H/4×W/4
+            acc = up if acc is None else acc.add_(up)
+        x = self.branch0(features[0], acc)  # relu(W_0·x_0 + b + acc)
+        return self.classifier(x)  # N×classes×H/4×W/4
+
+
+class FastHRNet(nn.Module):
+    """hrnet.HRNet for inference: same forward, rebuilt from fused modules."""
+
+    def __init__(self, model: hrnet.HRNet):
+        super().__init__()
+        self.stem = nn.Sequential(
+            FusedConv.fold(model.conv1, model.bn1, "relu"),
+            FusedConv.fold(model.conv2, model.bn2, "relu"),
+        )
+        self.layer1 = nn.Sequential(*(FastResidualBlock(b) for b in model.layer1))
+        self.transitions = nn.ModuleList()
+        self.stages = nn.ModuleList()
+        for k in (1, 2, 3):
+            transition = getattr(model, f"transition{k}")
+            self.transitions.append(nn.ModuleList(_transition_path(t) for t in transition))
+            stage = getattr(model, f"stage{k + 1}")
+            self.stages.append(nn.Sequential(*(FastHRModule(m) for m in stage)))
+        # the width of every branch of the last module: how `last_layer`'s input is split
+        channels = [branch[-1].convs[-1].weight.shape[0] for branch in self.stages[-1][-1].branches]
+        self.head = FastHRNetHead(model.last_layer, channels)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        xs = [self.layer1(self.stem(x))]
+        for transition, stage in zip(self.transitions, self.stages):
+            xs = [t(xs[min(i, len(xs) - 1)]) for i, t in enumerate(transition)]
+            xs = stage(xs)
+        return xs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def _transition_path(t: nn.Module) -> nn.Module:
+    if isinstance(t, nn.Identity):
+        return nn.Identity()
+    if isinstance(t[0], nn.Conv2d):  # one conv_bn
+        return _conv_bn(t)
+    return nn.Sequential(*(_conv_bn(seq) for seq in t))
+
+
+# ---------------------------------------------------------------------------------------------
+# SegFormer: tokens N×L×C are NHWC maps, so tokens <-> maps are views
+
+
+def _to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """N×L×C tokens -> N×C×h×w map in channels_last (a view of contiguous tokens)."""
+    return tokens.reshape(tokens.shape[0], h, w, tokens.shape[2]).permute(0, 3, 1, 2)
+
+
+def _to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """N×C×h×w map -> N×L×C tokens (a view of a channels_last map)."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
+class FastAttention(nn.Module):
+    """segformer.EfficientSelfAttention, returning residual + attention(x) (the add is fused)."""
+
+    def __init__(self, attn: segformer.EfficientSelfAttention):
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.q = FusedLinear.of(attn.q)
+        self.kv = FusedLinear.of(attn.kv)
+        self.proj = FusedLinear.of(attn.proj)
+        self.sr = FusedConv.fold(attn.sr) if attn.sr_ratio > 1 else None
+        self.norm = attn.norm if attn.sr_ratio > 1 else None
+
+    def forward(self, x: torch.Tensor, h: int, w: int, residual: torch.Tensor) -> torch.Tensor:
+        n, length, dim = x.shape
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        q = self.q(x).view(n, length, heads, head_dim).transpose(1, 2)  # N×heads×L×d, a view
+        if self.sr is not None:
+            x = self.norm(_to_tokens(self.sr(_to_map(x, h, w))))  # N×L'×C
+        kv = self.kv(x).view(n, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4)  # 2×N×heads×L'×d
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1])  # N×heads×L×d
+        return self.proj(out.transpose(1, 2).reshape(n, length, dim), residual)
+
+
+class FastBlock(nn.Module):
+    """segformer.Block: x + attn(norm1(x)), then x + fc2(gelu(dwconv(fc1(norm2(x)))))."""
+
+    def __init__(self, block: segformer.Block):
+        super().__init__()
+        self.norm1 = block.norm1
+        self.attn = FastAttention(block.attn)
+        self.norm2 = block.norm2
+        self.fc1 = FusedLinear.of(block.mlp.fc1)
+        self.dwconv = FusedConv.fold(block.mlp.dwconv.dwconv, act="gelu")
+        self.fc2 = FusedLinear.of(block.mlp.fc2)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        x = self.attn(self.norm1(x), h, w, residual=x)
+        y = self.dwconv(_to_map(self.fc1(self.norm2(x)), h, w))  # N×4C×h×w, GELU applied
+        return self.fc2(_to_tokens(y), x)  # N×L×C
+
+
+class FastStage(nn.Module):
+    """One MiT stage: patch embedding, blocks, closing LayerNorm; map in, map out."""
+
+    def __init__(self, embed: segformer.OverlapPatchEmbed, blocks: nn.ModuleList, norm: nn.Module):
+        super().__init__()
+        self.proj = FusedConv.fold(embed.proj)
+        self.embed_norm = embed.norm
+        self.blocks = nn.ModuleList(FastBlock(b) for b in blocks)
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # N×C×h×w
+        h, w = x.shape[2:]
+        tokens = self.embed_norm(_to_tokens(x))
+        for block in self.blocks:
+            tokens = block(tokens, h, w)
+        return _to_map(self.norm(tokens), h, w)
+
+
+class FastSegFormerHead(nn.Module):
+    """The all-MLP decoder with `linear_c{s}` and its slice of `linear_fuse` (BN folded) merged
+    into one D×C_s linear per stage, applied at the stage's resolution and then upsampled:
+    relu(A_1·x_1 + b + Σ_{s>1} up(A_s·x_s)), then `linear_pred`.
+    """
+
+    def __init__(self, head: segformer.AllMLPHead):
+        super().__init__()
+        n = head.num_stages
+        fuse = head.linear_fuse
+        w_fuse, b = fold_bn(fuse.conv.weight[:, :, 0, 0], None, fuse.bn)  # D×(n·D)
+        dim = w_fuse.shape[0]
+        merged = []
+        for s in range(n):
+            # the head concatenates [c_n, ..., c_1]: stage s+1 holds column block n-1-s
+            cols = w_fuse[:, (n - 1 - s) * dim : (n - s) * dim].double()
+            proj = getattr(head, f"linear_c{s + 1}").proj
+            merged.append((cols @ proj.weight.double()).to(w_fuse.dtype))  # D×C_s
+            b = b + (cols @ proj.bias.double()).to(b.dtype)
+        self.stage1 = FusedConv(merged[0][:, :, None, None], b, (1, 1), (0, 0), act="relu")
+        self.others = nn.ModuleList(FusedLinear(m, None) for m in merged[1:])
+        self.linear_pred = FusedConv.fold(head.linear_pred)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        size = features[0].shape[2:]  # the 1/4 grid
+        acc = None
+        for linear, x in zip(self.others, features[1:]):
+            h, w = x.shape[2:]
+            y = _to_map(linear(_to_tokens(x)), h, w)  # N×D×h_s×w_s at the stage's resolution
+            if y.shape[2:] != size:
+                y = _resize(y, size)
+            acc = y if acc is None else acc.add_(y)
+        x = self.stage1(features[0], acc)  # N×D×H/4×W/4, ReLU(fused sum)
+        return self.linear_pred(x)  # N×classes×H/4×W/4
+
+
+class FastSegFormer(nn.Module):
+    """segformer.SegFormer for inference: same forward, rebuilt from fused modules."""
+
+    def __init__(self, model: segformer.SegFormer):
+        super().__init__()
+        bb = model.backbone
+        self.stages = nn.ModuleList(
+            FastStage(
+                getattr(bb, f"patch_embed{s}"), getattr(bb, f"block{s}"), getattr(bb, f"norm{s}")
+            )
+            for s in range(1, bb.num_stages + 1)
+        )
+        self.head = FastSegFormerHead(model.decode_head)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+
+class Prepared(nn.Module):
+    """Wraps a fast model: casts the input to the model's dtype and memory format, and the
+    logits back to the input's dtype."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype, channels_last: bool):
+        super().__init__()
+        self.net = net
+        self.dtype = dtype
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = x.dtype
+        x = x.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = self.net(x)
+        if not self.channels_last:
+            logits = logits.contiguous()
+        return logits.to(out_dtype)
+
+
+def prepare_for_inference(
+    model: nn.Module,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = True,
+    compile: bool = False,
+) -> nn.Module:
+    """A faster model that computes the same logits as `model` (which is left untouched).
+
+    `dtype=torch.bfloat16` runs in bfloat16 (opt-in: about 3 significant digits); the logits
+    come back in the input's dtype. `channels_last` runs the convolutions in NHWC, the fast
+    layout of oneDNN on CPU. `compile=True` wraps the result in `torch.compile`. The result is
+    in eval mode, with frozen weights: use it for inference only.
+    """
+    src = copy.deepcopy(model).eval()
+    if isinstance(src, hrnet.HRNet):
+        net: nn.Module = FastHRNet(src)
+    elif isinstance(src, segformer.SegFormer):
+        net = FastSegFormer(src)
+    else:
+        raise TypeError(f"prepare_for_inference: expected a SegFormer or HRNet, got {type(model)}")
+    for attr in ("variant", "settings"):
+        if hasattr(model, attr):
+            setattr(net, attr, copy.deepcopy(getattr(model, attr)))
+    net = net.to(dtype)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    fast: nn.Module = Prepared(net, dtype, channels_last).eval()
+    for attr in ("variant", "settings"):
+        if hasattr(net, attr):
+            setattr(fast, attr, getattr(net, attr))
+    if compile:
+        fast = torch.compile(fast)
+    return fast
