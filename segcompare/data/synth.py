@@ -304,7 +304,7 @@ MOTORCYCLES = [(30, 30, 34), (46, 46, 54), (24, 24, 28), (150, 28, 28)]
 BICYCLES = [(118, 20, 34), (140, 30, 44), (100, 16, 28), (40, 70, 150)]
 
 
-def _jitter(rng, colour, amount: float = 12.0) -> np.ndarray:
+def _jitter(rng, colour, amount: float = 9.0) -> np.ndarray:
     return np.clip(np.asarray(colour, dtype=np.float32) + rng.normal(0, amount, 3), 0, 255)
 
 
@@ -323,7 +323,7 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
     cam = dict(x=rng.uniform(0.2, 0.6) * road_hw - 0.2, y=rng.uniform(1.15, 1.35),
                yaw=math.radians(rng.uniform(-5, 5)), roll=math.radians(rng.uniform(-1.5, 1.5)),
                horizon=rng.uniform(0.42, 0.5))
-    light = dict(gain=rng.uniform(0.75, 1.2), tint=rng.uniform(-0.07, 0.07),
+    light = dict(gain=rng.uniform(0.85, 1.15), tint=rng.uniform(-0.04, 0.04),
                  sun_side=float(rng.choice([-1.0, 1.0])), sun=rng.uniform(0.0, 1.0),
                  shadow_x=rng.uniform(-road_hw, road_hw), shadow_slope=rng.uniform(-0.15, 0.15),
                  overcast=bool(rng.random() < 0.3), noise=rng.uniform(2.0, 5.0))
@@ -369,14 +369,14 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
         add("sidewalk", _quad("x", side * inner, z0, z_end, 0, curb_h), "x",
             (side * inner, 0, 0), dict(kind="curb", colour=_jitter(rng, (168, 162, 156)),
                                        seed=seed()), 2)
-        sw_colour = _jitter(rng, (152, 136, 142), 14)
+        sw_colour = _jitter(rng, (178, 140, 156), 8)
         add("sidewalk", _quad("y", curb_h, *xs(inner, outer), z0, z_end), "y", (0, 0, 0),
             dict(kind="sidewalk", colour=sw_colour, seed=seed(), tile=rng.uniform(0.3, 0.6)), 2)
         if rng.random() < 0.6:  # grass verge between the curb and the footpath
             vz = visible_z(side * inner, 0, 10) - 8
             add("terrain", _quad("y", curb_h, *xs(inner, inner + rng.uniform(0.8, 1.8)), vz,
                                  vz + rng.uniform(15, 60)), "y", (0, 0, 0),
-                dict(kind="terrain", colour=_jitter(rng, (124, 150, 70), 14), seed=seed()), 2)
+                dict(kind="terrain", colour=_jitter(rng, (150, 170, 70), 8), seed=seed()), 2)
         if rng.random() < 0.5:  # parking strip on the road along the curb
             pz0 = rng.uniform(0, 30)
             add("parking", _quad("y", 0, *xs(inner - 2.2, inner), pz0, pz0 + rng.uniform(10, 30)),
@@ -390,7 +390,7 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
                 r = rng.random()
                 if first or r < 0.6:
                     kind, label = "terrain", "terrain"
-                    colour = _jitter(rng, (124, 150, 70), 14)
+                    colour = _jitter(rng, (150, 170, 70), 8)
                 elif r < 0.85:
                     kind, label, colour = "sidewalk", "sidewalk", sw_colour
                 else:
@@ -420,7 +420,7 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
             hz = rng.uniform(0, 60) + length * rng.random()
             add("vegetation", _quad("x", side * (facade_x - 0.4), hz, hz + rng.uniform(4, 15), 0,
                                     rng.uniform(0.8, 1.8)), "x", (0, 0, 0),
-                dict(kind="vegetation", colour=_jitter(rng, (64, 104, 44), 14), seed=seed()), 3,
+                dict(kind="vegetation", colour=_jitter(rng, (60, 105, 40), 10), seed=seed()), 3,
                 attached=-(facade_x - 0.4))
         # trees in the setback or at the outer edge of the sidewalk
         n_trees = int(rng.integers(2, 5)) + int(length / 15)
@@ -428,7 +428,7 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
             tx = side * (outer + (setback / 2 if setback > 1.5 else -0.6))
             tz = visible_z(tx, 8, 45) if i == 0 else rng.uniform(5, z_end - 20)
             th, tr = rng.uniform(2.0, 3.5), rng.uniform(1.8, 3.5)
-            colour = _jitter(rng, (64, 104, 44), 16)
+            colour = _jitter(rng, (60, 105, 40), 10)
             add("vegetation", _quad("z", tz, tx - 0.16, tx + 0.16, 0, th + 0.5 * tr), "z",
                 (tx, 0, tz), dict(kind="trunk", colour=_jitter(rng, (88, 70, 52)), seed=seed()),
                 4)
@@ -442,10 +442,10 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
                 wl, wh = rng.uniform(5, 18), rng.uniform(0.9, 2.2)
                 if label == "wall":
                     look = dict(kind="wall", colour=_jitter(rng, _pick(
-                        rng, [(166, 160, 148), (128, 124, 116), (176, 150, 120)])), seed=seed())
+                        rng, [(150, 152, 178), (136, 138, 166), (166, 160, 148)])), seed=seed())
                 else:
                     look = dict(kind="fence", colour=_jitter(rng, _pick(
-                        rng, [(92, 98, 92), (140, 106, 72), (150, 150, 150)])), seed=seed(),
+                        rng, [(140, 100, 56), (120, 84, 48), (150, 150, 150)])), seed=seed(),
                         slat=rng.uniform(0.1, 0.2))
                 x = side * (outer + (0.05 if label == "wall" else 0.15))
                 add(label, _quad("x", x, wz, wz + wl, 0, wh), "x", (x, 0, 0), look, 5,
@@ -457,8 +457,8 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
         px = side * (road_hw + rng.uniform(0.3, 0.7))
         pz = visible_z(px, 8, 32) if i < 2 else rng.uniform(4, z_end - 10)
         ph, pw = rng.uniform(4.5, 8.0), rng.uniform(0.1, 0.16)
-        look = dict(kind="pole", colour=_jitter(rng, _pick(rng, [(126, 126, 132), (84, 88, 84),
-                                                              (150, 150, 146)])), seed=seed())
+        poles = [(112, 114, 126), (100, 104, 116), (150, 150, 146)]
+        look = dict(kind="pole", colour=_jitter(rng, _pick(rng, poles)), seed=seed())
         add("pole", _quad("z", pz, px - pw, px + pw, 0, ph), "z", (px, 0, pz), look, 6)
         what = ["light", "sign"][i % 2] if i < 2 else _pick(rng, ["light", "sign", "both", ""])
         if what in ("light", "both"):
@@ -984,7 +984,7 @@ def _ground_shadow(hit: np.ndarray, scene: Scene, frame: int, light: dict) -> np
     # the shadow of the buildings on the sun's far side, a slanted line across the street
     edge = light["shadow_x"] + light["shadow_slope"] * z
     shaded = (x - edge) * light["sun_side"] < 0
-    f[shaded] = 1 - 0.35 * light["sun"]
+    f[shaded] = 1 - 0.25 * light["sun"]
     for x0, x1, z0, z1, _vx, vz in scene.shadows:
         dz = vz * frame
         f[(x > x0) & (x < x1) & (z > z0 + dz) & (z < z1 + dz)] *= 0.55
