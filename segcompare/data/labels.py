@@ -1,4 +1,4 @@
-"""The Cityscapes label table: the one place the 35 labels, the 19 train classes and the palette live.
+"""The Cityscapes label table: the one place for the 35 labels, the 19 train classes, the palette.
 
 The values equal `cityscapesscripts.helpers.labels` (tests/test_labels.py compares them), but the
 package does not need cityscapesscripts at run time.
