@@ -7,6 +7,7 @@ A `SegcompareError` or `ValueError` raised by a handler is printed as one line w
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -272,6 +273,10 @@ def _add_test_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stride", type=size_hw, metavar="HxW", help="slide stride at the test size")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
     g.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
+    g.add_argument(
+        "--no-optimize", action="store_true",
+        help="run the eager model, not prepare_for_inference's (same logits, faster)",
+    )  # fmt: skip
 
 
 def _predictor(args: argparse.Namespace, name: Optional[str], weights: Optional[str]) -> Any:
@@ -294,7 +299,7 @@ def _predictor(args: argparse.Namespace, name: Optional[str], weights: Optional[
         )
     return Predictor(
         model, args.device, args.mode, args.size, scales=args.scales, flip=args.flip,
-        window=args.window, stride=args.stride, amp=args.amp,
+        window=args.window, stride=args.stride, amp=args.amp, optimize=not args.no_optimize,
     )  # fmt: skip
 
 
@@ -691,6 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Tensors of 2 MB and more on transparent huge pages (PyTorch reads this once, when torch
+    # loads): without it, CPU inference at 1024x2048 spends up to half its time in page faults
+    # (benchmarks/RESULTS.md). Set here, before any handler imports torch; the user's value wins.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -164,6 +164,10 @@ def test_bfloat16_is_opt_in_and_close(family):
     assert (out.argmax(1) == ref.argmax(1)).float().mean().item() >= 0.95
 
 
-def test_rejects_other_models():
-    with pytest.raises(TypeError, match="SegFormer or HRNet"):
-        prepare_for_inference(nn.Conv2d(3, 3, 1))
+def test_other_models_are_copied_as_they_are():
+    conv = nn.Conv2d(3, 2, 1).train()
+    prepared = prepare_for_inference(conv)
+    x = torch.randn(1, 3, 5, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), conv(x))
+    assert conv.training and not prepared.training

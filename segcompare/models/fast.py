@@ -27,6 +27,7 @@ The prepared model is for inference only (no gradients, no `train()`): its weigh
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Optional, Sequence
 
 import torch
@@ -34,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcompare.models import hrnet, segformer
+
+log = logging.getLogger(__name__)
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
@@ -485,6 +488,9 @@ def prepare_for_inference(
 ) -> nn.Module:
     """A faster model that computes the same logits as `model` (which is left untouched).
 
+    SegFormer and HRNet are rebuilt as described in this module's docstring; any other module
+    is deep-copied and only put in eval mode and `dtype`.
+
     `dtype=torch.bfloat16` runs in bfloat16 (opt-in: about 3 significant digits); the logits
     come back in the input's dtype. `channels_last` runs the convolutions in NHWC, the fast
     layout of oneDNN on CPU. `compile=True` wraps the result in `torch.compile`. The result is
@@ -495,8 +501,12 @@ def prepare_for_inference(
         net: nn.Module = FastHRNet(src)
     elif isinstance(src, segformer.SegFormer):
         net = FastSegFormer(src)
-    else:
-        raise TypeError(f"prepare_for_inference: expected a SegFormer or HRNet, got {type(model)}")
+    else:  # not ours: nothing to rewrite; a copy in eval mode and `dtype`, layout untouched
+        log.info(
+            "prepare_for_inference: %s is not a SegFormer or HRNet; copied as is",
+            type(model).__name__,
+        )
+        net, channels_last = src, False
     for attr in ("variant", "settings"):
         if hasattr(model, attr):
             setattr(net, attr, copy.deepcopy(getattr(model, attr)))
