@@ -1,0 +1,210 @@
+"""CPU inference latency of our prepared models against the references, side by side.
+
+    ours        prepare_for_inference(model) (segcompare/models/fast.py)
+    reference   SegFormer: transformers' SegformerForSemanticSegmentation with the same weights;
+                HRNet: our eager model (it equals the official code, tests/test_hrnet.py)
+
+Both run in one process, on one input, timed in interleaved rounds by `segcompare.bench`
+(median of --iters after --warmup), so a busy moment of the machine hurts both alike. The max
+absolute logit difference and the argmax agreement of the two are printed with the timings.
+Weights are random but scaled like trained ones (BatchNorm statistics included), seed 0.
+
+    python benchmarks/inference_cpu.py                                 # everything (long)
+    python benchmarks/inference_cpu.py --models segformer-b0 --cases 512x1024x1
+    python benchmarks/inference_cpu.py --models hrnet-w48 --bf16       # adds an "ours bf16" row
+
+Large tensors go on transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE, as the segcompare
+CLI sets it) for both models unless --no-thp. Rows are merged into
+benchmarks/results/inference_cpu.json by (model, size, batch), so subsets can be rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ["segformer-b0", "hrnet-w18-small-v2", "hrnet-w48", "segformer-b5"]
+CASES = ["1024x2048x1", "512x1024x1", "512x1024x4"]  # HxWxbatch
+TARGETS = {"segformer-b0": 0.5, "hrnet-w18-small-v2": 0.75, "hrnet-w48": 0.9, "segformer-b5": 0.6}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated model names")
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated HxWxBATCH")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--bf16", action="store_true", help="also time ours in bfloat16")
+    p.add_argument("--no-thp", action="store_true", help="leave PyTorch's allocator as it is")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/inference_cpu.json"))
+    return p.parse_args()
+
+
+ARGS = parse_args()
+if not ARGS.no_thp:  # read by torch once, when it loads: set before the import below
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from segcompare import bench  # noqa: E402
+from segcompare.models import build_model, model_family  # noqa: E402
+from segcompare.models.fast import prepare_for_inference  # noqa: E402
+from segcompare.utils import atomic_write_text  # noqa: E402
+
+
+def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights at the scale of trained ones, so the logits are O(1) and BN folding really
+    changes the weights: conv/linear N(0, gain/fan_in), norm scales U(0.5, 1.5), shifts
+    N(0, 0.05); then the BatchNorm running statistics are measured on a random image."""
+    g = torch.Generator().manual_seed(seed)
+    gain = 2.0 if model_family(model.variant) == "hrnet" else 1.0
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point() or "running" in name:
+                continue
+            if t.ndim == 1 and name.endswith("weight"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif t.ndim == 1:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.05)
+            else:
+                fan_in = math.prod(t.shape[1:])
+                t.copy_(torch.randn(t.shape, generator=g) * math.sqrt(gain / fan_in))
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # a plain average over the calibration batch
+        model.train()(torch.randn(2, 3, 256, 512, generator=g))
+        for bn in bns:
+            bn.momentum = 0.1
+    return model.eval()
+
+
+def transformers_reference(model: nn.Module) -> nn.Module:
+    """transformers' SegFormer with our model's weights, loaded the way users load it."""
+    from transformers import SegformerForSemanticSegmentation
+    from transformers.utils import logging as hf_logging
+
+    from segcompare.models.checkpoint import export_hf
+
+    hf_logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model, tmp)
+        ref = SegformerForSemanticSegmentation.from_pretrained(tmp)
+    return ref.eval()
+
+
+def run_case(name: str, h: int, w: int, batch: int) -> dict:
+    torch.manual_seed(0)
+    model = trained_like(build_model(name))
+    ours = prepare_for_inference(model)
+    candidates = [bench.Candidate("ours", ours)]
+    if model_family(name) == "segformer":
+        ref = transformers_reference(model)
+        candidates.append(bench.Candidate("reference", bench.hf_logits(ref)))
+        reference = "transformers"
+    else:
+        candidates.append(bench.Candidate("reference", model))
+        reference = "eager"
+    if ARGS.bf16:
+        ours_bf16 = prepare_for_inference(model, dtype=torch.bfloat16)
+        candidates.append(bench.Candidate("ours bf16", ours_bf16))
+    x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        logits = {c.name: c.run(x).float() for c in candidates}
+    diff = (logits["ours"] - logits["reference"]).abs().max().item()
+    agree = (logits["ours"].argmax(1) == logits["reference"].argmax(1)).float().mean().item()
+    load_before = os.getloadavg()[0]
+    timings = {r["name"]: r for r in bench.benchmark(candidates, x, ARGS.warmup, ARGS.iters)}
+    row = {
+        "model": name,
+        "size": f"{h}x{w}",
+        "batch": batch,
+        "reference": reference,
+        "ours_ms": timings["ours"]["latency_ms"],
+        "reference_ms": timings["reference"]["latency_ms"],
+        "ratio": round(timings["ours"]["latency_ms"] / timings["reference"]["latency_ms"], 3),
+        "target": TARGETS.get(name),
+        "max_abs_diff": float(f"{diff:.3g}"),
+        "argmax_agree": round(agree, 6),
+        "logit_abs_max": round(logits["reference"].abs().max().item(), 3),
+        "timings": list(timings.values()),
+        "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    if ARGS.bf16:
+        row["bf16_ms"] = timings["ours bf16"]["latency_ms"]
+        row["bf16_ratio"] = round(row["bf16_ms"] / row["reference_ms"], 3)
+        row["bf16_max_abs_diff"] = float(
+            f"{(logits['ours bf16'] - logits['reference']).abs().max().item():.3g}"
+        )
+        row["bf16_argmax_agree"] = round(
+            (logits["ours bf16"].argmax(1) == logits["reference"].argmax(1)).float().mean().item(),
+            6,
+        )
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| model | input | ours ms | reference | reference ms | ratio | target | max abs diff |"
+        " argmax agree |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        target = f"≤ {r['target']:.2f}×" if r["target"] else "-"
+        lines.append(
+            f"| {r['model']} | {r['batch']}×3×{r['size'].replace('x', '×')} | {r['ours_ms']:.0f} |"
+            f" {r['reference']} | {r['reference_ms']:.0f} | {r['ratio']:.2f}× |"
+            f" {target} | {r['max_abs_diff']:.1e} |"
+            f" {100 * r['argmax_agree']:.3f}% |"
+        )
+    if any("bf16_ms" in r for r in rows):
+        lines += [
+            "",
+            "| model | input | ours bf16 ms | vs reference | max abs diff | argmax agree |",
+        ]
+        lines.append("| --- | --- | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            if "bf16_ms" in r:
+                lines.append(
+                    f"| {r['model']} | {r['batch']}×3×{r['size'].replace('x', '×')} |"
+                    f" {r['bf16_ms']:.0f} | {r['bf16_ratio']:.2f}× | {r['bf16_max_abs_diff']:.2g} |"
+                    f" {100 * r['bf16_argmax_agree']:.2f}% |"
+                )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    torch.set_num_threads(ARGS.threads)
+    models = [m for m in ARGS.models.split(",") if m]
+    cases = [tuple(int(v) for v in c.split("x")) for c in ARGS.cases.split(",") if c]
+    rows = []
+    for h, w, batch in cases:
+        for name in models:
+            print(f"{name} {batch}x3x{h}x{w} ...", file=sys.stderr, flush=True)
+            rows.append(run_case(name, h, w, batch))
+            print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    meta = bench.machine_info(torch.device("cpu"), ARGS.threads, "fp32")
+    meta.update(thp=not ARGS.no_thp, warmup=ARGS.warmup, iters=ARGS.iters)
+    out = Path(ARGS.out)
+    old = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    keep = {(r["model"], r["size"], r["batch"]) for r in rows}
+    merged = [r for r in old["rows"] if (r["model"], r["size"], r["batch"]) not in keep] + rows
+    atomic_write_text(out, json.dumps({"meta": meta, "rows": merged}, indent=1) + "\n")
+    print(table(rows))
+    print(f"\n{meta['cpu']}, {ARGS.threads} threads, torch {meta['torch']}, THP {meta['thp']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
