@@ -635,7 +635,7 @@ def plot_hardest(
     sample0 = raw_dataset[indices[0]]
     h0, w0 = sample0["label"].shape
     panel_h = panel_w * h0 / w0
-    fig = _figure(panel_w * cols, (panel_h + 0.45) * len(indices) + 0.6)
+    fig = _figure(panel_w * cols, (panel_h + 0.5) * len(indices) + 0.8)
     axes = np.array(fig.subplots(len(indices), cols, squeeze=False))
     colors = _colors(len(runs))
     for row, index in enumerate(tqdm(indices, desc="hardest images", disable=not progress)):
@@ -645,19 +645,17 @@ def plot_hardest(
         panels = [_thumb(image, width, False), _thumb(colorize(label), width, True)]
         panels += [_thumb(colorize(p), width, True) for p in preds]
         panels.append(_thumb(disagreement_map(image, label, preds, colors), width, True))
-        titles = ["image", "ground truth"]
-        titles += [f"{run.label}: {100 * run.image_miou[index]:.1f}" for run in runs]
+        titles = [sample["name"], "ground truth"]
+        titles += [f"{run.label}: {100 * run.image_miou[index]:.1f}% mIoU" for run in runs]
         titles.append("where they disagree")
-        titles[0] = sample["name"]
         for ax, panel, title in zip(axes[row], panels, titles):
             ax.imshow(panel, interpolation="antialiased" if ax is axes[row][0] else "nearest")
-            ax.set_title(title, fontsize=9)
+            ax.set_title(title, fontsize=12)
             ax.set_axis_off()
     handles = [Patch(color=c, label=f"only {r.label} right") for r, c in zip(runs, colors)]
     handles.append(Patch(color=np.full(3, NO_WINNER_GREY / 255), label="no single model right"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
-    fig.suptitle("Hardest images (lowest mean per-image mIoU); model titles: per-image mIoU %",
-                 fontsize=11)
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=12)
+    fig.suptitle("Hardest images: lowest per-image mIoU, averaged over the models", fontsize=14)
     return _save(fig, path, dpi)
 
 
