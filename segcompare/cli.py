@@ -451,6 +451,60 @@ def _run_video(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- segcompare export ------------------------------------------------------------------------
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a model (prepared for inference) to ONNX",
+        description="Write the model, with prepare_for_inference's rewrites, as an ONNX graph: "
+        "input `images` Nx3xHxW normalised, output `logits` NxCx(H/4)x(W/4). Checked with "
+        "onnxruntime against PyTorch when it is installed (pip install segcompare[onnx]).",
+    )
+    p.add_argument("out", metavar="OUT", help="the .onnx file to write")
+    p.add_argument("--model", metavar="NAME", help="model name (default: read from --weights)")
+    p.add_argument("--weights", metavar="W", help="checkpoint (any format build_model reads)")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="(default onnx)")
+    p.add_argument(
+        "--size", type=size_hw, default=(1024, 2048), metavar="HxW",
+        help="input size the graph is traced at (default 1024x2048)",
+    )  # fmt: skip
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="traced batch size (1)")
+    p.add_argument("--dynamic", action="store_true", help="batch, height and width left free")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+
+    from segcompare.export import check_onnx, export_onnx
+    from segcompare.models import build_model
+    from segcompare.utils import SegcompareError
+
+    if args.model is None and args.weights is None:
+        raise SegcompareError("name a model: --model NAME and/or --weights W")
+    if args.batch < 1:
+        raise SegcompareError("--batch must be at least 1")
+    torch.manual_seed(0)
+    model = build_model(args.model, weights=args.weights).eval()
+    if args.weights is None:
+        logging.getLogger("segcompare").warning(
+            "no --weights for %s: random weights (seed 0)", args.model
+        )
+    path = export_onnx(model, args.out, args.size, args.dynamic, args.batch, args.opset)
+    size_mb = path.stat().st_size / 2**20
+    print(
+        f"wrote {path} ({size_mb:.1f} MB, {model.variant}, input {args.batch}x3x"
+        f"{args.size[0]}x{args.size[1]}{', dynamic N/H/W' if args.dynamic else ''})"
+    )
+    diff = check_onnx(path, model, args.size, args.batch)
+    if diff is not None:
+        print(f"onnxruntime vs PyTorch: max |logit difference| {diff:.2e}")
+    return 0
+
+
 # --- segcompare data check | prepare | synth ---------------------------------------------------
 def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="check, prepare or synthesise a Cityscapes folder")
@@ -676,6 +730,7 @@ _SUBCOMMANDS = [
     _add_bench,
     _add_train,
     _add_convert,
+    _add_export,
     _add_eval,
     _add_predict,
     _add_video,

@@ -423,8 +423,7 @@ class FastSegFormerHead(nn.Module):
         for linear, x in zip(self.others, features[1:]):
             h, w = x.shape[2:]
             y = _to_map(linear(_to_tokens(x)), h, w)  # N×D×h_s×w_s at the stage's resolution
-            if y.shape[2:] != size:
-                y = _resize(y, size)
+            y = _resize(y, size)  # (a copy where the sizes are equal, as in tiny inputs)
             acc = y if acc is None else acc.add_(y)
         x = self.stage1(features[0], acc)  # N×D×H/4×W/4, ReLU(fused sum)
         return self.linear_pred(x)  # N×classes×H/4×W/4
