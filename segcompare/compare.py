@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segcompare.data.labels import CLASS_NAMES, NUM_CLASSES, colorize
+from segcompare.data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, colorize
 from segcompare.utils import PathLike, SegcompareError, atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -255,10 +255,10 @@ class _Subset:
 
 
 class _Corrupted:
-    """A raw (uint8) dataset seen through a corruption, then normalised like the test transform.
-    The noise of sample i is drawn with seed i, so every model sees the same corrupted image."""
+    """A raw (uint8) dataset seen through a corruption (None: none), then normalised like the test
+    transform. The noise of sample i is drawn with seed i: every model sees the same image."""
 
-    def __init__(self, dataset: Any, kind: str, severity: int) -> None:
+    def __init__(self, dataset: Any, kind: Optional[str], severity: int) -> None:
         from segcompare.data.transforms import build_test_transform
 
         self.dataset, self.kind, self.severity = dataset, kind, severity
@@ -269,7 +269,9 @@ class _Corrupted:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = dict(self.dataset[index])
-        image = corrupt(sample["image"], self.kind, self.severity, seed=index)
+        image = sample["image"]
+        if self.kind is not None:
+            image = corrupt(image, self.kind, self.severity, seed=index)
         sample["image"], sample["label"] = self.transform(image, sample["label"])
         return sample
 
@@ -358,38 +360,52 @@ def evaluate_corruptions(
     runs: Sequence[ModelRun],
     raw_dataset: Any,
     corruptions: Sequence[str],
+    subset: bool = False,
     progress: bool = True,
 ) -> None:
-    """mIoU of every model under every corruption at SEVERITIES, on `raw_dataset` (uint8 images);
-    fills `run.robustness` = {"severities", "miou": {kind: [per severity]}, "mean_miou",
-    "relative_miou" (mean over corruptions and severities / clean mIoU)}."""
+    """mIoU of every model under every corruption at SEVERITIES, on `raw_dataset` (uint8 images).
+
+    Fills `run.robustness` = {"severities", "clean_miou", "miou": {kind: [per severity]},
+    "mean_miou" (over corruptions and severities), "relative_miou" (mean_miou / clean_miou)}.
+    subset: `raw_dataset` holds fewer images than `run.results` was measured on; the clean mIoU
+    is then measured again on these images, so that every figure compares the same images.
+    """
     from tqdm import tqdm
 
     from segcompare.evaluate import evaluate_model
 
     if not corruptions:
         return
-    total = len(runs) * len(corruptions) * len(SEVERITIES) * len(raw_dataset)
+    levels: list[tuple[Optional[str], int]] = [(k, s) for k in corruptions for s in SEVERITIES]
+    if subset:
+        levels.insert(0, (None, 0))
+    total = len(runs) * len(levels) * len(raw_dataset)
     with tqdm(total=total, desc="corruptions", unit="img", disable=not progress) as bar:
         for run in runs:
-            run.robustness = {"severities": list(SEVERITIES), "miou": {}}
-        for kind in corruptions:
-            for severity in SEVERITIES:
-                dataset = _Corrupted(raw_dataset, kind, severity)
-                for run in runs:
-                    bar.set_postfix_str(f"{kind} {severity} {run.label}")
+            run.robustness = {
+                "severities": list(SEVERITIES),
+                "clean_miou": None if subset else run.results["miou"],
+                "miou": {},
+            }
+        for kind, severity in levels:
+            dataset = _Corrupted(raw_dataset, kind, severity)
+            for run in runs:
+                bar.set_postfix_str(f"{kind or 'clean'} {severity} {run.label}")
 
-                    def scores(images: torch.Tensor, run: ModelRun = run) -> torch.Tensor:
-                        bar.update(images.shape[0])
-                        return run.predictor.scores(images)
+                def scores(images: torch.Tensor, run: ModelRun = run) -> torch.Tensor:
+                    bar.update(images.shape[0])
+                    return run.predictor.scores(images)
 
-                    miou = evaluate_model(scores, dataset, workers=0, progress=False)["miou"]
+                miou = evaluate_model(scores, dataset, workers=0, progress=False)["miou"]
+                if kind is None:
+                    run.robustness["clean_miou"] = miou
+                else:
                     run.robustness["miou"].setdefault(kind, []).append(miou)
         for run in runs:
             values = [v for per in run.robustness["miou"].values() for v in per]
             mean = float(np.nanmean(values)) if values else float("nan")
+            clean = run.robustness["clean_miou"]
             run.robustness["mean_miou"] = mean
-            clean = run.results.get("miou", float("nan"))
             run.robustness["relative_miou"] = mean / clean if clean else float("nan")
 
 
@@ -581,7 +597,7 @@ def plot_robustness(runs: Sequence[ModelRun], path: Path) -> Path:
     levels = [0, *SEVERITIES]
     for ax, kind in zip(axes, kinds):
         for run, color in zip(runs, _colors(len(runs))):
-            ys = [run.results["miou"], *run.robustness["miou"][kind]]
+            ys = [run.robustness["clean_miou"], *run.robustness["miou"][kind]]
             ax.plot(levels, [100 * v for v in ys], marker="o", color=color, label=run.label)
         ax.set_xticks(levels, ["clean", *map(str, SEVERITIES)])
         ax.set_title(kind)
@@ -608,9 +624,13 @@ def disagreement_map(
     image: np.ndarray, label: np.ndarray, preds: Sequence[np.ndarray], colors: Sequence[Any]
 ) -> np.ndarray:
     """H×W×3 uint8: the image dimmed where all models agree; where they disagree, the colour of
-    the one model that is right, or light grey when no single model is."""
+    the one model that is right, or light grey when no single model is. With one model: its
+    errors (ignored pixels excepted) in grey."""
     out = (image.astype(np.float32).mean(2, keepdims=True) * 0.35).repeat(3, 2)
     stack = np.stack(preds)  # M×H×W
+    if len(preds) == 1:
+        out[(stack[0] != label) & (label != IGNORE_INDEX)] = NO_WINNER_GREY
+        return out.round().astype(np.uint8)
     disagree = (stack != stack[0]).any(0)
     right = stack == label[None]
     n_right = right.sum(0)
@@ -647,13 +667,17 @@ def plot_hardest(
         panels.append(_thumb(disagreement_map(image, label, preds, colors), width, True))
         titles = [sample["name"], "ground truth"]
         titles += [f"{run.label}: {100 * run.image_miou[index]:.1f}% mIoU" for run in runs]
-        titles.append("where they disagree")
+        titles.append("where they disagree" if len(runs) > 1 else "errors")
         for ax, panel, title in zip(axes[row], panels, titles):
             ax.imshow(panel, interpolation="antialiased" if ax is axes[row][0] else "nearest")
             ax.set_title(title, fontsize=12)
             ax.set_axis_off()
-    handles = [Patch(color=c, label=f"only {r.label} right") for r, c in zip(runs, colors)]
-    handles.append(Patch(color=np.full(3, NO_WINNER_GREY / 255), label="no single model right"))
+    grey = np.full(3, NO_WINNER_GREY / 255)
+    if len(runs) > 1:
+        handles = [Patch(color=c, label=f"only {r.label} right") for r, c in zip(runs, colors)]
+        handles.append(Patch(color=grey, label="no single model right"))
+    else:
+        handles = [Patch(color=grey, label="wrong")]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=12)
     fig.suptitle("Hardest images: lowest per-image mIoU, averaged over the models", fontsize=14)
     return _save(fig, path, dpi)
@@ -928,7 +952,10 @@ def build_sections(
                 "The images with the lowest per-image mIoU averaged over the models, with each "
                 "model's prediction (title: its per-image mIoU in %). Last column: where the "
                 "models disagree, in the colour of the one model that is right there (grey: "
-                "no single model is right); where they agree the image is dimmed.",
+                "no single model is right); where they agree the image is dimmed."
+                if len(runs) > 1
+                else "The images with the lowest per-image mIoU, with the model's prediction "
+                "(title: its per-image mIoU in %) and its errors in grey on the dimmed image.",
             ],
             images=[(files["hardest"], "Hardest images")],
         ))
@@ -947,7 +974,7 @@ def build_sections(
         for run in runs:
             rb = run.robustness
             rows.append(
-                [run.label, _pct(run.results["miou"])]
+                [run.label, _pct(rb["clean_miou"])]
                 + [_pct(v) for k in kinds for v in rb["miou"][k]]
                 + [_pct(rb["mean_miou"]), _num(rb["relative_miou"], ".2f")]
             )
@@ -958,7 +985,8 @@ def build_sections(
         sections.append(Section(
             "Robustness to corrupted inputs",
             [
-                f"mIoU (%) on {n_corrupt} images under each corruption at ImageNet-C severity "
+                f"mIoU (%) on {n_corrupt} images ('clean' on the same images) under each "
+                "corruption at ImageNet-C severity "
                 f"levels {', '.join(map(str, SEVERITIES))} (Hendrycks & Dietterich 2019). "
                 f"Parameters: {levels} (noise: std on [0, 1]; blur: Gaussian sigma in px; jpeg: "
                 "quality; brightness: added to V of HSV). 'relative' is the mean corrupted mIoU "
@@ -1098,7 +1126,7 @@ def run_compare(
     bench_meta.update(iters=bench_iters, warmup=bench_warmup, size=list(eval_hw), batch=1)
 
     corrupt_set = _Subset(raw, corrupt_images)
-    evaluate_corruptions(runs, corrupt_set, corrupt, progress)
+    evaluate_corruptions(runs, corrupt_set, corrupt, len(corrupt_set) < num_images, progress)
 
     hardest = hardest_images(runs, images)
 

@@ -86,6 +86,21 @@ def test_hardest_images_have_the_lowest_mean_miou():
     assert hardest_images([a, b], 2) == [2, 1]  # means 0.3 and 0.3: stable order by index
 
 
+def test_disagreement_map_by_hand():
+    image = np.full((1, 5, 3), 100, np.uint8)
+    label = np.array([[0, 1, 2, 3, 4]], np.uint8)
+    a = np.array([[0, 1, 5, 3, 9]], np.uint8)
+    b = np.array([[0, 2, 7, 8, 4]], np.uint8)
+    # pixels: agree | only a right | both wrong | only a right | only b right
+    red, blue = (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)
+    out = compare.disagreement_map(image, label, [a, b], [red, blue])
+    dim, grey = round(100 * 0.35), compare.NO_WINNER_GREY
+    assert out[0].tolist() == [[dim] * 3, [255, 0, 0], [grey] * 3, [255, 0, 0], [0, 0, 255]]
+    # One model: its errors in grey.
+    out = compare.disagreement_map(image, label, [b], [blue])
+    assert out[0].tolist() == [[dim] * 3] + [[grey] * 3] * 3 + [[dim] * 3]
+
+
 # --- corruptions --------------------------------------------------------------------------------
 
 
