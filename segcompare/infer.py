@@ -355,7 +355,7 @@ class GifWriter:
     def append(self, frame: np.ndarray) -> None:
         from PIL import GifImagePlugin
 
-        im = Image.fromarray(frame).quantize(colors=256)
+        im = Image.fromarray(frame).quantize(colors=256, method=Image.Quantize.FASTOCTREE)
         if self.frames == 0:
             header, _ = GifImagePlugin.getheader(im, info={"loop": 0, "duration": self.duration_ms})
             self.fp.write(b"".join(header))
