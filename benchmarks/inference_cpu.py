@@ -48,8 +48,7 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-ARGS = parse_args()
-if not ARGS.no_thp:  # read by torch once, when it loads: set before the import below
+if "--no-thp" not in sys.argv:  # read by torch once, when it loads: set before the import below
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
@@ -185,6 +184,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> int:
+    global ARGS
+    ARGS = parse_args()
     torch.set_num_threads(ARGS.threads)
     models = [m for m in ARGS.models.split(",") if m]
     cases = [tuple(int(v) for v in c.split("x")) for c in ARGS.cases.split(",") if c]
