@@ -634,9 +634,6 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "--boundary-frac", type=float, default=None, metavar="F",
         help="Boundary IoU band as a fraction of the image diagonal (0.005; the paper: 0.02)",
     )  # fmt: skip
-    p.add_argument(
-        "--optimize", action="store_true", help="run the models through prepare_for_inference"
-    )
     _add_test_options(p)
     p.set_defaults(func=_run_compare)
 
@@ -671,7 +668,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         size=args.size, scales=args.scales, flip=args.flip, window=args.window,
         stride=args.stride, amp=args.amp, max_images=args.max_images,
         corrupt_images=args.corrupt_images, bench_iters=args.bench_iters,
-        bench_warmup=args.bench_warmup, boundary_frac=frac, optimize=args.optimize,
+        bench_warmup=args.bench_warmup, boundary_frac=frac, optimize=not args.no_optimize,
     )  # fmt: skip
     print(f"{'model':<24}{'mIoU':>7}{'B-IoU':>7}{'GMACs':>10}{'ms':>9}")
     for m in doc["models"]:

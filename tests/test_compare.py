@@ -286,6 +286,11 @@ def test_metrics_json_schema(report):
         assert rb["severities"] == [1, 3, 5]
         assert set(rb["miou"]) == {"noise", "blur", "jpeg", "brightness"}
         assert all(len(v) == 3 and all(0 <= x <= 1 for x in v) for v in rb["miou"].values())
+        # corrupt_images=1: the clean figure is measured again on that one image
+        assert 0 <= rb["clean_miou"] <= 1
+        mean = np.mean([x for v in rb["miou"].values() for x in v])
+        assert rb["mean_miou"] == pytest.approx(mean)
+        assert rb["relative_miou"] == pytest.approx(mean / rb["clean_miou"])
     assert doc["meta"]["boundary"]["d_px"] == 1
 
 
