@@ -13,8 +13,9 @@ Weights are random but scaled like trained ones (BatchNorm statistics included),
     python benchmarks/inference_cpu.py --models segformer-b0 --cases 512x1024x1
     python benchmarks/inference_cpu.py --models hrnet-w48 --bf16       # adds an "ours bf16" row
 
-Large tensors go on transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE, as the segcompare
-CLI sets it) for both models unless --no-thp. Rows are merged into
+Large tensors go on transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE) and glibc keeps
+freed memory for reuse (`tune_cpu_allocator`), for both models, as the segcompare CLI does;
+--no-thp and --no-tune-alloc turn them off. Rows are merged into
 benchmarks/results/inference_cpu.json by (model, size, batch), so subsets can be rerun.
 """
 
@@ -44,6 +45,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--bf16", action="store_true", help="also time ours in bfloat16")
     p.add_argument("--no-thp", action="store_true", help="leave PyTorch's allocator as it is")
+    p.add_argument(
+        "--no-tune-alloc", action="store_true", help="leave glibc's malloc settings as they are"
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/inference_cpu.json"))
     return p.parse_args()
 
@@ -57,7 +61,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(ROOT))
 from segcompare import bench  # noqa: E402
 from segcompare.models import build_model, model_family  # noqa: E402
-from segcompare.models.fast import prepare_for_inference  # noqa: E402
+from segcompare.models.fast import prepare_for_inference, tune_cpu_allocator  # noqa: E402
 from segcompare.utils import atomic_write_text  # noqa: E402
 
 
@@ -187,6 +191,7 @@ def main() -> int:
     global ARGS
     ARGS = parse_args()
     torch.set_num_threads(ARGS.threads)
+    tuned = False if ARGS.no_tune_alloc else tune_cpu_allocator()
     models = [m for m in ARGS.models.split(",") if m]
     cases = [tuple(int(v) for v in c.split("x")) for c in ARGS.cases.split(",") if c]
     rows = []
@@ -196,14 +201,17 @@ def main() -> int:
             rows.append(run_case(name, h, w, batch))
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     meta = bench.machine_info(torch.device("cpu"), ARGS.threads, "fp32")
-    meta.update(thp=not ARGS.no_thp, warmup=ARGS.warmup, iters=ARGS.iters)
+    meta.update(thp=not ARGS.no_thp, tuned_malloc=tuned, warmup=ARGS.warmup, iters=ARGS.iters)
     out = Path(ARGS.out)
     old = json.loads(out.read_text()) if out.exists() else {"rows": []}
     keep = {(r["model"], r["size"], r["batch"]) for r in rows}
     merged = [r for r in old["rows"] if (r["model"], r["size"], r["batch"]) not in keep] + rows
     atomic_write_text(out, json.dumps({"meta": meta, "rows": merged}, indent=1) + "\n")
     print(table(rows))
-    print(f"\n{meta['cpu']}, {ARGS.threads} threads, torch {meta['torch']}, THP {meta['thp']}")
+    print(
+        f"\n{meta['cpu']}, {ARGS.threads} threads, torch {meta['torch']}, THP {meta['thp']}, "
+        f"glibc malloc tuned {tuned}"
+    )
     return 0
 
 

@@ -3,7 +3,8 @@
 Both models start from the same weights and take the same step: forward in train mode (dropout
 and stochastic depth on), logits upsampled to the label size, cross-entropy (ignore 255),
 backward, AdamW step (SegFormer's optimiser, lr 6e-5, weight decay 0.01). The steps are timed in
-interleaved rounds (median), as `segcompare.bench` times inference.
+interleaved rounds (median), as `segcompare.bench` times inference, with the allocator settings
+of inference_cpu.py (--no-thp, --no-tune-alloc).
 
     python benchmarks/training_step.py                      # B0, 2×3×512×512, 2 threads
     python benchmarks/training_step.py --model segformer-b1 --iters 7
@@ -33,6 +34,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--no-thp", action="store_true", help="leave PyTorch's allocator as it is")
+    p.add_argument(
+        "--no-tune-alloc", action="store_true", help="leave glibc's malloc settings as they are"
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/training_step.json"))
     return p.parse_args()
 
@@ -50,6 +54,7 @@ from inference_cpu import trained_like, transformers_reference  # noqa: E402
 from segcompare import bench  # noqa: E402
 from segcompare.data.labels import IGNORE_INDEX  # noqa: E402
 from segcompare.models import build_model  # noqa: E402
+from segcompare.models.fast import tune_cpu_allocator  # noqa: E402
 from segcompare.utils import atomic_write_text  # noqa: E402
 
 
@@ -72,6 +77,7 @@ def main() -> int:
     global ARGS
     ARGS = parse_args()
     torch.set_num_threads(ARGS.threads)
+    tuned = False if ARGS.no_tune_alloc else tune_cpu_allocator()
     h, w = (int(v) for v in ARGS.size.split("x"))
     torch.manual_seed(0)
     ours = trained_like(build_model(ARGS.model))
@@ -107,6 +113,7 @@ def main() -> int:
         "meta": {
             **bench.machine_info(torch.device("cpu"), ARGS.threads, "fp32"),
             "thp": not ARGS.no_thp,
+            "tuned_malloc": tuned,
         },
     }
     atomic_write_text(ARGS.out, json.dumps(result, indent=1) + "\n")

@@ -735,6 +735,10 @@ _SUBCOMMANDS = [
 ]
 
 
+# The commands that run models forward only: glibc keeps their freed memory for reuse.
+_INFERENCE_COMMANDS = {"bench", "eval", "predict", "video", "compare", "export"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segcompare",
@@ -757,6 +761,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.command in _INFERENCE_COMMANDS:
+        from segcompare.models.fast import tune_cpu_allocator
+
+        tune_cpu_allocator()  # reuse freed activations rather than fresh pages (see its docstring)
     from segcompare.utils import SegcompareError
 
     try:

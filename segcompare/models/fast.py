@@ -479,6 +479,28 @@ class Prepared(nn.Module):
         return logits.to(out_dtype)
 
 
+def tune_cpu_allocator() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    glibc serves every block above 32 MB (its largest mmap threshold) with a fresh mmap and
+    unmaps it when freed, so each inference pays the kernel again for faulting in and zeroing
+    all its large activations: a third of the time of a 1024×2048 forward on the 2-core VM of
+    benchmarks/RESULTS.md, eager and prepared models alike. With mmap and trimming off, large
+    blocks come from the heap and are reused; the process then keeps its peak memory until it
+    exits. Process-wide and for good, so the caller decides: the CLI's inference commands and
+    the benchmarks call it. Returns whether it applied (glibc only; elsewhere it does nothing).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def prepare_for_inference(
     model: nn.Module,
     dtype: torch.dtype = torch.float32,
