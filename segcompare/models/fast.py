@@ -4,13 +4,15 @@
 only run forward. Nothing here changes what is computed (up to float rounding); the rewrites are:
 
 1. **BatchNorm folded into the conv before it** (eval statistics: y = a·conv(x) + b).
-2. **One oneDNN call per conv/linear with its epilogue**: bias, residual add, ReLU/GELU run
-   inside the kernel (`torch.ops.mkldnn._convolution_pointwise` / `_linear_pointwise`, the ops
-   inductor emits for CPU), instead of three passes over memory. Where they cannot run (off the
-   CPU, while tracing, exporting or compiling, without oneDNN) the same maths runs as plain ops.
-3. **channels_last (NHWC)** for every map: oneDNN's fast layout on CPU. SegFormer's tokens
-   (N×L×C) *are* NHWC, so going from tokens to maps and back (the depthwise conv, the sequence
-   reduction, the stage ends) is a view instead of a transpose-and-copy.
+2. **One oneDNN call per conv with its epilogue**: bias, residual add, ReLU/GELU run inside
+   the kernel (`torch.ops.mkldnn._convolution_pointwise`, the op inductor emits for CPU)
+   instead of three passes over memory; a residual the model owns is accumulated into in place
+   (`_convolution_pointwise_`), not copied first. Where these cannot run (off the CPU, while
+   tracing, exporting or compiling, without oneDNN) the same maths runs as plain ops.
+3. **channels_last (NHWC)** for every map: oneDNN's fast layout on CPU. SegFormer runs on
+   channels_last maps throughout: their memory *is* the N×L×C token sequence, so its Linears
+   are 1×1 convs (faster than oneDNN's matmul here), and LayerNorm, attention, the depthwise
+   conv and the sequence reduction read views: no transpose-and-copy between tokens and maps.
 4. **The heads, where linear maps meet bilinear upsampling.** A per-pixel linear (1×1 conv) map
    commutes with bilinear resizing (align_corners=False interpolates with weights that sum to 1,
    so even the bias passes through), hence W·concat(up(x_1), …, up(x_n)) = Σ up(W_s·x_s): the
@@ -18,7 +20,7 @@ only run forward. Nothing here changes what is computed (up to float rounding); 
    SegFormer: `linear_c{s}` and its slice of `linear_fuse` (with BN folded) become one Linear
    per stage. HRNet: `last_layer`'s first conv (with BN folded) is split per branch.
 5. **Fused attention**: `F.scaled_dot_product_attention` (no L×L' matrix in memory), fed
-   with views of the q/kv projections, no copies.
+   with views of the q/kv projections.
 
 Each idea was kept only if `benchmarks/inference_cpu.py` measured it faster (RESULTS.md there).
 The prepared model is for inference only (no gradients, no `train()`): its weights are frozen.
@@ -38,7 +40,9 @@ from segcompare.models import hrnet, segformer
 
 log = logging.getLogger(__name__)
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(
+    torch.ops.mkldnn, "_convolution_pointwise_"
+)
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 # epilogue name -> (oneDNN post-op, its algorithm, the plain-op equivalent)
 _ACTS = {
@@ -91,14 +95,18 @@ def fold_bn(
 
 
 class FusedConv(nn.Module):
-    """conv2d (+ residual add) (+ ReLU/GELU) in one oneDNN call: act(conv(x) + residual)."""
+    """conv2d (+ residual add) (+ ReLU/GELU) in one oneDNN call: act(conv(x) + residual).
+
+    With `inplace=True` the result is written into `residual` (which the caller must own and
+    no longer need): oneDNN then accumulates into it instead of copying it first.
+    """
 
     def __init__(
         self,
         weight: torch.Tensor,
         bias: Optional[torch.Tensor],
-        stride: Sequence[int],
-        padding: Sequence[int],
+        stride: Sequence[int] = (1, 1),
+        padding: Sequence[int] = (0, 0),
         groups: int = 1,
         act: Optional[str] = None,
     ):
@@ -117,16 +125,26 @@ class FusedConv(nn.Module):
         w, b = (conv.weight, conv.bias) if bn is None else fold_bn(conv.weight, conv.bias, bn)
         return cls(w, b, conv.stride, conv.padding, conv.groups, act)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> FusedConv:
+        """A Linear on the channels of a map, as a 1×1 conv: on channels_last maps (tokens)
+        oneDNN runs it faster than its matmul, and can add a residual in place."""
+        return cls(linear.weight[:, :, None, None], linear.bias)
+
+    def forward(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, inplace: bool = False
+    ) -> torch.Tensor:
         post, algorithm, plain = _ACTS[self.act]
         if _use_onednn(x):
             args = (self.weight, self.bias, self.padding, self.stride, [1, 1], self.groups)
             if residual is None:
                 return torch.ops.mkldnn._convolution_pointwise(x, *args, post, [], algorithm)
             unary = None if self.act is None else post
-            return torch.ops.mkldnn._convolution_pointwise.binary(
-                x, residual, *args, "add", None, unary, [], algorithm
-            )
+            binary = torch.ops.mkldnn._convolution_pointwise.binary
+            if inplace:
+                binary = torch.ops.mkldnn._convolution_pointwise_.binary
+                x, residual = residual, x  # the in-place op takes the destination first
+            return binary(x, residual, *args, "add", None, unary, [], algorithm)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
         return plain(y if residual is None else y + residual)
 
@@ -136,39 +154,6 @@ class FusedConv(nn.Module):
             f"{i * self.groups}, {o}, kernel=({kh}, {kw}), stride={tuple(self.stride)}, "
             f"groups={self.groups}, act={self.act}"
         )
-
-
-class FusedLinear(nn.Module):
-    """Linear on the last dim (+ GELU, or + residual add) in one oneDNN call."""
-
-    def __init__(
-        self, weight: torch.Tensor, bias: Optional[torch.Tensor], act: Optional[str] = None
-    ):
-        super().__init__()
-        self.weight = _frozen(weight)
-        self.bias = None if bias is None else _frozen(bias)
-        self.act = act
-
-    @classmethod
-    def of(cls, linear: nn.Linear, act: Optional[str] = None) -> FusedLinear:
-        return cls(linear.weight, linear.bias, act)
-
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        post, algorithm, plain = _ACTS[self.act]
-        if _use_onednn(x) and x.is_contiguous():
-            if residual is None:
-                return torch.ops.mkldnn._linear_pointwise(
-                    x, self.weight, self.bias, post, [], algorithm
-                )
-            if self.act is None:  # oneDNN's linear has no add-then-activation
-                return torch.ops.mkldnn._linear_pointwise.binary(
-                    x, residual, self.weight, self.bias, "add"
-                )
-        y = F.linear(x, self.weight, self.bias)
-        return plain(y if residual is None else y + residual)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[1]}, {self.weight.shape[0]}, act={self.act}"
 
 
 def _conv_bn(seq: nn.Sequential) -> FusedConv:
@@ -200,7 +185,9 @@ class FastResidualBlock(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         for conv in self.convs[:-1]:
             x = conv(x)
-        return self.convs[-1](x, shortcut)  # relu(conv(x) + shortcut)
+        # relu(conv(x) + shortcut), into the shortcut: the block input (or its projection) is
+        # needed by nothing else once the block has run
+        return self.convs[-1](x, shortcut, inplace=True)
 
 
 class FastHRModule(nn.Module):
@@ -247,7 +234,7 @@ class FastHRModule(nn.Module):
                 y = xs[j]
                 for conv in chain[:-1]:
                     y = conv(y)
-                acc = chain[-1](y, acc)
+                acc = chain[-1](y, acc, inplace=acc is not xs[i])
             if i == 0:
                 acc = F.relu(acc) if acc is xs[i] else acc.relu_()
             fused.append(acc)
@@ -276,7 +263,7 @@ class FastHRNetHead(nn.Module):
         for conv, x in zip(self.branches, features[1:]):
             up = _resize(conv(x), size)  # N×D×H/4×W/4
             acc = up if acc is None else acc.add_(up)
-        x = self.branch0(features[0], acc)  # relu(W_0·x_0 + b + acc)
+        x = self.branch0(features[0], acc, inplace=True)  # relu(W_0·x_0 + b + acc)
         return self.classifier(x)  # N×classes×H/4×W/4
 
 
@@ -321,40 +308,43 @@ def _transition_path(t: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# SegFormer: tokens N×L×C are NHWC maps, so tokens <-> maps are views
+# SegFormer, on channels_last maps: N×C×h×w in NHWC memory *is* the N×L×C token sequence, so
+# the Linears run as 1×1 convs on the map and the LayerNorms / attention on views of it.
 
 
-def _to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """N×L×C tokens -> N×C×h×w map in channels_last (a view of contiguous tokens)."""
-    return tokens.reshape(tokens.shape[0], h, w, tokens.shape[2]).permute(0, 3, 1, 2)
-
-
-def _to_tokens(x: torch.Tensor) -> torch.Tensor:
+def _tokens(x: torch.Tensor) -> torch.Tensor:
     """N×C×h×w map -> N×L×C tokens (a view of a channels_last map)."""
     return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
 
 
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the channels of a map; channels_last in, channels_last out."""
+    y = F.layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return y.permute(0, 3, 1, 2)
+
+
 class FastAttention(nn.Module):
-    """segformer.EfficientSelfAttention, returning residual + attention(x) (the add is fused)."""
+    """segformer.EfficientSelfAttention, returning residual + attention(x) (added in place)."""
 
     def __init__(self, attn: segformer.EfficientSelfAttention):
         super().__init__()
         self.num_heads = attn.num_heads
-        self.q = FusedLinear.of(attn.q)
-        self.kv = FusedLinear.of(attn.kv)
-        self.proj = FusedLinear.of(attn.proj)
+        self.q = FusedConv.from_linear(attn.q)
+        self.kv = FusedConv.from_linear(attn.kv)
+        self.proj = FusedConv.from_linear(attn.proj)
         self.sr = FusedConv.fold(attn.sr) if attn.sr_ratio > 1 else None
         self.norm = attn.norm if attn.sr_ratio > 1 else None
 
-    def forward(self, x: torch.Tensor, h: int, w: int, residual: torch.Tensor) -> torch.Tensor:
-        n, length, dim = x.shape
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        n, dim, h, w = x.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
-        q = self.q(x).view(n, length, heads, head_dim).transpose(1, 2)  # N×heads×L×d, a view
+        q = _tokens(self.q(x)).view(n, h * w, heads, head_dim).transpose(1, 2)  # N×heads×L×d
         if self.sr is not None:
-            x = self.norm(_to_tokens(self.sr(_to_map(x, h, w))))  # N×L'×C
-        kv = self.kv(x).view(n, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4)  # 2×N×heads×L'×d
+            x = _layer_norm(self.norm, self.sr(x))  # N×C×h/sr×w/sr
+        kv = _tokens(self.kv(x)).view(n, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, kv[0], kv[1])  # N×heads×L×d
-        return self.proj(out.transpose(1, 2).reshape(n, length, dim), residual)
+        out = out.transpose(1, 2).reshape(n, h, w, dim).permute(0, 3, 1, 2)  # N×C×h×w
+        return self.proj(out, residual, inplace=True)
 
 
 class FastBlock(nn.Module):
@@ -365,14 +355,15 @@ class FastBlock(nn.Module):
         self.norm1 = block.norm1
         self.attn = FastAttention(block.attn)
         self.norm2 = block.norm2
-        self.fc1 = FusedLinear.of(block.mlp.fc1)
+        self.fc1 = FusedConv.from_linear(block.mlp.fc1)
         self.dwconv = FusedConv.fold(block.mlp.dwconv.dwconv, act="gelu")
-        self.fc2 = FusedLinear.of(block.mlp.fc2)
+        self.fc2 = FusedConv.from_linear(block.mlp.fc2)
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        x = self.attn(self.norm1(x), h, w, residual=x)
-        y = self.dwconv(_to_map(self.fc1(self.norm2(x)), h, w))  # N×4C×h×w, GELU applied
-        return self.fc2(_to_tokens(y), x)  # N×L×C
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # each residual add goes into x itself: the block owns it once norm1/norm2 have read it
+        x = self.attn(_layer_norm(self.norm1, x), residual=x)
+        y = self.dwconv(self.fc1(_layer_norm(self.norm2, x)))  # N×4C×h×w, GELU applied
+        return self.fc2(y, x, inplace=True)  # N×C×h×w
 
 
 class FastStage(nn.Module):
@@ -386,18 +377,17 @@ class FastStage(nn.Module):
         self.norm = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # N×C×h×w
-        h, w = x.shape[2:]
-        tokens = self.embed_norm(_to_tokens(x))
+        x = _layer_norm(self.embed_norm, self.proj(x))  # N×C×h×w
         for block in self.blocks:
-            tokens = block(tokens, h, w)
-        return _to_map(self.norm(tokens), h, w)
+            x = block(x)
+        return _layer_norm(self.norm, x)
 
 
 class FastSegFormerHead(nn.Module):
     """The all-MLP decoder with `linear_c{s}` and its slice of `linear_fuse` (BN folded) merged
     into one D×C_s linear per stage, applied at the stage's resolution and then upsampled:
-    relu(A_1·x_1 + b + Σ_{s>1} up(A_s·x_s)), then `linear_pred`.
+    relu(A_1·x_1 + b + Σ_{s>1} up(A_s·x_s)), then `linear_pred`. The 4D·D MACs per pixel of
+    the fuse conv at 1/4 resolution become C_1·D there (B0: 1024·256 -> 32·256).
     """
 
     def __init__(self, head: segformer.AllMLPHead):
@@ -411,21 +401,20 @@ class FastSegFormerHead(nn.Module):
             # the head concatenates [c_n, ..., c_1]: stage s+1 holds column block n-1-s
             cols = w_fuse[:, (n - 1 - s) * dim : (n - s) * dim].double()
             proj = getattr(head, f"linear_c{s + 1}").proj
-            merged.append((cols @ proj.weight.double()).to(w_fuse.dtype))  # D×C_s
+            merged.append((cols @ proj.weight.double()).to(w_fuse.dtype)[:, :, None, None])
             b = b + (cols @ proj.bias.double()).to(b.dtype)
-        self.stage1 = FusedConv(merged[0][:, :, None, None], b, (1, 1), (0, 0), act="relu")
-        self.others = nn.ModuleList(FusedLinear(m, None) for m in merged[1:])
+        self.stage1 = FusedConv(merged[0], b, act="relu")
+        self.others = nn.ModuleList(FusedConv(m, None) for m in merged[1:])
         self.linear_pred = FusedConv.fold(head.linear_pred)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         size = features[0].shape[2:]  # the 1/4 grid
         acc = None
-        for linear, x in zip(self.others, features[1:]):
-            h, w = x.shape[2:]
-            y = _to_map(linear(_to_tokens(x)), h, w)  # N×D×h_s×w_s at the stage's resolution
-            y = _resize(y, size)  # (a copy where the sizes are equal, as in tiny inputs)
+        for conv, x in zip(self.others, features[1:]):
+            # D channels at the stage's resolution, then up (a copy where the sizes are equal)
+            y = _resize(conv(x), size)
             acc = y if acc is None else acc.add_(y)
-        x = self.stage1(features[0], acc)  # N×D×H/4×W/4, ReLU(fused sum)
+        x = self.stage1(features[0], acc, inplace=True)  # N×D×H/4×W/4, relu(sum)
         return self.linear_pred(x)  # N×classes×H/4×W/4
 
 
