@@ -764,6 +764,8 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
         num_workers=tc.num_workers,
         pin_memory=device.type == "cuda",
         drop_last=True,
+        # the (index, epoch) keys carry the epoch, so workers can live across epochs
+        persistent_workers=tc.num_workers > 0,
         worker_init_fn=_ignore_sigint,
         generator=torch.Generator(),  # keeps the loader off the global torch generator
     )

@@ -233,6 +233,16 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture()
+def one_thread():
+    """In-process runs on one thread: tiny tensors gain nothing from more, and on a busy machine
+    OpenMP threads waiting for each other cost more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _subprocess_env() -> dict:
     import os
 
@@ -269,7 +279,7 @@ def _assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
-def test_loss_decreases_and_run_folder(tmp_path: Path, synth_root: Path) -> None:
+def test_loss_decreases_and_run_folder(tmp_path: Path, synth_root: Path, one_thread) -> None:
     import json
 
     from segcompare.models import build_model
@@ -396,7 +406,9 @@ def test_torchrun_two_processes_agree(tmp_path: Path, synth_root: Path) -> None:
     assert start["world_size"] == 2 and start["batch_per_process"] == 2
 
 
-def test_bad_input_is_one_line_before_work(tmp_path: Path, synth_root: Path, capsys) -> None:
+def test_bad_input_is_one_line_before_work(
+    tmp_path: Path, synth_root: Path, capsys, one_thread
+) -> None:
     from segcompare.cli import main
 
     config = _write(tmp_path, _tiny_run_config(synth_root))
@@ -419,7 +431,9 @@ def test_bad_input_is_one_line_before_work(tmp_path: Path, synth_root: Path, cap
     assert "--resume" in capsys.readouterr().err
 
 
-def test_non_finite_loss_stops_naming_the_iteration(tmp_path: Path, synth_root: Path) -> None:
+def test_non_finite_loss_stops_naming_the_iteration(
+    tmp_path: Path, synth_root: Path, one_thread
+) -> None:
     from segcompare.train import train
 
     # the lr warms up from 1e-3 at iteration 1 to 1e29 at iteration 2: diverges at 3
