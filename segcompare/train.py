@@ -107,6 +107,10 @@ class TrainConfig:
     max_iters: int = 1000
     batch_size: int = 8  # TOTAL over all processes
     num_workers: int = 2  # data loading processes per training process
+    # CPU threads of each training process (torch.set_num_threads); null: torch's default, one
+    # per core. On a CPU shared with other jobs, 1 is far faster than 2: OpenMP threads that
+    # wait for a descheduled sibling at every operator stall the whole step.
+    threads: Optional[int] = None
     seed: int = 0
     amp: str = "off"  # off | bf16 | fp16
     compile: bool = False  # torch.compile the model
@@ -146,6 +150,7 @@ _CHOICES = {
 _RESUME_MAY_CHANGE = {
     "data.root",
     "train.num_workers",
+    "train.threads",
     "train.log_every",
     "train.eval_every",
     "train.checkpoint_every",
@@ -304,6 +309,8 @@ def _check_values(cfg: Config) -> None:
     scale_range = cfg.data.scale_range
     if scale_range is not None and not 0 < scale_range[0] <= scale_range[1]:
         raise bad("data.scale_range", "(low, high) with 0 < low <= high, or null")
+    if cfg.train.threads is not None and cfg.train.threads < 1:
+        raise bad("train.threads", "a positive number of threads or null")
     for key in ("train.num_workers", "train.eval_every", "optim.warmup_iters", "optim.min_lr",
                 "optim.weight_decay", "optim.momentum", "optim.power", "optim.head_lr_mult"):
         section, name = key.split(".")
@@ -627,6 +634,8 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if device.type == "cpu" and tc.threads:
+        torch.set_num_threads(tc.threads)
     if tc.batch_size % world:
         raise SegcompareError(
             f"train.batch_size {tc.batch_size} (the total batch) does not split over {world} "
