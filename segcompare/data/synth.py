@@ -7,8 +7,12 @@ the label images exactly as cityscapesscripts draws annotation polygons, and the
 written to ``*_gtFine_polygons.json``, so `json2labelImg` / `json2instanceImg` reproduce our
 labelIds / instanceIds. Pixels are coloured per class (own colour range, texture in world
 coordinates, per-object variation), then lit (exposure, tint, sun side, shadows) and noised.
-Classes overlap in colour (silver cars vs poles vs walls, vegetation vs terrain, person vs rider)
-so shape and context matter, yet a small network learns the set in minutes on a CPU.
+Classes overlap in colour (silver cars vs poles vs walls, vegetation vs terrain, dark clothes vs
+tyres and glass) so shape and context matter, yet a small network learns the set in minutes on a
+CPU: the small classes (lights, signs, people, riders, two-wheelers) are drawn larger than life,
+several per image and some close to the camera, so they stay several pixels wide at the models'
+1/4 output resolution; each class has its own pattern (lamps in a bordered housing, staggered
+blocks, reflective bands, slats) that survives the training pipeline's colour jitter.
 
 Video (`video_frames`): one scene, the camera driving forward ~0.5 m per frame while vehicles and
 people move, written as ``leftImg8bit_demoVideo/stuttgart_00/stuttgart_00_000000_0000NN_...``.
@@ -37,6 +41,9 @@ CITIES = {
 VIDEO_CITY = "stuttgart_00"
 FOCAL_PER_WIDTH = 1.1  # Cityscapes camera: fx ~ 2262 px for 2048 px wide images
 NEAR = 0.8  # m; polygons are clipped here before projection
+# Bicycles, motorcycles and their riders are drawn this many times their real size, so that a
+# small model sees them several output pixels wide (it has 1/4 of the input resolution).
+TWO_WHEELER_SCALE = 1.35
 
 
 # --- camera ------------------------------------------------------------------------------------
@@ -292,16 +299,22 @@ def _sign_outline(shape: str, size: float, y: float):
 FACADES = [(192, 168, 130), (176, 146, 108), (204, 184, 146), (160, 120, 88), (186, 160, 120),
            (150, 84, 62), (142, 140, 136)]
 CAR_COLOURS = [(34, 52, 140), (44, 74, 170), (24, 34, 96), (52, 64, 150), (36, 58, 120),
-               (172, 174, 178), (36, 36, 42), (214, 214, 212)]
-CLOTHES = [(140, 36, 48), (120, 28, 60), (160, 50, 50), (100, 30, 40), (30, 32, 40),
-           (180, 160, 130)]
-RIDER_CLOTHES = [(240, 130, 20), (236, 160, 30), (230, 110, 30), (150, 210, 40), (25, 25, 25)]
+               (172, 174, 178), (36, 36, 42)]
+CLOTHES = [(176, 40, 120), (120, 40, 150), (200, 70, 150), (150, 30, 90), (30, 32, 40)]
+TROUSERS = [(40, 50, 90), (28, 28, 30), (80, 80, 84), (110, 90, 70)]
+RIDER_CLOTHES = [(240, 110, 20), (246, 90, 40), (240, 130, 20), (200, 230, 40), (25, 25, 25)]
 SKIN = [(228, 188, 160), (196, 150, 110), (140, 100, 70), (92, 64, 44)]
-TRUCKS = [(60, 112, 100), (70, 128, 110), (50, 96, 88), (222, 222, 216)]
-BUSES = [(232, 196, 36), (236, 176, 28), (224, 206, 60), (200, 42, 40)]
-TRAINS = [(226, 220, 206), (236, 232, 220), (212, 40, 40)]
-MOTORCYCLES = [(30, 30, 34), (46, 46, 54), (24, 24, 28), (150, 28, 28)]
-BICYCLES = [(118, 20, 34), (140, 30, 44), (100, 16, 28), (40, 70, 150)]
+TRUCKS = [(60, 112, 100), (70, 128, 110), (50, 96, 88), (40, 104, 110)]
+BUSES = [(232, 204, 36), (240, 214, 60), (222, 196, 24), (236, 192, 30)]
+TRAINS = [(226, 220, 206), (236, 232, 220), (204, 212, 196)]
+TRAIN_STRIPES = [(212, 40, 40), (30, 120, 70)]
+MOTORCYCLES = [(200, 24, 24), (160, 20, 20), (220, 50, 20), (30, 30, 34)]
+BICYCLES = [(30, 170, 190), (40, 190, 200), (30, 160, 140), (36, 36, 40)]
+LIGHT_HOUSINGS = [(30, 32, 30), (44, 46, 44)]
+LIGHT_BORDERS = [(232, 196, 40), (226, 226, 220)]
+WALLS = [(160, 150, 180), (146, 136, 168), (166, 160, 148)]
+FENCES = [(140, 100, 56), (120, 84, 48), (150, 150, 150)]
+SIGNS = [(200, 30, 30), (30, 80, 180)]
 
 
 def _jitter(rng, colour, amount: float = 9.0) -> np.ndarray:
@@ -333,6 +346,14 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
     def add(label, poly, plane, origin, look, layer, **kw):
         things.append(Thing(label, np.asarray(poly, dtype=np.float64), plane,
                             np.asarray(origin, dtype=np.float64), look, layer, **kw))
+
+    def wall_look(height: float) -> dict:
+        return dict(kind="wall", colour=_jitter(rng, _pick(rng, WALLS)), seed=seed(),
+                    height=height)
+
+    def fence_look() -> dict:
+        return dict(kind="fence", colour=_jitter(rng, _pick(rng, FENCES)), seed=seed(),
+                    slat=rng.uniform(0.1, 0.2))
 
     def visible_z(x: float, zmin: float, zmax: float) -> float:
         # a z at which lateral offset x is inside the field of view (|x/z| < ~0.38)
@@ -376,7 +397,7 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
             vz = visible_z(side * inner, 0, 10) - 8
             add("terrain", _quad("y", curb_h, *xs(inner, inner + rng.uniform(0.8, 1.8)), vz,
                                  vz + rng.uniform(15, 60)), "y", (0, 0, 0),
-                dict(kind="terrain", colour=_jitter(rng, (150, 170, 70), 8), seed=seed()), 2)
+                dict(kind="terrain", colour=_jitter(rng, (130, 165, 70), 8), seed=seed()), 2)
         if rng.random() < 0.5:  # parking strip on the road along the curb
             pz0 = rng.uniform(0, 30)
             add("parking", _quad("y", 0, *xs(inner - 2.2, inner), pz0, pz0 + rng.uniform(10, 30)),
@@ -390,7 +411,7 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
                 r = rng.random()
                 if first or r < 0.6:
                     kind, label = "terrain", "terrain"
-                    colour = _jitter(rng, (150, 170, 70), 8)
+                    colour = _jitter(rng, (130, 165, 70), 8)
                 elif r < 0.85:
                     kind, label, colour = "sidewalk", "sidewalk", sw_colour
                 else:
@@ -436,47 +457,68 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
                 "z", (tx, 0, tz), dict(kind="vegetation", colour=colour, seed=seed()), 4,
                 attached=0.01)
         # walls and fences at the outer edge of the sidewalk
+        # ...and across the setback, facing the camera
         for label in ("wall", "fence"):
             for i in range(int(rng.integers(1, 3))):
-                wz = visible_z(side * outer, 6, 30) - 4 if i == 0 else rng.uniform(0, z_end - 20)
-                wl, wh = rng.uniform(5, 18), rng.uniform(0.9, 2.2)
-                if label == "wall":
-                    look = dict(kind="wall", colour=_jitter(rng, _pick(
-                        rng, [(150, 152, 178), (136, 138, 166), (166, 160, 148)])), seed=seed())
-                else:
-                    look = dict(kind="fence", colour=_jitter(rng, _pick(
-                        rng, [(140, 100, 56), (120, 84, 48), (150, 150, 150)])), seed=seed(),
-                        slat=rng.uniform(0.1, 0.2))
+                wz = visible_z(side * outer, 4, 20) - 2 if i == 0 else rng.uniform(0, z_end - 20)
+                wl, wh = rng.uniform(6, 18), rng.uniform(1.1, 2.4)
+                look = wall_look(wh) if label == "wall" else fence_look()
                 x = side * (outer + (0.05 if label == "wall" else 0.15))
                 add(label, _quad("x", x, wz, wz + wl, 0, wh), "x", (x, 0, 0), look, 5,
                     attached=-abs(x))
-    # poles with lights and signs, near the curb
-    n_poles = int(rng.integers(4, 8)) + int(length / 12)
+        if setback > 1.0 and rng.random() < 0.9:
+            label = "fence" if rng.random() < 0.65 else "wall"
+            wz = visible_z(side * outer, 6, 25)
+            wh = rng.uniform(1.1, 2.2)
+            look = wall_look(wh) if label == "wall" else fence_look()
+            x0, x1 = sorted((side * (outer + 0.2), side * facade_x))
+            add(label, _quad("z", wz, x0, x1, 0, wh), "z",
+                (side * outer, 0, wz), look, 5)
+    # Poles near the curb carrying traffic lights and signs, and mast arms holding lights over
+    # the road. Lights and signs are ~1.5x their real size and the nearest ones stand within
+    # ~25 m, so that they stay several pixels wide at the models' 1/4 output resolution.
+    def add_light(x: float, y: float, z: float) -> None:
+        lw, lh = rng.uniform(0.55, 0.75), rng.uniform(1.4, 1.8)
+        add("traffic light", _quad("z", z, x - lw / 2, x + lw / 2, y, y + lh), "z", (x, y, z),
+            dict(kind="light", colour=_jitter(rng, _pick(rng, LIGHT_HOUSINGS), 6), seed=seed(),
+                 border=_jitter(rng, _pick(rng, LIGHT_BORDERS), 6), lit=int(rng.integers(3)),
+                 size=(lw, lh)), 6, attached=0.02)
+
+    def add_sign(x: float, y: float, z: float, size: float) -> None:
+        shape = _pick(rng, ["circle", "triangle", "diamond", "rect"])
+        add("traffic sign", [(x + a, b, z) for a, b in _sign_outline(shape, size, y)], "z",
+            (x, y, z), dict(kind="sign", shape=shape, seed=seed(), back=rng.random() < 0.1,
+                            colour=_jitter(rng, _pick(rng, SIGNS), 8)), 6, attached=0.03)
+
+    poles = [(112, 114, 126), (100, 104, 116), (150, 150, 146)]
+    n_poles = int(rng.integers(6, 10)) + int(length / 10)
     for i in range(n_poles):
         side = 1.0 if i % 2 == 0 else -1.0
         px = side * (road_hw + rng.uniform(0.3, 0.7))
-        pz = visible_z(px, 8, 32) if i < 2 else rng.uniform(4, z_end - 10)
-        ph, pw = rng.uniform(4.5, 8.0), rng.uniform(0.1, 0.16)
-        poles = [(112, 114, 126), (100, 104, 116), (150, 150, 146)]
+        pz = visible_z(px, 6, 24) if i < 4 else rng.uniform(4, min(z_end - 10, 60 + length))
+        what = ("light", "sign", "both", "sign")[i] if i < 4 else _pick(
+            rng, ["light", "sign", "both"])
+        size = rng.uniform(1.0, 1.5)
+        sy = rng.uniform(1.9, 2.6)  # sign centre
+        ly = sy + size / 2 + rng.uniform(0.2, 1.0) if what == "both" else rng.uniform(2.2, 3.6)
+        ph, pw = max(rng.uniform(4.5, 8.0), ly + 2.2), rng.uniform(0.13, 0.2)
         look = dict(kind="pole", colour=_jitter(rng, _pick(rng, poles)), seed=seed())
         add("pole", _quad("z", pz, px - pw, px + pw, 0, ph), "z", (px, 0, pz), look, 6)
-        what = ["light", "sign"][i % 2] if i < 2 else _pick(rng, ["light", "sign", "both", ""])
         if what in ("light", "both"):
-            ly = rng.uniform(2.4, ph - 1.0)
-            lw, lh = rng.uniform(0.3, 0.42), rng.uniform(0.85, 1.05)
-            add("traffic light", _quad("z", pz - 0.15, px - lw / 2, px + lw / 2, ly, ly + lh), "z",
-                (px, ly, pz), dict(kind="light", colour=_jitter(rng, _pick(
-                    rng, [(38, 40, 36), (38, 40, 36), (150, 130, 40)]), 6), seed=seed(),
-                    lit=int(rng.integers(3)), size=(lw, lh)), 6, attached=0.02)
+            add_light(px, ly, pz - 0.15)
         if what in ("sign", "both"):
-            size = rng.uniform(0.6, 0.95)
-            shape = _pick(rng, ["circle", "triangle", "diamond", "rect"])
-            sy = rng.uniform(2.0, 2.8)
-            outline = _sign_outline(shape, size, sy)
-            add("traffic sign", [(px + a, b, pz - 0.2) for a, b in outline], "z", (px, sy, pz),
-                dict(kind="sign", shape=shape, seed=seed(), back=rng.random() < 0.15,
-                     colour=_jitter(rng, _pick(rng, [(200, 30, 30), (30, 80, 180),
-                                                    (240, 200, 40)]), 8)), 6, attached=0.03)
+            add_sign(px, sy, pz - 0.2, size)
+    for _ in range(int(rng.random() < 0.7) + int(length / 40)):  # mast arm over the road
+        side = float(rng.choice([-1.0, 1.0]))
+        px, pz = side * (road_hw + 0.4), rng.uniform(14, 32) + length * rng.random()
+        ay, reach = rng.uniform(5.6, 6.4), rng.uniform(0.6, 0.9) * (road_hw + abs(cam["x"]))
+        look = dict(kind="pole", colour=_jitter(rng, _pick(rng, poles)), seed=seed())
+        add("pole", _quad("z", pz, px - 0.18, px + 0.18, 0, ay + 0.3), "z", (px, 0, pz), look, 6)
+        ax0, ax1 = sorted((px, px - side * reach))
+        add("pole", _quad("z", pz, ax0, ax1, ay, ay + 0.22), "z", (px, ay, pz),
+            dict(look, across=True), 6, attached=0.01)
+        for k in range(1 + int(rng.random() < 0.6)):
+            add_light(px - side * reach * (0.45 + 0.5 * k), ay - 1.85, pz - 0.1)
     # street furniture (void: static / dynamic)
     for _ in range(int(rng.integers(1, 4))):
         side = float(rng.choice([-1.0, 1.0]))
@@ -487,21 +529,20 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
         add(label, _quad("z", z, x - w / 2, x + w / 2, 0.12, 0.12 + h), "z", (x, 0, z),
             dict(kind="plain", colour=_jitter(rng, (90, 80, 70), 30), seed=seed()), 6)
 
-    # people on the sidewalks (and some crossing)
-    n_people = int(rng.integers(2, 7)) + int(length / 10)
+    # people on the sidewalks (and some crossing), a few of them close to the camera
+    n_people = int(rng.integers(5, 10)) + int(length / 8)
     for i in range(n_people):
         side = float(rng.choice([-1.0, 1.0]))
         inner, outer, _ = sides[side]
-        crossing = rng.random() < 0.1
+        crossing = rng.random() < 0.15
         x = rng.uniform(-road_hw, road_hw) if crossing else side * rng.uniform(inner + 0.4,
                                                                                outer - 0.3)
-        z = visible_z(x, 6, 30) if i == 0 else rng.uniform(4, 40 + length)
-        h = rng.uniform(1.55, 1.95)
-        outline = _person_outline(h, rng.uniform(0.0, 0.28), rng.uniform(0.24, 0.3))
+        z = visible_z(x, 5, 20) if i < 3 else rng.uniform(4, 35 + length)
+        h = rng.uniform(1.7, 2.05)
+        outline = _person_outline(h, rng.uniform(0.0, 0.28), rng.uniform(0.26, 0.32))
         vel = (rng.uniform(-0.03, 0.03), rng.uniform(-0.06, 0.06))
         look = dict(kind="person", colour=_jitter(rng, _pick(rng, CLOTHES), 10), seed=seed(),
-                    legs=_jitter(rng, _pick(rng, [(30, 34, 60), (28, 28, 30), (80, 80, 84),
-                                                  (110, 90, 70)]), 8),
+                    legs=_jitter(rng, _pick(rng, TROUSERS), 8),
                     skin=_jitter(rng, _pick(rng, SKIN), 6), height=h)
         add("person", *_billboard(outline, np.array([x, 0.12 * (not crossing), z]), "z"),
             (x, 0, z), look, 6, velocity=vel)
@@ -511,8 +552,11 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
     lane_xs = [cam["x"]] + [x for x in np.arange(-road_hw + 1.6, road_hw - 1.5, 3.2)]
 
     def vehicle(label: str, x: float, z: float, facing: str, look: dict, speed: float,
-                flip: bool = False) -> None:
-        if facing == "z":
+                flip: bool = False, profile: Optional[bool] = None) -> None:
+        """A vehicle standing at (x, z). facing "z": in a plane facing the camera, from behind
+        (or its profile when `profile`: crossing the street); "x": along the street."""
+        profile = facing == "x" if profile is None else profile
+        if not profile:
             if label == "car":
                 w, h = rng.uniform(1.7, 1.9), rng.uniform(1.4, 1.6)
                 outline, size = _car_rear(w, h), (w, 4.3)
@@ -542,13 +586,20 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
                                             1.1 if label == "motorcycle" else 1.0,
                                             label == "motorcycle")
             size = (0.8, L)
-        look = dict(look, seed=seed(), facing=facing, flip=flip)
+        if label in ("bicycle", "motorcycle"):
+            outline = [(TWO_WHEELER_SCALE * a, TWO_WHEELER_SCALE * b) for a, b in outline]
+            look = dict(look, scale=TWO_WHEELER_SCALE)
+        look = dict(look, seed=seed(), facing=facing, flip=flip, profile=profile)
         anchor = np.array([x, 0.0, z])
-        add(label, *_billboard(outline, anchor, facing, flip), anchor, look, 6,
-            velocity=(0.0, speed))
+        vel = (0.0, speed) if facing == "x" or not profile else (speed if flip else -speed, 0.0)
+        add(label, *_billboard(outline, anchor, facing, flip), anchor, look, 6, velocity=vel)
         hw, hl = size[0] / 2, size[1]
-        shadows.append((x - hw - 0.2, x + hw + 0.2, z - 0.3, z + (hl if facing == "x" else 1.0),
-                        0.0, speed))
+        if facing == "z" and profile:  # crossing: the shadow runs along x
+            x0, x1 = (x - hl, x) if flip else (x, x + hl)
+            shadows.append((x0, x1, z - 0.4, z + 0.4, vel[0], 0.0))
+        else:
+            shadows.append((x - hw - 0.2, x + hw + 0.2, z - 0.3,
+                            z + (hl if facing == "x" else 1.0), 0.0, speed))
 
     def car_look():
         return dict(kind="car", colour=_jitter(rng, _pick(rng, CAR_COLOURS), 8))
@@ -586,51 +637,58 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
                     flip=rng.random() < 0.5)
     if has_train:
         look = dict(kind="train", colour=_jitter(rng, _pick(rng, TRAINS), 8),
-                    stripe=_jitter(rng, _pick(rng, TRAINS), 8))
+                    stripe=_jitter(rng, _pick(rng, TRAIN_STRIPES), 8))
         if rng.random() < 0.6:
             vehicle("train", 0.0, rng.uniform(15, 45), "z", look, 0.3)
         else:
             vehicle("train", 0.0 if road_hw < 4.5 else -1.5, rng.uniform(10, 30), "x", look,
                     -0.2, flip=True)
-    # riders on bicycles / motorcycles, and parked bicycles
-    n_riders = 1 + int(rng.random() < 0.5) + int(length / 25)
+    # riders on bicycles / motorcycles, and parked ones (two-wheelers and riders are drawn
+    # TWO_WHEELER_SCALE times their real size)
+    n_riders = 2 + int(rng.random() < 0.5) + int(length / 20)
     for i in range(n_riders):
         motor = rng.random() < 0.5
         label = "motorcycle" if motor else "bicycle"
         side = float(rng.choice([-1.0, 1.0]))
+        way = _pick(rng, ["behind", "along", "crossing"])
         x = side * (road_hw - rng.uniform(0.8, 1.6))
-        z = visible_z(x, 7, 25) if i == 0 else rng.uniform(7, 40 + length)
-        facing = "z" if rng.random() < 0.5 else "x"
+        if way == "crossing":
+            x = rng.uniform(-road_hw + 0.5, road_hw - 2.5)
+        z = visible_z(x, 6 + 3 * (way == "crossing"), 20) if i < 2 else rng.uniform(
+            9, 35 + length)
+        facing, profile = ("x", True) if way == "along" else ("z", way == "crossing")
+        flip = side < 0 if way == "along" else way == "crossing" and rng.random() < 0.5
         speed = rng.uniform(0.15, 0.3) if not motor else rng.uniform(0.3, 0.5)
         look = dict(kind="two_wheeler", motor=motor,
                     colour=_jitter(rng, _pick(rng, MOTORCYCLES if motor else BICYCLES), 8))
-        vehicle(label, x, z, facing, look, speed, flip=facing == "x" and side < 0)
+        vehicle(label, x, z, facing, look, speed, flip=flip, profile=profile)
         h = rng.uniform(1.6, 1.9)
         seat = 0.75 if motor else 0.95
-        if facing == "z":
-            outline = _rider_rear(seat, h, rng.uniform(0.24, 0.3))
-        else:
-            outline = _rider_side(seat, h)
-        rlook = dict(kind="rider", colour=_jitter(rng, _pick(rng, RIDER_CLOTHES), 10),
+        outline = _rider_side(seat, h) if profile else _rider_rear(seat, h, rng.uniform(0.24, 0.3))
+        outline = [(TWO_WHEELER_SCALE * a, TWO_WHEELER_SCALE * b) for a, b in outline]
+        rlook = dict(kind="rider", scale=TWO_WHEELER_SCALE, seat=seat, k=h / 1.75,
+                     colour=_jitter(rng, _pick(rng, RIDER_CLOTHES), 10),
                      legs=_jitter(rng, (30, 32, 40), 8), skin=_jitter(rng, _pick(rng, SKIN), 6),
                      helmet=_jitter(rng, _pick(rng, [(240, 240, 240), (200, 30, 30), (20, 20, 20),
-                                                     (240, 200, 30)]), 6), height=h + seat,
-                     seed=seed())
+                                                     (240, 200, 30)]), 6), seed=seed())
         anchor = np.array([x, 0.0, z - (0.05 if facing == "z" else 0.0)])
-        add("rider", *_billboard(outline, anchor, facing, facing == "x" and side < 0), anchor,
-            rlook, 6, velocity=(0.0, speed), attached=0.05)
-    for _ in range(int(rng.integers(1, 4))):  # parked on the footpath, seen from the side
+        vel = (0.0, speed) if way != "crossing" else (speed if flip else -speed, 0.0)
+        add("rider", *_billboard(outline, anchor, facing, flip), anchor, rlook, 6, velocity=vel,
+            attached=0.05)
+    for _ in range(int(rng.integers(2, 5))):  # parked across the footpath, seen from the side
         motor = rng.random() < 0.4
         side = float(rng.choice([-1.0, 1.0]))
-        x = side * (road_hw + rng.uniform(0.8, 1.5))
-        z = visible_z(x, 6, 25)
-        look = dict(kind="two_wheeler", motor=motor, seed=seed(), facing="x",
+        x = side * (road_hw + rng.uniform(0.3, 0.8))
+        z = visible_z(x, 5, 20)
+        look = dict(kind="two_wheeler", motor=motor, seed=seed(), facing="z", profile=True,
+                    scale=TWO_WHEELER_SCALE,
                     colour=_jitter(rng, _pick(rng, MOTORCYCLES if motor else BICYCLES), 8))
         outline = (_two_wheeler_side(2.1, 0.32, 1.1, True) if motor
                    else _two_wheeler_side(1.75, 0.34, 1.0, False))
+        outline = [(TWO_WHEELER_SCALE * a, TWO_WHEELER_SCALE * b) for a, b in outline]
         anchor = np.array([x, 0.12, z])
-        add("motorcycle" if motor else "bicycle",
-            *_billboard(outline, anchor, "x", rng.random() < 0.5), anchor, look, 6)
+        add("motorcycle" if motor else "bicycle", *_billboard(outline, anchor, "z", side < 0),
+            anchor, look, 6)
     # the ego vehicle's bonnet at the bottom of the image (image space: fractions of W, H)
     if rng.random() < 0.85:
         top = rng.uniform(0.86, 0.92)
@@ -676,6 +734,8 @@ def _shade(look: dict, a: np.ndarray, b: np.ndarray, ray: np.ndarray, light: dic
 
     For ground planes (a, b) = (x, z); for facades (z, y); for billboards local (x, y)."""
     kind, s = look["kind"], look.get("seed", 0)
+    if "scale" in look:  # an enlarged object: shade it in its real-size coordinates
+        a, b = a / look["scale"], b / look["scale"]
     base = np.asarray(look.get("colour", (128, 128, 128)), dtype=np.float32)
     n = len(a)
     col = np.broadcast_to(base, (n, 3)).copy()
@@ -738,20 +798,25 @@ def _shade(look: dict, a: np.ndarray, b: np.ndarray, ray: np.ndarray, light: dic
         if "lit" in look:
             mul(1.0 + (0.12 if look["lit"] else -0.25) * light["sun"])
         return col
-    if kind == "wall":
+    if kind == "wall":  # concrete blocks in staggered courses under a lighter coping
         mul(1 + 0.07 * _noise(a, b, 1.0, s) + 0.05 * _noise(a, b, 0.04, s + 1))
-        mul(np.where(np.mod(b, 0.3) < 0.025, 0.82, 1.0))
+        course = np.floor(b / 0.3)
+        joint = (np.mod(b, 0.3) < 0.04) | (np.mod(a + 0.3 * np.mod(course, 2), 0.6) < 0.04)
+        mul(np.where(joint, 0.68, 1.0))
+        put(b > look["height"] - 0.12, np.minimum(base * 1.25, 255))
         return col
     if kind == "fence":
         slat = _stripes(a, look["slat"], 0.6) > 0
         mul(np.where(slat, 1.0, 0.55) * (1 + 0.06 * _noise(a, b, 0.2, s)))
         mul(np.where(np.abs(np.mod(b, 0.9) - 0.45) < 0.04, 0.7, 1.0))
         return col
-    if kind == "pole":
-        mul(1 + 0.25 * np.cos(a * 12) - 0.1 + 0.04 * _noise(a, b, 0.2, s))
+    if kind == "pole":  # a cylinder: shaded across its width
+        w = b - 0.11 if look.get("across") else a
+        mul(1 + 0.25 * np.cos(w * 12) - 0.1 + 0.04 * _noise(a, b, 0.2, s))
         return col
     if kind == "light":
         lw, lh = look["size"]
+        put((np.abs(a) > lw / 2 - 0.07) | (b < 0.07) | (b > lh - 0.07), look["border"])
         for k in range(3):  # red top, amber, green bottom
             cy = lh * (0.8 - 0.3 * k)
             lamp = (a ** 2 + (b - cy) ** 2) < (0.32 * lw) ** 2
@@ -782,18 +847,23 @@ def _shade(look: dict, a: np.ndarray, b: np.ndarray, ray: np.ndarray, light: dic
         mul(1 + leaf)
         col[:, 1] += 18 * _noise(a, b, 1.2, s + 2)
         return col
-    if kind in ("person", "rider"):
+    if kind == "person":
         h = look["height"]
-        legs = b < 0.46 * h if kind == "person" else b < (h - 0.95) + 0.2
-        put(legs, look["legs"])
-        head = b > 0.86 * h
-        put(head, look["skin"])
-        if kind == "rider":
-            put(b > 0.9 * h, look["helmet"])
+        put(b < 0.46 * h, look["legs"])
+        put(b > 0.86 * h, look["skin"])
+        mul(1 + 0.08 * _noise(a, b, 0.15, s) + 0.05 * np.cos(a * 6))
+        return col
+    if kind == "rider":  # seated: legs below the seat, a jacket with reflective bands, a helmet
+        seat, k = look["seat"], look["k"]
+        put(b < seat + 0.05, look["legs"])
+        put((np.abs(b - seat - 0.25 * k) < 0.04) | (np.abs(b - seat - 0.42 * k) < 0.04),
+            (232, 232, 226))
+        put(b > seat + 0.64 * k, look["skin"])
+        put(b > seat + 0.72 * k, look["helmet"])
         mul(1 + 0.08 * _noise(a, b, 0.15, s) + 0.05 * np.cos(a * 6))
         return col
     if kind == "car":
-        if look.get("facing") == "z":
+        if not look.get("profile"):
             w = np.abs(a)
             hmax = float(b.max()) if n else 1.0
             glass = (b > 0.68 * hmax) & (b < hmax - 0.08) & (w < w.max() - 0.28)
@@ -819,7 +889,7 @@ def _shade(look: dict, a: np.ndarray, b: np.ndarray, ray: np.ndarray, light: dic
     if kind in ("truck", "bus", "train"):
         x = a if not look.get("flip") else -a
         hmax = float(b.max()) if n else 3.0
-        if look.get("facing") == "z":
+        if not look.get("profile"):
             w = np.abs(x)
             if kind != "truck":
                 put((b > 0.55 * hmax) & (b < hmax - 0.25) & (w < w.max() - 0.2), (40, 48, 60))
@@ -842,7 +912,7 @@ def _shade(look: dict, a: np.ndarray, b: np.ndarray, ray: np.ndarray, light: dic
         mul(1 + 0.04 * _noise(a, b, 0.3, s))
         return col
     if kind == "two_wheeler":
-        if look.get("facing") == "x":
+        if look.get("profile"):
             x = np.abs(a)
             L = float(x.max()) if n else 1.8
             r = 0.32 if look["motor"] else 0.34
@@ -985,9 +1055,9 @@ def _ground_shadow(hit: np.ndarray, scene: Scene, frame: int, light: dict) -> np
     edge = light["shadow_x"] + light["shadow_slope"] * z
     shaded = (x - edge) * light["sun_side"] < 0
     f[shaded] = 1 - 0.25 * light["sun"]
-    for x0, x1, z0, z1, _vx, vz in scene.shadows:
-        dz = vz * frame
-        f[(x > x0) & (x < x1) & (z > z0 + dz) & (z < z1 + dz)] *= 0.55
+    for x0, x1, z0, z1, vx, vz in scene.shadows:
+        dx, dz = vx * frame, vz * frame
+        f[(x > x0 + dx) & (x < x1 + dx) & (z > z0 + dz) & (z < z1 + dz)] *= 0.55
     return f
 
 
