@@ -634,6 +634,7 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    threads_before = torch.get_num_threads()  # restored at the end: train() is also a library call
     if device.type == "cpu" and tc.threads:
         torch.set_num_threads(tc.threads)
     if tc.batch_size % world:
@@ -973,6 +974,7 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
+    torch.set_num_threads(threads_before)
     return summary
 
 

@@ -312,18 +312,21 @@ def test_loss_decreases_and_run_folder(tmp_path: Path, synth_root: Path, one_thr
     assert again["iter"] == 30 and again["final_loss"] == losses[-1]
 
 
-def test_hrnet_ohem_bf16_sgd_run(tmp_path: Path, synth_root: Path, one_thread) -> None:
-    """The other recipe family end to end: HRNet (BatchNorm), SGD, class-weighted OHEM, bf16."""
+def test_hrnet_ohem_bf16_sgd_run(tmp_path: Path, synth_root: Path) -> None:
+    """The other recipe family end to end: HRNet (BatchNorm), SGD, class-weighted OHEM, bf16;
+    train.threads applies to the run only."""
     from segcompare.train import train
 
+    threads = torch.get_num_threads()
     raw = _tiny_run_config(synth_root, max_iters=4, eval_every=4, amp="bf16", loss="ohem",
-                           ohem_min_kept=1000, class_weights=[1.0] * 18 + [2.0])
+                           ohem_min_kept=1000, class_weights=[1.0] * 18 + [2.0], threads=1)
     raw["model"] = {"name": "hrnet-w18-small-v1"}
     raw["data"]["pipeline"] = "hrnet"
     raw["optim"] = {"name": "sgd", "lr": 0.01, "power": 0.9}
     summary = train(config_from_dict(raw), tmp_path / "run")
     assert summary["iter"] == 4 and math.isfinite(summary["final_loss"])
     assert summary["val_mIoU"] is not None
+    assert torch.get_num_threads() == threads
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path: Path, synth_root: Path) -> None:
