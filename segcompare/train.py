@@ -515,21 +515,26 @@ class EpochSampler(torch.utils.data.distributed.DistributedSampler):
 # 5. Validation, the training checkpoint, the run folder
 # =================================================================================================
 @torch.no_grad()
-def validate(model: nn.Module, loader: Any, num_classes: int, device: torch.device) -> dict:
-    """Whole-image inference on this process's share of the split; counts summed over processes.
+def validate(
+    model: nn.Module, loader: Any, num_classes: int, device: torch.device, family: str
+) -> dict:
+    """This process's share of the val split, tested as the family's official single-scale test
+    (SegFormer: sliding windows; HRNet: the whole image), counts summed over processes.
 
-    Returns {"mIoU": float, "IoU": [per class]} from the Evaluation module's ConfusionMatrix,
-    the only place metrics are computed.
+    Returns {"mIoU": float, "IoU": [per class, None where absent]}. Inference and metrics are
+    segcompare.evaluate's, the one place both are computed, so the figure equals `segcompare
+    eval` on the same weights.
     """
-    from segcompare.evaluate import ConfusionMatrix
+    from segcompare.evaluate import ConfusionMatrix, InferenceSettings, inference
 
     was_training = model.training
     model.eval()
+    settings = InferenceSettings(family=family)
     cm = ConfusionMatrix(num_classes)
     for sample in loader:
         image, label = sample["image"].to(device), sample["label"].to(device)
-        logits = _to_label_size(model(image), label)  # N×C×H×W
-        cm.update(logits.argmax(1), label)
+        scores = inference(model, image, settings, out_hw=tuple(label.shape[-2:]))  # N×C×H×W
+        cm.update(scores.argmax(1), label)
     cm.all_reduce()
     model.train(was_training)
     return {"mIoU": cm.miou(), "IoU": [None if math.isnan(v) else v for v in cm.iou().tolist()]}
@@ -874,7 +879,7 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
     def run_validation(done: int) -> float:
         t0 = time.time()
         sync_buffers()
-        result = validate(raw_model, val_loader, cfg.model.num_classes, device)
+        result = validate(raw_model, val_loader, cfg.model.num_classes, device, family)
         miou = result["mIoU"]
         if master:
             records.append({"iter": done, "val_mIoU": miou, "val_IoU": result["IoU"],
