@@ -117,6 +117,18 @@ def test_input_model_is_untouched():
     assert not prepared.training and prepared.variant == model.variant
 
 
+@pytest.mark.parametrize("family", ["hrnet", "segformer"])
+def test_input_tensor_is_untouched(family):
+    """Residuals are accumulated in place, but never into the caller's tensor."""
+    name, overrides = TINY[family]
+    prepared = prepare_for_inference(seeded(name, **overrides))
+    x = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    with torch.inference_mode():
+        prepared(x)
+    assert torch.equal(x, before)
+
+
 def test_fold_bn_equals_conv_then_bn():
     g = torch.Generator().manual_seed(3)
     conv = nn.Conv2d(5, 7, 3, padding=1, bias=True)
