@@ -26,7 +26,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -92,27 +91,13 @@ def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def transformers_reference(model: nn.Module) -> nn.Module:
-    """transformers' SegFormer with our model's weights, loaded the way users load it."""
-    from transformers import SegformerForSemanticSegmentation
-    from transformers.utils import logging as hf_logging
-
-    from segcompare.models.checkpoint import export_hf
-
-    hf_logging.set_verbosity_error()
-    with tempfile.TemporaryDirectory() as tmp:
-        export_hf(model, tmp)
-        ref = SegformerForSemanticSegmentation.from_pretrained(tmp)
-    return ref.eval()
-
-
 def run_case(name: str, h: int, w: int, batch: int) -> dict:
     torch.manual_seed(0)
     model = trained_like(build_model(name))
     ours = prepare_for_inference(model)
     candidates = [bench.Candidate("ours", ours)]
     if model_family(name) == "segformer":
-        ref = transformers_reference(model)
+        ref = bench.transformers_segformer(model)
         candidates.append(bench.Candidate("reference", bench.hf_logits(ref)))
         reference = "transformers"
     else:

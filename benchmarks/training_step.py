@@ -49,7 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from inference_cpu import trained_like, transformers_reference  # noqa: E402
+from inference_cpu import trained_like  # noqa: E402
 
 from segcompare import bench  # noqa: E402
 from segcompare.data.labels import IGNORE_INDEX  # noqa: E402
@@ -81,7 +81,7 @@ def main() -> int:
     h, w = (int(v) for v in ARGS.size.split("x"))
     torch.manual_seed(0)
     ours = trained_like(build_model(ARGS.model))
-    ref = transformers_reference(ours).train()
+    ref = bench.transformers_segformer(ours).train()
     ours.train()
     g = torch.Generator().manual_seed(1)
     images = torch.randn(ARGS.batch, 3, h, w, generator=g)

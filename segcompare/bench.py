@@ -61,25 +61,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
+def measure_memory_mb(cand: Candidate, x: torch.Tensor) -> float:
+    """Peak memory of one call, in MB (2**20 bytes), input and weights not included.
 
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def measure_memory_mb(cand: Candidate, x: torch.Tensor) -> float | None:
-    """Peak memory of one call: CUDA max allocated, or CPU peak-RSS growth (None if unknown)."""
+    CUDA: growth of the allocator's max allocated bytes. Elsewhere: the peak total size of the
+    tensors created during the call and still alive (`segcompare.stats.LiveTensorBytes`), which
+    is what a caching allocator would have to hold; the process's RSS says nothing here, as a
+    warmed-up allocator reuses the memory of earlier calls.
+    """
     device = x.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -88,11 +77,11 @@ def measure_memory_mb(cand: Candidate, x: torch.Tensor) -> float | None:
         cand.run(x)
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    if not _reset_peak_rss():
-        return None
-    base = _peak_rss_kb()
-    cand.run(x)
-    return max(0, _peak_rss_kb() - base) / 1024
+    from segcompare.stats import LiveTensorBytes
+
+    with LiveTensorBytes() as tracker:
+        cand.run(x)
+    return tracker.peak / 2**20
 
 
 def benchmark(
@@ -135,40 +124,50 @@ def benchmark(
                 "p10_ms": round(q[0], 2),
                 "p90_ms": round(q[-1], 2),
                 "images_per_s": round(x.shape[0] * 1000 / median, 3),
-                "memory_mb": None if memory[c.name] is None else round(memory[c.name], 1),
+                "memory_mb": round(memory[c.name], 1),
             }
         )
     return rows
 
 
-def model_candidate(name: str, model: nn.Module, dtype: torch.dtype) -> Candidate:
-    """A candidate that runs `model` (already on its device, in eval mode) under autocast."""
+def model_candidate(
+    name: str,
+    model: nn.Module,
+    dtype: torch.dtype,
+    call: Callable[[torch.Tensor], object] | None = None,
+) -> Candidate:
+    """A candidate that runs `model` (already on its device, in eval mode), or `call` when the
+    model needs another calling convention, under autocast for dtypes other than fp32."""
     device_type = next(model.parameters()).device.type
+    forward = call or model
 
     def run(x: torch.Tensor) -> object:
         if dtype == torch.float32:
-            return model(x)
+            return forward(x)
         with torch.autocast(device_type, dtype=dtype):
-            return model(x)
+            return forward(x)
 
     return Candidate(name, run)
 
 
 def transformers_segformer(model: nn.Module) -> nn.Module:
-    """transformers' `SegformerForSemanticSegmentation` with the same config and weights as
-    our SegFormer `model`, for the `--reference` row (needs the transformers package)."""
-    from segcompare.models.checkpoint import hf_config_dict
-    from segcompare.models.convert import official_segformer_to_hf
+    """transformers' `SegformerForSemanticSegmentation` with the config and weights of our
+    SegFormer `model`, loaded the way its users load it (`from_pretrained` on the directory
+    `export_hf` writes), in eval mode; for the `--reference` rows (needs transformers)."""
+    import tempfile
+
+    from segcompare.models.checkpoint import export_hf
+    from segcompare.utils import SegcompareError
 
     try:
-        from transformers import SegformerConfig, SegformerForSemanticSegmentation
+        from transformers import SegformerForSemanticSegmentation
+        from transformers.utils import logging as hf_logging
     except ImportError as err:  # pragma: no cover - depends on the environment
-        from segcompare.utils import SegcompareError
-
         raise SegcompareError("--reference needs transformers: pip install transformers") from err
-    config = SegformerConfig(**hf_config_dict(model))
-    ref = SegformerForSemanticSegmentation(config)
-    ref.load_state_dict(official_segformer_to_hf(model.state_dict()), strict=True)
+    hf_logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model, tmp)
+        ref = SegformerForSemanticSegmentation.from_pretrained(tmp)
     return ref.eval()
 
 

@@ -107,7 +107,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-optimize", action="store_true", help="time the plain eager models")
     p.add_argument(
         "--reference", action="store_true",
-        help="add transformers' SegFormer with the same weights as a row (SegFormers only)",
+        help="add each model's reference as a row: transformers' SegFormer with the same weights, "
+        "or for HRNet the eager model (it equals the official code)",
     )
     p.add_argument("--json", metavar="F", help="also write the figures to this JSON file")
     p.set_defaults(func=_run_bench)
@@ -132,13 +133,16 @@ def _run_bench(args: argparse.Namespace) -> int:
     candidates = []
     for name in names:
         model = build_model(name, num_classes=args.num_classes).eval()
-        reference = bench.transformers_segformer(model).to(device) if args.reference else None
-        if args.reference and model_family(name) != "segformer":
-            raise SegcompareError(f"--reference: {name} has no transformers counterpart")
         runnable = model if args.no_optimize else _prepare(model, device)
         candidates.append(bench.model_candidate(name, runnable.to(device), dtype))
-        if reference is not None:
-            candidates.append(bench.Candidate(f"{name} (transformers)", bench.hf_logits(reference)))
+        if not args.reference:
+            continue
+        if model_family(name) == "segformer":
+            ref = bench.transformers_segformer(model).to(device)
+            run = bench.hf_logits(ref)
+            candidates.append(bench.model_candidate(f"{name} (transformers)", ref, dtype, run))
+        elif not args.no_optimize:  # HRNet: our eager model, which equals the official code
+            candidates.append(bench.model_candidate(f"{name} (eager)", model.to(device), dtype))
     x = torch.randn(args.batch, 3, *args.size, device=device)
     rows = bench.benchmark(candidates, x, args.warmup, args.iters)
     meta = bench.machine_info(device, torch.get_num_threads(), args.dtype)

@@ -125,7 +125,7 @@ class _FusedAttentionOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _LiveBytes(TorchDispatchMode):
+class LiveTensorBytes(TorchDispatchMode):
     """Tracks the bytes of tensors created inside the mode that are still alive, and their peak."""
 
     def __init__(self) -> None:
@@ -161,7 +161,7 @@ def activation_mb(model: nn.Module, size: Sequence[int] = DEFAULT_SIZE, batch: i
     was_training = model.training
     model.eval()
     x = torch.zeros(batch, 3, *size, device=device)
-    tracker = _LiveBytes()
+    tracker = LiveTensorBytes()
     with torch.no_grad(), _FusedAttentionOnMeta(), tracker:
         out = model(x)
     del out
