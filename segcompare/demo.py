@@ -200,16 +200,26 @@ def _same_models(metrics_path: Path, weights: Sequence[Path]) -> bool:
 
 
 def summary_table(doc: dict[str, Any]) -> str:
-    """The demo's closing table: accuracy, size, cost and speed of each model."""
+    """The demo's closing table: accuracy, robustness, size, cost and speed of each model."""
+    meta = doc.get("meta", {})
+    size = "×".join(str(v) for v in meta.get("stats_size") or meta.get("eval_size") or [])
+    at = f" at {size}" if size else ""
+    device = meta.get("bench", {}).get("device", "")
+    latency = f"{device.upper()} ms" if device else "latency ms"
     lines = [
-        "| model | mIoU | category mIoU | Boundary IoU | parameters | GMACs | latency ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | mIoU | category mIoU | Boundary IoU | relative robustness | parameters | "
+        f"GMACs{at} | {latency}{at} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+
+    def num(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
     for m in doc["models"]:
-        boundary = m.get("boundary_iou")
+        relative = (m.get("robustness") or {}).get("relative_miou")
         lines.append(
             f"| {m['name']} | {m['miou']:.3f} | {m['category_miou']:.3f} | "
-            f"{'-' if boundary is None else f'{boundary:.3f}'} | {m['parameters']:,} | "
-            f"{m['gmacs']:.1f} | {m['latency_ms']:.0f} |"
+            f"{num(m.get('boundary_iou'), '.3f')} | {num(relative, '.2f')} | "
+            f"{m['parameters']:,} | {m['gmacs']:.1f} | {num(m.get('latency_ms'), '.0f')} |"
         )
     return "\n".join(lines)
