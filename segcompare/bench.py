@@ -1,9 +1,9 @@
 """Latency, throughput and memory of models, measured side by side in one process.
 
 All candidates are warmed up, then timed in interleaved rounds (model A, B, C, A, B, C, …) so that
-a slow moment of the machine hurts every model alike. Memory is measured per model afterwards: the
-CUDA allocator's peak on a GPU, the growth of the process's peak RSS on the CPU (Linux's
-`/proc/self/clear_refs` resets the peak between models).
+a slow moment of the machine hurts every model alike. Memory is measured per model afterwards, as
+the peak size of the tensors one call creates: the CUDA allocator's peak on a GPU, the live
+tensors tracked op by op on the CPU (`measure_memory_mb`).
 """
 
 from __future__ import annotations

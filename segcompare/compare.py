@@ -1003,8 +1003,8 @@ def build_sections(
             f"Inference: {describe_inference(meta['inference'])}. Parameters and GMACs: "
             "segcompare stats (every "
             "operation counted, attention included). Latency: segcompare bench (models "
-            "interleaved after warm-up; memory = CUDA peak allocated, or growth of the CPU "
-            "process's peak RSS).",
+            "interleaved after warm-up; memory MB = peak size of the tensors one forward pass "
+            "creates: the CUDA allocator's peak, or on the CPU the live tensors tracked op by op).",
         ],
         (["model", "weights"], weights_rows),
         numeric_table=False,
