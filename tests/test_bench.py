@@ -36,8 +36,8 @@ def test_memory_is_measured_again_after_warmup():
 def test_cli_bench_reference_rows(tmp_path, capsys):
     pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
-    argv = ["bench", "segformer-b0", "hrnet-w18-small-v1", "--size", "64x128", "--threads", "1",
-            "--warmup", "0", "--iters", "1", "--reference", "--json", str(out)]
+    argv = ["bench", "segformer-b0", "hrnet-w18-small-v1", "--size", "64x128", "--warmup", "0",
+            "--iters", "1", "--reference", "--json", str(out)]
     assert main(argv) == 0
     rows = json.loads(out.read_text())["models"]
     names = [r["name"] for r in rows]
