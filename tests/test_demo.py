@@ -55,3 +55,24 @@ def test_demo_bad_input_is_one_line(tmp_path, capsys):
                  "--weights", "a.safetensors"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0]
+
+
+def test_demo_on_given_data_and_weights_trains_nothing(demo, tmp_path, capsys):
+    """`--data ROOT --weights A,B` (real Cityscapes and released checkpoints in real use): the
+    same comparison and video, without synthesis or training."""
+    out, cache = demo
+    (data,) = cache.iterdir()
+    weights = [out / "runs" / run / "final.safetensors"
+               for run in ("segformer_b0", "hrnet_w18_small_v1")]
+    given = tmp_path / "given"
+    argv = ["demo", "--tiny", "--out", str(given), "--data", str(data),
+            "--weights", ",".join(str(w) for w in weights)]
+    assert main(argv) == 0
+    assert not (given / "runs").exists()
+    doc = json.loads((given / "metrics.json").read_text())
+    assert [m["weights"] for m in doc["models"]] == [str(w) for w in weights]
+    mine = {m["name"]: m["miou"] for m in json.loads((out / "metrics.json").read_text())["models"]}
+    assert {m["name"]: m["miou"] for m in doc["models"]} == pytest.approx(mine, abs=1e-9)
+    assert (given / "side_by_side.gif").is_file() and (given / "report.html").is_file()
+    printed = capsys.readouterr().out
+    assert "| segformer-b0 |" in printed and "CPU ms at" in printed
