@@ -649,6 +649,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     from segcompare.utils import SegcompareError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notices
     names, weights = args.model, args.weights
     if not names and not weights:
         raise SegcompareError("name at least one model: --model NAME --weights W")
@@ -707,6 +708,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from segcompare.demo import run_demo, summary_table
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notices
     start = time.time()
     weights = [w for w in (args.weights or "").split(",") if w]
     doc = run_demo(
