@@ -166,6 +166,20 @@ def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def _branch_sum(
+    first: FusedConv, others: nn.ModuleList, features: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """first(x_0) + Σ_{j>0} up(others[j-1](x_j)), the act of `first` applied after the sum: a
+    1×1 conv over the concatenation of upsampled maps, computed at each map's own resolution
+    (the heads of both families; see the module docstring, point 4)."""
+    size = features[0].shape[-2:]
+    acc = None
+    for conv, x in zip(others, features[1:]):
+        up = _resize(conv(x), size)  # a copy even where the sizes are equal
+        acc = up if acc is None else acc.add_(up)
+    return first(features[0], acc, inplace=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # HRNet
 
@@ -258,12 +272,7 @@ class FastHRNetHead(nn.Module):
         self.classifier = FusedConv.fold(classifier)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        size = features[0].shape[-2:]
-        acc = None
-        for conv, x in zip(self.branches, features[1:]):
-            up = _resize(conv(x), size)  # N×D×H/4×W/4
-            acc = up if acc is None else acc.add_(up)
-        x = self.branch0(features[0], acc, inplace=True)  # relu(W_0·x_0 + b + acc)
+        x = _branch_sum(self.branch0, self.branches, features)  # N×D×H/4×W/4
         return self.classifier(x)  # N×classes×H/4×W/4
 
 
@@ -408,13 +417,7 @@ class FastSegFormerHead(nn.Module):
         self.linear_pred = FusedConv.fold(head.linear_pred)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        size = features[0].shape[2:]  # the 1/4 grid
-        acc = None
-        for conv, x in zip(self.others, features[1:]):
-            # D channels at the stage's resolution, then up (a copy where the sizes are equal)
-            y = _resize(conv(x), size)
-            acc = y if acc is None else acc.add_(y)
-        x = self.stage1(features[0], acc, inplace=True)  # N×D×H/4×W/4, relu(sum)
+        x = _branch_sum(self.stage1, self.others, features)  # N×D×H/4×W/4, relu(sum)
         return self.linear_pred(x)  # N×classes×H/4×W/4
 
 
