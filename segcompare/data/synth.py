@@ -231,6 +231,11 @@ def _box_rear(w: float, h: float, r: float = 0.15) -> list[tuple[float, float]]:
             (-hw + r, h), (-hw, h - r), (-hw, 0.35)]
 
 
+def _enlarged(outline: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """A two-wheeler's or rider's outline at TWO_WHEELER_SCALE times its real size."""
+    return [(TWO_WHEELER_SCALE * a, TWO_WHEELER_SCALE * b) for a, b in outline]
+
+
 def _two_wheeler_side(length: float, r: float, top: float, motor: bool):
     """Bicycle / motorcycle hull, front at x = 0 (front wheel centre at x = r)."""
     front, rear = r, length - r
@@ -587,7 +592,7 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
                                             label == "motorcycle")
             size = (0.8, L)
         if label in ("bicycle", "motorcycle"):
-            outline = [(TWO_WHEELER_SCALE * a, TWO_WHEELER_SCALE * b) for a, b in outline]
+            outline = _enlarged(outline)
             look = dict(look, scale=TWO_WHEELER_SCALE)
         look = dict(look, seed=seed(), facing=facing, flip=flip, profile=profile)
         anchor = np.array([x, 0.0, z])
@@ -665,7 +670,7 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
         h = rng.uniform(1.6, 1.9)
         seat = 0.75 if motor else 0.95
         outline = _rider_side(seat, h) if profile else _rider_rear(seat, h, rng.uniform(0.24, 0.3))
-        outline = [(TWO_WHEELER_SCALE * a, TWO_WHEELER_SCALE * b) for a, b in outline]
+        outline = _enlarged(outline)
         rlook = dict(kind="rider", scale=TWO_WHEELER_SCALE, seat=seat, k=h / 1.75,
                      colour=_jitter(rng, _pick(rng, RIDER_CLOTHES), 10),
                      legs=_jitter(rng, (30, 32, 40), 8), skin=_jitter(rng, _pick(rng, SKIN), 6),
@@ -685,7 +690,7 @@ def build_scene(rng: np.random.Generator, length: float = 0.0) -> Scene:
                     colour=_jitter(rng, _pick(rng, MOTORCYCLES if motor else BICYCLES), 8))
         outline = (_two_wheeler_side(2.1, 0.32, 1.1, True) if motor
                    else _two_wheeler_side(1.75, 0.34, 1.0, False))
-        outline = [(TWO_WHEELER_SCALE * a, TWO_WHEELER_SCALE * b) for a, b in outline]
+        outline = _enlarged(outline)
         anchor = np.array([x, 0.12, z])
         add("motorcycle" if motor else "bicycle", *_billboard(outline, anchor, "z", side < 0),
             anchor, look, 6)
