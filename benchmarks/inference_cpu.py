@@ -91,6 +91,13 @@ def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def agreement(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(max |logit difference|, share of pixels with the same argmax class) against `reference`."""
+    diff = (logits - reference).abs().max().item()
+    agree = (logits.argmax(1) == reference.argmax(1)).float().mean().item()
+    return diff, agree
+
+
 def run_case(name: str, h: int, w: int, batch: int) -> dict:
     torch.manual_seed(0)
     model = trained_like(build_model(name))
@@ -109,8 +116,7 @@ def run_case(name: str, h: int, w: int, batch: int) -> dict:
     x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         logits = {c.name: c.run(x).float() for c in candidates}
-    diff = (logits["ours"] - logits["reference"]).abs().max().item()
-    agree = (logits["ours"].argmax(1) == logits["reference"].argmax(1)).float().mean().item()
+    diff, agree = agreement(logits["ours"], logits["reference"])
     load_before = os.getloadavg()[0]
     timings = {r["name"]: r for r in bench.benchmark(candidates, x, ARGS.warmup, ARGS.iters)}
     row = {
@@ -134,13 +140,9 @@ def run_case(name: str, h: int, w: int, batch: int) -> dict:
     if ARGS.bf16:
         row["bf16_ms"] = timings["ours bf16"]["latency_ms"]
         row["bf16_ratio"] = round(row["bf16_ms"] / row["reference_ms"], 3)
-        row["bf16_max_abs_diff"] = float(
-            f"{(logits['ours bf16'] - logits['reference']).abs().max().item():.3g}"
-        )
-        row["bf16_argmax_agree"] = round(
-            (logits["ours bf16"].argmax(1) == logits["reference"].argmax(1)).float().mean().item(),
-            6,
-        )
+        diff, agree = agreement(logits["ours bf16"], logits["reference"])
+        row["bf16_max_abs_diff"] = float(f"{diff:.3g}")
+        row["bf16_argmax_agree"] = round(agree, 6)
     return row
 
 
