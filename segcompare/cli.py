@@ -283,7 +283,33 @@ def _add_test_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _predictor(args: argparse.Namespace, name: Optional[str], weights: Optional[str]) -> Any:
+def _inference_settings(args: argparse.Namespace) -> Any:
+    """The one InferenceSettings value the inference options describe."""
+    from segcompare.evaluate import InferenceSettings
+
+    return InferenceSettings(
+        mode=args.mode or InferenceSettings.mode, scales=tuple(args.scales), flip=args.flip,
+        size_hw=args.size, window_hw=args.window, stride_hw=args.stride, device=args.device,
+        amp=args.amp, optimize=not args.no_optimize,
+    )  # fmt: skip
+
+
+def _model_list(names: Sequence[str], weights: Sequence[str]) -> list[tuple[Any, Any]]:
+    """Repeated --model / --weights -> (name or None, weights or None) pairs, checked."""
+    from segcompare.utils import SegcompareError
+
+    if not names and not weights:
+        raise SegcompareError("name at least one model: --model NAME --weights W")
+    if names and weights and len(names) != len(weights):
+        raise SegcompareError(
+            f"{len(names)} --model but {len(weights)} --weights: give one --weights per --model"
+        )
+    model_names(names)
+    count = max(len(names), len(weights))
+    return list(zip(names or [None] * count, weights or [None] * count))
+
+
+def _predictor(settings: Any, name: Optional[str], weights: Optional[str]) -> Any:
     """Build the model (weights through build_model) and wrap it in a Predictor."""
     import logging
 
@@ -301,10 +327,7 @@ def _predictor(args: argparse.Namespace, name: Optional[str], weights: Optional[
         logging.getLogger("segcompare").warning(
             "no --weights for %s: random weights (seed 0), the predictions mean nothing", name
         )
-    return Predictor(
-        model, args.device, args.mode, args.size, scales=args.scales, flip=args.flip,
-        window=args.window, stride=args.stride, amp=args.amp, optimize=not args.no_optimize,
-    )  # fmt: skip
+    return Predictor(model, settings)
 
 
 # --- segcompare eval ---------------------------------------------------------------------------
@@ -357,7 +380,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         meta = {"model": None, "weights": None, "mode": "pred-dir", "size": None}
         meta["pred_dir"] = args.pred_dir
     else:
-        predictor = _predictor(args, args.model, args.weights)
+        predictor = _predictor(_inference_settings(args), args.model, args.weights)
         dataset = eval_dataset(args.data, args.split, build_test_transform())
         results = evaluate_model(
             predictor.scores, dataset, args.batch, args.workers, args.save_pred
@@ -366,7 +389,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         meta = {
             "model": predictor.name, "weights": args.weights, "mode": s.mode,
             "size": list(s.size_hw) if s.size_hw else None, "scales": list(s.scales),
-            "flip": s.flip, "device": str(predictor.device), "amp": args.amp,
+            "flip": s.flip, "device": str(predictor.device), "amp": s.amp,
         }  # fmt: skip
     seconds = time.perf_counter() - start
     results.update(meta, data=args.data, split=args.split, seconds=round(seconds, 3))
@@ -403,7 +426,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     from segcompare.infer import predict_files
 
-    predictor = _predictor(args, args.model, args.weights)
+    predictor = _predictor(_inference_settings(args), args.model, args.weights)
     written = predict_files(predictor, args.inputs, args.out, args.format)
     print(f"wrote {len(written)} {args.format} file(s) to {args.out}")
     return 0
@@ -434,19 +457,11 @@ def _run_video(args: argparse.Namespace) -> int:
     from segcompare.infer import render_video
     from segcompare.utils import SegcompareError
 
-    names, weights = args.model, args.weights
-    if not names and not weights:
-        raise SegcompareError("name at least one model: --model NAME --weights W")
-    if names and weights and len(names) != len(weights):
-        raise SegcompareError(
-            f"{len(names)} --model but {len(weights)} --weights: give one --weights per --model"
-        )
-    count = max(len(names), len(weights))
-    names = names or [None] * count
-    weights = weights or [None] * count
+    models = _model_list(args.model, args.weights)
     if args.fps <= 0 or (args.max_frames is not None and args.max_frames < 1):
         raise SegcompareError("--fps must be positive and --max-frames at least 1")
-    predictors = [_predictor(args, n, w) for n, w in zip(names, weights)]
+    settings = _inference_settings(args)
+    predictors = [_predictor(settings, n, w) for n, w in models]
     # the panels are the frame size, so --size sets both the display and the test size
     frames = render_video(
         predictors, args.source, args.out, args.fps, args.size, args.every, args.max_frames
@@ -650,16 +665,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notices
-    names, weights = args.model, args.weights
-    if not names and not weights:
-        raise SegcompareError("name at least one model: --model NAME --weights W")
-    if names and weights and len(names) != len(weights):
-        raise SegcompareError(
-            f"{len(names)} --model but {len(weights)} --weights: give one --weights per --model"
-        )
-    model_names(names)
-    count = max(len(names), len(weights))
-    models = list(zip(names or [None] * count, weights or [None] * count))
+    models = _model_list(args.model, args.weights)
     for flag in ("max_images", "corrupt_images"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -669,11 +675,9 @@ def _run_compare(args: argparse.Namespace) -> int:
         raise SegcompareError(f"--boundary-frac must be in (0, 1), got {frac}")
     doc = run_compare(
         models, args.data, args.split, args.out, images=args.images,
-        corrupt=parse_corruptions(args.corrupt), device=args.device, mode=args.mode,
-        size=args.size, scales=args.scales, flip=args.flip, window=args.window,
-        stride=args.stride, amp=args.amp, max_images=args.max_images,
-        corrupt_images=args.corrupt_images, bench_iters=args.bench_iters,
-        bench_warmup=args.bench_warmup, boundary_frac=frac, optimize=not args.no_optimize,
+        corrupt=parse_corruptions(args.corrupt), inference=_inference_settings(args),
+        max_images=args.max_images, corrupt_images=args.corrupt_images,
+        bench_iters=args.bench_iters, bench_warmup=args.bench_warmup, boundary_frac=frac,
     )  # fmt: skip
     print(f"{'model':<24}{'mIoU':>7}{'B-IoU':>7}{'GMACs':>10}{'ms':>9}")
     for m in doc["models"]:

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from segcompare.data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, colorize
+from segcompare.evaluate import InferenceSettings
 from segcompare.utils import PathLike, SegcompareError, atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -1020,20 +1021,12 @@ def run_compare(
     images: int = 4,
     corrupt: Sequence[str] = (),
     *,
-    device: str = "auto",
-    mode: Optional[str] = None,
-    size: Optional[tuple[int, int]] = None,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    window: Optional[tuple[int, int]] = None,
-    stride: Optional[tuple[int, int]] = None,
-    amp: bool = False,
+    inference: Optional[InferenceSettings] = None,
     max_images: Optional[int] = None,
     corrupt_images: Optional[int] = None,
     bench_iters: int = 3,
     bench_warmup: int = 1,
     boundary_frac: float = BOUNDARY_FRAC,
-    optimize: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate, count and time every model and write the report into `out_dir`.
@@ -1042,13 +1035,11 @@ def run_compare(
         None gives random weights (seed 0, as `segcompare eval` does without --weights).
     images: K, the number of hardest images shown (0: none).
     corrupt: corruption names (`CORRUPTIONS`), each measured at `SEVERITIES`.
-    device, mode, size, scales, flip, window, stride, amp: the inference settings of
-        `segcompare eval` (`segcompare.infer.Predictor`); the defaults are eval's, so the figures
-        equal `segcompare eval`'s.
+    inference: how every model runs (`InferenceSettings`, as `segcompare eval` takes it; the
+        default is eval's, so the figures equal `segcompare eval`'s; its `optimize` also decides
+        whether the models are timed through `prepare_for_inference`).
     max_images / corrupt_images: score only the first N images of the split (all / all).
     bench_iters / bench_warmup: timed and warm-up forward passes per model, at the eval size.
-    optimize: run (and time) the models through `prepare_for_inference`, as `segcompare eval`
-        does by default (the same logits, faster); False: the eager models.
     Returns the metrics.json document.
     """
     from tqdm import tqdm
@@ -1060,6 +1051,7 @@ def run_compare(
     from segcompare.infer import Predictor
     from segcompare.models import build_model, model_family
 
+    inference = inference or InferenceSettings()
     if not models:
         raise SegcompareError("compare needs at least one model")
     if images < 0 or bench_iters < 1 or bench_warmup < 0:
@@ -1078,7 +1070,7 @@ def run_compare(
     )
     raw = _Subset(CityscapesDataset(data_root, split), max_images)
     label_hw = tuple(raw[0]["label"].shape)  # predictions are scored at the label size
-    eval_hw = tuple(size) if size else label_hw  # the size the models run at
+    eval_hw = inference.size_hw or label_hw  # the size the models run at
     d = boundary_width(label_hw, boundary_frac)
 
     # Build every model first, so that a bad name or file fails before any long step.
@@ -1094,10 +1086,7 @@ def run_compare(
         resolved.append((model.variant, None if weights is None else str(weights), model))
     labels = _labels([(n, w) for n, w, _ in resolved])
     for (name, weights, model), label in zip(resolved, labels):
-        predictor = Predictor(
-            model, device, mode, size, scales=scales, flip=flip, window=window, stride=stride,
-            amp=amp, optimize=optimize,
-        )  # fmt: skip
+        predictor = Predictor(model, inference)
         runs.append(ModelRun(name, weights, label, predictor))
 
     for run in runs:
@@ -1121,6 +1110,7 @@ def run_compare(
     rows = bench.benchmark(candidates, x, bench_warmup, bench_iters, progress=progress)
     for run, row in zip(runs, rows):
         run.bench = row
+    amp = inference.amp
     dtype = str(runs[0].predictor.amp_dtype).replace("torch.", "") + " autocast" if amp else "fp32"
     bench_meta = bench.machine_info(device_t, torch.get_num_threads(), dtype)
     bench_meta.update(iters=bench_iters, warmup=bench_warmup, size=list(eval_hw), batch=1)
@@ -1134,19 +1124,13 @@ def run_compare(
     from segcompare import __version__
 
     out.mkdir(parents=True, exist_ok=True)
-    s = runs[0].predictor.settings
     meta = {
         "segcompare": __version__,
         "torch": torch.__version__,
         "device": str(device_t),
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "eval_size": list(eval_hw),
-        "inference": {
-            "mode": s.mode, "size": list(s.size_hw) if s.size_hw else None,
-            "scales": list(s.scales), "flip": s.flip, "amp": amp, "optimize": optimize,
-            "window": list(s.window_hw) if s.window_hw else None,
-            "stride": list(s.stride_hw) if s.stride_hw else None,
-        },  # fmt: skip
+        "inference": inference.describe(),
         "bench": bench_meta,
         "stats_size": list(eval_hw),
         "boundary": {"d_px": d, "frac": boundary_frac},

@@ -115,7 +115,7 @@ def render_demo_video(
         return None
     if out.exists():
         return out
-    predictors = [Predictor(build_model(weights=w), "auto", optimize=True) for w in weights]
+    predictors = [Predictor(build_model(weights=w)) for w in weights]
     render_video(predictors, frames, out, fps=plan.fps, progress=progress)
     return out
 
@@ -176,7 +176,7 @@ def run_demo(
         doc = run_compare(
             [(None, w) for w in model_weights], data_root, "val", out,
             images=plan.hardest, corrupt=plan.corrupt, corrupt_images=plan.corrupt_images,
-            bench_iters=plan.bench_iters, device="auto", optimize=True, progress=progress,
+            bench_iters=plan.bench_iters, progress=progress,
         )  # fmt: skip
     video = render_demo_video(model_weights, frames, out / "side_by_side.gif", plan, progress)
     doc["files"] = {

@@ -392,28 +392,36 @@ OFFICIAL_TEST = {
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """How to run a model at test time.
+    """How to run a model at test time: one value, built once (by the CLI from its options) and
+    handed to every `Predictor`, `evaluate_model` and `run_compare`.
 
     family: whose official test code to follow ('segformer' | 'hrnet'): the default slide window
-        and how flips and scales are averaged.
+        and how flips and scales are averaged. None: the model's own (`Predictor` fills it in).
     mode: 'whole' (one pass over the image at the test size) or 'slide' (windows).
     scales: test-size multipliers; several, or flip, average the class probabilities.
     size_hw: test size the image is resized to; None: each image's own size.
     window_hw / stride_hw: slide window and step in pixels at the test size; None: the family's
         official ones, each side scaled from 1024×2048 to the test size (SegFormer on a 64×128
         image: window 64×64, stride 48×48).
+    device: 'auto' | 'cpu' | 'cuda' | 'mps'.
+    amp: autocast the model (float16 on CUDA and MPS, bfloat16 on CPU).
+    optimize: run the model through `prepare_for_inference` (the same logits, faster; in
+        bfloat16 / float16 with `amp`); False runs the eager model.
     """
 
-    family: str = "segformer"
+    family: Optional[str] = None
     mode: str = "slide"
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     size_hw: Optional[tuple[int, int]] = None
     window_hw: Optional[tuple[int, int]] = None
     stride_hw: Optional[tuple[int, int]] = None
+    device: str = "auto"
+    amp: bool = False
+    optimize: bool = True
 
     def __post_init__(self) -> None:
-        if self.family not in OFFICIAL_TEST:
+        if self.family is not None and self.family not in OFFICIAL_TEST:
             raise ValueError(f"unknown model family {self.family!r}; valid: segformer, hrnet")
         if self.mode not in ("whole", "slide"):
             raise ValueError(f"unknown test mode {self.mode!r}; valid: whole, slide")
@@ -424,18 +432,35 @@ class InferenceSettings:
             if hw is not None and (len(hw) != 2 or min(hw) < 1):
                 raise ValueError(f"{name} must be two positive sizes (H, W), got {hw}")
 
+    def describe(self) -> dict[str, Any]:
+        """The settings as JSON-ready values (what eval's and compare's metadata record)."""
+
+        def hw(value: Optional[tuple[int, int]]) -> Optional[list[int]]:
+            return list(value) if value else None
+
+        return {
+            "mode": self.mode, "size": hw(self.size_hw), "scales": list(self.scales),
+            "flip": self.flip, "amp": self.amp, "optimize": self.optimize,
+            "window": hw(self.window_hw), "stride": hw(self.stride_hw),
+        }  # fmt: skip
+
     def windows_for(self, test_hw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
         """(window_hw, stride_hw) in pixels for images tested at `test_hw`."""
-        recipe = OFFICIAL_TEST[self.family]
+        if self.window_hw:  # the user's window; stride: theirs, else the window (no overlap)
+            return self.window_hw, self.stride_hw or self.window_hw
+        recipe = OFFICIAL_TEST[self._family()]
 
         def scaled(hw: tuple[int, int]) -> tuple[int, int]:
             # Each side in proportion to the test size: HRNet's window stays the whole test
             # image, SegFormer's stays half its width, whatever the image's aspect.
             return tuple(max(1, round(v * t / o)) for v, t, o in zip(hw, test_hw, OFFICIAL_TEST_HW))
 
-        window = self.window_hw or scaled(recipe.window_hw)
-        stride = self.stride_hw or (self.window_hw if self.window_hw else scaled(recipe.stride_hw))
-        return window, stride
+        return scaled(recipe.window_hw), self.stride_hw or scaled(recipe.stride_hw)
+
+    def _family(self) -> str:
+        if self.family is None:
+            raise ValueError("InferenceSettings.family is not set: name 'segformer' or 'hrnet'")
+        return self.family
 
 
 def _resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -503,7 +528,7 @@ def inference(
     test_hw = tuple(settings.size_hw or (h, w))
     window_hw, stride_hw = settings.windows_for(test_hw)
     single = len(settings.scales) == 1 and not settings.flip
-    hrnet_style = OFFICIAL_TEST[settings.family].score == "exp"
+    hrnet_style = OFFICIAL_TEST[settings._family()].score == "exp"
 
     def run(window_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if settings.mode == "whole":

@@ -1,6 +1,6 @@
 """Running a model on images: `Predictor`, predictions written to files, the side-by-side video.
 
-    predictor = Predictor(build_model("segformer-b0", weights="b0.safetensors"), device="auto")
+    predictor = Predictor(build_model("segformer-b0", weights="b0.safetensors"))
     train_ids = predictor.predict(image)            # H×W×3 uint8 RGB -> H×W uint8 train ids
 
 `Predictor` calls the model in one place, `run_model`, so that an optimised model can take its
@@ -9,6 +9,7 @@ place; the test-time modes (whole / slide / scales / flip) are `segcompare.evalu
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import time
@@ -70,47 +71,24 @@ class Predictor:
     """A model ready to segment images.
 
     model: a segmentation model (N×3×H×W normalised -> N×C×H/4×W/4 logits).
-    device: 'auto' | 'cpu' | 'cuda' | 'mps'.
-    mode, size: test mode ('whole' | 'slide'; default the family's official, see
-        `InferenceSettings`) and test size (H, W) images are resized to (default: their own).
-    scales, flip, window, stride: the rest of `InferenceSettings`.
-    amp: autocast the model (float16 on CUDA and MPS, bfloat16 on CPU).
-    optimize: run the model through `prepare_for_inference` (the same logits, faster; in
-        bfloat16 / float16 with `amp`). On by default; False runs the eager model.
+    settings: how to run it (`InferenceSettings`: test mode, size, scales, flip, windows,
+        device, amp, optimize); its family, when not set, is the model's.
     """
 
     def __init__(
-        self,
-        model: torch.nn.Module,
-        device: Union[str, torch.device] = "auto",
-        mode: Optional[str] = None,
-        size: Optional[tuple[int, int]] = None,
-        *,
-        scales: Sequence[float] = (1.0,),
-        flip: bool = False,
-        window: Optional[tuple[int, int]] = None,
-        stride: Optional[tuple[int, int]] = None,
-        amp: bool = False,
-        optimize: bool = True,
+        self, model: torch.nn.Module, settings: Optional[InferenceSettings] = None
     ) -> None:
-        self.device = device if isinstance(device, torch.device) else select_device(device)
+        settings = settings or InferenceSettings()
+        self.device = select_device(settings.device)
         self.model = model.to(self.device).eval()
         self.name = getattr(model, "variant", type(model).__name__)
-        self.settings = InferenceSettings(
-            family=_family(model),
-            mode=mode or InferenceSettings.mode,
-            scales=tuple(scales),
-            flip=flip,
-            size_hw=tuple(size) if size else None,
-            window_hw=tuple(window) if window else None,
-            stride_hw=tuple(stride) if stride else None,
-        )
-        self.amp = amp
+        self.settings = dataclasses.replace(settings, family=settings.family or _family(model))
+        self.amp = settings.amp
         self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
         # What run_model calls: the model itself, or what prepare_for_inference makes of it.
         self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model
-        if optimize:
-            dtype = self.amp_dtype if amp else torch.float32
+        if settings.optimize:
+            dtype = self.amp_dtype if settings.amp else torch.float32
             self.forward = prepare_for_inference(self.model, dtype=dtype)
 
     def run_model(self, images: torch.Tensor) -> torch.Tensor:
@@ -147,7 +125,9 @@ class Predictor:
 def _family(model: torch.nn.Module) -> str:
     variant = getattr(model, "variant", None)
     if variant is None:
-        return "segformer"
+        raise SegcompareError(
+            f"{type(model).__name__} is not a segcompare model: set InferenceSettings.family"
+        )
     from segcompare.models import model_family
 
     return model_family(variant)

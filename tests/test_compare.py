@@ -26,6 +26,7 @@ from segcompare.compare import (
     hardest_images,
     image_miou,
 )
+from segcompare.evaluate import InferenceSettings
 
 # --- Boundary IoU -------------------------------------------------------------------------------
 
@@ -207,7 +208,7 @@ def report(tmp_path_factory):
     doc = compare.run_compare(
         [(name, path) for name, path in weights.items()], root / "data", "val", out, images=2,
         corrupt=["noise", "blur", "jpeg", "brightness"], corrupt_images=1, bench_iters=1,
-        bench_warmup=0, device="cpu", progress=False,
+        bench_warmup=0, inference=InferenceSettings(device="cpu"), progress=False,
     )  # fmt: skip
     return {"root": root, "out": out, "doc": doc, "weights": weights}
 

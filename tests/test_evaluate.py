@@ -191,8 +191,10 @@ def test_slide_equals_whole_when_the_window_covers_the_image():
     model = QuarterNet().eval()
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
-        whole = inference(model, x, InferenceSettings(mode="whole"))
-        slide = inference(model, x, InferenceSettings(mode="slide", window_hw=(32, 64)))
+        whole = inference(model, x, InferenceSettings("segformer", mode="whole"))
+        slide = inference(
+            model, x, InferenceSettings("segformer", mode="slide", window_hw=(32, 64))
+        )
         hrnet = inference(model, x, InferenceSettings("hrnet", mode="slide"))  # window = image
     assert whole.shape == (2, 19, 32, 48)
     assert torch.equal(whole, slide) and torch.equal(whole, hrnet)
@@ -203,7 +205,8 @@ def test_slide_equals_whole_when_the_window_covers_the_image():
 
 def test_slide_averages_overlapping_windows():
     x = torch.randn(1, 3, 16, 40)
-    out = inference(WindowMean(), x, InferenceSettings(window_hw=(16, 16), stride_hw=(16, 12)))
+    settings = InferenceSettings("segformer", window_hw=(16, 16), stride_hw=(16, 12))
+    out = inference(WindowMean(), x, settings)
     # windows at x = 0..16, 12..28, 24..40: pixel 14 is in the first two, pixel 26 in the last two
     means = [x[..., a : a + 16].mean((2, 3)) for a in (0, 12, 24)]
     assert torch.allclose(out[:, :, 5, 14], (means[0] + means[1]) / 2, atol=1e-6)
@@ -220,7 +223,9 @@ def test_flip_and_multi_scale_average_as_the_official_code():
     x = torch.randn(1, 3, 32, 64)
     f = lambda t: _up(model(t), t.shape[-2:])  # noqa: E731
     with torch.no_grad():
-        seg = inference(model, x, InferenceSettings(mode="whole", scales=(0.5, 1.0), flip=True))
+        seg = inference(
+            model, x, InferenceSettings("segformer", mode="whole", scales=(0.5, 1.0), flip=True)
+        )
         hr = inference(
             model, x, InferenceSettings("hrnet", mode="whole", scales=(0.5, 1.0), flip=True)
         )
@@ -249,7 +254,8 @@ def test_test_size_and_output_size():
     x = torch.randn(1, 3, 30, 50)
     with torch.no_grad():
         out = inference(
-            model, x, InferenceSettings(mode="whole", size_hw=(64, 96)), out_hw=(15, 25)
+            model, x, InferenceSettings("segformer", mode="whole", size_hw=(64, 96)),
+            out_hw=(15, 25),
         )
         expected = _up(_up(model(_up(x, (64, 96))), (64, 96)), (15, 25))
     assert out.shape == (1, 19, 15, 25)
