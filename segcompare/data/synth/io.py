@@ -1,0 +1,122 @@
+"""Writing a synthetic Cityscapes in the real folder layout: the annotated splits and the video.
+
+    <out>/leftImg8bit/<split>/<city>/<city>_<seq>_000019_leftImg8bit.png
+    <out>/gtFine/<split>/<city>/<city>_<seq>_000019_gtFine_{color,labelIds,instanceIds}.png
+    <out>/gtFine/<split>/<city>/<city>_<seq>_000019_gtFine_polygons.json
+    <out>/leftImg8bit_demoVideo/stuttgart_00/stuttgart_00_000000_0000NN_leftImg8bit.png
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from segcompare.data.labels import ID_TO_COLOR
+from segcompare.data.synth.render import render
+from segcompare.data.synth.street import build_scene
+from segcompare.utils import SegcompareError, atomic_write_bytes, atomic_write_text
+
+CITIES = {
+    "train": ("aachen", "bochum", "bremen"),
+    "val": ("frankfurt", "lindau"),
+    "test": ("berlin", "bielefeld"),
+}
+VIDEO_CITY = "stuttgart_00"
+
+
+def _png(array: np.ndarray) -> bytes:
+    if array.ndim == 3:  # RGB(A) -> cv2's BGR(A)
+        array = array[..., ::-1] if array.shape[2] == 3 else array[..., [2, 1, 0, 3]]
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(array), [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise SegcompareError("cannot encode PNG")
+    return data.tobytes()
+
+
+def write_sample(root: Path, split: str, city: str, name: str, image: np.ndarray,
+                 label_ids: np.ndarray, instance_ids: np.ndarray, polygons: list[dict]) -> None:
+    img_dir = root / "leftImg8bit" / split / city
+    gt_dir = root / "gtFine" / split / city
+    atomic_write_bytes(img_dir / f"{name}_leftImg8bit.png", _png(image))
+    colour = np.concatenate([ID_TO_COLOR[label_ids], np.full(label_ids.shape + (1,), 255,
+                                                             np.uint8)], axis=2)
+    atomic_write_bytes(gt_dir / f"{name}_gtFine_color.png", _png(colour))
+    atomic_write_bytes(gt_dir / f"{name}_gtFine_labelIds.png", _png(label_ids))
+    atomic_write_bytes(gt_dir / f"{name}_gtFine_instanceIds.png", _png(instance_ids))
+    h, w = label_ids.shape
+    doc = {"imgHeight": h, "imgWidth": w, "objects": polygons}
+    atomic_write_text(gt_dir / f"{name}_gtFine_polygons.json", json.dumps(doc))
+
+
+def synthetic_sample(seed: int, index: int, size: tuple[int, int]):
+    """The index-th synthetic image of a seed: (image, labelIds, instanceIds, polygons)."""
+    rng = np.random.default_rng((int(seed), int(index)))
+    scene = build_scene(rng)
+    return render(scene, size, noise_seed=int(rng.integers(1 << 31)))
+
+
+def make_synthetic_cityscapes(
+    out: Any,
+    train: int = 20,
+    val: int = 10,
+    test: int = 0,
+    size: tuple[int, int] = (256, 512),
+    seed: int = 0,
+    video_frames: int = 0,
+    progress: bool = False,
+) -> dict[str, int]:
+    """Write a synthetic Cityscapes under `out` in the real layout; returns counts per split.
+
+    size is (H, W). Deterministic for a seed: sample i of a run depends only on (seed, i), so
+    the first N images of a larger set equal a set of N. Images are numbered like the real ones
+    (<city>_<seq>_<frame>, frame 000019 as the annotated frame of each sequence).
+    """
+    from tqdm import tqdm
+
+    h, w = int(size[0]), int(size[1])
+    if h < 32 or w < 32:
+        raise SegcompareError(f"synthetic image size {h}x{w} is too small (at least 32x32)")
+    root = Path(out)
+    counts = {"train": int(train), "val": int(val), "test": int(test)}
+    jobs = _sample_names(counts)
+    for split, city, name, i in tqdm(jobs, desc="synthesising", unit="image",
+                                     disable=not progress):
+        image, ids, inst, polys = synthetic_sample(seed, i, (h, w))
+        write_sample(root, split, city, name, image, ids, inst, polys)
+    if video_frames:
+        _write_video(root, seed, int(video_frames), (h, w), progress)
+        counts["video"] = int(video_frames)
+    return counts
+
+
+def _sample_names(counts: dict[str, int]) -> list[tuple[str, str, str, int]]:
+    """(split, city, name, sample index) of every image; cities take turns within a split."""
+    jobs = []
+    index = 0
+    for split, n in counts.items():
+        cities = CITIES[split]
+        for i in range(n):
+            city = cities[i % len(cities)]
+            name = f"{city}_{i // len(cities):06d}_000019"
+            jobs.append((split, city, name, index))
+            index += 1
+    return jobs
+
+
+def _write_video(root: Path, seed: int, frames: int, size: tuple[int, int],
+                 progress: bool) -> None:
+    """One scene, the camera driving forward ~0.5 m per frame while vehicles and people move."""
+    from tqdm import tqdm
+
+    rng = np.random.default_rng((int(seed), 1_000_000))
+    speed = rng.uniform(0.4, 0.6)  # m per frame: ~30 km/h at 17 fps
+    scene = build_scene(rng, length=speed * frames)
+    vdir = root / "leftImg8bit_demoVideo" / VIDEO_CITY
+    for f in tqdm(range(frames), desc="video", unit="frame", disable=not progress):
+        image, *_ = render(scene, size, frame=f, speed=speed, noise_seed=seed * 7919 + f)
+        atomic_write_bytes(vdir / f"{VIDEO_CITY}_000000_{f + 1:06d}_leftImg8bit.png",
+                           _png(image))
