@@ -59,7 +59,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from segcompare import bench  # noqa: E402
-from segcompare.models import build_model, model_family  # noqa: E402
+from segcompare.models import build_model, family_of  # noqa: E402
 from segcompare.models.fast import prepare_for_inference, tune_cpu_allocator  # noqa: E402
 from segcompare.utils import atomic_write_text  # noqa: E402
 
@@ -69,7 +69,7 @@ def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
     changes the weights: conv/linear N(0, gain/fan_in), norm scales U(0.5, 1.5), shifts
     N(0, 0.05); then the BatchNorm running statistics are measured on a random image."""
     g = torch.Generator().manual_seed(seed)
-    gain = 2.0 if model_family(model.variant) == "hrnet" else 1.0
+    gain = 2.0 if family_of(model) == "hrnet" else 1.0
     with torch.no_grad():
         for name, t in model.state_dict().items():
             if not t.is_floating_point() or "running" in name:
@@ -102,14 +102,8 @@ def run_case(name: str, h: int, w: int, batch: int) -> dict:
     torch.manual_seed(0)
     model = trained_like(build_model(name))
     ours = prepare_for_inference(model)
-    candidates = [bench.Candidate("ours", ours)]
-    if model_family(name) == "segformer":
-        ref = bench.transformers_segformer(model)
-        candidates.append(bench.Candidate("reference", bench.hf_logits(ref)))
-        reference = "transformers"
-    else:
-        candidates.append(bench.Candidate("reference", model))
-        reference = "eager"
+    reference, _, run = bench.reference_for(model)
+    candidates = [bench.Candidate("ours", ours), bench.Candidate("reference", run)]
     if ARGS.bf16:
         ours_bf16 = prepare_for_inference(model, dtype=torch.bfloat16)
         candidates.append(bench.Candidate("ours bf16", ours_bf16))

@@ -175,6 +175,19 @@ def hf_logits(ref: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: ref(pixel_values=x).logits
 
 
+def reference_for(model: nn.Module) -> tuple[str, nn.Module, Callable[[torch.Tensor], object]]:
+    """(what, module, run) of the implementation our `model` is timed against: its family's
+    `reference` (segcompare.models.variants), "transformers" (its SegFormer with the same
+    weights) or "eager" (`model` itself, which equals the official code)."""
+    from segcompare.models.variants import FAMILIES, family_of
+
+    what = FAMILIES[family_of(model)].reference
+    if what == "transformers":
+        ref = transformers_segformer(model)
+        return what, ref, hf_logits(ref)
+    return what, model, model
+
+
 def format_table(rows: Sequence[dict], meta: dict) -> str:
     """Markdown table of benchmark rows, with a line that says where they were measured."""
     head = "| model | latency ms (median) | p10 | p90 | images/s | memory MB |\n"

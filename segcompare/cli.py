@@ -120,7 +120,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from segcompare import bench
-    from segcompare.models import build_model, model_family
+    from segcompare.models import build_model
     from segcompare.utils import SegcompareError, atomic_write_text
 
     names = model_names(args.names)
@@ -137,12 +137,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         candidates.append(bench.model_candidate(name, runnable.to(device), dtype))
         if not args.reference:
             continue
-        if model_family(name) == "segformer":
-            ref = bench.transformers_segformer(model).to(device)
-            run = bench.hf_logits(ref)
-            candidates.append(bench.model_candidate(f"{name} (transformers)", ref, dtype, run))
-        elif not args.no_optimize:  # HRNet: our eager model, which equals the official code
-            candidates.append(bench.model_candidate(f"{name} (eager)", model.to(device), dtype))
+        what, ref, run = bench.reference_for(model)
+        if ref is not model or not args.no_optimize:  # else the eager model is the row above
+            candidates.append(bench.model_candidate(f"{name} ({what})", ref.to(device), dtype, run))
     x = torch.randn(args.batch, 3, *args.size, device=device)
     rows = bench.benchmark(candidates, x, args.warmup, args.iters)
     meta = bench.machine_info(device, torch.get_num_threads(), args.dtype)

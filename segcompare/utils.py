@@ -15,6 +15,12 @@ class SegcompareError(Exception):
     """An error caused by the user's input (a file, key or value); the CLI prints it as one line."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first sentence of an error's message: the part a user needs."""
+    text = str(err).strip().splitlines()
+    return text[0].split(". ")[0][:200] if text else type(err).__name__
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, on failure remove it.

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from reference import seeded_state_dict
 from torch import nn
 
-from segcompare.models import build_model, fast, model_family
+from segcompare.models import build_model, family_of, fast
 from segcompare.models.fast import fold_bn, prepare_for_inference
 from segcompare.models.hrnet import VARIANTS as HRNET_VARIANTS
 
@@ -52,7 +52,7 @@ def seeded(name: str, **overrides) -> nn.Module:
     """`name` with the seeded weights of REFERENCE.md: random BN scale, shift, mean and var."""
     model = build_model(name, **overrides)
     manifest = {"state_dict": [[k, list(v.shape)] for k, v in model.state_dict().items()]}
-    model.load_state_dict(seeded_state_dict(manifest, model_family(name)))
+    model.load_state_dict(seeded_state_dict(manifest, family_of(name)))
     return model.eval()
 
 

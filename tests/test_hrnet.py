@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from reference import load_io, load_manifest, seeded_state_dict
 
-from segcompare.models import build_model, count_parameters, model_family
+from segcompare.models import build_model, count_parameters, family_of
 from segcompare.models.hrnet import VARIANTS
 
 HRNETS = list(VARIANTS)
@@ -38,7 +38,7 @@ def test_all_five_variants_are_registered():
         "hrnet-w32",
         "hrnet-w48",
     ]
-    assert all(model_family(name) == "hrnet" for name in HRNETS)
+    assert all(family_of(name) == "hrnet" for name in HRNETS)
 
 
 @pytest.mark.parametrize("name", HRNETS)

@@ -1,55 +1,40 @@
-"""The model factory: the only entry point to the models.
+"""The models' public API: build a variant, load and convert checkpoints.
 
+    from segcompare.models import build_model, load_weights, convert_checkpoint, list_models
     model = build_model("segformer-b0", num_classes=19)
     model = build_model("hrnet-w48", weights="hrnet_w48_cityscapes_cls19_1024x2048_trainset.pth")
+    model = build_model(weights="model.safetensors")  # the variant read from the file
 
-Each family module (`hrnet.py`, `segformer.py`) holds a `VARIANTS` table (name -> settings dict) and
-the model class, which takes `num_classes` and those settings as keyword arguments.
+The modules behind it, each importing only those above it in this list (none imports this one):
+
+    segformer.py, hrnet.py   a family each: its blocks, model class and VARIANTS settings table
+    variants.py              the 11 variants, each family's facts, family_of, create
+    convert.py               one pure state_dict -> state_dict function per foreign layout
+    hub.py                   a HuggingFace Hub id to a local directory
+    checkpoint.py            read every format, load strictly, save ours, export HuggingFace's
+    fast.py                  prepare_for_inference: the same model, rewritten to run faster
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional
 
 from torch import nn
 
-from segcompare.models import hrnet, segformer
+from segcompare.models.checkpoint import convert_checkpoint, describe_weights, load_weights
+from segcompare.models.variants import create, family_of, list_models, model_settings
 
-# name -> (model class, default settings). One dict lookup; no registry.
-_VARIANTS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
-    **{name: (segformer.SegFormer, cfg) for name, cfg in segformer.VARIANTS.items()},
-    **{name: (hrnet.HRNet, cfg) for name, cfg in hrnet.VARIANTS.items()},
-}
+__all__ = [
+    "build_model",
+    "convert_checkpoint",
+    "count_parameters",
+    "family_of",
+    "list_models",
+    "load_weights",
+    "model_settings",
+]
 
-
-def list_models() -> list[str]:
-    """The names `build_model` accepts, SegFormers first."""
-    return list(_VARIANTS)
-
-
-def model_family(name: str) -> str:
-    """'segformer' or 'hrnet'."""
-    _check_name(name)
-    return "segformer" if _VARIANTS[name][0] is segformer.SegFormer else "hrnet"
-
-
-def _check_name(name: str) -> None:
-    if name not in _VARIANTS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(_VARIANTS)}")
-
-
-def model_settings(name: str, **overrides: Any) -> dict[str, Any]:
-    """The variant's settings with `overrides` applied; an unknown override is a ValueError."""
-    _check_name(name)
-    defaults = _VARIANTS[name][1]
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"unknown setting(s) {', '.join(unknown)} for {name}; valid: {', '.join(defaults)}"
-        )
-    # Deep copy: the stage settings are nested dicts and must never alias the VARIANTS table.
-    return copy.deepcopy({**defaults, **overrides})
+model_family = family_of  # the former name; callers move to family_of
 
 
 def build_model(
@@ -60,7 +45,7 @@ def build_model(
 ) -> nn.Module:
     """Build the variant `name` with `num_classes` outputs, optionally loading `weights`.
 
-    The model maps N×3×H×W images to N×num_classes×ceil(H/4)×ceil(W/4) logits and records
+    The model maps N×3×H×W images to N×num_classes×ceil(H/4)×ceil(W/4) logits and carries
     `model.variant` (the name) and `model.settings` (the resolved settings).
 
     `weights`: a checkpoint of any format `segcompare.models.checkpoint` reads (file, HuggingFace
@@ -69,28 +54,19 @@ def build_model(
     number keeps all weights but the classifier, which stays initialised.
     """
     if weights is not None:
-        from segcompare.models.checkpoint import describe_weights
-
         spec = describe_weights(weights, name)
         if spec.variant is None:
             raise ValueError(
                 f"{spec.checkpoint.source}: its keys match no model; name one of "
-                f"{', '.join(_VARIANTS)}"
+                f"{', '.join(list_models())}"
             )
         name, weights = spec.variant, spec.checkpoint
         overrides = {**spec.settings, **overrides}
         num_classes = num_classes or spec.num_classes
     elif name is None:
         raise ValueError("build_model needs a model name, or weights= to read it from")
-    num_classes = num_classes or 19
-    settings = model_settings(name, **overrides)
-    cls = _VARIANTS[name][0]
-    model = cls(num_classes=num_classes, **settings)
-    model.variant = name
-    model.settings = settings
+    model = create(name, num_classes or 19, **overrides)
     if weights is not None:
-        from segcompare.models.checkpoint import load_weights
-
         load_weights(model, weights)
     return model
 

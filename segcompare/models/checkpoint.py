@@ -13,7 +13,8 @@ missing, left over or of another shape is an error that names the format, the ke
 shapes and the variant the file looks like. Known-unused keys (mmseg's `conv_seg`, ImageNet
 heads, HRNet's loss weights) are dropped by name in `convert.py`; the two tolerated differences
 are a backbone-only file (the head stays initialised) and another number of classes (the
-classifier stays initialised); each is logged in one line.
+classifier stays initialised); each is logged in one line. Which family a model is, and where
+its head and classifier are, come from `variants.py`; a hub id is fetched by `hub.py`.
 """
 
 from __future__ import annotations
@@ -22,13 +23,9 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import pickle
 import re
-import socket
 import struct
-import threading
-import urllib.parse
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -40,8 +37,10 @@ from torch import nn
 
 from segcompare import __version__
 from segcompare.data.labels import CLASS_NAMES
-from segcompare.models import build_model, convert, hrnet, list_models, model_family, segformer
-from segcompare.utils import PathLike, SegcompareError, atomic_path
+from segcompare.models import convert, hub
+from segcompare.models.hub import HF_BIN_NAME, HF_CONFIG_NAME, HF_INDEX_NAME, WEIGHTS_NAME
+from segcompare.models.variants import FAMILIES, Family, create, family_of, list_models
+from segcompare.utils import PathLike, SegcompareError, atomic_path, first_line
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +48,8 @@ StateDict = dict[str, torch.Tensor]
 
 # `metadata["format"]` of the safetensors files `save_weights` writes.
 OUR_FORMAT_TAG = "segcompare"
-WEIGHTS_NAME = "model.safetensors"  # our file name and HuggingFace's
-HF_CONFIG_NAME = "config.json"
-_HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
-_HUB_PROBE_TIMEOUT_S = 3.0
-
-# family -> (head prefix, classifier prefix) in our (official) names.
-_HEADS = {
-    "segformer": ("decode_head.", "decode_head.linear_pred."),
-    "hrnet": ("last_layer.", "last_layer.3."),
-}
+# The weight files of a HuggingFace model directory, in the order they are looked for.
+_HF_WEIGHT_FILES = (WEIGHTS_NAME, HF_INDEX_NAME, HF_BIN_NAME)
 
 
 # --- formats --------------------------------------------------------------------------------
@@ -163,8 +152,8 @@ def read_checkpoint(src: Union[PathLike, Mapping[str, torch.Tensor], Checkpoint]
     if path.is_file():
         state, metadata = _read_file(path)
         return Checkpoint(state, metadata, str(path))
-    if _HUB_ID.match(str(src)) and not str(src).endswith(_TORCH_SUFFIXES):
-        return _read_hf_dir(_download_from_hub(str(src)), source=str(src))
+    if hub.looks_like_hub_id(str(src)):
+        return _read_hf_dir(hub.download(str(src)), source=str(src))
     raise SegcompareError(f"{src}: no such file or directory")
 
 
@@ -192,7 +181,7 @@ def _read_torch(path: Path) -> StateDict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
-            raise SegcompareError(f"{path}: corrupt or truncated ({_first_line(err)})") from None
+            raise SegcompareError(f"{path}: corrupt or truncated ({first_line(err)})") from None
         needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         needs = f" (it refers to {needs.group(1)})" if needs else ""
         raise SegcompareError(
@@ -201,7 +190,7 @@ def _read_torch(path: Path) -> StateDict:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
             AttributeError, struct.error, zipfile.BadZipFile) as err:  # fmt: skip
-        raise SegcompareError(f"{path}: corrupt or truncated ({_first_line(err)})") from None
+        raise SegcompareError(f"{path}: corrupt or truncated ({first_line(err)})") from None
     return _as_state_dict(obj, str(path))
 
 
@@ -213,14 +202,8 @@ def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
             metadata = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise SegcompareError(f"{path}: corrupt or truncated ({_first_line(err)})") from None
+        raise SegcompareError(f"{path}: corrupt or truncated ({first_line(err)})") from None
     return _as_state_dict(state, str(path)), metadata
-
-
-def _first_line(err: BaseException) -> str:
-    """The first sentence of an error's message: the part a user needs."""
-    text = str(err).strip().splitlines()
-    return text[0].split(". ")[0][:200] if text else type(err).__name__
 
 
 def _as_state_dict(obj: Any, source: str) -> StateDict:
@@ -272,84 +255,14 @@ def _read_hf_dir(path: Path, source: Optional[str] = None) -> Checkpoint:
     return Checkpoint(state, metadata, source)
 
 
-def _download_from_hub(repo_id: str) -> Path:
-    """The local directory of hub model `repo_id` (config.json + weights), from the cache or
-    downloaded. Fails at once, naming the id, when offline or when the hub cannot be reached."""
-    advice = "pass a local path (a checkpoint file or a directory with config.json)"
-    try:
-        from huggingface_hub import constants, hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
-    except ImportError:
-        raise SegcompareError(
-            f"{repo_id}: no such file; as a HuggingFace Hub id it needs `pip install "
-            f"huggingface_hub`; or {advice}"
-        ) from None
-
-    def fetch(local_only: bool) -> Path:
-        config = hf_hub_download(repo_id, HF_CONFIG_NAME, local_files_only=local_only)
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            try:
-                hf_hub_download(repo_id, name, local_files_only=local_only)
-                return Path(config).parent
-            except EntryNotFoundError:  # also "not in the cache" when local_only
-                continue
-        raise SegcompareError(f"{repo_id}: the hub model has no model.safetensors or .bin")
-
-    try:
-        return fetch(local_only=True)  # the cache: no network
-    except (EntryNotFoundError, FileNotFoundError, SegcompareError):
-        pass
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    if offline or constants.HF_HUB_OFFLINE:
-        raise SegcompareError(
-            f"{repo_id}: not a local path, not in the HuggingFace cache, and HF_HUB_OFFLINE is "
-            f"set; {advice}"
-        )
-    unreachable = _unreachable(constants.ENDPOINT)
-    if unreachable:
-        raise SegcompareError(
-            f"{repo_id}: not a local path, and the HuggingFace Hub ({constants.ENDPOINT}) "
-            f"cannot be reached ({unreachable}); {advice}"
-        )
-    try:
-        return fetch(local_only=False)
-    except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError) as err:
-        raise SegcompareError(
-            f"{repo_id}: not a local path, and downloading it from the HuggingFace Hub failed "
-            f"({_first_line(err)}); {advice}"
-        ) from None
-
-
-def _unreachable(endpoint: str) -> str:
-    """Why a TCP connection to `endpoint` fails within a few seconds, or '' when it works.
-
-    huggingface_hub retries an unreachable hub for half a minute; this probe answers at once.
-    It runs in a daemon thread because name resolution has no timeout of its own.
-    """
-    url = urllib.parse.urlparse(endpoint)
-    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
-    result = ["timed out"]
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=_HUB_PROBE_TIMEOUT_S).close()
-            result[0] = ""
-        except OSError as err:
-            result[0] = str(err) or type(err).__name__
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(_HUB_PROBE_TIMEOUT_S + 1.0)
-    return result[0]
-
-
 # --- loading --------------------------------------------------------------------------------
-def _family(model: nn.Module) -> str:
-    if isinstance(model, segformer.SegFormer):
-        return "segformer"
-    if isinstance(model, hrnet.HRNet):
-        return "hrnet"
-    raise TypeError(f"not a segcompare model: {type(model).__name__}")
+def _family(model: nn.Module) -> Family:
+    """The family of a model whose state dict is in our (official) names: a SegFormer or an
+    HRNet itself, not a rewrite of one (`prepare_for_inference`) that only carries its name."""
+    family = FAMILIES[family_of(model)]
+    if not isinstance(model, family.model_class):
+        raise TypeError(f"not a segcompare model: {type(model).__name__}")
+    return family
 
 
 def _variant_of(model: nn.Module) -> str:
@@ -389,7 +302,7 @@ def load_weights(
     checkpoint = read_checkpoint(src)
     fmt, state = to_official(checkpoint, backbone_only)
     family = _family(model)
-    head, classifier = _HEADS[family]
+    head, classifier = family.head_prefix, family.classifier_prefix
     if backbone_only:
         state = {k: v for k, v in state.items() if not k.startswith(head)}
     expected = model.state_dict()
@@ -489,7 +402,7 @@ def _mismatch_message(
 def _signature(name: str) -> dict[str, tuple[int, ...]]:
     """key -> shape of variant `name` (19 classes, default settings), built on the meta device."""
     with torch.device("meta"):
-        model = build_model(name)
+        model = create(name)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -497,7 +410,8 @@ def _fits(name: str, state: StateDict) -> tuple[int, int]:
     """(matching, compared): the keys of `state` that variant `name` has with that shape, and
     the keys the variant needs plus those of `state` it lacks. The classifier may have any
     number of classes; without head keys in `state` the variant's head is not needed."""
-    head, classifier = _HEADS[model_family(name)]
+    family = FAMILIES[family_of(name)]
+    head, classifier = family.head_prefix, family.classifier_prefix
     sig = _signature(name)
     with_head = any(k.startswith(head) for k in state)
     good = 0
@@ -574,7 +488,7 @@ def describe_weights(
     variant = name or guess_variant(state)
     num_classes = None
     if variant is not None:
-        cls_weight = state.get(_HEADS[model_family(variant)][1] + "weight")
+        cls_weight = state.get(FAMILIES[family_of(variant)].classifier_prefix + "weight")
         num_classes = int(cls_weight.shape[0]) if cls_weight is not None else None
     return WeightsSpec(checkpoint, variant, num_classes, {}, _hf_class_names(meta, num_classes))
 
@@ -608,7 +522,7 @@ def _hf_class_names(metadata: Mapping[str, str], num_classes: Optional[int]) -> 
 # --- writing --------------------------------------------------------------------------------
 def num_classes_of(model: nn.Module) -> int:
     """The number of classes a model predicts (the classifier's output channels)."""
-    classifier = _HEADS[_family(model)][1]
+    classifier = _family(model).classifier_prefix
     return int(model.state_dict()[classifier + "weight"].shape[0])
 
 
@@ -651,7 +565,7 @@ def save_weights(model: nn.Module, path: PathLike, class_names: Optional[list[st
 
 def hf_config(model: nn.Module, class_names: Optional[list[str]] = None) -> dict[str, Any]:
     """The config.json of transformers' SegformerForSemanticSegmentation for our SegFormer."""
-    if _family(model) != "segformer":
+    if _family(model).name != "segformer":
         raise SegcompareError(
             f"{_variant_of(model)}: only SegFormer has a HuggingFace transformers counterpart"
         )
@@ -723,7 +637,7 @@ def convert_checkpoint(
             f"{src}: its keys match no variant; name one with --model ({', '.join(list_models())})"
         )
     classes = num_classes or spec.num_classes or len(CLASS_NAMES)
-    model = build_model(name, num_classes=classes, **spec.settings)
+    model = create(name, num_classes=classes, **spec.settings)
     fmt = load_weights(model, spec.checkpoint, backbone_only=backbone_only)
     names = spec.class_names if spec.class_names and len(spec.class_names) == classes else None
     if str(dst).endswith(".safetensors"):

@@ -20,8 +20,9 @@ PyTorch's default, also False) to the exact size of the target branch, so any in
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -287,6 +288,7 @@ class HRNet(nn.Module):
         self,
         num_classes: int = 19,
         *,
+        variant: Optional[str] = None,
         stage1: dict[str, Any],
         stage2: dict[str, Any],
         stage3: dict[str, Any],
@@ -297,6 +299,10 @@ class HRNet(nn.Module):
         stages = {"stage1": stage1, "stage2": stage2, "stage3": stage3, "stage4": stage4}
         for name, stage in stages.items():
             _check_stage(name, stage)
+        # What rebuilds it (save_weights writes both): the VARIANTS name it was made as (None:
+        # settings of one's own) and its settings. Plain attributes, not in the state dict.
+        self.variant = variant
+        self.settings = copy.deepcopy({**stages, "final_conv_kernel": final_conv_kernel})
 
         # stem: 1/4 resolution
         self.conv1 = nn.Conv2d(3, STEM_CHANNELS, 3, stride=2, padding=1, bias=False)

@@ -19,8 +19,9 @@ Shapes: N images, C channels, h×w the stage's token grid, L = h·w tokens, L' t
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -329,6 +330,7 @@ class SegFormer(nn.Module):
         self,
         num_classes: int = 19,
         *,
+        variant: Optional[str] = None,
         embed_dims: Sequence[int],
         depths: Sequence[int],
         num_heads: Sequence[int],
@@ -342,6 +344,24 @@ class SegFormer(nn.Module):
         dropout: float = 0.1,
     ):
         super().__init__()
+        # What rebuilds it (save_weights writes both): the VARIANTS name it was made as (None:
+        # settings of one's own) and its settings. Plain attributes, not in the state dict.
+        self.variant = variant
+        self.settings = copy.deepcopy(
+            dict(
+                embed_dims=embed_dims,
+                depths=depths,
+                num_heads=num_heads,
+                mlp_ratios=mlp_ratios,
+                sr_ratios=sr_ratios,
+                decoder_dim=decoder_dim,
+                drop_path_rate=drop_path_rate,
+                patch_sizes=patch_sizes,
+                strides=strides,
+                qkv_bias=qkv_bias,
+                dropout=dropout,
+            )
+        )
         self.backbone = MixTransformer(
             embed_dims,
             depths,

@@ -1,0 +1,137 @@
+"""The 11 variants and the facts of their two families, in one place.
+
+    create("segformer-b0", num_classes=19)     # a model, untrained
+    family_of("hrnet-w48")                     # 'hrnet'
+    family_of(model)                           # by its class, or the variant it carries
+    FAMILIES["segformer"].head_prefix          # 'decode_head.'
+
+Each family module (`segformer.py`, `hrnet.py`) holds its model class and its `VARIANTS` table
+(name -> settings); a `Family` row here says what else is true of the whole family: where its
+head and classifier live in the state dict, which implementation our benchmarks compare it
+against, how its official code tests on Cityscapes. "Which family is this?" is answered by
+`family_of` and nowhere else. Building with weights is `segcompare.models.build_model`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Union
+
+from torch import nn
+
+from segcompare.models import hrnet, segformer
+
+# The image size the official window and stride numbers are given for (Cityscapes, H×W).
+OFFICIAL_TEST_HW = (1024, 2048)
+
+
+@dataclasses.dataclass(frozen=True)
+class OfficialTest:
+    """How a family's official code tests on Cityscapes, at OFFICIAL_TEST_HW."""
+
+    window_hw: tuple[int, int]  # slide window
+    stride_hw: tuple[int, int]
+    score: str  # what is averaged over flips and scales: "softmax" or "exp"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What is true of every variant of a model family."""
+
+    name: str  # 'segformer' | 'hrnet'
+    model_class: type[nn.Module]
+    variants: Mapping[str, dict[str, Any]] = dataclasses.field(repr=False, compare=False)
+    head_prefix: str  # state-dict keys of the head (our, i.e. the official, names)
+    classifier_prefix: str  # the last layer: its output channels are the classes
+    # What `segcompare bench --reference` and benchmarks/inference_cpu.py time ours against:
+    # "transformers" (its SegformerForSemanticSegmentation with the same weights) or "eager"
+    # (our eager model, which equals the official code: tests/test_hrnet.py).
+    reference: str
+    test: OfficialTest
+
+
+SEGFORMER = Family(
+    name="segformer",
+    model_class=segformer.SegFormer,
+    variants=segformer.VARIANTS,
+    head_prefix="decode_head.",
+    classifier_prefix="decode_head.linear_pred.",
+    reference="transformers",
+    # NVlabs/SegFormer local_configs/segformer/B*/segformer.b*.1024x1024.city.160k.py: test_cfg
+    # mode 'slide', crop_size (1024, 1024), stride (768, 768). mmseg encoder_decoder.py (0.x):
+    # slide_inference averages the windows' logits, inference() takes the softmax of each
+    # (scale, flip) pass at the original size, aug_test averages those.
+    test=OfficialTest((1024, 1024), (768, 768), "softmax"),
+)
+
+HRNET = Family(
+    name="hrnet",
+    model_class=hrnet.HRNet,
+    variants=hrnet.VARIANTS,
+    head_prefix="last_layer.",
+    classifier_prefix="last_layer.3.",
+    reference="eager",
+    # HRNet/HRNet-Semantic-Segmentation (HRNet-OCR branch, 0bbb2880): tools/test.py sets the
+    # crop size to TEST.IMAGE_SIZE (1024×2048); lib/datasets/cityscapes.py multi_scale_inference
+    # runs scales <= 1 on the whole image and larger ones on crop-sized windows with stride =
+    # crop (the last window aligned to the border); base_dataset.py inference() averages the
+    # logits of the image and its flip, then takes exp(); windows are averaged and scales summed.
+    test=OfficialTest((1024, 2048), (1024, 2048), "exp"),
+)
+
+FAMILIES: dict[str, Family] = {family.name: family for family in (SEGFORMER, HRNET)}
+
+# variant name -> its family, SegFormers first: one dict lookup, no registry.
+VARIANTS: dict[str, Family] = {
+    name: family for family in FAMILIES.values() for name in family.variants
+}
+
+
+def list_models() -> list[str]:
+    """The variant names, SegFormers first."""
+    return list(VARIANTS)
+
+
+def _family_of_name(name: str) -> Family:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def family_of(model_or_name: Union[str, nn.Module]) -> str:
+    """'segformer' or 'hrnet': of a variant name, or of a model by its class or else by the
+    variant name it carries (a prepared or compiled model). ValueError for an unknown name,
+    TypeError for an object that is neither."""
+    if isinstance(model_or_name, str):
+        return _family_of_name(model_or_name).name
+    for family in FAMILIES.values():
+        if isinstance(model_or_name, family.model_class):
+            return family.name
+    variant = getattr(model_or_name, "variant", None)
+    if isinstance(variant, str):
+        return _family_of_name(variant).name
+    raise TypeError(
+        f"not a segcompare model: {type(model_or_name).__name__} (neither a SegFormer nor an "
+        "HRNet, and it carries no variant name)"
+    )
+
+
+def model_settings(name: str, **overrides: Any) -> dict[str, Any]:
+    """The variant's settings with `overrides` applied; an unknown override is a ValueError."""
+    defaults = _family_of_name(name).variants[name]
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) {', '.join(unknown)} for {name}; valid: {', '.join(defaults)}"
+        )
+    # Deep copy: the stage settings are nested dicts and must never alias the VARIANTS table.
+    return copy.deepcopy({**defaults, **overrides})
+
+
+def create(name: str, num_classes: int = 19, **overrides: Any) -> nn.Module:
+    """The variant `name`, untrained, with `num_classes` outputs and `overrides` of its settings;
+    it carries `model.variant` (the name) and `model.settings` (the resolved settings)."""
+    settings = model_settings(name, **overrides)
+    return VARIANTS[name].model_class(num_classes, variant=name, **settings)
