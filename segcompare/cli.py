@@ -186,7 +186,8 @@ def _run_train(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from segcompare.train import load_config, summary_line, train
+    from segcompare.config import load_config
+    from segcompare.train import summary_line, train
     from segcompare.utils import SegcompareError
 
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun; only rank 0 talks

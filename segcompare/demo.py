@@ -90,7 +90,8 @@ def synth_data(plan: DemoPlan, cache: Path, fresh: bool, progress: bool) -> Path
 
 def train_model(recipe: Path, data_root: Path, run_dir: Path, plan: DemoPlan) -> Path:
     """Train one recipe into `run_dir` (continuing an interrupted run); returns its weights."""
-    from segcompare.train import load_config, summary_line, train
+    from segcompare.config import load_config
+    from segcompare.train import summary_line, train
 
     final = run_dir / "final.safetensors"
     if final.exists():

@@ -1,0 +1,325 @@
+"""The training config: four dataclasses loaded from a YAML recipe with `--set` overrides.
+
+    cfg = load_config("configs/synthcity_segformer_b0.yaml", ["train.max_iters=200"])
+
+`model`, `data`, `optim` and `train` are plain dataclasses; a recipe in configs/ sets their keys,
+`--set a.b=value` overrides one (the value read as YAML), and a wrong key or value is one error
+naming it. `config_to_dict` is what a run folder's config.yaml holds; `changed_keys` says which
+keys a resumed run may not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_type_hints
+
+import yaml
+
+from segcompare.data.labels import NUM_CLASSES
+from segcompare.utils import SegcompareError
+
+
+@dataclass
+class ModelConfig:
+    name: str = ""  # a name of `segcompare models`, e.g. segformer-b0, hrnet-w48
+    num_classes: int = 19
+    # ImageNet weights for the backbone (a path or hub id the Checkpoints loader accepts); None:
+    # random init.
+    pretrained: Optional[str] = None
+    # keyword settings of the variant, passed to build_model (drop_path_rate, depths, ...)
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/cityscapes"  # a folder in the Cityscapes layout (leftImg8bit/, gtFine/)
+    pipeline: str = "segformer"  # which paper's training augmentation: segformer | hrnet
+    crop_size: Tuple[int, int] = (1024, 1024)  # (h, w) of the training crops
+    # random rescale ratios; null: the pipeline's official range (segformer: mmseg's ratio_range
+    # (0.5, 2.0); hrnet: 0.5 + random.randint(0, 16) / 10, 0.5 to 2.1 in steps of 0.1)
+    scale_range: Optional[Tuple[float, float]] = None
+    base_size: int = 2048  # long side of the image at scale 1.0 (Cityscapes: 2048)
+    train_split: str = "train"
+    val_split: str = "val"
+    ignore_index: int = 255
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 6e-5  # for the total batch
+    weight_decay: float = 0.01
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: Tuple[float, float] = (0.9, 0.999)  # adamw
+    # Parameter-wise rules of mmcv's `paramwise_cfg.custom_keys`: a parameter whose name contains
+    # "head" gets lr x head_lr_mult; one whose name contains a `no_decay` string gets no weight
+    # decay ("bias" is a valid entry too).
+    head_lr_mult: float = 1.0
+    no_decay: List[str] = field(default_factory=list)
+    schedule: str = "poly"  # the only schedule of both papers
+    power: float = 1.0
+    min_lr: float = 0.0
+    warmup_iters: int = 0  # linear warmup, as mmcv's `warmup='linear'`
+    warmup_ratio: float = 1e-6
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 1000
+    batch_size: int = 8  # TOTAL over all processes
+    num_workers: int = 2  # data loading processes per training process
+    # CPU threads of each training process (torch.set_num_threads); null: torch's default, one
+    # per core. On a CPU shared with other jobs, 1 is far faster than 2: OpenMP threads that
+    # wait for a descheduled sibling at every operator stall the whole step.
+    threads: Optional[int] = None
+    seed: int = 0
+    amp: str = "off"  # off | bf16 | fp16
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # torch.use_deterministic_algorithms (GPU runs that must resume
+    #                              bit-identically; the CPU is deterministic anyway)
+    loss: str = "ce"  # ce | ohem
+    # "labelled": mean over labelled pixels (torch's CrossEntropyLoss, the HRNet code);
+    # "all": sum over labelled pixels / all pixels (mmseg's CrossEntropyLoss, the SegFormer code).
+    loss_average: str = "labelled"
+    class_weights: Optional[List[float]] = None  # one per class, or None
+    ohem_threshold: float = 0.7  # keep pixels whose target-class probability is below this ...
+    ohem_min_kept: int = 100000  # ... but at least this many per process
+    log_every: int = 50
+    eval_every: int = 0  # validate every N iterations and at the end; 0: never
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2  # the newest N iter_*.pt are kept
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+_CHOICES = {
+    "data.pipeline": ("segformer", "hrnet"),
+    "optim.name": ("adamw", "sgd"),
+    "optim.schedule": ("poly",),
+    "train.amp": ("off", "bf16", "fp16"),
+    "train.loss": ("ce", "ohem"),
+    "train.loss_average": ("labelled", "all"),
+}
+# keys a resumed run may change: they do not change the weights
+_RESUME_MAY_CHANGE = {
+    "data.root",
+    "train.num_workers",
+    "train.threads",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+}
+
+
+def load_config(path: Union[str, os.PathLike], overrides: Sequence[str] = ()) -> Config:
+    """Read a recipe, apply `a.b=value` overrides (values parsed as YAML), validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SegcompareError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SegcompareError(f"config {path} is not valid YAML: {err}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise SegcompareError(f"config {path}: expected a mapping of sections, got {raw!r}")
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return config_from_dict(raw)
+    except SegcompareError as err:
+        raise SegcompareError(f"config {path}: {err}") from None
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise SegcompareError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_iters=200")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SegcompareError(f"--set {key}: the value {text!r} is not valid YAML: {err}") from None
+    parts = key.split(".")
+    # model.overrides.<setting> reaches into the free-form dict; everything else is section.key
+    if len(parts) < 2 or (len(parts) > 2 and parts[:2] != ["model", "overrides"]):
+        raise SegcompareError(
+            f"--set {key}: expected SECTION.KEY with SECTION one of {', '.join(_SECTIONS)}"
+        )
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SegcompareError(f"--set {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Validate a nested dict into a `Config`; an error names the key and what was expected."""
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise SegcompareError(
+            f"unknown section {unknown[0]!r}; valid sections: {', '.join(_SECTIONS)}"
+        )
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise SegcompareError(f"section {name!r} must be a mapping, got {values!r}")
+        hints = get_type_hints(cls)
+        valid = [f.name for f in dataclasses.fields(cls)]
+        kwargs = {}
+        for key, value in values.items():
+            if key not in valid:
+                raise SegcompareError(
+                    f"unknown key {name}.{key}; valid keys in {name}: {', '.join(valid)}"
+                )
+            kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+        sections[name] = cls(**kwargs)
+    cfg = Config(**sections)
+    _check_values(cfg)
+    return cfg
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` as the type `hint` of a config field, or a SegcompareError naming `key`."""
+    origin = getattr(hint, "__origin__", None)
+    args = getattr(hint, "__args__", ())
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise SegcompareError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise SegcompareError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        # YAML 1.1 reads 6e-5 (no dot) as a string, so numeric strings are accepted
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise SegcompareError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if key == "train.amp" and value is False:  # YAML reads a bare `off` as false
+            return "off"
+        if isinstance(value, str):
+            return value
+        raise SegcompareError(f"{key} must be a string, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise SegcompareError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise SegcompareError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SegcompareError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"no rule for the type {hint} of {key}")  # a bug in this file, not user input
+
+
+def _check_values(cfg: Config) -> None:
+    def bad(key: str, expected: str) -> SegcompareError:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        return SegcompareError(f"{key} must be {expected}, got {value!r}")
+
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) not in choices:
+            raise bad(key, "one of " + ", ".join(choices))
+    if not cfg.model.name:
+        raise SegcompareError("model.name is required (see `segcompare models`)")
+    if cfg.model.num_classes < NUM_CLASSES:
+        raise bad("model.num_classes", f"at least {NUM_CLASSES} (the Cityscapes train ids)")
+    positive = {
+        "model.num_classes": cfg.model.num_classes,
+        "data.base_size": cfg.data.base_size,
+        "train.max_iters": cfg.train.max_iters,
+        "train.batch_size": cfg.train.batch_size,
+        "train.log_every": cfg.train.log_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "train.ohem_min_kept": cfg.train.ohem_min_kept,
+        "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise bad(key, "positive")
+    if min(cfg.data.crop_size) <= 0:
+        raise bad("data.crop_size", "two positive integers (h, w)")
+    scale_range = cfg.data.scale_range
+    if scale_range is not None and not 0 < scale_range[0] <= scale_range[1]:
+        raise bad("data.scale_range", "(low, high) with 0 < low <= high, or null")
+    if cfg.train.threads is not None and cfg.train.threads < 1:
+        raise bad("train.threads", "a positive number of threads or null")
+    for key in ("train.num_workers", "train.eval_every", "optim.warmup_iters", "optim.min_lr",
+                "optim.weight_decay", "optim.momentum", "optim.power", "optim.head_lr_mult"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise bad(key, "zero or more")
+    if not 0 < cfg.optim.warmup_ratio <= 1:
+        raise bad("optim.warmup_ratio", "in (0, 1]")
+    if cfg.optim.warmup_iters >= cfg.train.max_iters:
+        raise bad("optim.warmup_iters", f"smaller than train.max_iters ({cfg.train.max_iters})")
+    if not 0 < cfg.train.ohem_threshold <= 1:
+        raise bad("train.ohem_threshold", "a probability in (0, 1]")
+    weights = cfg.train.class_weights
+    if weights is not None and (len(weights) != cfg.model.num_classes or min(weights) < 0):
+        raise bad("train.class_weights", f"{cfg.model.num_classes} non-negative numbers or null")
+    if not 0 <= cfg.data.ignore_index <= 255 or cfg.data.ignore_index < cfg.model.num_classes:
+        raise bad("data.ignore_index", "in [num_classes, 255]")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain lists and scalars, as written to OUT/config.yaml."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and prefix.count(".") < 1 and k != "overrides":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_keys(old: dict, new: dict) -> List[str]:
+    """Keys (section.key) whose values differ between two `config_to_dict`s and that change the
+    weights when they do: a resumed run may change none of them."""
+    old_flat, new_flat = _flat(old), _flat(new)
+    keys = sorted(set(old_flat) | set(new_flat))
+    return [k for k in keys if old_flat.get(k) != new_flat.get(k) and k not in _RESUME_MAY_CHANGE]
