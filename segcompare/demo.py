@@ -88,7 +88,10 @@ def synth_data(plan: DemoPlan, cache: Path, fresh: bool, progress: bool) -> Path
     return root
 
 
-def train_model(recipe: Path, data_root: Path, run_dir: Path, plan: DemoPlan) -> Path:
+def train_model(
+    recipe: Path, data_root: Path, run_dir: Path, plan: DemoPlan,
+    overrides: Sequence[str] = (), bar_position: int = 0,
+) -> Path:  # fmt: skip
     """Train one recipe into `run_dir` (continuing an interrupted run); returns its weights."""
     from segcompare.config import load_config
     from segcompare.train import summary_line, train
@@ -97,12 +100,63 @@ def train_model(recipe: Path, data_root: Path, run_dir: Path, plan: DemoPlan) ->
     if final.exists():
         log.info("train: reusing %s", final)
         return final
-    cfg = load_config(recipe, [f"data.root={data_root}", *plan.train_set])
-    summary = train(cfg, run_dir, resume=True)
+    cfg = load_config(recipe, [f"data.root={data_root}", *plan.train_set, *overrides])
+    summary = train(cfg, run_dir, resume=True, bar_position=bar_position)
     log.info("%s", summary_line(summary))
     if not final.exists():  # stopped by a signal: train() saved a checkpoint and returned
         raise KeyboardInterrupt
     return final
+
+
+# Side by side, each run has one core to itself: one compute thread and its data prepared in the
+# same process (a loader worker would compete for the cores). The runs are independent and the
+# data order does not depend on the number of workers, so the weights are the same bits as
+# those of one run after the other.
+SIDE_BY_SIDE = ("train.num_workers=0", "train.threads=1")
+
+
+def side_by_side(runs: int) -> bool:
+    """Whether `runs` trainings go faster at once, one per core: on a CPU with a core for each
+    (the cores this process may use); not on a GPU, which one run already fills."""
+    import torch
+
+    return runs > 1 and len(os.sched_getaffinity(0)) >= runs and not torch.cuda.is_available()
+
+
+def train_models(
+    jobs: Sequence[tuple[Path, Path]], data_root: Path, plan: DemoPlan,
+    parallel: Optional[bool] = None,
+) -> list[Path]:  # fmt: skip
+    """Train every (recipe, run folder) of `jobs`; returns their weights, in order. `parallel`:
+    one process per run at the same time (default: where `side_by_side` says it is faster)."""
+    todo = [job for job in jobs if not (job[1] / "final.safetensors").exists()]
+    if parallel is None:
+        parallel = side_by_side(len(todo))
+    if not parallel or len(todo) < 2:
+        return [train_model(recipe, data_root, run_dir, plan) for recipe, run_dir in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    log.info("train: %d models side by side, one process and one core each", len(todo))
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
+    with ProcessPoolExecutor(len(todo), mp_context=spawn, initializer=_child_logging) as pool:
+        futures = [
+            pool.submit(train_model, recipe, data_root, run_dir, plan, SIDE_BY_SIDE, position)
+            for position, (recipe, run_dir) in enumerate(todo)
+        ]
+        try:
+            for future in futures:
+                future.result()
+        except KeyboardInterrupt:
+            # Ctrl-C reached every process: each run saves a checkpoint and stops; wait for them
+            for future in futures:
+                future.exception()
+            raise
+    return [run_dir / "final.safetensors" for _, run_dir in jobs]
+
+
+def _child_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
 def render_demo_video(
@@ -164,10 +218,11 @@ def run_demo(
             )
         cache_dir = Path(cache) if cache is not None else default_cache()
         data_root = synth_data(plan, cache_dir, fresh, progress)
-        model_weights = []
-        for recipe in RECIPES:
-            run_dir = out / "runs" / recipe.removesuffix(".yaml").removeprefix("synthcity_")
-            model_weights.append(train_model(REPO_CONFIGS / recipe, data_root, run_dir, plan))
+        jobs = [
+            (REPO_CONFIGS / r, out / "runs" / r.removesuffix(".yaml").removeprefix("synthcity_"))
+            for r in RECIPES
+        ]
+        model_weights = train_models(jobs, data_root, plan)
         frames = data_root / "leftImg8bit_demoVideo" / "stuttgart_00"
 
     metrics_path = out / "metrics.json"

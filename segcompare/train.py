@@ -48,6 +48,7 @@ import yaml
 from torch import nn
 
 from segcompare.config import Config, OptimConfig, changed_keys, config_to_dict
+from segcompare.models.precision import guard_bf16
 from segcompare.utils import SegcompareError, atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -590,11 +591,14 @@ def _non_finite_loss(run: Run, loss: float, it: int) -> SegcompareError:
     )
 
 
-def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -> dict:
+def train(
+    cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False, bar_position: int = 0
+) -> dict:
     """Train as `cfg` says into the run folder `out_dir` (see the module docstring).
 
     Runs as one process, or as one of WORLD_SIZE processes started by torchrun. Returns the
     summary (also the last line of log.jsonl): iterations, minutes, final loss, val mIoU.
+    `bar_position`: the terminal line of the progress bar, for runs side by side (the demo).
     """
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -644,9 +648,11 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
             notes.append("SyncBatchNorm needs GPUs: on the CPU each process normalises with its "
                          "own batch statistics")
         model.to(device)
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)  # off: None
+        if amp_dtype is torch.bfloat16 and device.type == "cpu":
+            guard_bf16(model, cfg.model.name)  # layers bf16 gets wrong on this CPU run in fp32
         run = Run(cfg, out, rank, world, device, family, model, build_optimizer(model, oc),
                   torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16"))
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)  # off: None
         autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
         class_weights = None if tc.class_weights is None else torch.tensor(
             tc.class_weights, dtype=torch.float32, device=device)
@@ -679,7 +685,7 @@ def train(cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False) -
         last_miou = next((r["val_mIoU"] for r in reversed(run.records) if "val_IoU" in r), None)
         stop, done = None, start_iter
         bar = tqdm(total=tc.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True,
-                   desc=cfg.model.name, unit="it")
+                   desc=cfg.model.name, unit="it", position=bar_position)
         with _StopRequest() as stop_request, logging_redirect_tqdm():
             for it in range(start_iter, tc.max_iters):
                 t0 = time.time()

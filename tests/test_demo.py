@@ -76,3 +76,23 @@ def test_demo_on_given_data_and_weights_trains_nothing(demo, tmp_path, capsys):
     assert (given / "side_by_side.gif").is_file() and (given / "report.html").is_file()
     printed = capsys.readouterr().out
     assert "| segformer-b0 |" in printed and "CPU ms at" in printed
+
+
+def test_side_by_side_training_gives_the_same_bits_as_one_after_the_other(demo, tmp_path):
+    """The demo trains its two models at once, one process each with its data prepared in
+    process; the weights equal those of sequential runs with a data-loader worker."""
+    from safetensors.torch import load_file
+
+    from segcompare.demo import RECIPES, REPO_CONFIGS, TINY, train_model, train_models
+
+    _, cache = demo
+    (data,) = cache.iterdir()
+    runs = [r.removesuffix(".yaml") for r in RECIPES]
+    jobs = [(REPO_CONFIGS / recipe, tmp_path / "side" / run) for recipe, run in zip(RECIPES, runs)]
+    side = train_models(jobs, data, TINY, parallel=True)
+    for (recipe, _), weights in zip(jobs, side):
+        alone = train_model(recipe, data, tmp_path / "alone" / weights.parent.name, TINY,
+                            overrides=("train.num_workers=1",))
+        a, b = load_file(weights), load_file(alone)
+        assert a.keys() == b.keys()
+        assert all(a[k].equal(b[k]) for k in a), weights

@@ -1,0 +1,100 @@
+"""bfloat16 that is right on every CPU: a self-check of the convolutions a model uses.
+
+On some CPUs oneDNN computes some bfloat16 convolutions wrongly. Seen on a 2-core Intel Xeon
+VM with AMX (torch 2.13, 2026-11): a conv with fewer than 32 channels whose stride equals its
+kernel (4×4 or 8×8, as SegFormer's patch embedding and spatial reduction) returns a relative
+error of about 1.0 instead of 0.002; the same call is right on an AMD EPYC VM with AVX512-BF16,
+and with 32 channels or more on both. Which shapes are hit depends on the CPU and the oneDNN
+build, so nothing here is a list of shapes: `bf16_is_wrong` runs each geometry once, in bfloat16
+and in float32 on the same (bfloat16-rounded) numbers, and calls it wrong when they disagree
+far beyond bfloat16's rounding. `guard_bf16` then makes the convolutions it finds run in
+float32, says so once, and leaves every other layer in bfloat16.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# bfloat16 rounds the output and accumulates in float32: the relative error of a right conv on
+# bfloat16 inputs is about 0.002 (8 bits of mantissa); the wrong ones are near 1.
+WRONG_RELATIVE_ERROR = 0.05
+
+# (in, out, kernel, stride, padding, dilation, groups, channels_last, device type) -> wrong?
+_VERDICTS: dict[tuple, bool] = {}
+
+
+def _geometry(conv: nn.Conv2d, channels_last: bool) -> tuple:
+    return (
+        conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
+        tuple(conv.padding) if isinstance(conv.padding, tuple) else conv.padding,
+        tuple(conv.dilation), conv.groups, channels_last, conv.weight.device.type,
+    )  # fmt: skip
+
+
+def bf16_is_wrong(conv: nn.Conv2d, channels_last: bool = False) -> bool:
+    """Whether a bfloat16 conv of `conv`'s geometry computes wrongly here (checked once per
+    geometry and process, on a few output pixels of random numbers: well under a millisecond)."""
+    key = _geometry(conv, channels_last)
+    if key not in _VERDICTS:
+        _VERDICTS[key] = _probe(conv, channels_last) > WRONG_RELATIVE_ERROR
+    return _VERDICTS[key]
+
+
+def _probe(conv: nn.Conv2d, channels_last: bool) -> float:
+    """Relative error of a bfloat16 conv against float32 on the same bfloat16-rounded numbers."""
+    g = torch.Generator().manual_seed(0)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    # enough input for a 4×6 output grid whatever the padding
+    h, w = dh * (kh - 1) + 1 + 3 * sh, dw * (kw - 1) + 1 + 5 * sw
+    x = torch.randn(1, conv.in_channels, h, w, generator=g).bfloat16()
+    weight = torch.randn(conv.weight.shape, generator=g).bfloat16()
+    device = conv.weight.device
+    x, weight = x.to(device), weight.to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        ref = F.conv2d(x.float(), weight.float(), None, *args)
+        out = F.conv2d(x, weight, None, *args).float()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+class Float32Conv2d(nn.Conv2d):
+    """A Conv2d that always computes in float32 (also under autocast) and returns its input's
+    dtype: what `guard_bf16` turns a conv into when bfloat16 is wrong for it on this CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            y = self._conv_forward(x.float(), self.weight.float(), self.bias_float())
+        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+
+    def bias_float(self) -> Optional[torch.Tensor]:
+        return None if self.bias is None else self.bias.float()
+
+
+def guard_bf16(model: nn.Module, what: str = "") -> list[str]:
+    """Make every conv of `model` that bfloat16 computes wrongly on this CPU run in float32 (in
+    place: the class of those modules becomes `Float32Conv2d`; names, parameters and state dict
+    are unchanged). Logs the layers once; returns their names. Call it before running the model
+    in bfloat16 (autocast or a bfloat16 copy) on a CPU; on other devices it changes nothing."""
+    wrong = []
+    for name, module in model.named_modules():
+        if type(module) is nn.Conv2d and module.weight.device.type == "cpu":
+            if bf16_is_wrong(module):
+                module.__class__ = Float32Conv2d
+                wrong.append(name)
+    if wrong:
+        log.warning(
+            "bf16 self-check%s: oneDNN computes %d conv layer(s) wrongly in bfloat16 on this CPU; "
+            "they run in float32 (%s)", f" of {what}" if what else "", len(wrong),
+            ", ".join(wrong[:4]) + (", ..." if len(wrong) > 4 else ""),
+        )  # fmt: skip
+    return wrong
