@@ -356,13 +356,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     import time
 
     from segcompare.data.transforms import build_test_transform
-    from segcompare.evaluate import (
-        eval_dataset,
-        evaluate_model,
-        evaluate_prediction_files,
-        format_results,
-        write_results,
-    )
+    from segcompare.evaluate import eval_dataset, evaluate_model, evaluate_prediction_files
+    from segcompare.metrics import format_results, write_results
     from segcompare.utils import SegcompareError
 
     if args.batch < 1 or args.workers < 0:
@@ -658,7 +653,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 def _run_compare(args: argparse.Namespace) -> int:
     import logging
 
-    from segcompare.compare import BOUNDARY_FRAC, parse_corruptions, run_compare
+    from segcompare.compare import CompareSpec, run_compare
+    from segcompare.data.corrupt import parse_corruptions
+    from segcompare.metrics import BOUNDARY_FRAC
     from segcompare.utils import SegcompareError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -671,12 +668,12 @@ def _run_compare(args: argparse.Namespace) -> int:
     frac = BOUNDARY_FRAC if args.boundary_frac is None else args.boundary_frac
     if not 0 < frac < 1:
         raise SegcompareError(f"--boundary-frac must be in (0, 1), got {frac}")
-    doc = run_compare(
+    doc = run_compare(CompareSpec(
         models, args.data, args.split, args.out, images=args.images,
-        corrupt=parse_corruptions(args.corrupt), inference=_inference_settings(args),
+        corruptions=parse_corruptions(args.corrupt), inference=_inference_settings(args),
         max_images=args.max_images, corrupt_images=args.corrupt_images,
         bench_iters=args.bench_iters, bench_warmup=args.bench_warmup, boundary_frac=frac,
-    )  # fmt: skip
+    ))  # fmt: skip
     print(f"{'model':<24}{'mIoU':>7}{'B-IoU':>7}{'GMACs':>10}{'ms':>9}")
     for m in doc["models"]:
         print(

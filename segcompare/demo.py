@@ -186,7 +186,7 @@ def run_demo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the demo into `out`; returns the comparison's metrics.json document plus `files`."""
-    from segcompare.compare import run_compare
+    from segcompare.compare import CompareSpec, run_compare
 
     plan = TINY if tiny else FULL
     out = Path(out)
@@ -229,11 +229,11 @@ def run_demo(
     if metrics_path.exists() and not fresh and _same_models(metrics_path, model_weights):
         doc = json.loads(metrics_path.read_text())
     else:
-        doc = run_compare(
+        doc = run_compare(CompareSpec(
             [(None, w) for w in model_weights], data_root, "val", out,
-            images=plan.hardest, corrupt=plan.corrupt, corrupt_images=plan.corrupt_images,
+            images=plan.hardest, corruptions=plan.corrupt, corrupt_images=plan.corrupt_images,
             bench_iters=plan.bench_iters, progress=progress,
-        )  # fmt: skip
+        ))  # fmt: skip
     video = render_demo_video(model_weights, frames, out / "side_by_side.gif", plan, progress)
     doc["files"] = {
         "report_html": str(out / "report.html"),

@@ -1,23 +1,18 @@
-"""Cityscapes metrics and test-time inference: the one place both are computed.
-
-Metrics. `ConfusionMatrix` accumulates a 19-row confusion matrix (ground-truth train ids; 255 is
-ignored) with `torch.bincount` over whole batches, plus the instance-weighted counts of iIoU, and
-`compute()` turns them into the figures of cityscapesscripts' `evalPixelLevelSemanticLabeling`:
-per-class IoU and iIoU, per-category IoU and iIoU, their means (NaN entries skipped, as there), and
-pixel / mean class accuracy. Training validation, `segcompare eval` and the comparison report all
-use it; tests/test_evaluate.py checks every figure against cityscapesscripts.
+"""Test-time inference and scoring a split; the figures themselves are `segcompare.metrics`'.
 
 Inference. `inference(model, images, ...)` runs a model on a normalised N×3×H×W batch the way the
 official test code does: `whole` (resize to the test size, one forward pass) or `slide`
 (overlapping windows), at one or several scales, optionally with horizontal flip, and returns class
-scores at the label size. `evaluate_model` / `evaluate_prediction_files` run a whole split.
+scores at the label size. `InferenceSettings` is the one value that says how.
+
+Scoring. `evaluate_model` runs a model over a whole split and `evaluate_prediction_files` reads
+existing labelIds PNGs; both feed `segcompare.metrics.ConfusionMatrix`, so training validation,
+`segcompare eval` and the comparison report give the same figures.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,331 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segcompare.data.labels import (
-    CATEGORY_NAMES,
-    CLASS_NAMES,
-    IGNORE_INDEX,
-    LABELS,
-    NUM_CLASSES,
-    TRAIN_LABELS,
-)
-from segcompare.utils import PathLike, SegcompareError, atomic_path, atomic_write_text
+from segcompare.metrics import ConfusionMatrix, label_ids_to_pred
+from segcompare.utils import PathLike, SegcompareError, atomic_path
 
 log = logging.getLogger(__name__)
-
-# ------------------------------------------------------------------------------------------------
-# Metrics
-# ------------------------------------------------------------------------------------------------
-
-# Mean instance size in pixels per class, over the Cityscapes training set: the weights of iIoU.
-# Copied from `args.avgClassSize` in cityscapesscripts/evaluation/evalPixelLevelSemanticLabeling.py
-# (cityscapesScripts 2.x); caravan and trailer are listed there too but never evaluated.
-AVG_CLASS_SIZE: dict[str, float] = {
-    "person": 3462.4756337644,
-    "rider": 3930.4788056518,
-    "car": 12794.0202738185,
-    "truck": 27855.1264367816,
-    "bus": 35732.1511111111,
-    "train": 67583.7075812274,
-    "motorcycle": 6298.7200839748,
-    "bicycle": 4672.3249222261,
-}
-
-# Categories whose labels all have instances (human, vehicle). The official script scores them with
-# iIoU as well, and counts every label of the category there, the ignored caravan and trailer
-# included; so a prediction of those two labels is kept apart from other non-evaluated labels.
-INSTANCE_CATEGORIES: tuple[str, ...] = tuple(
-    cat
-    for cat in CATEGORY_NAMES
-    if all(lb.has_instances for lb in LABELS if lb.category == cat and lb.id >= 0)
-)
-
-# Prediction codes beyond the train ids, for predictions given as label ids (`label_ids_to_pred`).
-PRED_OTHER = IGNORE_INDEX  # a label that is not evaluated (void, parking, guard rail, ...)
-PRED_OTHER_INSTANCE = 254  # caravan or trailer: not evaluated, but 'vehicle' for category iIoU
-_OTHER_INSTANCE_LABELS = tuple(
-    lb for lb in LABELS if lb.id >= 0 and lb.ignore_in_eval and lb.category in INSTANCE_CATEGORIES
-)
-# The code PRED_OTHER_INSTANCE stands for one category; the Cityscapes table has exactly one.
-assert len({lb.category for lb in _OTHER_INSTANCE_LABELS}) == 1
-_OTHER_INSTANCE_CATEGORY = _OTHER_INSTANCE_LABELS[0].category
-
-# label id (0..255) -> prediction code: the train id, PRED_OTHER_INSTANCE or PRED_OTHER.
-LABEL_ID_TO_PRED = np.full(256, PRED_OTHER, dtype=np.uint8)
-for _lb in LABELS:
-    if _lb.id < 0:
-        continue
-    if 0 <= _lb.train_id < IGNORE_INDEX:
-        LABEL_ID_TO_PRED[_lb.id] = _lb.train_id
-    elif _lb in _OTHER_INSTANCE_LABELS:
-        LABEL_ID_TO_PRED[_lb.id] = PRED_OTHER_INSTANCE
-
-
-def label_ids_to_pred(label_ids: np.ndarray) -> np.ndarray:
-    """A prediction in label ids (as the Cityscapes server takes it) -> prediction codes for
-    `ConfusionMatrix.update`. The caller checks first that every id is a Cityscapes label id."""
-    return LABEL_ID_TO_PRED[label_ids]
-
-
-def _nan_mean(values: Iterable[float]) -> float:
-    """Mean over the entries that are not NaN; NaN when there are none (as the official script)."""
-    valid = [v for v in values if not math.isnan(v)]
-    return sum(valid) / len(valid) if valid else float("nan")
-
-
-def _ratio(num: float, den: float) -> float:
-    return float(num) / float(den) if den else float("nan")
-
-
-class ConfusionMatrix:
-    """Accumulates what the Cityscapes metrics need, over any number of batches.
-
-        cm = ConfusionMatrix()
-        cm.update(pred, target)                 # N×H×W or H×W train ids; target 255 = ignore
-        cm.update(pred, target, instances)      # with gtFine instanceIds: also iIoU
-        cm.miou(); cm.compute()                 # mIoU; the full results dict
-
-    `mat[t, p]` counts pixels of ground-truth class t predicted as p. Its columns are the
-    num_classes classes, then 'another label' (any other prediction code, e.g. 255) and, with 19
-    classes, 'caravan/trailer' (PRED_OTHER_INSTANCE): a pixel predicted so is a false negative of
-    its class, as in the official script, which scores predictions in label ids.
-    """
-
-    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
-        self.num_classes = num_classes
-        self.cityscapes = num_classes == NUM_CLASSES
-        self.reset()
-
-    def reset(self) -> None:
-        c = self.num_classes
-        self.mat = torch.zeros(c, c + 2, dtype=torch.int64)
-        # Instance-weighted true positives / false negatives (float64, CPU), per class and per
-        # instance category.
-        self.inst_tp = torch.zeros(c, dtype=torch.float64)
-        self.inst_fn = torch.zeros(c, dtype=torch.float64)
-        self.cat_inst_tp = torch.zeros(len(INSTANCE_CATEGORIES), dtype=torch.float64)
-        self.cat_inst_fn = torch.zeros(len(INSTANCE_CATEGORIES), dtype=torch.float64)
-        self.num_images = 0
-
-    def _columns(self, pred: torch.Tensor) -> torch.Tensor:
-        """Prediction codes -> matrix columns."""
-        c = self.num_classes
-        other = torch.where(pred == PRED_OTHER_INSTANCE, c + 1, c) if self.cityscapes else c
-        return torch.where((pred >= 0) & (pred < c), pred, other)
-
-    @torch.no_grad()
-    def update(
-        self,
-        pred: torch.Tensor,
-        target: torch.Tensor,
-        instances: Optional[torch.Tensor] = None,
-    ) -> None:
-        """Add a batch. pred: N×H×W (or H×W) train ids or prediction codes; target: the same shape,
-        train ids with 255 ignored; instances: gtFine instanceIds of the same shape (label id × 1000
-        + index for instances), for iIoU."""
-        pred = torch.as_tensor(pred)
-        target = torch.as_tensor(target, device=pred.device)
-        if pred.shape != target.shape:
-            raise ValueError(f"prediction shape {tuple(pred.shape)} != label {tuple(target.shape)}")
-        self.num_images += pred.shape[0] if pred.dim() == 3 else 1
-        c = self.num_classes
-        cols = self._columns(pred.long())
-        target = target.long()
-        valid = (target >= 0) & (target < c)
-        index = target[valid] * (c + 2) + cols[valid]
-        counts = torch.bincount(index, minlength=c * (c + 2)).view(c, c + 2)
-        self.mat = self.mat.to(counts.device) + counts
-        if instances is not None and self.cityscapes:
-            self._update_instances(cols, torch.as_tensor(instances, device=pred.device))
-
-    def _update_instances(self, cols: torch.Tensor, instances: torch.Tensor) -> None:
-        """iIoU counts, as `evaluatePair` of the official script: every instance (instanceId >
-        1000) of an evaluated class adds its true-positive and false-negative pixels, weighted by
-        AVG_CLASS_SIZE / instance size, to its class and to its instance category."""
-        if cols.dim() == 2:
-            cols, instances = cols[None], instances[None]
-        instances = instances.long()
-        # Make ids unique over the batch: image index × 2^16 + instanceId (ids are < 34000).
-        image_index = torch.arange(instances.shape[0], device=instances.device).view(-1, 1, 1)
-        keyed = instances + (image_index << 16)
-        mask = instances > 1000
-        ids, inverse = torch.unique(keyed[mask], return_inverse=True)
-        if ids.numel() == 0:
-            return
-        pixel_cols = cols[mask]
-        train_ids = _ID_TO_TRAIN_ID_T.to(ids.device)[(ids & 0xFFFF) // 1000]
-        size = torch.bincount(inverse, minlength=ids.numel())
-        hit = pixel_cols == train_ids[inverse]
-        tp = torch.bincount(inverse[hit], minlength=ids.numel())
-        cat_of_col = _CATEGORY_OF_COLUMN.to(ids.device)
-        cat_of_class = cat_of_col[train_ids.clamp(max=self.num_classes)]
-        cat_hit = cat_of_col[pixel_cols] == cat_of_class[inverse]
-        cat_tp = torch.bincount(inverse[cat_hit], minlength=ids.numel())
-
-        train_ids, size, tp, cat_tp = (t.cpu() for t in (train_ids, size, tp, cat_tp))
-        cat_of_class = cat_of_class.cpu()
-        evaluated = _HAS_INSTANCES[train_ids.clamp(max=self.num_classes)]
-        train_ids, size, tp, cat_tp = (t[evaluated] for t in (train_ids, size, tp, cat_tp))
-        weight = _AVG_SIZE[train_ids] / size.double()
-        self.inst_tp.index_add_(0, train_ids, tp.double() * weight)
-        self.inst_fn.index_add_(0, train_ids, (size - tp).double() * weight)
-        cats = cat_of_class[evaluated]
-        self.cat_inst_tp.index_add_(0, cats, cat_tp.double() * weight)
-        self.cat_inst_fn.index_add_(0, cats, (size - cat_tp).double() * weight)
-
-    def all_reduce(self) -> None:
-        """Sum the counts over all processes (call on every rank under torch.distributed)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        for name in ("mat", "inst_tp", "inst_fn", "cat_inst_tp", "cat_inst_fn"):
-            t = getattr(self, name)
-            # NCCL reduces CUDA tensors only; gloo takes CPU ones.
-            device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
-            t = t.to(device)
-            dist.all_reduce(t)
-            setattr(self, name, t.cpu())
-        n = torch.tensor([self.num_images], device=device)
-        dist.all_reduce(n)
-        self.num_images = int(n.item())
-
-    def iou(self) -> np.ndarray:
-        """Per-class IoU (num_classes floats, NaN where the class is in neither label nor
-        prediction)."""
-        mat = self.mat.cpu().numpy()
-        c = self.num_classes
-        tp = np.diag(mat[:, :c]).astype(np.float64)
-        # fn = row - tp (a row counts predictions of any label); fp = column over evaluated rows.
-        denom = mat.sum(1) + mat[:, :c].sum(0) - tp
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(denom > 0, tp / np.maximum(denom, 1), np.nan)
-
-    def miou(self) -> float:
-        """Mean IoU over the classes that are not NaN."""
-        return _nan_mean(self.iou().tolist())
-
-    def compute(self) -> dict[str, Any]:
-        """All figures as fractions in [0, 1]; NaN where the official script gives NaN.
-
-        {"miou", "miiou", "category_miou", "category_miiou", "pixel_acc", "mean_acc",
-         "per_class": {name: {"iou", "iiou", "acc"}}, "per_category": {name: {"iou", "iiou"}},
-         "num_images"}
-        """
-        mat = self.mat.cpu().numpy().astype(np.int64)
-        c = self.num_classes
-        names = CLASS_NAMES if self.cityscapes else tuple(f"class_{i}" for i in range(c))
-        tp = np.diag(mat[:, :c])
-        row = mat.sum(1)  # ground-truth pixels per class
-        col = mat[:, :c].sum(0)  # pixels predicted as each class, over evaluated rows
-        iou = self.iou()
-        acc = [_ratio(tp[i], row[i]) for i in range(c)]
-
-        iiou = [float("nan")] * c
-        per_category: dict[str, dict[str, float]] = {}
-        if self.cityscapes:
-            inst_tp, inst_fn = self.inst_tp.numpy(), self.inst_fn.numpy()
-            for i, lb in enumerate(TRAIN_LABELS):
-                if lb.has_instances:
-                    fp = col[i] - tp[i]
-                    iiou[i] = _ratio(inst_tp[i], inst_tp[i] + fp + inst_fn[i])
-            for cat in CATEGORY_NAMES:
-                members = [i for i, lb in enumerate(TRAIN_LABELS) if lb.category == cat]
-                others = [i for i in range(c) if i not in members]
-                cat_tp = mat[np.ix_(members, members)].sum()
-                cat_fn = mat[members].sum() - cat_tp
-                cat_fp = mat[np.ix_(others, members)].sum()
-                entry = {"iou": _ratio(cat_tp, cat_tp + cat_fp + cat_fn), "iiou": float("nan")}
-                if cat in INSTANCE_CATEGORIES:
-                    k = INSTANCE_CATEGORIES.index(cat)
-                    cols = members + ([c + 1] if cat == _OTHER_INSTANCE_CATEGORY else [])
-                    fp = mat[np.ix_(others, cols)].sum()
-                    w_tp, w_fn = self.cat_inst_tp[k].item(), self.cat_inst_fn[k].item()
-                    entry["iiou"] = _ratio(w_tp, w_tp + fp + w_fn)
-                per_category[cat] = entry
-
-        total = row.sum()
-        return {
-            "miou": _nan_mean(iou.tolist()),
-            "miiou": _nan_mean(iiou),
-            "category_miou": _nan_mean(e["iou"] for e in per_category.values()),
-            "category_miiou": _nan_mean(e["iiou"] for e in per_category.values()),
-            "pixel_acc": _ratio(tp.sum(), total),
-            "mean_acc": _nan_mean(acc),
-            "per_class": {
-                name: {"iou": float(iou[i]), "iiou": iiou[i], "acc": acc[i]}
-                for i, name in enumerate(names)
-            },
-            "per_category": per_category,
-            "num_images": self.num_images,
-        }
-
-
-# Lookup tables for the instance counts (torch, built once).
-_ID_TO_TRAIN_ID_T = torch.full((256,), IGNORE_INDEX, dtype=torch.long)
-for _lb in TRAIN_LABELS:
-    _ID_TO_TRAIN_ID_T[_lb.id] = _lb.train_id
-# train id (plus one 'not evaluated' slot at index 19) -> evaluated instance class?
-_HAS_INSTANCES = torch.tensor([lb.has_instances for lb in TRAIN_LABELS] + [False])
-_AVG_SIZE = torch.tensor(
-    [AVG_CLASS_SIZE.get(lb.name, float("nan")) for lb in TRAIN_LABELS] + [float("nan")],
-    dtype=torch.float64,
-)
-# matrix column (19 classes, 'other', 'caravan/trailer') -> index in INSTANCE_CATEGORIES or -1.
-_CATEGORY_OF_COLUMN = torch.tensor(
-    [
-        INSTANCE_CATEGORIES.index(lb.category) if lb.category in INSTANCE_CATEGORIES else -1
-        for lb in TRAIN_LABELS
-    ]
-    + [-1, INSTANCE_CATEGORIES.index(_OTHER_INSTANCE_CATEGORY)]
-)
-
-
-def results_to_json(results: dict[str, Any]) -> str:
-    """The results dict as JSON text; NaN (not a JSON value) is written as null."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and math.isnan(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    return json.dumps(clean(results), indent=2) + "\n"
-
-
-def format_results(results: dict[str, Any]) -> str:
-    """A plain-text table of the results, in percent, like the official script prints it."""
-
-    def pct(value: Optional[float]) -> str:
-        return "    -" if value is None or math.isnan(value) else f"{100 * value:5.1f}"
-
-    lines = [f"{'class':<16}{'IoU':>7}{'iIoU':>7}{'acc':>7}", "-" * 37]
-    for name, entry in results["per_class"].items():
-        lines.append(
-            f"{name:<16}{pct(entry['iou']):>7}{pct(entry['iiou']):>7}{pct(entry['acc']):>7}"
-        )
-    lines.append("-" * 37)
-    lines.append(
-        f"{'mean':<16}{pct(results['miou']):>7}{pct(results['miiou']):>7}"
-        f"{pct(results['mean_acc']):>7}"
-    )
-    if results["per_category"]:
-        lines += ["", f"{'category':<16}{'IoU':>7}{'iIoU':>7}", "-" * 30]
-        for name, entry in results["per_category"].items():
-            lines.append(f"{name:<16}{pct(entry['iou']):>7}{pct(entry['iiou']):>7}")
-        lines.append("-" * 30)
-        lines.append(
-            f"{'mean':<16}{pct(results['category_miou']):>7}{pct(results['category_miiou']):>7}"
-        )
-    lines += [
-        "",
-        f"pixel accuracy {pct(results['pixel_acc']).strip()}  ({results['num_images']} images)",
-    ]
-    return "\n".join(lines)
-
 
 # ------------------------------------------------------------------------------------------------
 # Test-time inference
@@ -637,6 +311,10 @@ def eval_dataset(root: PathLike, split: str = "val", transform: Any = None) -> A
     return dataset
 
 
+# on_batch(pred, labels, batch) of `evaluate_model`: N×H×W predicted and label train ids, the batch.
+BatchHook = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], None]
+
+
 def evaluate_model(
     scores_fn: Callable[[torch.Tensor], torch.Tensor],
     dataset: Any,
@@ -644,6 +322,7 @@ def evaluate_model(
     workers: int = 0,
     save_pred_dir: Optional[PathLike] = None,
     progress: bool = True,
+    on_batch: Optional[BatchHook] = None,
 ) -> dict[str, Any]:
     """Score a model on a dataset and return `ConfusionMatrix.compute()`.
 
@@ -652,6 +331,10 @@ def evaluate_model(
     dataset: a `CityscapesDataset` with the test transform and with_instances=True (without
         instances iIoU is NaN).
     save_pred_dir: also write each prediction as a labelIds PNG there (`save_label_ids`).
+    on_batch: called as `on_batch(pred, labels, batch)` after each batch is scored, in dataset
+        order: pred and labels N×H×W train ids on the scores' device (labels 255 = ignore),
+        batch the loader's dict ("image", "label", "name", ...). For figures beyond the
+        Cityscapes ones, measured in the same pass (the comparison report's).
     """
     cm = ConfusionMatrix()
     for batch in _batches(dataset, batch_size, workers, "eval", progress):
@@ -664,6 +347,8 @@ def evaluate_model(
                 "differ; use a test transform that keeps the image size"
             )
         cm.update(pred, labels, batch.get("instances"))
+        if on_batch is not None:
+            on_batch(pred, labels, batch)
         if save_pred_dir is not None:
             for train_ids, name in zip(pred.to(torch.uint8).cpu().numpy(), batch["name"]):
                 save_label_ids(train_ids, save_pred_dir, name)
@@ -783,8 +468,3 @@ def evaluate_prediction_files(
             len(names),
         )
     return cm.compute()
-
-
-def write_results(results: dict[str, Any], path: PathLike) -> None:
-    """The results as JSON (`results_to_json`), written atomically."""
-    atomic_write_text(path, results_to_json(results))

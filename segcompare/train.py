@@ -227,7 +227,8 @@ def validate(
     segcompare.evaluate's, the one place both are computed, so the figure equals `segcompare
     eval` on the same weights.
     """
-    from segcompare.evaluate import ConfusionMatrix, InferenceSettings, inference
+    from segcompare.evaluate import InferenceSettings, inference
+    from segcompare.metrics import ConfusionMatrix
 
     was_training = model.training
     model.eval()

@@ -1,6 +1,7 @@
-"""segcompare.compare: Boundary IoU on cases counted by hand, corruptions against independent
-implementations (colorsys, OpenCV, the statistics of the noise), and the whole report end to end
-on a tiny synthetic Cityscapes with two tiny models, checked against `segcompare eval`."""
+"""segcompare.compare: Boundary IoU (segcompare.metrics) on cases counted by hand, corruptions
+(segcompare.data.corrupt) against independent implementations (colorsys, OpenCV, the statistics
+of the noise), and the whole report end to end on a tiny synthetic Cityscapes with two tiny
+models, checked against `segcompare eval`."""
 
 from __future__ import annotations
 
@@ -17,16 +18,11 @@ import torch
 
 from segcompare import compare
 from segcompare.cli import main
-from segcompare.compare import (
-    BoundaryIoU,
-    boundary_band,
-    boundary_iou,
-    boundary_width,
-    corrupt,
-    hardest_images,
-    image_miou,
-)
+from segcompare.compare import hardest_images
+from segcompare.data.corrupt import CORRUPTIONS, SEVERITIES, corrupt, parse_corruptions
 from segcompare.evaluate import InferenceSettings
+from segcompare.metrics import BoundaryIoU, boundary_band, boundary_iou, boundary_width, image_miou
+from segcompare.utils import SegcompareError
 
 # --- Boundary IoU -------------------------------------------------------------------------------
 
@@ -109,8 +105,8 @@ def _image(h=24, w=32, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("kind", compare.CORRUPTIONS)
-@pytest.mark.parametrize("severity", compare.SEVERITIES)
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+@pytest.mark.parametrize("severity", SEVERITIES)
 def test_corruptions_keep_shape_and_dtype_and_are_deterministic(kind, severity):
     image = _image()
     out = corrupt(image, kind, severity, seed=3)
@@ -120,7 +116,7 @@ def test_corruptions_keep_shape_and_dtype_and_are_deterministic(kind, severity):
     assert np.array_equal(image, _image())  # the input is left alone
 
 
-@pytest.mark.parametrize("kind", compare.CORRUPTIONS)
+@pytest.mark.parametrize("kind", CORRUPTIONS)
 def test_a_higher_severity_moves_the_image_further(kind):
     image = _image(48, 64, seed=1)
     image = cv2.GaussianBlur(image, (0, 0), 2)  # some structure for blur and JPEG to destroy
@@ -169,9 +165,9 @@ def test_jpeg_quality_sets_the_loss():
 def test_unknown_corruption_is_an_error():
     with pytest.raises(ValueError, match="valid"):
         corrupt(_image(), "fog", 1)
-    with pytest.raises(compare.SegcompareError, match="noise"):
-        compare.parse_corruptions("noise,fog")
-    assert compare.parse_corruptions("all") == list(compare.CORRUPTIONS)
+    with pytest.raises(SegcompareError, match="noise"):
+        parse_corruptions("noise,fog")
+    assert parse_corruptions("all") == list(CORRUPTIONS)
 
 
 # --- the report, end to end ---------------------------------------------------------------------
@@ -205,11 +201,11 @@ def report(tmp_path_factory):
             build_model("hrnet-w18-small-v1", **TINY_HRNET), root / "w18s.safetensors"),
     }  # fmt: skip
     out = root / "report"
-    doc = compare.run_compare(
+    doc = compare.run_compare(compare.CompareSpec(
         [(name, path) for name, path in weights.items()], root / "data", "val", out, images=2,
-        corrupt=["noise", "blur", "jpeg", "brightness"], corrupt_images=1, bench_iters=1,
+        corruptions=["noise", "blur", "jpeg", "brightness"], corrupt_images=1, bench_iters=1,
         bench_warmup=0, inference=InferenceSettings(device="cpu"), progress=False,
-    )  # fmt: skip
+    ))  # fmt: skip
     return {"root": root, "out": out, "doc": doc, "weights": weights}
 
 

@@ -9,13 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from segcompare.data.labels import CATEGORY_NAMES, CLASS_NAMES, ID_TO_TRAIN_ID, LABELS
-from segcompare.evaluate import (
-    ConfusionMatrix,
-    InferenceSettings,
-    inference,
-    label_ids_to_pred,
-    slide_windows,
-)
+from segcompare.evaluate import InferenceSettings, inference, slide_windows
+from segcompare.metrics import ConfusionMatrix, label_ids_to_pred
 
 INSTANCE_LABEL_IDS = [lb.id for lb in LABELS if lb.has_instances]  # 24..33
 ALL_IDS = np.array([lb.id for lb in LABELS if lb.id >= 0])  # 0..33

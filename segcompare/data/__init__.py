@@ -1,1 +1,1 @@
-"""Cityscapes data: labels, dataset, pipelines, the synthetic set."""
+"""Cityscapes data: labels, dataset, pipelines, input corruptions, the synthetic set."""

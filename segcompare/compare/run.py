@@ -1,0 +1,149 @@
+"""`run_compare(spec)`: measure every model of a `CompareSpec` and write the report."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from segcompare.compare.measure import (
+    ModelRun,
+    build_runs,
+    compare_datasets,
+    evaluate_corruptions,
+    evaluate_run,
+    hardest_images,
+    measure_speed,
+    measure_stats,
+)
+from segcompare.compare.plots import draw_plots
+from segcompare.compare.report import model_entry, write_report
+from segcompare.data.corrupt import CORRUPTION_LEVELS, CORRUPTIONS, SEVERITIES
+from segcompare.evaluate import InferenceSettings
+from segcompare.metrics import BOUNDARY_FRAC, boundary_width, results_to_json
+from segcompare.utils import PathLike, SegcompareError, atomic_write_text
+
+
+@dataclass(frozen=True)
+class CompareSpec:
+    """What to compare and how: one value, built once (by the CLI from its options).
+
+    models: (name, weights) pairs; name None reads the variant from the weights file, weights
+        None gives random weights (seed 0, as `segcompare eval` does without --weights).
+    data_root / split: the Cityscapes folder and split the models are scored on.
+    out_dir: the report folder.
+    images: K, the number of hardest images shown (0: none).
+    corruptions: corruption names (`CORRUPTIONS`), each measured at `SEVERITIES`.
+    inference: how every model runs (as `segcompare eval` takes it; the default is eval's, so the
+        figures equal `segcompare eval`'s; its `optimize` also decides whether the models are
+        timed through `prepare_for_inference`).
+    max_images / corrupt_images: score only the first N images of the split (None: all).
+    bench_iters / bench_warmup: timed and warm-up forward passes per model, at the eval size.
+    boundary_frac: the Boundary IoU band as a fraction of the image diagonal.
+    progress: show progress bars.
+    """
+
+    models: tuple[tuple[Optional[str], Optional[PathLike]], ...]
+    data_root: PathLike
+    split: str = "val"
+    out_dir: PathLike = "compare"
+    images: int = 4
+    corruptions: tuple[str, ...] = ()
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    max_images: Optional[int] = None
+    corrupt_images: Optional[int] = None
+    bench_iters: int = 3
+    bench_warmup: int = 1
+    boundary_frac: float = BOUNDARY_FRAC
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Lists are welcome; a frozen value holds tuples.
+        object.__setattr__(self, "models", tuple(tuple(m) for m in self.models))
+        object.__setattr__(self, "corruptions", tuple(self.corruptions))
+        if not self.models:
+            raise SegcompareError("compare needs at least one model")
+        if self.images < 0 or self.bench_iters < 1 or self.bench_warmup < 0:
+            raise SegcompareError("--images and --bench-warmup must be >= 0, --bench-iters >= 1")
+        for kind in self.corruptions:
+            if kind not in CORRUPTION_LEVELS:
+                raise SegcompareError(
+                    f"unknown corruption {kind!r}; valid: {', '.join(CORRUPTIONS)}"
+                )
+
+
+def run_compare(spec: CompareSpec) -> dict[str, Any]:
+    """Evaluate, count and time every model of `spec` and write into `spec.out_dir`:
+    metrics.json, report.md and report.html, and the plots as PNG files. Returns the
+    metrics.json document."""
+    from tqdm import tqdm
+
+    out = Path(spec.out_dir)
+    if out.exists() and not out.is_dir():
+        raise SegcompareError(f"{out}: exists and is not a directory")
+    dataset, raw, corrupt_set = compare_datasets(
+        spec.data_root, spec.split, spec.max_images, spec.corrupt_images
+    )
+    label_hw = tuple(raw[0]["label"].shape)  # predictions are scored at the label size
+    eval_hw = spec.inference.size_hw or label_hw  # the size the models run at
+    d = boundary_width(label_hw, spec.boundary_frac)
+    runs = build_runs(spec.models, spec.inference)
+
+    for run in runs:
+        with tqdm(total=len(dataset), desc=f"eval {run.label}", unit="img",
+                  disable=not spec.progress) as bar:
+            evaluate_run(run, dataset, d, spec.progress, bar)
+    measure_stats(runs, eval_hw, spec.progress)
+    bench_meta = measure_speed(runs, eval_hw, spec.inference.amp, spec.bench_iters,
+                               spec.bench_warmup, spec.progress)  # fmt: skip
+    subset = len(corrupt_set) < len(dataset)
+    evaluate_corruptions(runs, corrupt_set, spec.corruptions, subset, spec.progress)
+    hardest = hardest_images(runs, spec.images)
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = _meta(spec, runs, eval_hw, d, bench_meta, len(corrupt_set))
+    doc: dict[str, Any] = {
+        "models": [model_entry(run) for run in runs],
+        "data": str(spec.data_root),
+        "split": spec.split,
+        "num_images": len(dataset),
+        "hardest": [runs[0].image_names[i] for i in hardest],
+        "meta": meta,
+    }
+    device_type = runs[0].predictor.device.type
+    files = draw_plots(runs, out, raw, hardest, d, eval_hw, device_type, spec.progress)
+    write_report(out, runs, doc, files)
+    atomic_write_text(out / "metrics.json", results_to_json(doc))
+    return doc
+
+
+def _meta(
+    spec: CompareSpec,
+    runs: list[ModelRun],
+    eval_hw: tuple[int, int],
+    d: int,
+    bench_meta: dict[str, Any],
+    corrupt_images: int,
+) -> dict[str, Any]:
+    """metrics.json's "meta": versions, sizes, settings, the benchmark's machine."""
+    from segcompare import __version__
+    from segcompare.models import model_family
+
+    corruptions = list(spec.corruptions)
+    return {
+        "segcompare": __version__,
+        "torch": torch.__version__,
+        "device": str(runs[0].predictor.device),
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "eval_size": list(eval_hw),
+        "inference": spec.inference.describe(),
+        "bench": bench_meta,
+        "stats_size": list(eval_hw),
+        "boundary": {"d_px": d, "frac": spec.boundary_frac},
+        "robustness": {"corruptions": corruptions, "severities": list(SEVERITIES),
+                       "num_images": corrupt_images if corruptions else 0},
+        "families": {run.label: model_family(run.name) for run in runs},
+    }  # fmt: skip
