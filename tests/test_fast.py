@@ -1,4 +1,4 @@
-"""prepare_for_inference computes what the eager model computes (segcompare/models/fast.py).
+"""prepare_for_inference computes what the eager model computes (segcompare/infer/fast.py).
 
 The eager models are checked against the official code elsewhere (test_hrnet, test_segformer);
 here the prepared model is checked against the eager one on odd sizes, with seeded weights and
@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from reference import seeded_state_dict
 from torch import nn
 
-from segcompare.models import build_model, fast, model_family
-from segcompare.models.fast import fold_bn, prepare_for_inference
+from segcompare.infer import fast
+from segcompare.infer.fast import fold_bn, prepare_for_inference
+from segcompare.models import build_model, model_family
 from segcompare.models.hrnet import VARIANTS as HRNET_VARIANTS
 
 # Small but complete: every fusion path of HRNet (4 branches, 2 modules in stage 4), every

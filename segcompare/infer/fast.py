@@ -162,20 +162,17 @@ def _conv_bn(seq: nn.Sequential) -> FusedConv:
     return FusedConv.fold(seq[0], seq[1], act)
 
 
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
 def _branch_sum(
     first: FusedConv, others: nn.ModuleList, features: Sequence[torch.Tensor]
 ) -> torch.Tensor:
     """first(x_0) + Σ_{j>0} up(others[j-1](x_j)), the act of `first` applied after the sum: a
     1×1 conv over the concatenation of upsampled maps, computed at each map's own resolution
     (the heads of both families; see the module docstring, point 4)."""
-    size = features[0].shape[-2:]
+    size = features[0].shape[-2:]  # read once (under ONNX tracing each read is a Shape node)
     acc = None
     for conv, x in zip(others, features[1:]):
-        up = _resize(conv(x), size)  # a copy even where the sizes are equal
+        # hrnet.resize_to's bilinear resize; a copy even where the sizes are equal
+        up = F.interpolate(conv(x), size, mode="bilinear", align_corners=hrnet.ALIGN_CORNERS)
         acc = up if acc is None else acc.add_(up)
     return first(features[0], acc, inplace=True)
 
@@ -241,7 +238,7 @@ class FastHRModule(nn.Module):
         for i, paths in enumerate(self.fuse_layers):
             acc = xs[i]
             for j in range(i + 1, n):  # lower resolutions: 1×1 conv there, then upsample
-                up = _resize(paths[j](xs[j]), xs[i].shape[-2:])
+                up = hrnet.resize_to(paths[j](xs[j]), xs[i])
                 acc = acc + up if acc is xs[i] else acc.add_(up)
             for j in range(i):  # higher resolutions: stride-2 chains; the last conv adds acc
                 chain = paths[j]
