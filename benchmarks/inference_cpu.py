@@ -1,6 +1,6 @@
 """CPU inference latency of our prepared models against the references, side by side.
 
-    ours        prepare_for_inference(model) (segcompare/models/fast.py)
+    ours        prepare_for_inference(model) (segcompare/infer/fast.py)
     reference   SegFormer: transformers' SegformerForSemanticSegmentation with the same weights;
                 HRNet: our eager model (it equals the official code, tests/test_hrnet.py)
 
@@ -59,8 +59,8 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from segcompare import bench  # noqa: E402
+from segcompare.infer.fast import prepare_for_inference, tune_cpu_allocator  # noqa: E402
 from segcompare.models import build_model, family_of  # noqa: E402
-from segcompare.models.fast import prepare_for_inference, tune_cpu_allocator  # noqa: E402
 from segcompare.utils import atomic_write_text  # noqa: E402
 
 

@@ -53,8 +53,8 @@ from inference_cpu import trained_like  # noqa: E402
 
 from segcompare import bench  # noqa: E402
 from segcompare.data.labels import IGNORE_INDEX  # noqa: E402
+from segcompare.infer.fast import tune_cpu_allocator  # noqa: E402
 from segcompare.models import build_model  # noqa: E402
-from segcompare.models.fast import tune_cpu_allocator  # noqa: E402
 from segcompare.utils import atomic_write_text  # noqa: E402
 
 

@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from segcompare.utils import synchronize
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -54,11 +56,6 @@ def _cpu_model_name() -> str:
     except OSError:
         pass
     return ""
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_memory_mb(cand: Candidate, x: torch.Tensor) -> float:
@@ -102,13 +99,13 @@ def benchmark(
             for c in candidates:
                 c.run(x)
                 bar.update()
-        _sync(device)
+        synchronize(device)
         for _ in range(iters):
             for c in candidates:
-                _sync(device)
+                synchronize(device)
                 t0 = time.perf_counter()
                 c.run(x)
-                _sync(device)
+                synchronize(device)
                 times[c.name].append((time.perf_counter() - t0) * 1000)
                 bar.update()
         memory = {c.name: measure_memory_mb(c, x) for c in candidates}

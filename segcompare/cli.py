@@ -120,6 +120,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from segcompare import bench
+    from segcompare.infer.fast import prepare_for_inference
     from segcompare.models import build_model
     from segcompare.utils import SegcompareError, atomic_write_text
 
@@ -133,7 +134,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     candidates = []
     for name in names:
         model = build_model(name, num_classes=args.num_classes).eval()
-        runnable = model if args.no_optimize else _prepare(model, device)
+        runnable = model if args.no_optimize else prepare_for_inference(model.to(device))
         candidates.append(bench.model_candidate(name, runnable.to(device), dtype))
         if not args.reference:
             continue
@@ -148,15 +149,6 @@ def _run_bench(args: argparse.Namespace) -> int:
         atomic_write_text(args.json, json.dumps({"models": rows, "meta": meta}, indent=2) + "\n")
     print(bench.format_table(rows, meta))
     return 0
-
-
-def _prepare(model, device):
-    """The inference-optimised model where segcompare.infer provides it, else the model itself."""
-    try:
-        from segcompare.infer import prepare_for_inference
-    except ImportError:
-        return model
-    return prepare_for_inference(model.to(device))
 
 
 # --- segcompare train --------------------------------------------------------------------------
@@ -767,7 +759,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     if args.command in _INFERENCE_COMMANDS:
-        from segcompare.models.fast import tune_cpu_allocator
+        from segcompare.infer.fast import tune_cpu_allocator
 
         tune_cpu_allocator()  # reuse freed activations rather than fresh pages (see its docstring)
     from segcompare.utils import SegcompareError

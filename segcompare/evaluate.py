@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from segcompare.metrics import ConfusionMatrix, label_ids_to_pred
+from segcompare.models.variants import FAMILIES, OFFICIAL_TEST_HW
 from segcompare.utils import PathLike, SegcompareError, atomic_path
 
 log = logging.getLogger(__name__)
@@ -33,35 +34,10 @@ log = logging.getLogger(__name__)
 
 Model = Callable[[torch.Tensor], torch.Tensor]  # N×3×H×W normalised -> N×C×h×w logits
 
-# The image size the official window and stride numbers are given for (Cityscapes, H×W).
-OFFICIAL_TEST_HW = (1024, 2048)
 # Both papers' multi-scale test: SegFormer's Cityscapes dataset config (img_ratios, commented out
 # in local_configs/_base_/datasets/cityscapes_1024x1024_repeat.py) and HRNet's README
 # (TEST.SCALE_LIST 0.5,0.75,1.0,1.25,1.5,1.75 with TEST.FLIP_TEST True).
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-
-
-@dataclass(frozen=True)
-class _Recipe:
-    window_hw: tuple[int, int]  # slide window at OFFICIAL_TEST_HW
-    stride_hw: tuple[int, int]
-    score: str  # what is averaged over flips and scales: "softmax" or "exp"
-
-
-OFFICIAL_TEST = {
-    # NVlabs/SegFormer local_configs/segformer/B*/segformer.b*.1024x1024.city.160k.py: test_cfg
-    # mode 'slide', crop_size (1024, 1024), stride (768, 768). mmseg encoder_decoder.py (0.x):
-    # slide_inference averages the windows' logits, inference() takes the softmax of each
-    # (scale, flip) pass at the original size, aug_test averages those.
-    "segformer": _Recipe((1024, 1024), (768, 768), "softmax"),
-    # HRNet/HRNet-Semantic-Segmentation (HRNet-OCR branch, 0bbb2880): tools/test.py sets the
-    # crop size to TEST.IMAGE_SIZE (1024×2048); lib/datasets/cityscapes.py multi_scale_inference
-    # runs scales <= 1 on the whole image and larger ones on crop-sized windows with stride =
-    # crop (the last window aligned to the border, as above); base_dataset.py inference()
-    # averages the logits of the image and its flip, then takes exp(); windows are averaged
-    # and scales summed.
-    "hrnet": _Recipe((1024, 2048), (1024, 2048), "exp"),
-}
 
 
 @dataclass(frozen=True)
@@ -95,7 +71,7 @@ class InferenceSettings:
     optimize: bool = True
 
     def __post_init__(self) -> None:
-        if self.family is not None and self.family not in OFFICIAL_TEST:
+        if self.family is not None and self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; valid: segformer, hrnet")
         if self.mode not in ("whole", "slide"):
             raise ValueError(f"unknown test mode {self.mode!r}; valid: whole, slide")
@@ -122,7 +98,7 @@ class InferenceSettings:
         """(window_hw, stride_hw) in pixels for images tested at `test_hw`."""
         if self.window_hw:  # the user's window; stride: theirs, else the window (no overlap)
             return self.window_hw, self.stride_hw or self.window_hw
-        recipe = OFFICIAL_TEST[self._family()]
+        recipe = FAMILIES[self._family()].test
 
         def scaled(hw: tuple[int, int]) -> tuple[int, int]:
             # Each side in proportion to the test size: HRNet's window stays the whole test
@@ -202,7 +178,7 @@ def inference(
     test_hw = tuple(settings.size_hw or (h, w))
     window_hw, stride_hw = settings.windows_for(test_hw)
     single = len(settings.scales) == 1 and not settings.flip
-    hrnet_style = OFFICIAL_TEST[settings._family()].score == "exp"
+    hrnet_style = FAMILIES[settings._family()].test.score == "exp"
 
     def run(window_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if settings.mode == "whole":

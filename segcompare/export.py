@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from segcompare.data.transforms import MEAN, STD
-from segcompare.models.fast import prepare_for_inference
+from segcompare.infer.fast import prepare_for_inference
 from segcompare.utils import PathLike, SegcompareError, atomic_path
 
 OPSET = 17  # LayerNormalization is an ONNX op from 17 on; onnxruntime >= 1.11 runs it

@@ -348,7 +348,7 @@ def _datasets(cfg: Config, world: int) -> Tuple[str, Any, Any]:
     batch, model setting or data folder is one error before any work starts."""
     from segcompare.data.cityscapes import CityscapesDataset
     from segcompare.data.transforms import build_test_transform, build_train_transform
-    from segcompare.models import model_family, model_settings
+    from segcompare.models import family_of, model_settings
 
     if cfg.train.batch_size % world:
         raise SegcompareError(
@@ -359,7 +359,7 @@ def _datasets(cfg: Config, world: int) -> Tuple[str, Any, Any]:
         model_settings(cfg.model.name, **cfg.model.overrides)
     except ValueError as err:
         raise SegcompareError(f"model: {err}") from None
-    family = model_family(cfg.model.name)
+    family = family_of(cfg.model.name)
     train_transform = build_train_transform(cfg.data.pipeline, crop_size=cfg.data.crop_size,
                                             scale_range=cfg.data.scale_range,
                                             base_size=cfg.data.base_size)

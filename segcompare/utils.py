@@ -1,4 +1,5 @@
-"""Small helpers every module shares: the user-facing error and atomic file writing."""
+"""Small helpers every module shares: the user-facing error, atomic file writing, the choice of
+device and waiting for it. torch is imported only by the functions that need it (cheap imports)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import TYPE_CHECKING, Iterator, Union
+
+if TYPE_CHECKING:
+    import torch
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -52,3 +56,35 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda, else mps, else cpu; otherwise the named device, checked."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SegcompareError(f"unknown device {name!r}; use auto, cpu, cuda or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SegcompareError("--device cuda: no CUDA device is available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SegcompareError("--device mps: no MPS device is available")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until `device` has finished its queued work (a no-op on the CPU): before reading a
+    clock, so that a timing covers the work and not only its launch."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

@@ -1,4 +1,4 @@
-"""prepare_for_inference computes what the eager model computes (segcompare/models/fast.py).
+"""prepare_for_inference computes what the eager model computes (segcompare/infer/fast.py).
 
 The eager models are checked against the official code elsewhere (test_hrnet, test_segformer);
 here the prepared model is checked against the eager one on odd sizes, with seeded weights and
@@ -7,14 +7,17 @@ random BatchNorm statistics (REFERENCE.md's rule), so every folded BN really cha
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from reference import seeded_state_dict
 from torch import nn
 
-from segcompare.models import build_model, family_of, fast
-from segcompare.models.fast import fold_bn, prepare_for_inference
+from segcompare.infer import fast
+from segcompare.infer.fast import fold_bn, prepare_for_inference
+from segcompare.models import build_model, family_of, hrnet
 from segcompare.models.hrnet import VARIANTS as HRNET_VARIANTS
 
 # Small but complete: every fusion path of HRNet (4 branches, 2 modules in stage 4), every
@@ -50,10 +53,14 @@ def one_thread():
 
 def seeded(name: str, **overrides) -> nn.Module:
     """`name` with the seeded weights of REFERENCE.md: random BN scale, shift, mean and var."""
-    model = build_model(name, **overrides)
-    manifest = {"state_dict": [[k, list(v.shape)] for k, v in model.state_dict().items()]}
-    model.load_state_dict(seeded_state_dict(manifest, family_of(name)))
-    return model.eval()
+    return seeded_module(build_model(name, **overrides), family_of(name))
+
+
+def seeded_module(module: nn.Module, family: str) -> nn.Module:
+    """Any module of `family` with the seeded weights of REFERENCE.md, in eval mode."""
+    manifest = {"state_dict": [[k, list(v.shape)] for k, v in module.state_dict().items()]}
+    module.load_state_dict(seeded_state_dict(manifest, family))
+    return module.eval()
 
 
 def assert_same_function(ref: torch.Tensor, out: torch.Tensor, tol: float = 1e-3) -> None:
@@ -183,3 +190,158 @@ def test_other_models_are_copied_as_they_are():
     with torch.no_grad():
         torch.testing.assert_close(prepared(x), conv(x))
     assert conv.training and not prepared.training
+
+
+# ---------------------------------------------------------------------------------------------
+# Block by block: every Fast* module against the eager module it stands for, on the seeded tiny
+# models above, so that a change to one block names the twin that drifted. Maps are channels_last
+# and the fast blocks' weights too, as prepare_for_inference leaves them. A fast block owns its
+# inputs (residuals are added into them in place), so each side gets its own copy.
+
+# Input sizes: HRNet's branches of a 67×93 image (1/4 .. 1/32), SegFormer's stages of the same.
+HR_SIZES = [(17, 24), (9, 12), (5, 6), (3, 3)]
+MIT_SIZES = HR_SIZES
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict[str, nn.Module]:
+    return {family: seeded(name, **overrides) for family, (name, overrides) in TINY.items()}
+
+
+def _maps(*shapes: tuple[int, ...]) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return [
+        torch.randn(2, *shape, generator=g).contiguous(memory_format=torch.channels_last)
+        for shape in shapes
+    ]
+
+
+def _branch_maps(channels) -> list[torch.Tensor]:
+    return _maps(*((c, *hw) for c, hw in zip(channels, HR_SIZES)))
+
+
+def _twin(module: nn.Module) -> nn.Module:
+    return module.to(memory_format=torch.channels_last).eval()
+
+
+def _as_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+
+def _as_tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2).transpose(1, 2)
+
+
+def _eager_stage(backbone: nn.Module, s: int, x: torch.Tensor) -> torch.Tensor:
+    """Stage s of MixTransformer.forward, written out: patch embedding, blocks, closing norm."""
+    tokens, h, w = getattr(backbone, f"patch_embed{s}")(x)
+    for block in getattr(backbone, f"block{s}"):
+        tokens = block(tokens, h, w)
+    return _as_map(getattr(backbone, f"norm{s}")(tokens), h, w)
+
+
+# Each case: (eager, fast twin, inputs), both called on the list of inputs.
+def _residual_block(block: nn.Module) -> tuple:
+    twin = _twin(fast.FastResidualBlock(copy.deepcopy(block)))
+    return (lambda xs: block(*xs)), (lambda xs: twin(*xs)), _maps((block.conv1.in_channels, 9, 12))
+
+
+def _hr_module(module: hrnet.HighResolutionModule) -> tuple:
+    twin = _twin(fast.FastHRModule(copy.deepcopy(module)))
+    return module, twin, _branch_maps(module.out_channels)
+
+
+def _transition(model: hrnet.HRNet, k: int, in_channels: list[int]) -> tuple:
+    paths = getattr(model, f"transition{k}")
+    twins = [_twin(fast._transition_path(copy.deepcopy(t))) for t in paths]
+
+    def run(ts):  # as HRNet.forward_features: new branches start from the lowest resolution
+        return lambda xs: [t(xs[min(i, len(xs) - 1)]) for i, t in enumerate(ts)]
+
+    return run(paths), run(twins), _branch_maps(in_channels)
+
+
+def _hrnet_head(model: hrnet.HRNet) -> tuple:
+    channels = model.stage4[-1].out_channels
+    twin = _twin(fast.FastHRNetHead(copy.deepcopy(model.last_layer), channels))
+    return model.forward_head, twin, _branch_maps(channels)
+
+
+def _attention(model: nn.Module, s: int) -> tuple:
+    """The eager attention returns attn(x); the fast one residual + attn(x)."""
+    attn = getattr(model.backbone, f"block{s}")[0].attn
+    twin = _twin(fast.FastAttention(copy.deepcopy(attn)))
+    h, w = MIT_SIZES[s - 1]
+    inputs = _maps((attn.q.in_features, h, w), (attn.q.in_features, h, w))  # x, residual
+    return (
+        (lambda xs: xs[1] + _as_map(attn(_as_tokens(xs[0]), h, w), h, w)),
+        (lambda xs: twin(*xs)),
+        inputs,
+    )
+
+
+def _mit_block(model: nn.Module) -> tuple:
+    block = model.backbone.block2[1]
+    twin = _twin(fast.FastBlock(copy.deepcopy(block)))
+    h, w = MIT_SIZES[1]
+    inputs = _maps((block.norm1.normalized_shape[0], h, w))
+    return (
+        (lambda xs: _as_map(block(_as_tokens(xs[0]), h, w), h, w)),
+        (lambda xs: twin(*xs)),
+        inputs,
+    )
+
+
+def _mit_stage(model: nn.Module, s: int) -> tuple:
+    bb = model.backbone
+    parts = [getattr(bb, f"{part}{s}") for part in ("patch_embed", "block", "norm")]
+    twin = _twin(fast.FastStage(*copy.deepcopy(parts)))
+    in_dim = parts[0].proj.in_channels
+    inputs = _maps((in_dim, 67, 93) if s == 1 else (in_dim, *MIT_SIZES[s - 2]))
+    return (lambda xs: _eager_stage(bb, s, *xs)), (lambda xs: twin(*xs)), inputs
+
+
+def _segformer_head(model: nn.Module) -> tuple:
+    twin = _twin(fast.FastSegFormerHead(copy.deepcopy(model.decode_head)))
+    dims = TINY["segformer"][1]["embed_dims"]
+    return model.decode_head, twin, _maps(*((c, *hw) for c, hw in zip(dims, MIT_SIZES)))
+
+
+BLOCK_CASES = {
+    "FastResidualBlock-bottleneck-downsample": lambda m: _residual_block(m["hrnet"].layer1[0]),
+    "FastResidualBlock-basic": lambda m: _residual_block(m["hrnet"].stage3[0].branches[1][1]),
+    "FastResidualBlock-basic-downsample": lambda m: _residual_block(
+        seeded_module(hrnet.BasicBlock(6, 8), "hrnet")
+    ),
+    "FastResidualBlock-bottleneck": lambda m: _residual_block(
+        seeded_module(hrnet.Bottleneck(16, 4), "hrnet")
+    ),
+    "FastHRModule": lambda m: _hr_module(m["hrnet"].stage4[1]),
+    "transition-conv_bn-and-new-branch": lambda m: _transition(m["hrnet"], 1, [32]),
+    "transition-identity-and-chain": lambda m: _transition(m["hrnet"], 3, [4, 8, 16]),
+    "FastHRNetHead": lambda m: _hrnet_head(m["hrnet"]),
+    "FastAttention-sr8": lambda m: _attention(m["segformer"], 1),
+    "FastAttention-sr1": lambda m: _attention(m["segformer"], 4),
+    "FastBlock": lambda m: _mit_block(m["segformer"]),
+    "FastStage-patch7": lambda m: _mit_stage(m["segformer"], 1),
+    "FastStage-patch3": lambda m: _mit_stage(m["segformer"], 3),
+    "FastSegFormerHead": lambda m: _segformer_head(m["segformer"]),
+}
+
+
+@pytest.mark.parametrize("path", ["onednn", "plain"])
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_block_equals_its_eager_twin(case, path, tiny, monkeypatch):
+    if path == "plain":
+        monkeypatch.setattr(fast, "_ONEDNN", False)
+    eager, fast_fn, inputs = BLOCK_CASES[case](tiny)
+    with torch.inference_mode():
+        ref = eager([x.clone() for x in inputs])
+        out = fast_fn([x.clone() for x in inputs])
+    refs, outs = (ref, out) if isinstance(ref, list) else ([ref], [out])
+    assert len(outs) == len(refs)
+    for r, o in zip(refs, outs):
+        assert o.shape == r.shape and o.dtype == r.dtype
+        # fp32 rounding only: ~1e-6 of the magnitude here; 1e-4 of it still catches a LayerNorm
+        # scaled by 1.001 or one term of a fusion sum left out
+        assert (o - r).abs().max().item() <= 1e-4 * max(1.0, r.abs().max().item())

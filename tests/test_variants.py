@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import segcompare.models
+from segcompare.infer.fast import prepare_for_inference
 from segcompare.models import hrnet, segformer, variants
-from segcompare.models.fast import prepare_for_inference
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = ROOT / "segcompare" / "models"

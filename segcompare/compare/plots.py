@@ -112,14 +112,14 @@ def plot_per_class_difference(runs: Sequence[ModelRun], path: Path) -> Path:
 
 def plot_scatter(runs: Sequence[ModelRun], x_key: str, x_label: str, path: Path) -> Path:
     """mIoU against a cost (GMACs or latency), one labelled point per model."""
-    from segcompare.models import model_family
+    from segcompare.models import family_of
 
     fig = _figure(6, 4.5)
     ax = fig.add_subplot()
     xs = [float(run.stats.get(x_key) or run.bench.get(x_key) or float("nan")) for run in runs]
     ys = [100 * run.results["miou"] for run in runs]
     for run, x, y, color in zip(runs, xs, ys, _colors(len(runs))):
-        ax.scatter([x], [y], s=70, color=color, marker=_MARKERS[model_family(run.name)],
+        ax.scatter([x], [y], s=70, color=color, marker=_MARKERS[family_of(run.name)],
                    label=run.label, zorder=3)
         ax.annotate(run.label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=9)
     finite = [x for x in xs if math.isfinite(x) and x > 0]

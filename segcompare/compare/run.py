@@ -130,7 +130,7 @@ def _meta(
 ) -> dict[str, Any]:
     """metrics.json's "meta": versions, sizes, settings, the benchmark's machine."""
     from segcompare import __version__
-    from segcompare.models import model_family
+    from segcompare.models import family_of
 
     corruptions = list(spec.corruptions)
     return {
@@ -145,5 +145,5 @@ def _meta(
         "boundary": {"d_px": d, "frac": spec.boundary_frac},
         "robustness": {"corruptions": corruptions, "severities": list(SEVERITIES),
                        "num_images": corrupt_images if corruptions else 0},
-        "families": {run.label: model_family(run.name) for run in runs},
+        "families": {run.label: family_of(run.name) for run in runs},
     }  # fmt: skip

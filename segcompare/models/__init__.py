@@ -34,7 +34,6 @@ __all__ = [
     "model_settings",
 ]
 
-model_family = family_of  # the former name; callers move to family_of
 
 
 def build_model(

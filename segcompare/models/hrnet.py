@@ -32,6 +32,9 @@ STEM_CHANNELS = 64  # fixed in the official code, whatever the width
 BN_MOMENTUM = 0.1  # seg_hrnet.py on branch HRNet-OCR (master and pytorch-v1.1 use 0.01)
 ALIGN_CORNERS = False
 STAGE_KEYS = ("num_modules", "num_branches", "block", "num_blocks", "num_channels", "fuse_method")
+# `last_layer` is the official head's nn.Sequential(1×1 conv, BN, ReLU, classifier), keys
+# `last_layer.0.*`, `.1.*`, `.3.*`: its parts by position.
+HEAD_CONV, HEAD_BN, HEAD_CLS = 0, 1, 3
 
 
 def _stage(
@@ -95,9 +98,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # Residual blocks (ResNet's), as used on every branch
 
 
-def conv_bn(
-    in_ch: int, out_ch: int, kernel: int, stride: int = 1, relu: bool = False
-) -> nn.Sequential:
+class ConvBN(nn.Sequential):
+    """What `conv_bn` makes: the official nn.Sequential (same keys), its parts by name."""
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        return self[0]
+
+    @property
+    def bn(self) -> nn.BatchNorm2d:
+        return self[1]
+
+    @property
+    def has_relu(self) -> bool:
+        return isinstance(self[-1], nn.ReLU)
+
+
+def conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1, relu: bool = False) -> ConvBN:
     """Conv (no bias) + BN (+ ReLU): keys `0.weight`, `1.weight`, `1.bias`, `1.running_*`."""
     layers: list[nn.Module] = [
         nn.Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2, bias=False),
@@ -105,7 +122,7 @@ def conv_bn(
     ]
     if relu:
         layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+    return ConvBN(*layers)
 
 
 class BasicBlock(nn.Module):
@@ -129,6 +146,10 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + shortcut)
+
+    @property
+    def out_channels(self) -> int:
+        return self.bn2.num_features
 
 
 class Bottleneck(nn.Module):
@@ -154,6 +175,10 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + shortcut)
+
+    @property
+    def out_channels(self) -> int:
+        return self.bn3.num_features
 
 
 BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {
@@ -254,6 +279,11 @@ class HighResolutionModule(nn.Module):
             ]
             fused.append(self.relu(sum(parts[1:], parts[0])))  # summed in branch order
         return fused
+
+    @property
+    def out_channels(self) -> list[int]:
+        """The width of every branch's output (of the last module: what the head splits)."""
+        return [branch[-1].out_channels for branch in self.branches]
 
 
 # ---------------------------------------------------------------------------------------------

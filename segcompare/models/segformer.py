@@ -318,6 +318,12 @@ class AllMLPHead(nn.Module):
         x = self.linear_fuse(torch.cat(unified, dim=1))  # N×D×H/4×W/4
         return self.linear_pred(self.dropout(x))  # N×classes×H/4×W/4
 
+    def fuse_channels(self, s: int) -> slice:
+        """The input channels of `linear_fuse` that hold stage `s` (1-based): [c4, ..., c1]."""
+        dim = self.linear_fuse.conv.out_channels
+        k = self.num_stages - s
+        return slice(k * dim, (k + 1) * dim)
+
 
 class SegFormer(nn.Module):
     """MiT encoder + all-MLP head. `forward`: N×3×H×W -> logits N×classes×ceil(H/4)×ceil(W/4).

@@ -156,14 +156,9 @@ class FusedConv(nn.Module):
         )
 
 
-def _conv_bn(seq: nn.Sequential) -> FusedConv:
+def _conv_bn(seq: hrnet.ConvBN) -> FusedConv:
     """An HRNet `conv_bn` (Conv2d, BatchNorm2d[, ReLU]) as one FusedConv."""
-    act = "relu" if len(seq) == 3 else None
-    return FusedConv.fold(seq[0], seq[1], act)
-
-
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return FusedConv.fold(seq.conv, seq.bn, "relu" if seq.has_relu else None)
 
 
 def _branch_sum(
@@ -172,10 +167,11 @@ def _branch_sum(
     """first(x_0) + Σ_{j>0} up(others[j-1](x_j)), the act of `first` applied after the sum: a
     1×1 conv over the concatenation of upsampled maps, computed at each map's own resolution
     (the heads of both families; see the module docstring, point 4)."""
-    size = features[0].shape[-2:]
+    size = features[0].shape[-2:]  # read once (under ONNX tracing each read is a Shape node)
     acc = None
     for conv, x in zip(others, features[1:]):
-        up = _resize(conv(x), size)  # a copy even where the sizes are equal
+        # hrnet.resize_to's bilinear resize; a copy even where the sizes are equal
+        up = F.interpolate(conv(x), size, mode="bilinear", align_corners=hrnet.ALIGN_CORNERS)
         acc = up if acc is None else acc.add_(up)
     return first(features[0], acc, inplace=True)
 
@@ -241,7 +237,7 @@ class FastHRModule(nn.Module):
         for i, paths in enumerate(self.fuse_layers):
             acc = xs[i]
             for j in range(i + 1, n):  # lower resolutions: 1×1 conv there, then upsample
-                up = _resize(paths[j](xs[j]), xs[i].shape[-2:])
+                up = hrnet.resize_to(paths[j](xs[j]), xs[i])
                 acc = acc + up if acc is xs[i] else acc.add_(up)
             for j in range(i):  # higher resolutions: stride-2 chains; the last conv adds acc
                 chain = paths[j]
@@ -264,12 +260,12 @@ class FastHRNetHead(nn.Module):
 
     def __init__(self, last_layer: nn.Sequential, channels: Sequence[int]):
         super().__init__()
-        conv, bn, _, classifier = last_layer
+        conv, bn = last_layer[hrnet.HEAD_CONV], last_layer[hrnet.HEAD_BN]
         w, b = fold_bn(conv.weight, conv.bias, bn)  # D×ΣC×1×1
         slices = torch.split(w, list(channels), dim=1)
         self.branch0 = FusedConv(slices[0], b, (1, 1), (0, 0), act="relu")
         self.branches = nn.ModuleList(FusedConv(s, None, (1, 1), (0, 0)) for s in slices[1:])
-        self.classifier = FusedConv.fold(classifier)
+        self.classifier = FusedConv.fold(last_layer[hrnet.HEAD_CLS])
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         x = _branch_sum(self.branch0, self.branches, features)  # N×D×H/4×W/4
@@ -294,8 +290,7 @@ class FastHRNet(nn.Module):
             stage = getattr(model, f"stage{k + 1}")
             self.stages.append(nn.Sequential(*(FastHRModule(m) for m in stage)))
         # the width of every branch of the last module: how `last_layer`'s input is split
-        channels = [branch[-1].convs[-1].weight.shape[0] for branch in self.stages[-1][-1].branches]
-        self.head = FastHRNetHead(model.last_layer, channels)
+        self.head = FastHRNetHead(model.last_layer, model.stage4[-1].out_channels)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         xs = [self.layer1(self.stem(x))]
@@ -309,9 +304,11 @@ class FastHRNet(nn.Module):
 
 
 def _transition_path(t: nn.Module) -> nn.Module:
+    """One arrow of `hrnet.make_transition`: identity, a conv_bn (an existing branch changes
+    width) or a chain of stride-2 conv_bns (a new branch)."""
     if isinstance(t, nn.Identity):
         return nn.Identity()
-    if isinstance(t[0], nn.Conv2d):  # one conv_bn
+    if isinstance(t, hrnet.ConvBN):
         return _conv_bn(t)
     return nn.Sequential(*(_conv_bn(seq) for seq in t))
 
@@ -401,15 +398,12 @@ class FastSegFormerHead(nn.Module):
 
     def __init__(self, head: segformer.AllMLPHead):
         super().__init__()
-        n = head.num_stages
         fuse = head.linear_fuse
         w_fuse, b = fold_bn(fuse.conv.weight[:, :, 0, 0], None, fuse.bn)  # D×(n·D)
-        dim = w_fuse.shape[0]
         merged = []
-        for s in range(n):
-            # the head concatenates [c_n, ..., c_1]: stage s+1 holds column block n-1-s
-            cols = w_fuse[:, (n - 1 - s) * dim : (n - s) * dim].double()
-            proj = getattr(head, f"linear_c{s + 1}").proj
+        for s in range(1, head.num_stages + 1):
+            cols = w_fuse[:, head.fuse_channels(s)].double()  # D×D: the columns stage s feeds
+            proj = getattr(head, f"linear_c{s}").proj
             merged.append((cols @ proj.weight.double()).to(w_fuse.dtype)[:, :, None, None])
             b = b + (cols @ proj.bias.double()).to(b.dtype)
         self.stage1 = FusedConv(merged[0], b, act="relu")

@@ -1,0 +1,185 @@
+"""Running a model on images: `Predictor`, and predictions written to files.
+
+    predictor = Predictor(build_model("segformer-b0", weights="b0.safetensors"))
+    train_ids = predictor.predict(image)            # H×W×3 uint8 RGB -> H×W uint8 train ids
+
+`Predictor` calls the model in one place, `run_model`, so that an optimised model can take its
+place; the test-time modes (whole / slide / scales / flip) are `segcompare.evaluate.inference`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segcompare.data.labels import TRAIN_ID_TO_ID, colorize
+from segcompare.evaluate import InferenceSettings, inference
+from segcompare.infer.fast import prepare_for_inference
+from segcompare.utils import PathLike, SegcompareError, atomic_path, select_device
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+FORMATS = ("trainid", "labelid", "color", "overlay", "logits")
+OVERLAY_OPACITY = 0.5  # mmseg's show_result default
+
+
+def load_image(path: PathLike) -> np.ndarray:
+    """An image file -> H×W×3 uint8 RGB; one clear error if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (OSError, ValueError) as err:
+        raise SegcompareError(f"cannot read image {path}: {err}") from None
+
+
+class Predictor:
+    """A model ready to segment images.
+
+    model: a segmentation model (N×3×H×W normalised -> N×C×H/4×W/4 logits).
+    settings: how to run it (`InferenceSettings`: test mode, size, scales, flip, windows,
+        device, amp, optimize); its family, when not set, is the model's.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, settings: Optional[InferenceSettings] = None
+    ) -> None:
+        settings = settings or InferenceSettings()
+        self.device = select_device(settings.device)
+        self.model = model.to(self.device).eval()
+        self.name = getattr(model, "variant", type(model).__name__)
+        self.settings = dataclasses.replace(settings, family=settings.family or _family(model))
+        self.amp = settings.amp
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        # What run_model calls: the model itself, or what prepare_for_inference makes of it.
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model
+        if settings.optimize:
+            dtype = self.amp_dtype if settings.amp else torch.float32
+            self.forward = prepare_for_inference(self.model, dtype=dtype)
+
+    def run_model(self, images: torch.Tensor) -> torch.Tensor:
+        """The one place the model is called: N×3×H×W normalised -> N×C×H/4×W/4 float logits."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            return self.forward(images).float()
+
+    @torch.inference_mode()
+    def scores(
+        self, images: torch.Tensor, out_hw: Optional[tuple[int, int]] = None
+    ) -> torch.Tensor:
+        """Class scores N×C×out_h×out_w (default: the input size) for a normalised batch, on
+        the predictor's device; see `segcompare.evaluate.inference`."""
+        return inference(self.run_model, images.to(self.device), self.settings, out_hw)
+
+    def predict_scores(self, image: Union[np.ndarray, PathLike]) -> torch.Tensor:
+        """One image (H×W×3 uint8 RGB, or a path) -> C×H×W float32 scores on the CPU."""
+        from segcompare.data.transforms import normalize
+
+        if not isinstance(image, np.ndarray):
+            image = load_image(image)
+        return self.scores(normalize(image)[None])[0].cpu()
+
+    def predict(self, image: Union[np.ndarray, PathLike]) -> np.ndarray:
+        """One image (H×W×3 uint8 RGB, or a path) -> H×W uint8 train ids."""
+        from segcompare.data.transforms import normalize
+
+        if not isinstance(image, np.ndarray):
+            image = load_image(image)
+        pred = self.scores(normalize(image)[None]).argmax(1)[0]
+        return pred.to(torch.uint8).cpu().numpy()
+
+
+def _family(model: torch.nn.Module) -> str:
+    from segcompare.models import family_of
+
+    try:
+        return family_of(model)
+    except TypeError:
+        raise SegcompareError(
+            f"{type(model).__name__} is not a segcompare model: set InferenceSettings.family "
+            "to the test code it follows ('segformer' or 'hrnet')"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Predictions to files
+# ------------------------------------------------------------------------------------------------
+
+
+def collect_inputs(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
+    """Files, folders (searched recursively) and glob patterns -> sorted (image path, output path
+    relative to the output folder, without suffix). Folder inputs keep their sub-folders."""
+    pairs: list[tuple[Path, Path]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            pairs += [(p, p.relative_to(path).with_suffix("")) for p in found]
+        elif path.is_file():
+            found = [path]
+            pairs.append((path, Path(path.stem)))
+        else:
+            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            pairs += [(p, Path(p.stem)) for p in found]
+        if not found:
+            raise SegcompareError(f"no images found for input {item!r}")
+    seen: dict[Path, Path] = {}
+    for src, rel in pairs:
+        if rel in seen and seen[rel] != src:
+            raise SegcompareError(f"inputs {seen[rel]} and {src} would both be written as {rel}")
+        seen[rel] = src
+    return list(dict.fromkeys(pairs))
+
+
+def render_prediction(train_ids: np.ndarray, image: np.ndarray, fmt: str) -> np.ndarray:
+    """H×W train ids -> the array written for `fmt` (trainid | labelid | color | overlay)."""
+    if fmt == "trainid":
+        return train_ids
+    if fmt == "labelid":
+        return TRAIN_ID_TO_ID[train_ids]
+    if fmt == "color":
+        return colorize(train_ids)
+    if fmt == "overlay":
+        blended = (1 - OVERLAY_OPACITY) * image + OVERLAY_OPACITY * colorize(train_ids)
+        return blended.round().astype(np.uint8)
+    raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def predict_files(
+    predictor: Predictor,
+    inputs: Sequence[str],
+    out_dir: PathLike,
+    fmt: str = "labelid",
+    progress: bool = True,
+) -> list[Path]:
+    """Segment every input image and write one file per image under `out_dir`: a PNG named after
+    the image (labelid PNGs are what the Cityscapes server takes), or for 'logits' the float16
+    C×H×W scores as .npy."""
+    from tqdm import tqdm
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    pairs = collect_inputs(inputs)
+    written = []
+    for src, rel in tqdm(pairs, desc="predict", unit="img", disable=not progress):
+        image = load_image(src)
+        out = Path(out_dir) / rel.with_name(rel.name + (".npy" if fmt == "logits" else ".png"))
+        if fmt == "logits":
+            scores = predictor.predict_scores(image).to(torch.float16).numpy()
+            with atomic_path(out) as tmp, open(tmp, "wb") as f:
+                np.save(f, scores)
+        else:
+            _save_png(out, render_prediction(predictor.predict(image), image, fmt))
+        written.append(out)
+    return written

@@ -1,0 +1,245 @@
+"""The side-by-side video: input | model 1 | model 2 ..., each panel titled with the model and its
+latency, a class legend below; written as a GIF (Pillow) or an MP4 (imageio-ffmpeg).
+
+    render_video([Predictor(b0), Predictor(w48)], "stuttgart_00/", "demo.gif")
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import IO, Any, Iterator, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from segcompare.data.labels import CLASS_NAMES, PALETTE
+from segcompare.infer.predictor import IMAGE_SUFFIXES, Predictor, load_image, render_prediction
+from segcompare.utils import PathLike, SegcompareError, atomic_path, synchronize
+
+
+def iter_frames(
+    source: PathLike, every: int = 1, max_frames: Optional[int] = None
+) -> Iterator[np.ndarray]:
+    """H×W×3 uint8 RGB frames, one at a time: the images of a folder in name order
+    (leftImg8bit_demoVideo/stuttgart_00/) or a video file (needs imageio-ffmpeg). Every
+    `every`-th frame, at most `max_frames`."""
+    source = Path(source)
+    if every < 1:
+        raise ValueError(f"--every must be at least 1, got {every}")
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise SegcompareError(f"no image frames in folder {source}")
+        frames: Iterator[np.ndarray] = (load_image(p) for p in files)
+    elif source.is_file():
+        frames = _video_frames(source)
+    else:
+        raise SegcompareError(f"frames source {source} is neither a folder nor a file")
+    count = 0
+    for i, frame in enumerate(frames):
+        if i % every:
+            continue
+        if max_frames is not None and count >= max_frames:
+            return
+        yield frame
+        count += 1
+
+
+def _need_ffmpeg(what: str) -> None:
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        raise SegcompareError(
+            f"{what} needs imageio-ffmpeg: pip install imageio-ffmpeg (the 'video' extra), "
+            "or use a folder of frames / a .gif"
+        ) from None
+
+
+def _video_frames(path: Path) -> Iterator[np.ndarray]:
+    _need_ffmpeg(f"reading the video {path}")
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(str(path), format="FFMPEG")
+    try:
+        for frame in reader:
+            yield np.asarray(frame)[..., :3]
+    finally:
+        reader.close()
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def _title_bar(text: str, width: int, height: int) -> np.ndarray:
+    from PIL import ImageDraw
+
+    bar = Image.new("RGB", (width, height), (24, 24, 24))
+    ImageDraw.Draw(bar).text(
+        (6, height // 2),
+        text,
+        fill=(255, 255, 255),
+        anchor="lm",
+        font=_font(max(8, height * 2 // 3)),
+    )
+    return np.asarray(bar)
+
+
+def legend(width: int, row_h: int = 18) -> np.ndarray:
+    """The 19 classes as colour swatches with names, in rows that fit `width` pixels."""
+    from PIL import ImageDraw
+
+    font = _font(max(8, row_h * 2 // 3))
+    entry_w = max(font.getbbox(name)[2] for name in CLASS_NAMES) + row_h + 12
+    per_row = max(1, width // entry_w)
+    rows = -(-len(CLASS_NAMES) // per_row)
+    im = Image.new("RGB", (width, rows * row_h + 4), (24, 24, 24))
+    draw = ImageDraw.Draw(im)
+    for i, name in enumerate(CLASS_NAMES):
+        x, y = (i % per_row) * entry_w + 6, (i // per_row) * row_h + 2
+        draw.rectangle(
+            (x, y + 2, x + row_h - 6, y + row_h - 4), fill=tuple(int(v) for v in PALETTE[i])
+        )
+        draw.text((x + row_h, y + row_h // 2), name, fill=(230, 230, 230), anchor="lm", font=font)
+    return np.asarray(im)
+
+
+def compose_frame(
+    frame: np.ndarray,
+    overlays: Sequence[tuple[str, np.ndarray, float]],
+    legend_strip: np.ndarray,
+    title_h: int,
+) -> np.ndarray:
+    """[input | overlay 1 | overlay 2 ...] each under a title bar, the legend below."""
+    h, w = frame.shape[:2]
+    panels = [np.concatenate([_title_bar("input", w, title_h), frame])]
+    for name, overlay, latency_ms in overlays:
+        title = _title_bar(f"{name}  {latency_ms:.0f} ms", w, title_h)
+        panels.append(np.concatenate([title, overlay]))
+    return np.concatenate([np.concatenate(panels, axis=1), legend_strip])
+
+
+class GifWriter:
+    """Writes an animated GIF one frame at a time (memory stays flat): Pillow encodes each frame
+    with its own 256-colour palette; the file loops forever."""
+
+    def __init__(self, fp: IO[bytes], fps: float) -> None:
+        self.fp = fp
+        self.duration_ms = max(20, round(1000 / fps))  # GIF delays are in 1/100 s
+        self.frames = 0
+
+    def append(self, frame: np.ndarray) -> None:
+        from PIL import GifImagePlugin
+
+        im = Image.fromarray(frame).quantize(colors=256, method=Image.Quantize.FASTOCTREE)
+        if self.frames == 0:
+            header, _ = GifImagePlugin.getheader(im, info={"loop": 0, "duration": self.duration_ms})
+            self.fp.write(b"".join(header))
+        data = GifImagePlugin.getdata(im, duration=self.duration_ms, include_color_table=True)
+        self.fp.write(b"".join(data))
+        self.frames += 1
+
+    def close(self) -> None:
+        self.fp.write(b";")  # GIF trailer
+
+
+def render_video(
+    predictors: Sequence[Predictor],
+    source: PathLike,
+    out: PathLike,
+    fps: float = 17.0,
+    size: Optional[tuple[int, int]] = None,
+    every: int = 1,
+    max_frames: Optional[int] = None,
+    progress: bool = True,
+) -> int:
+    """Segment each frame of `source` with every predictor and write the side-by-side video
+    (.gif through Pillow, .mp4 through imageio-ffmpeg) to `out`. Frames are resized to `size`
+    (H, W) first (default: the first frame's size). Returns the number of frames written."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in (".gif", ".mp4"):
+        raise SegcompareError(f"video output {out} must end in .gif or .mp4")
+    if suffix == ".mp4":
+        _need_ffmpeg(f"writing {out}")
+    if not predictors:
+        raise ValueError("no models to run")
+
+    frames = iter_frames(source, every, max_frames)
+    count = 0
+    legend_strip: Optional[np.ndarray] = None
+    with atomic_path(out) as tmp:
+        writer: Any = None
+        try:
+            for frame in tqdm(frames, desc="video", unit="frame", disable=not progress):
+                size = size or frame.shape[:2]  # every frame as large as the first
+                if frame.shape[:2] != tuple(size):
+                    frame = np.array(Image.fromarray(frame).resize(size[::-1], Image.BILINEAR))
+                overlays = []
+                if count == 0:  # one untimed pass each: the first call pays one-time costs
+                    for predictor in predictors:
+                        predictor.predict(frame)
+                for predictor in predictors:
+                    synchronize(predictor.device)
+                    start = time.perf_counter()
+                    train_ids = predictor.predict(frame)
+                    latency_ms = 1000 * (time.perf_counter() - start)
+                    overlays.append(
+                        (predictor.name, render_prediction(train_ids, frame, "overlay"), latency_ms)
+                    )
+                title_h = max(14, frame.shape[0] // 16)
+                if legend_strip is None:
+                    legend_strip = legend(frame.shape[1] * (len(predictors) + 1), title_h)
+                canvas = compose_frame(frame, overlays, legend_strip, title_h)
+                if writer is None:
+                    writer = _open_writer(tmp, suffix, fps)
+                writer.append(_even(canvas) if suffix == ".mp4" else canvas)
+                count += 1
+        finally:
+            if writer is not None:
+                writer.close()
+        if count == 0:
+            raise SegcompareError(f"no frames read from {source}")
+    return count
+
+
+def _even(frame: np.ndarray) -> np.ndarray:
+    """Pad to even height and width (H.264 with yuv420p needs them)."""
+    h, w = frame.shape[:2]
+    return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+
+class _Mp4Writer:
+    def __init__(self, path: Path, fps: float) -> None:
+        import imageio.v2 as imageio
+
+        self.writer = imageio.get_writer(
+            str(path), format="FFMPEG", mode="I", fps=fps, codec="libx264", macro_block_size=1
+        )
+
+    def append(self, frame: np.ndarray) -> None:
+        self.writer.append_data(frame)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _GifFileWriter(GifWriter):
+    def __init__(self, path: Path, fps: float) -> None:
+        super().__init__(open(path, "wb"), fps)
+
+    def close(self) -> None:
+        super().close()
+        self.fp.close()
+
+
+def _open_writer(path: Path, suffix: str, fps: float) -> Any:
+    return _GifFileWriter(path, fps) if suffix == ".gif" else _Mp4Writer(path, fps)
