@@ -345,41 +345,23 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    import time
-
-    from segcompare.data.transforms import build_test_transform
-    from segcompare.evaluate import eval_dataset, evaluate_model, evaluate_prediction_files
+    from segcompare.evaluate import run_eval
     from segcompare.metrics import format_results, write_results
     from segcompare.utils import SegcompareError
 
-    if args.batch < 1 or args.workers < 0:
-        raise SegcompareError("--batch must be at least 1 and --workers at least 0")
-    start = time.perf_counter()
+    if args.pred_dir and (args.model or args.weights):
+        raise SegcompareError("--pred-dir scores existing files: drop --model/--weights")
     if args.pred_dir:
-        if args.model or args.weights or args.save_pred:
-            raise SegcompareError(
-                "--pred-dir scores existing files: drop --model/--weights/--save-pred"
-            )
-        dataset = eval_dataset(args.data, args.split)
-        results = evaluate_prediction_files(args.pred_dir, dataset, args.workers)
-        meta = {"model": None, "weights": None, "mode": "pred-dir", "size": None}
-        meta["pred_dir"] = args.pred_dir
+        results = run_eval(args.data, args.split, pred_dir=args.pred_dir, batch_size=args.batch,
+                           workers=args.workers, save_pred_dir=args.save_pred)
     else:
         predictor = _predictor(_inference_settings(args), args.model, args.weights)
-        dataset = eval_dataset(args.data, args.split, build_test_transform())
-        results = evaluate_model(
-            predictor.scores, dataset, args.batch, args.workers, args.save_pred
-        )
-        s = predictor.settings
-        meta = {
-            "model": predictor.name, "weights": args.weights, "mode": s.mode,
-            "size": list(s.size_hw) if s.size_hw else None, "scales": list(s.scales),
-            "flip": s.flip, "device": str(predictor.device), "amp": s.amp,
-        }  # fmt: skip
-    seconds = time.perf_counter() - start
-    results.update(meta, data=args.data, split=args.split, seconds=round(seconds, 3))
-    results["images_per_s"] = round(results["num_images"] / seconds, 3)
+        meta = predictor.describe()
+        meta = {"model": meta.pop("model"), "weights": args.weights, **meta}
+        results = run_eval(args.data, args.split, scores=predictor.scores, batch_size=args.batch,
+                           workers=args.workers, save_pred_dir=args.save_pred, meta=meta)
     print(format_results(results))
+    seconds = results["seconds"]
     print(f"{results['num_images']} images in {seconds:.1f} s ({results['images_per_s']:.2f}/s)")
     if args.json:
         write_results(results, args.json)

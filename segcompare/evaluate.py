@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -444,3 +445,39 @@ def evaluate_prediction_files(
             len(names),
         )
     return cm.compute()
+
+
+def run_eval(
+    data_root: PathLike,
+    split: str = "val",
+    *,
+    scores: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    pred_dir: Optional[PathLike] = None,
+    batch_size: int = 1,
+    workers: int = 2,
+    save_pred_dir: Optional[PathLike] = None,
+    meta: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """`segcompare eval`: score a model (`scores`, e.g. `Predictor.scores`) or the labelIds PNGs
+    in `pred_dir` on a split. Returns the metrics with `meta`, the data, the split, the wall time
+    and images per second."""
+    if (scores is None) == (pred_dir is None):
+        raise SegcompareError("score either a model or a folder of predictions, not both")
+    if batch_size < 1 or workers < 0:
+        raise SegcompareError("--batch must be at least 1 and --workers at least 0")
+    start = time.perf_counter()
+    if pred_dir is not None:
+        if save_pred_dir is not None:
+            raise SegcompareError("--pred-dir scores existing files: drop --save-pred")
+        results = evaluate_prediction_files(pred_dir, eval_dataset(data_root, split), workers)
+        meta = {"model": None, "weights": None, "mode": "pred-dir", "size": None,
+                "pred_dir": str(pred_dir), **(meta or {})}  # fmt: skip
+    else:
+        from segcompare.data.transforms import build_test_transform
+
+        dataset = eval_dataset(data_root, split, build_test_transform())
+        results = evaluate_model(scores, dataset, batch_size, workers, save_pred_dir)
+    seconds = time.perf_counter() - start
+    results.update(meta or {}, data=str(data_root), split=split, seconds=round(seconds, 3))
+    results["images_per_s"] = round(results["num_images"] / seconds, 3)
+    return results

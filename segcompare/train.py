@@ -4,15 +4,15 @@
     torchrun --nproc-per-node 2 -m segcompare train CONFIG --out OUT      # many processes
     segcompare train CONFIG --out OUT --resume                            # continue a run
 
-The config is segcompare.config's. This file reads in the order a run happens:
+The config is segcompare.config's, the losses segcompare.losses'. This file reads in the order
+a run happens:
 
-1. the losses of the two papers (cross-entropy, class weights, HRNet's OHEM);
-2. the optimizer's parameter groups (SegFormer: head lr x10, no decay on norms) and the poly
+1. the optimizer's parameter groups (SegFormer: head lr x10, no decay on norms) and the poly
    schedule with linear warmup;
-3. the data order, made so that a resumed run sees exactly the samples and augmentations an
+2. the data order, made so that a resumed run sees exactly the samples and augmentations an
    uninterrupted run sees;
-4. validation, the random states a checkpoint holds, signals;
-5. the run: its shared state (`Run`), its steps (datasets, resume, data loaders, run folder, log,
+3. validation, the random states a checkpoint holds, signals;
+4. the run: its shared state (`Run`), its steps (datasets, resume, data loaders, run folder, log,
    validation, checkpoint) and `train()`: processes, model, optimizer, data, the loop, the end.
 
 Batch size and learning rate are stated for the TOTAL batch over all processes: a run on fewer
@@ -43,11 +43,11 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
 from segcompare.config import Config, OptimConfig, changed_keys, config_to_dict
+from segcompare.losses import cross_entropy, ohem_cross_entropy
 from segcompare.models.precision import guard_bf16
 from segcompare.utils import SegcompareError, atomic_path, atomic_write_text
 
@@ -55,73 +55,7 @@ log = logging.getLogger(__name__)
 
 
 # =================================================================================================
-# 1. Losses
-# =================================================================================================
-# Both official codes compute the loss at label resolution: the 1/4-resolution logits are
-# upsampled bilinearly (align_corners=False) to the label's size first.
-def cross_entropy(
-    logits: torch.Tensor,  # N×C×h×w
-    label: torch.Tensor,  # N×H×W int64
-    ignore_index: int = 255,
-    class_weights: Optional[torch.Tensor] = None,  # C
-    average: str = "labelled",
-) -> torch.Tensor:
-    """Cross-entropy at label resolution.
-
-    average="labelled": torch's CrossEntropyLoss mean (with class weights: sum w_y*l / sum w_y over
-    labelled pixels), as HRNet's `CrossEntropy` (lib/core/criterion.py).
-    average="all": sum over labelled pixels / number of pixels, as mmseg's `CrossEntropyLoss`
-    that SegFormer trained with (its `weight_reduce_loss` averages over every pixel, ignored
-    pixels counting as 0).
-    """
-    logits = _to_label_size(logits, label)
-    if average == "labelled":
-        return F.cross_entropy(logits, label, weight=class_weights, ignore_index=ignore_index)
-    per_pixel = F.cross_entropy(
-        logits, label, weight=class_weights, ignore_index=ignore_index, reduction="none"
-    )
-    return per_pixel.mean()
-
-
-def ohem_cross_entropy(
-    logits: torch.Tensor,  # N×C×h×w
-    label: torch.Tensor,  # N×H×W int64
-    threshold: float = 0.7,
-    min_kept: int = 100000,
-    ignore_index: int = 255,
-    class_weights: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """HRNet's online hard example mining (`OhemCrossEntropy` of lib/core/criterion.py).
-
-    Over the labelled pixels of the batch, sorted by the softmax probability of their target
-    class: keep those below max(threshold, the (min_kept+1)-th smallest probability), i.e. every
-    pixel predicted with less than `threshold` confidence and at least `min_kept` pixels; the
-    loss is the plain mean of their (class-weighted) per-pixel cross-entropies.
-    """
-    logits = _to_label_size(logits, label)
-    per_pixel = F.cross_entropy(
-        logits, label, weight=class_weights, ignore_index=ignore_index, reduction="none"
-    ).flatten()
-    labelled = label.flatten() != ignore_index
-    if not labelled.any():
-        return logits.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) intact
-    target = label.clamp(max=logits.shape[1] - 1).unsqueeze(1)  # ignored pixels -> any class
-    prob = F.softmax(logits, dim=1).gather(1, target).flatten()[labelled]
-    sorted_prob = prob.detach().sort().values
-    kth = sorted_prob[min(min_kept, sorted_prob.numel() - 1)]
-    cutoff = torch.clamp(kth, min=threshold)
-    return per_pixel[labelled][prob.detach() < cutoff].mean()
-
-
-def _to_label_size(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()
-    if logits.shape[-2:] != label.shape[-2:]:
-        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
-    return logits
-
-
-# =================================================================================================
-# 2. Optimizer and learning-rate schedule
+# 1. Optimizer and learning-rate schedule
 # =================================================================================================
 def param_groups(model: nn.Module, cfg: OptimConfig) -> List[dict]:
     """Trainable parameters in up to four groups: (backbone | head) x (decay | no decay).
@@ -187,7 +121,7 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, it: int, cfg: OptimConfi
 
 
 # =================================================================================================
-# 3. Data order: every sample's randomness is a pure function of (seed, epoch, index)
+# 2. Data order: every sample's randomness is a pure function of (seed, epoch, index)
 # =================================================================================================
 # The DistributedSampler shuffles with a generator seeded by (seed + epoch); each process takes
 # its share of the permutation. `EpochSampler` yields (index, epoch) pairs and can start inside
@@ -214,7 +148,7 @@ class EpochSampler(torch.utils.data.distributed.DistributedSampler):
 
 
 # =================================================================================================
-# 4. Validation, the checkpoint's random states, signals
+# 3. Validation, the checkpoint's random states, signals
 # =================================================================================================
 @torch.no_grad()
 def validate(
@@ -314,7 +248,7 @@ class _StopRequest:
 
 
 # =================================================================================================
-# 5. The run
+# 4. The run
 # =================================================================================================
 @dataclass
 class Run:

@@ -15,14 +15,8 @@ import torch
 import yaml
 
 from segcompare.config import OptimConfig, config_from_dict, load_config
-from segcompare.train import (
-    build_optimizer,
-    cross_entropy,
-    learning_rate,
-    ohem_cross_entropy,
-    param_groups,
-    set_learning_rate,
-)
+from segcompare.losses import cross_entropy, ohem_cross_entropy
+from segcompare.train import build_optimizer, learning_rate, param_groups, set_learning_rate
 from segcompare.utils import SegcompareError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcompare.models import hrnet, segformer
+from segcompare.models.precision import bf16_conv_is_wrong, guard_bf16
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,9 @@ class FusedConv(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, inplace: bool = False
     ) -> torch.Tensor:
+        if self.weight.dtype != x.dtype:  # kept in float32 by guard_bf16: bfloat16 is wrong here
+            residual = None if residual is None else residual.float()
+            return self.forward(x.float(), residual, inplace).to(x.dtype)
         post, algorithm, plain = _ACTS[self.act]
         if _use_onednn(x):
             args = (self.weight, self.bias, self.padding, self.stride, [1, 1], self.groups)
@@ -465,6 +469,31 @@ class Prepared(nn.Module):
         return logits.to(out_dtype)
 
 
+def _to_bf16_guarded(net: nn.Module, channels_last: bool) -> list[str]:
+    """Cast `net` to bfloat16, except the FusedConvs whose geometry bfloat16 computes wrongly on
+    this CPU (`segcompare.models.precision`): those keep float32 weights and compute in float32.
+    Returns their names (logged once)."""
+    wrong = {
+        name: module for name, module in net.named_modules()
+        if isinstance(module, FusedConv) and bf16_conv_is_wrong(
+            module.weight.shape, module.stride, module.padding, (1, 1), module.groups,
+            channels_last, module.weight.device,
+        )
+    }  # fmt: skip
+    kept = {name: (m.weight.detach().float(), m.bias) for name, m in wrong.items()}
+    net.to(torch.bfloat16)
+    for name, (weight, bias) in kept.items():
+        wrong[name].weight = _frozen(weight)
+        wrong[name].bias = None if bias is None else _frozen(bias.float())
+    if wrong:
+        log.warning(
+            "bf16 self-check: oneDNN computes %d conv layer(s) wrongly in bfloat16 on this CPU; "
+            "they run in float32 (%s)", len(wrong), ", ".join(list(wrong)[:4]) +
+            (", ..." if len(wrong) > 4 else ""),
+        )  # fmt: skip
+    return list(wrong)
+
+
 def tune_cpu_allocator() -> bool:
     """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
 
@@ -517,7 +546,12 @@ def prepare_for_inference(
     for attr in ("variant", "settings"):
         if hasattr(model, attr):
             setattr(net, attr, copy.deepcopy(getattr(model, attr)))
-    net = net.to(dtype)
+    on_cpu = all(p.device.type == "cpu" for p in net.parameters())
+    if dtype == torch.bfloat16 and on_cpu:
+        guard_bf16(net)  # plain convs of a model that is not ours
+        _to_bf16_guarded(net, channels_last)
+    else:
+        net = net.to(dtype)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     fast: nn.Module = Prepared(net, dtype, channels_last).eval()

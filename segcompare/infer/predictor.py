@@ -13,7 +13,7 @@ import dataclasses
 import glob
 import logging
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from PIL import Image
 from segcompare.data.labels import TRAIN_ID_TO_ID, colorize
 from segcompare.evaluate import InferenceSettings, inference
 from segcompare.infer.fast import prepare_for_inference
+from segcompare.models.precision import guard_bf16
 from segcompare.utils import PathLike, SegcompareError, atomic_path, select_device
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,19 @@ class Predictor:
         self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
         # What run_model calls: the model itself, or what prepare_for_inference makes of it.
         self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model
+        if settings.amp and self.device.type == "cpu" and not settings.optimize:
+            guard_bf16(self.model, self.name)  # autocast: layers bf16 gets wrong here stay fp32
         if settings.optimize:
             dtype = self.amp_dtype if settings.amp else torch.float32
             self.forward = prepare_for_inference(self.model, dtype=dtype)
+
+    def describe(self) -> dict[str, Any]:
+        """The model and how it runs, as `segcompare eval` records them."""
+        s = self.settings
+        return {
+            "model": self.name, "mode": s.mode, "size": list(s.size_hw) if s.size_hw else None,
+            "scales": list(s.scales), "flip": s.flip, "device": str(self.device), "amp": s.amp,
+        }  # fmt: skip
 
     def run_model(self, images: torch.Tensor) -> torch.Tensor:
         """The one place the model is called: N×3×H×W normalised -> N×C×H/4×W/4 float logits."""

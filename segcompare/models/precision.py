@@ -14,7 +14,7 @@ float32, says so once, and leaves every other layer in bfloat16.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,41 +26,53 @@ log = logging.getLogger(__name__)
 # bfloat16 inputs is about 0.002 (8 bits of mantissa); the wrong ones are near 1.
 WRONG_RELATIVE_ERROR = 0.05
 
-# (in, out, kernel, stride, padding, dilation, groups, channels_last, device type) -> wrong?
+# (in channels, weight shape, stride, padding, dilation, groups, channels_last, device type)
+#   -> wrong?
 _VERDICTS: dict[tuple, bool] = {}
 
 
-def _geometry(conv: nn.Conv2d, channels_last: bool) -> tuple:
-    return (
-        conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
-        tuple(conv.padding) if isinstance(conv.padding, tuple) else conv.padding,
-        tuple(conv.dilation), conv.groups, channels_last, conv.weight.device.type,
+def bf16_is_wrong(conv: nn.Conv2d, channels_last: bool = False) -> bool:
+    """Whether a bfloat16 conv of `conv`'s geometry computes wrongly here."""
+    return bf16_conv_is_wrong(
+        tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups,
+        channels_last, conv.weight.device,
     )  # fmt: skip
 
 
-def bf16_is_wrong(conv: nn.Conv2d, channels_last: bool = False) -> bool:
-    """Whether a bfloat16 conv of `conv`'s geometry computes wrongly here (checked once per
-    geometry and process, on a few output pixels of random numbers: well under a millisecond)."""
-    key = _geometry(conv, channels_last)
+def bf16_conv_is_wrong(
+    weight_shape: Sequence[int], stride: Sequence[int], padding: Any, dilation: Sequence[int],
+    groups: int, channels_last: bool = False, device: Any = "cpu",
+) -> bool:  # fmt: skip
+    """Whether a bfloat16 conv2d of this geometry computes wrongly here; checked once per
+    geometry and process, on a 4×6 output grid of random numbers."""
+    device = torch.device(device)
+    padding = tuple(padding) if isinstance(padding, (tuple, list)) else padding
+    key = (tuple(weight_shape), tuple(stride), padding, tuple(dilation), groups, channels_last,
+           device.type)  # fmt: skip
     if key not in _VERDICTS:
-        _VERDICTS[key] = _probe(conv, channels_last) > WRONG_RELATIVE_ERROR
+        error = _probe(*key[:6], device)
+        _VERDICTS[key] = error > WRONG_RELATIVE_ERROR
+        if _VERDICTS[key]:
+            log.debug("bf16 conv %s: relative error %.3f", key, error)
     return _VERDICTS[key]
 
 
-def _probe(conv: nn.Conv2d, channels_last: bool) -> float:
+def _probe(
+    weight_shape: tuple, stride: tuple, padding: Any, dilation: tuple, groups: int,
+    channels_last: bool, device: torch.device,
+) -> float:  # fmt: skip
     """Relative error of a bfloat16 conv against float32 on the same bfloat16-rounded numbers."""
     g = torch.Generator().manual_seed(0)
-    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    out_channels, in_per_group, kh, kw = weight_shape
+    (sh, sw), (dh, dw) = stride, dilation
     # enough input for a 4×6 output grid whatever the padding
     h, w = dh * (kh - 1) + 1 + 3 * sh, dw * (kw - 1) + 1 + 5 * sw
-    x = torch.randn(1, conv.in_channels, h, w, generator=g).bfloat16()
-    weight = torch.randn(conv.weight.shape, generator=g).bfloat16()
-    device = conv.weight.device
-    x, weight = x.to(device), weight.to(device)
+    x = torch.randn(1, in_per_group * groups, h, w, generator=g).bfloat16().to(device)
+    weight = torch.randn(weight_shape, generator=g).bfloat16().to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         weight = weight.contiguous(memory_format=torch.channels_last)
-    args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    args = (stride, padding, dilation, groups)
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         ref = F.conv2d(x.float(), weight.float(), None, *args)
         out = F.conv2d(x, weight, None, *args).float()

@@ -1,0 +1,75 @@
+"""The training losses of both papers, at label resolution.
+
+SegFormer trains with mmseg's cross-entropy, HRNet with its own cross-entropy or with online hard
+example mining (OHEM, HRNet's Cityscapes recipe); both with optional class weights.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+# Both official codes compute the loss at label resolution: the 1/4-resolution logits are
+# upsampled bilinearly (align_corners=False) to the label's size first.
+def cross_entropy(
+    logits: torch.Tensor,  # N×C×h×w
+    label: torch.Tensor,  # N×H×W int64
+    ignore_index: int = 255,
+    class_weights: Optional[torch.Tensor] = None,  # C
+    average: str = "labelled",
+) -> torch.Tensor:
+    """Cross-entropy at label resolution.
+
+    average="labelled": torch's CrossEntropyLoss mean (with class weights: sum w_y*l / sum w_y over
+    labelled pixels), as HRNet's `CrossEntropy` (lib/core/criterion.py).
+    average="all": sum over labelled pixels / number of pixels, as mmseg's `CrossEntropyLoss`
+    that SegFormer trained with (its `weight_reduce_loss` averages over every pixel, ignored
+    pixels counting as 0).
+    """
+    logits = _to_label_size(logits, label)
+    if average == "labelled":
+        return F.cross_entropy(logits, label, weight=class_weights, ignore_index=ignore_index)
+    per_pixel = F.cross_entropy(
+        logits, label, weight=class_weights, ignore_index=ignore_index, reduction="none"
+    )
+    return per_pixel.mean()
+
+
+def ohem_cross_entropy(
+    logits: torch.Tensor,  # N×C×h×w
+    label: torch.Tensor,  # N×H×W int64
+    threshold: float = 0.7,
+    min_kept: int = 100000,
+    ignore_index: int = 255,
+    class_weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """HRNet's online hard example mining (`OhemCrossEntropy` of lib/core/criterion.py).
+
+    Over the labelled pixels of the batch, sorted by the softmax probability of their target
+    class: keep those below max(threshold, the (min_kept+1)-th smallest probability), i.e. every
+    pixel predicted with less than `threshold` confidence and at least `min_kept` pixels; the
+    loss is the plain mean of their (class-weighted) per-pixel cross-entropies.
+    """
+    logits = _to_label_size(logits, label)
+    per_pixel = F.cross_entropy(
+        logits, label, weight=class_weights, ignore_index=ignore_index, reduction="none"
+    ).flatten()
+    labelled = label.flatten() != ignore_index
+    if not labelled.any():
+        return logits.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) intact
+    target = label.clamp(max=logits.shape[1] - 1).unsqueeze(1)  # ignored pixels -> any class
+    prob = F.softmax(logits, dim=1).gather(1, target).flatten()[labelled]
+    sorted_prob = prob.detach().sort().values
+    kth = sorted_prob[min(min_kept, sorted_prob.numel() - 1)]
+    cutoff = torch.clamp(kth, min=threshold)
+    return per_pixel[labelled][prob.detach() < cutoff].mean()
+
+
+def _to_label_size(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    if logits.shape[-2:] != label.shape[-2:]:
+        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+    return logits
