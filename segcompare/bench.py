@@ -185,6 +185,46 @@ def reference_for(model: nn.Module) -> tuple[str, nn.Module, Callable[[torch.Ten
     return what, model, model
 
 
+def bench_models(
+    names: Sequence[str],
+    size_hw: tuple[int, int],
+    batch: int = 1,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    warmup: int = 2,
+    iters: int = 5,
+    num_classes: int = 19,
+    *,
+    optimize: bool = True,
+    reference: bool = False,
+) -> tuple[list[dict], dict]:
+    """`segcompare bench`: time each variant of `names` (untrained weights: speed does not
+    depend on them) on a random batch; with `reference`, also each one's reference
+    implementation (`reference_for`). Returns the table rows and the machine's description."""
+    from segcompare.infer.fast import prepare_for_inference
+    from segcompare.models import build_model
+    from segcompare.utils import SegcompareError
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SegcompareError("--device cuda: no CUDA device is available to this torch")
+    candidates = []
+    for name in names:
+        model = build_model(name, num_classes=num_classes).eval()
+        runnable = prepare_for_inference(model.to(dev)) if optimize else model
+        candidates.append(model_candidate(name, runnable.to(dev), DTYPES[dtype]))
+        if not reference:
+            continue
+        what, ref, run = reference_for(model)
+        if ref is not model or optimize:  # else the eager model is the row above
+            candidates.append(model_candidate(f"{name} ({what})", ref.to(dev), DTYPES[dtype], run))
+    x = torch.randn(batch, 3, *size_hw, device=dev)
+    rows = benchmark(candidates, x, warmup, iters)
+    meta = machine_info(dev, torch.get_num_threads(), dtype)
+    meta.update(batch=batch, size=list(size_hw), optimized=optimize)
+    return rows, meta
+
+
 def format_table(rows: Sequence[dict], meta: dict) -> str:
     """Markdown table of benchmark rows, with a line that says where they were measured."""
     head = "| model | latency ms (median) | p10 | p90 | images/s | memory MB |\n"

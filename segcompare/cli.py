@@ -120,31 +120,15 @@ def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from segcompare import bench
-    from segcompare.infer.fast import prepare_for_inference
-    from segcompare.models import build_model
-    from segcompare.utils import SegcompareError, atomic_write_text
+    from segcompare.utils import atomic_write_text
 
     names = model_names(args.names)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SegcompareError("--device cuda: no CUDA device is available to this torch")
-    dtype = bench.DTYPES[args.dtype]
-    candidates = []
-    for name in names:
-        model = build_model(name, num_classes=args.num_classes).eval()
-        runnable = model if args.no_optimize else prepare_for_inference(model.to(device))
-        candidates.append(bench.model_candidate(name, runnable.to(device), dtype))
-        if not args.reference:
-            continue
-        what, ref, run = bench.reference_for(model)
-        if ref is not model or not args.no_optimize:  # else the eager model is the row above
-            candidates.append(bench.model_candidate(f"{name} ({what})", ref.to(device), dtype, run))
-    x = torch.randn(args.batch, 3, *args.size, device=device)
-    rows = bench.benchmark(candidates, x, args.warmup, args.iters)
-    meta = bench.machine_info(device, torch.get_num_threads(), args.dtype)
-    meta.update(batch=args.batch, size=list(args.size), optimized=not args.no_optimize)
+    rows, meta = bench.bench_models(
+        names, args.size, args.batch, args.device, args.dtype, args.warmup, args.iters,
+        args.num_classes, optimize=not args.no_optimize, reference=args.reference,
+    )  # fmt: skip
     if args.json:
         atomic_write_text(args.json, json.dumps({"models": rows, "meta": meta}, indent=2) + "\n")
     print(bench.format_table(rows, meta))
