@@ -48,14 +48,22 @@ def machine_info(device: torch.device, threads: int, dtype: str) -> dict:
 
 
 def _cpu_model_name() -> str:
+    """The CPU's model name and the instruction sets that decide its bfloat16 speed and results
+    (/proc/cpuinfo), e.g. 'Intel(R) Xeon(R) Processor (AVX-512, AVX512-BF16, AMX)'."""
+    name, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not name:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
     except OSError:
-        pass
-    return ""
+        return ""
+    known = [("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX")]
+    features = [label for flag, label in known if flag in flags]
+    return f"{name} ({', '.join(features)})" if name and features else name
 
 
 def measure_memory_mb(cand: Candidate, x: torch.Tensor) -> float:

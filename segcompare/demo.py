@@ -279,4 +279,9 @@ def summary_table(doc: dict[str, Any]) -> str:
             f"{num(m.get('boundary_iou'), '.3f')} | {num(relative, '.2f')} | "
             f"{m['parameters']:,} | {m['gmacs']:.1f} | {num(m.get('latency_ms'), '.0f')} |"
         )
+    bench = meta.get("bench", {})
+    if bench.get("cpu") or bench.get("gpu"):  # where the times were measured, and when
+        where = bench.get("gpu") or f"{bench['cpu']}, {bench.get('cores')} cores"
+        lines.append(f"\nmeasured on {where}, {bench.get('threads')} thread(s), "
+                     f"{str(meta.get('created', ''))[:10]}")
     return "\n".join(lines)
