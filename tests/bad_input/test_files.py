@@ -519,3 +519,9 @@ def test_a_disk_that_fills_during_training_is_one_line(cli, tiny_data, tmp_path)
         assert not (out / "checkpoints" / "iter_1.pt").exists()
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("command", ["convert", "eval", "predict", "export"])
+def test_help_says_how_a_hub_model_is_named(cli, command):
+    rc, stdout, _ = cli(command, "--help")
+    assert rc == 0 and "hf://owner/name" in stdout
