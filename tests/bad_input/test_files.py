@@ -417,6 +417,7 @@ def _write_commands(tiny_weights, tiny_data, target: Path, tmp_path: Path) -> di
                     "--images", "0", "--bench-iters", "1", "--bench-warmup", "0"],
         "synth": ["data", "synth", target / "s", "--train", "1", "--val", "1", "--size",
                   "64x128"],
+        "demo": ["demo", "--out", target, "--data", tiny_data, "--weights", w],
     }  # fmt: skip
 
 
@@ -446,7 +447,7 @@ def test_a_full_disk_is_one_line(cli, tiny_weights, tiny_data, full_fs, tmp_path
 @pytest.mark.parametrize(
     "command",
     ["predict", "eval --save-pred", "convert", "convert hf", "export", "synth", "train",
-     "compare", "eval --json"],
+     "compare", "eval --json", "demo"],
 )  # fmt: skip
 def test_a_file_where_a_folder_is_needed_is_one_line(cli, tiny_weights, tiny_data, tmp_path,
                                                      command):
