@@ -518,7 +518,7 @@ def test_a_disk_that_fills_during_training_is_one_line(cli, tiny_data, tmp_path)
         assert_no_partial(disk)
         assert not (out / "checkpoints" / "iter_1.pt").exists()
     finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)  # lazy, as conftest
 
 
 @pytest.mark.parametrize("command", ["convert", "eval", "predict", "export"])
