@@ -186,12 +186,13 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
         help="convert a checkpoint (official, HuggingFace, mmseg, ...) to ours or to HuggingFace",
-        description="Convert any supported checkpoint (file, HuggingFace directory or hub id; the "
+        description="Convert any supported checkpoint (file, HuggingFace directory or hub id "
+        "hf://owner/name; the "
         "format is read from its keys) to our safetensors with metadata (DST ending in "
         ".safetensors) or to a HuggingFace directory: config.json + model.safetensors (any other "
         "DST; SegFormer only).",
     )
-    p.add_argument("src", metavar="SRC", help="checkpoint file, HuggingFace directory or hub id")
+    p.add_argument("src", metavar="SRC", help="checkpoint, HuggingFace folder or hf://owner/name")
     p.add_argument("dst", metavar="DST", help="out.safetensors, or a directory for HuggingFace")
     p.add_argument("--model", metavar="NAME", help="variant (default: read from SRC's keys)")
     p.add_argument(
@@ -313,7 +314,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "(--pred-dir, from any tool) the same way. The figures equal cityscapesscripts'.",
     )
     p.add_argument("--model", metavar="NAME", help="model name (default: read from --weights)")
-    p.add_argument("--weights", metavar="W", help="checkpoint (any format build_model reads)")
+    p.add_argument("--weights", metavar="W", help="checkpoint, model folder or hf://owner/name")
     p.add_argument(
         "--pred-dir", metavar="DIR", help="score the labelIds PNGs in DIR instead of a model "
         "(file names contain <city>_<seq>_<frame>)",
@@ -364,7 +365,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
     p.add_argument("--model", metavar="NAME", help="model name (default: read from --weights)")
-    p.add_argument("--weights", metavar="W", help="checkpoint (any format build_model reads)")
+    p.add_argument("--weights", metavar="W", help="checkpoint, model folder or hf://owner/name")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument(
         "--format", default="labelid",
@@ -432,7 +433,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("out", metavar="OUT", help="the .onnx file to write")
     p.add_argument("--model", metavar="NAME", help="model name (default: read from --weights)")
-    p.add_argument("--weights", metavar="W", help="checkpoint (any format build_model reads)")
+    p.add_argument("--weights", metavar="W", help="checkpoint, model folder or hf://owner/name")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="(default onnx)")
     p.add_argument(
         "--size", type=size_hw, default=(1024, 2048), metavar="HxW",

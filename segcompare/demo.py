@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from segcompare.utils import PathLike, SegcompareError, atomic_write_text
+from segcompare.utils import PathLike, SegcompareError, atomic_write_text, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +190,6 @@ def run_demo(
 
     plan = TINY if tiny else FULL
     out = Path(out)
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
     if data is not None:  # real data, real weights: nothing to train
         if not weights:
@@ -207,6 +204,7 @@ def run_demo(
         frames = data_root / "leftImg8bit" / "demoVideo" / "stuttgart_00"
         if not frames.is_dir():
             frames = data_root / "leftImg8bit_demoVideo" / "stuttgart_00"
+        _open_out(out, fresh)
     else:
         if weights:
             raise SegcompareError("--weights goes with --data; the synthetic demo trains its own")
@@ -216,6 +214,7 @@ def run_demo(
                 f"recipe {REPO_CONFIGS / missing[0]} not found: run the demo from a source "
                 "checkout (pip install -e .)"
             )
+        _open_out(out, fresh)  # the arguments are checked: nothing is left on an error in them
         cache_dir = Path(cache) if cache is not None else default_cache()
         data_root = synth_data(plan, cache_dir, fresh, progress)
         jobs = [
@@ -243,6 +242,13 @@ def run_demo(
     }
     atomic_write_text(out / "demo.json", json.dumps(doc["files"], indent=2) + "\n")
     return doc
+
+
+def _open_out(out: Path, fresh: bool) -> None:
+    """The demo's folder, emptied first with --fresh."""
+    if fresh and out.is_dir():
+        shutil.rmtree(out)
+    make_dirs(out)
 
 
 def _same_models(metrics_path: Path, weights: Sequence[Path]) -> bool:

@@ -316,7 +316,13 @@ def evaluate_model(
     cm = ConfusionMatrix()
     for batch in _batches(dataset, batch_size, workers, "eval", progress):
         with torch.inference_mode():
-            pred = scores_fn(batch["image"]).argmax(1)
+            scores = scores_fn(batch["image"])  # N×C×H×W
+        if scores.shape[1] != cm.num_classes:  # else argmax scores a C-class model silently
+            raise SegcompareError(
+                f"the model predicts {scores.shape[1]} classes; the Cityscapes metrics need "
+                f"{cm.num_classes} (its train classes): score a {cm.num_classes}-class model"
+            )
+        pred = scores.argmax(1)
         labels = batch["label"].to(pred.device)
         if pred.shape != labels.shape:  # a transform that resized the image: score at label size
             raise SegcompareError(

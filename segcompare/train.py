@@ -26,6 +26,7 @@ tensorboard is installed. Only rank 0 writes.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -52,6 +53,8 @@ from segcompare.models.precision import guard_bf16
 from segcompare.utils import SegcompareError, atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
+
+RUN_LOCK_NAME = ".lock"  # in the run folder: held by the run that writes there
 
 
 # =================================================================================================
@@ -310,9 +313,48 @@ def _datasets(cfg: Config, world: int) -> Tuple[str, Any, Any]:
     return family, train_set, val_set
 
 
+def _lock_run_folder(out: Path) -> Any:
+    """Take the run folder for this run: an exclusive `flock` on OUT/.lock, held (open) until the
+    run ends, so a second run into the same folder stops at once, naming the holder's PID. The
+    kernel drops the lock when its process ends, however it ends, so with the lock held the
+    temporaries (`.*.tmp`) left in the folder are a dead process's: they are removed."""
+    import fcntl
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # unbuffered: a failed write fails here, not again at close
+        lock = open(out / RUN_LOCK_NAME, "a+b", buffering=0)  # noqa: SIM115 (held for the run)
+    except OSError as err:
+        raise SegcompareError(f"{out}: cannot use as the run folder: {err.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().decode(errors="replace").strip() or "unknown"
+        lock.close()
+        raise SegcompareError(
+            f"{out} is in use by another run (PID {holder}, lock {out / RUN_LOCK_NAME}); wait "
+            "for it to end or choose another --out"
+        ) from None
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n".encode())
+    except OSError as err:
+        lock.close()
+        raise SegcompareError(f"{out}: cannot use as the run folder: {err.strerror}") from None
+    stale = [*out.glob(".*.tmp"), *(out / "checkpoints").glob(".*.tmp")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d temporary file(s) of an interrupted run from %s", len(stale), out)
+    return lock
+
+
 def _last_checkpoint(out: Path, cfg: Config, resume: bool) -> Tuple[Optional[Path], Optional[dict]]:
-    """(path, contents) of the run folder's newest checkpoint when resuming, else (None, None).
-    A folder that holds a run needs --resume, and a resumed run keeps the weights' settings."""
+    """(path, contents) of the run folder's newest intact checkpoint when resuming, else (None,
+    None). A folder that holds a run needs --resume, and a resumed run keeps the weights'
+    settings. A newer checkpoint that cannot be read (truncated, corrupt) is skipped, saying so."""
     found = _checkpoints(out)
     if found and not resume:
         raise SegcompareError(
@@ -321,14 +363,46 @@ def _last_checkpoint(out: Path, cfg: Config, resume: bool) -> Tuple[Optional[Pat
         )
     if not found:
         return None, None
-    checkpoint = torch.load(found[-1][1], map_location="cpu", weights_only=True)
+    skipped = []
+    for _, path in reversed(found):
+        checkpoint = _read_checkpoint(path)
+        if isinstance(checkpoint, dict):
+            break
+        skipped.append(f"{path.name} ({checkpoint})")
+    else:
+        raise SegcompareError(
+            f"--resume: no intact checkpoint in {out / 'checkpoints'}: {'; '.join(skipped)}"
+        )
+    if skipped:
+        log.warning("--resume: skipped %s; resuming from the newest intact one, %s",
+                    "; ".join(skipped), path.name)
     changed = changed_keys(checkpoint["config"], config_to_dict(cfg))
     if changed:
         raise SegcompareError(
             f"--resume: the config differs from the run's in {', '.join(changed)}; "
             f"resume with {out / 'config.yaml'}"
         )
-    return found[-1][1], checkpoint
+    return path, checkpoint
+
+
+# The keys every checkpoint of `_save_checkpoint` holds.
+_CHECKPOINT_KEYS = ("iter", "model", "optimizer", "scaler", "rng", "world_size", "best", "config")
+
+
+def _read_checkpoint(path: Path) -> Union[dict, str]:
+    """The contents of checkpoint `path`, or why it cannot be resumed from (a string)."""
+    import pickle
+    import zipfile
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, pickle.UnpicklingError, zipfile.BadZipFile) as err:  # fmt: skip
+        text = str(err).strip().splitlines()
+        return f"unreadable: {text[0][:120] if text else type(err).__name__}"
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in _CHECKPOINT_KEYS):
+        return "not a segcompare training checkpoint"
+    return checkpoint
 
 
 def _resume(run: Run, checkpoint: dict, path: Path, notes: List[str]) -> int:
@@ -487,6 +561,20 @@ def _validate(run: Run, loader: Any, done: int) -> float:
     return miou
 
 
+class _RecordingFile(io.FileIO):
+    """A file that keeps the OSError of a failed write, which torch.save reports only as a
+    RuntimeError without the reason (a full disk, a read-only file system)."""
+
+    error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return super().write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+
 def _save_checkpoint(run: Run, done: int) -> None:
     """checkpoints/iter_{done}.pt: everything a resumed run needs, every process's random
     generators included; only the newest `keep_checkpoints` stay."""
@@ -508,7 +596,13 @@ def _save_checkpoint(run: Run, done: int) -> None:
             "world_size": run.world, "best": run.best, "config": config_to_dict(run.cfg),
         }
         with atomic_path(run.out / "checkpoints" / f"iter_{done}.pt") as tmp:
-            torch.save(state, tmp)
+            with _RecordingFile(tmp, "wb") as f:
+                try:
+                    torch.save(state, f)
+                except RuntimeError:  # torch says "unexpected pos"; the OS said why
+                    if f.error is not None:
+                        raise f.error from None
+                    raise
         for _, old in _checkpoints(run.out)[: -tc.keep_checkpoints]:
             old.unlink()
         _write_log(run)
@@ -553,6 +647,7 @@ def train(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     threads_before = torch.get_num_threads()  # restored at the end: train() is also a library call
+    run_lock = None  # rank 0's lock on the run folder, held until the run ends
     try:
         if device.type == "cpu" and tc.threads:
             torch.set_num_threads(tc.threads)
@@ -560,6 +655,8 @@ def train(
         # -- everything the user gave is checked before any work starts ----------------------------
         family, train_set, val_set = _datasets(cfg, world)
         per_process = tc.batch_size // world
+        if master:
+            run_lock = _lock_run_folder(out)
         checkpoint_path, checkpoint = _last_checkpoint(out, cfg, resume)
         torch.manual_seed(tc.seed)  # the same initial weights on every process
         model = build_model(cfg.model.name, num_classes=cfg.model.num_classes,
@@ -685,6 +782,8 @@ def train(
         return summary
     finally:
         torch.set_num_threads(threads_before)
+        if run_lock is not None:
+            run_lock.close()  # releases the lock
 
 
 def summary_line(summary: dict) -> str:

@@ -25,17 +25,52 @@ def first_line(err: BaseException) -> str:
     return text[0].split(". ")[0][:200] if text else type(err).__name__
 
 
+def worker_message(text: str) -> str:
+    """The original message of an error that PyTorch's DataLoader re-raised from a worker
+    process ("Caught X in DataLoader worker process 0. Original Traceback ... module.X: message"),
+    so that it reads as with num_workers=0; any other text unchanged."""
+    if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name, sep, message = last.partition(": ")
+    return message if sep and " " not in name else last
+
+
+def write_error(path: PathLike, err: OSError) -> SegcompareError:
+    """The one-line error for a file or folder that cannot be written: the path and the OS's
+    reason (read-only file system, no space left, a file where a folder is needed, ...)."""
+    return SegcompareError(f"{path}: cannot write: {err.strerror or err}")
+
+
+def make_dirs(path: PathLike) -> Path:
+    """`mkdir -p path`, a failure as one line naming the path (`write_error`)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SegcompareError(f"{path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(path, err) from None
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, on failure remove it.
 
     Every file the tool writes goes through here, so an interrupted run never leaves a
-    half-written file under the final name.
+    half-written file under the final name. A write that fails (read-only file system, disk
+    full, a folder in the way) is a SegcompareError naming `path` and the OS's reason.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    make_dirs(path.parent)
+    if path.is_dir():
+        raise SegcompareError(f"{path}: is a folder; a file of that name cannot be written")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise write_error(path, err) from None
     # mkstemp makes the file private (0600); give it the mode a plain open() would.
     umask = os.umask(0)
     os.umask(umask)
@@ -44,8 +79,13 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as err:
+        # the temporary's own failures (a write: no file name; the rename): the user's disk
+        if err.filename is None or err.filename == str(tmp_path):
+            raise write_error(path, err) from None
+        raise
     finally:
-        if tmp_path.exists():
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
 
 

@@ -127,7 +127,7 @@ def test_huggingface_hub_id_from_the_cache(hf_dir, tmp_path, monkeypatch):
         (snapshot / name).write_bytes((hf_dir / name).read_bytes())
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # never the network
-    model = build_model(weights="nvidia/segformer-b0-finetuned-cityscapes-1024-1024")
+    model = build_model(weights="hf://nvidia/segformer-b0-finetuned-cityscapes-1024-1024")
     assert model.variant == "segformer-b0"
     assert _max_error(model, B0) < 1e-4
 
@@ -144,7 +144,7 @@ def test_huggingface_hub_id_fails_at_once_without_the_hub(tmp_path, monkeypatch,
         monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     start = time.monotonic()
     with pytest.raises(SegcompareError, match="nvidia/segformer-b0.*pass a local path"):
-        read_checkpoint("nvidia/segformer-b0-finetuned-cityscapes-1024-1024")
+        read_checkpoint("hf://nvidia/segformer-b0-finetuned-cityscapes-1024-1024")
     assert time.monotonic() - start < 5
 
 
@@ -367,7 +367,7 @@ def test_wrong_variant_is_refused_naming_keys_and_the_likely_variant(tmp_path):
 def test_other_number_of_classes_reinitialises_the_classifier(tmp_path, b0_state, caplog):
     model, untouched = _fresh("segformer-b0", num_classes=5), _fresh("segformer-b0", num_classes=5)
     with caplog.at_level(logging.WARNING):
-        load_weights(model, b0_state)
+        load_weights(model, b0_state, num_classes=5)
     assert len(caplog.records) == 1 and "19 classes, the model 5" in caplog.records[0].getMessage()
     for key, value in model.state_dict().items():
         cls = key.startswith("decode_head.linear_pred.")

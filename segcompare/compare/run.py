@@ -24,7 +24,7 @@ from segcompare.compare.report import model_entry, write_report
 from segcompare.data.corrupt import CORRUPTION_LEVELS, CORRUPTIONS, SEVERITIES
 from segcompare.evaluate import InferenceSettings
 from segcompare.metrics import BOUNDARY_FRAC, boundary_width, results_to_json
-from segcompare.utils import PathLike, SegcompareError, atomic_write_text
+from segcompare.utils import PathLike, SegcompareError, atomic_write_text, make_dirs
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def run_compare(spec: CompareSpec) -> dict[str, Any]:
     evaluate_corruptions(runs, corrupt_set, spec.corruptions, subset, spec.progress)
     hardest = hardest_images(runs, spec.images)
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     meta = _meta(spec, runs, eval_hw, d, bench_meta, len(corrupt_set))
     doc: dict[str, Any] = {
         "models": [model_entry(run) for run in runs],

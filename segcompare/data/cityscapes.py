@@ -28,7 +28,7 @@ from segcompare.data.labels import (
     NUM_CLASSES,
     VALID_LABEL_IDS,
 )
-from segcompare.utils import SegcompareError, atomic_write_bytes, atomic_write_text
+from segcompare.utils import SegcompareError, atomic_write_bytes, atomic_write_text, worker_message
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,13 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 class BadSampleError(SegcompareError):
-    """A file of a sample is missing, unreadable, of the wrong size or holds unknown ids."""
+    """A file of a sample is missing, unreadable, of the wrong size or holds unknown ids.
+
+    Raised in a DataLoader worker, PyTorch re-raises it in the main process with the worker's
+    traceback as its message; the message is taken back to the one line a user needs."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(worker_message(message))
 
 
 def label_dir(split: str) -> str:

@@ -181,6 +181,8 @@ def predict_files(
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise SegcompareError(f"--out {out_dir}: exists and is not a folder")
     pairs = collect_inputs(inputs)
     written = []
     for src, rel in tqdm(pairs, desc="predict", unit="img", disable=not progress):

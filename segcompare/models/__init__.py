@@ -49,9 +49,11 @@ def build_model(
 
     `weights`: a checkpoint of any format `segcompare.models.checkpoint` reads (file, HuggingFace
     directory or hub id). Without `name` the variant (and settings) come from the file: our
-    metadata, else its keys and shapes. `num_classes` defaults to the file's, else 19; another
-    number keeps all weights but the classifier, which stays initialised.
+    metadata, else its keys and shapes. `num_classes` defaults to the file's (its tensors'), else
+    19; another number keeps all weights but the classifier, which stays initialised (said in one
+    log line).
     """
+    asked = num_classes  # the caller's number; the file's is used only when none is asked
     if weights is not None:
         spec = describe_weights(weights, name)
         if spec.variant is None:
@@ -66,7 +68,7 @@ def build_model(
         raise ValueError("build_model needs a model name, or weights= to read it from")
     model = create(name, num_classes or 19, **overrides)
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, num_classes=asked)
     return model
 
 

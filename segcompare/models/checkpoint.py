@@ -14,7 +14,8 @@ shapes and the variant the file looks like. Known-unused keys (mmseg's `conv_seg
 heads, HRNet's loss weights) are dropped by name in `convert.py`; the two tolerated differences
 are a backbone-only file (the head stays initialised) and another number of classes (the
 classifier stays initialised); each is logged in one line. Which family a model is, and where
-its head and classifier are, come from `variants.py`; a hub id is fetched by `hub.py`.
+its head and classifier are, come from `variants.py`; a hub id (`hf://owner/name`, never a
+bare name) is fetched by `hub.py`.
 """
 
 from __future__ import annotations
@@ -146,15 +147,19 @@ def read_checkpoint(src: Union[PathLike, Mapping[str, torch.Tensor], Checkpoint]
         return src
     if isinstance(src, Mapping):
         return Checkpoint(_as_state_dict(dict(src), "state dict"), {}, "state dict")
+    repo_id = hub.hub_id(str(src))  # only an explicit hf://owner/name goes to the hub
+    if repo_id is not None:
+        return _read_hf_dir(hub.download(repo_id), source=str(src))
     path = Path(src)
     if path.is_dir():
         return _read_hf_dir(path)
     if path.is_file():
         state, metadata = _read_file(path)
         return Checkpoint(state, metadata, str(path))
-    if hub.looks_like_hub_id(str(src)):
-        return _read_hf_dir(hub.download(str(src)), source=str(src))
-    raise SegcompareError(f"{src}: no such file or directory")
+    raise SegcompareError(
+        f"{src}: no such file or directory (a HuggingFace Hub model is named "
+        f"{hub.HUB_PREFIX}owner/name)"
+    )
 
 
 def _read_file(path: Path) -> tuple[StateDict, dict[str, str]]:
@@ -176,9 +181,11 @@ def _read_file(path: Path) -> tuple[StateDict, dict[str, str]]:
 
 def _read_torch(path: Path) -> StateDict:
     try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        # a file object, not the name: torch.load hands a name ending in .safetensors to
+        # safetensors, whatever the bytes are (this function reads PyTorch files by their bytes)
+        with warnings.catch_warnings(), open(path, "rb") as f:
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says it
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
             raise SegcompareError(f"{path}: corrupt or truncated ({first_line(err)})") from None
@@ -226,7 +233,21 @@ def _as_state_dict(obj: Any, source: str) -> StateDict:
         raise SegcompareError(f"{source}: holds no state dict of tensors ({shown or 'empty'})")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
+    _check_finite(state, source)
     return dict(state)
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a state dict with a NaN or infinite value: such weights give a wrong answer (a
+    constant prediction, NaN logits) with no error of their own."""
+    for key, value in state.items():
+        if value.is_floating_point() or value.is_complex():
+            bad = ~torch.isfinite(value)
+            if bool(bad.any()):
+                raise SegcompareError(
+                    f"{source}: tensor {key} {list(value.shape)} holds {int(bad.sum())} non-finite "
+                    "value(s) (NaN or inf); these weights cannot give a meaningful prediction"
+                )
 
 
 def _read_hf_dir(path: Path, source: Optional[str] = None) -> Checkpoint:
@@ -244,8 +265,14 @@ def _read_hf_dir(path: Path, source: Optional[str] = None) -> Checkpoint:
     if found[0].endswith(".index.json"):  # sharded: {"weight_map": {key: file}}
         try:
             shards = sorted(set(json.loads((path / found[0]).read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise SegcompareError(f"{path / found[0]}: not a shard index ({err})") from None
+        for shard in shards:
+            if not _plain_file_name(shard):
+                raise SegcompareError(
+                    f"{path / found[0]}: weight_map names {shard!r}; a shard must be a plain file "
+                    "name inside the model directory"
+                )
         state: StateDict = {}
         for shard in shards:
             state.update(_read_file(path / shard)[0])
@@ -253,6 +280,17 @@ def _read_hf_dir(path: Path, source: Optional[str] = None) -> Checkpoint:
         state, file_metadata = _read_file(path / found[0])
         metadata.update(file_metadata)
     return Checkpoint(state, metadata, source)
+
+
+def _plain_file_name(name: Any) -> bool:
+    """A file name with no directory part: nothing a shard index can use to leave its folder."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -293,11 +331,16 @@ def load_weights(
     model: nn.Module,
     src: Union[PathLike, Mapping[str, torch.Tensor], Checkpoint],
     backbone_only: bool = False,
+    num_classes: Optional[int] = None,
 ) -> Format:
     """Load a checkpoint of any supported format into `model` (strictly); return its format.
 
-    `src`: a file, a HuggingFace directory, a hub id, a state dict or a `Checkpoint`.
+    `src`: a file, a HuggingFace directory, a hub id `hf://owner/name`, a state dict or a
+    `Checkpoint`.
     `backbone_only`: load the backbone and leave the head initialised.
+    `num_classes`: the number of classes the caller asked for (the model's). A file whose
+    classifier has another number is an error unless it was asked for; then everything but the
+    classifier loads, which stays initialised (said in one log line).
     """
     checkpoint = read_checkpoint(src)
     fmt, state = to_official(checkpoint, backbone_only)
@@ -315,6 +358,12 @@ def load_weights(
     if missing or unexpected or (reshaped and not other_classes):
         raise SegcompareError(
             _mismatch_message(model, checkpoint, fmt, state, expected, differences)
+        )
+    if other_classes and num_classes != expected[reshaped[0]].shape[0]:
+        raise SegcompareError(
+            f"{checkpoint.source}: its classifier has {state[reshaped[0]].shape[0]} classes, the "
+            f"model {expected[reshaped[0]].shape[0]}; to train a new classifier on these weights "
+            f"ask for that number (--num-classes K / num_classes=K)"
         )
     if other_classes:
         file_classes = state[reshaped[0]].shape[0]
@@ -473,10 +522,19 @@ def describe_weights(
     if meta.get("format") == OUR_FORMAT_TAG:
         try:
             same = name in (None, meta["model"])
+            num_classes = int(meta["num_classes"])
+            classifier = FAMILIES[family_of(meta["model"])].classifier_prefix + "weight"
+            if classifier in checkpoint.state_dict:  # the tensors are the truth
+                in_tensors = int(checkpoint.state_dict[classifier].shape[0])
+                if in_tensors != num_classes:
+                    raise SegcompareError(
+                        f"{checkpoint.source}: its metadata says num_classes={num_classes} but "
+                        f"its classifier {classifier} has {in_tensors}; the file is inconsistent"
+                    )
             return WeightsSpec(
                 checkpoint,
                 name or meta["model"],
-                int(meta["num_classes"]),
+                num_classes,
                 _tuples(json.loads(meta["settings"])) if same else {},
                 json.loads(meta["class_names"]),
             )
@@ -543,8 +601,6 @@ def save_weights(model: nn.Module, path: PathLike, class_names: Optional[list[st
     settings (JSON: the `build_model` settings), version (of segcompare). `class_names` default:
     the 19 Cityscapes classes for a 19-class model, else class_0, class_1, ...
     """
-    from safetensors.torch import save_file
-
     if not getattr(model, "variant", None) or getattr(model, "settings", None) is None:
         raise ValueError("save_weights needs a model made by build_model (variant, settings)")
     names = _class_names(model, class_names)
@@ -558,9 +614,31 @@ def save_weights(model: nn.Module, path: PathLike, class_names: Optional[list[st
     }
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+    write_safetensors(path, state, metadata)
     return path
+
+
+def write_safetensors(path: PathLike, state: StateDict, metadata: dict[str, str]) -> None:
+    """A safetensors file whose bytes depend only on the tensors and metadata, written atomically
+    with the mode a plain open() gives (umask).
+
+    safetensors keeps the metadata in a hash map, so its writer orders the keys differently in
+    every process: the same weights would give different bytes and checksums. The tensors' part
+    (ordered by safetensors itself, by dtype and name) is kept; the JSON header is written again
+    with sorted keys, padded with spaces to a multiple of 8 bytes as the format asks.
+    """
+    from safetensors.torch import save
+
+    data = save(state, metadata=metadata)
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # atomic_path's file: the umask mode
+            f.write(len(text).to_bytes(8, "little"))
+            f.write(text)
+            f.write(memoryview(data)[8 + header_len :])
 
 
 def hf_config(model: nn.Module, class_names: Optional[list[str]] = None) -> dict[str, Any]:
@@ -603,16 +681,13 @@ def hf_config(model: nn.Module, class_names: Optional[list[str]] = None) -> dict
 def export_hf(model: nn.Module, out_dir: PathLike, class_names: Optional[list[str]] = None) -> Path:
     """Write a HuggingFace model directory: config.json + model.safetensors in hub names, which
     `SegformerForSemanticSegmentation.from_pretrained(out_dir)` loads. Each file is atomic."""
-    from safetensors.torch import save_file
-
     config = hf_config(model, class_names)
     official = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     state = {k: v.contiguous() for k, v in convert.official_segformer_to_hf(official).items()}
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise SegcompareError(f"{out_dir}: exists and is not a directory")
-    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_safetensors(out_dir / WEIGHTS_NAME, state, {"format": "pt"})
     with atomic_path(out_dir / HF_CONFIG_NAME) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
@@ -638,7 +713,7 @@ def convert_checkpoint(
         )
     classes = num_classes or spec.num_classes or len(CLASS_NAMES)
     model = create(name, num_classes=classes, **spec.settings)
-    fmt = load_weights(model, spec.checkpoint, backbone_only=backbone_only)
+    fmt = load_weights(model, spec.checkpoint, backbone_only=backbone_only, num_classes=num_classes)
     names = spec.class_names if spec.class_names and len(spec.class_names) == classes else None
     if str(dst).endswith(".safetensors"):
         save_weights(model, dst, class_names=names)

@@ -1,7 +1,11 @@
 """The HuggingFace Hub: a model id to a local model directory, from the cache or downloaded.
 
-    if looks_like_hub_id(src):
-        directory = download(src)   # holds HF_CONFIG_NAME and the weights
+    repo_id = hub_id(src)           # "hf://org/name" -> "org/name"; anything else: None
+    if repo_id is not None:
+        directory = download(repo_id)   # holds HF_CONFIG_NAME and the weights
+
+A hub id is always explicit, `hf://org/name`: a mistyped local path is "no such file", never a
+download, so no command opens a network connection unless the user named a hub model.
 
 A hub id that is not in the cache fails at once, naming the id, when offline or when the hub
 cannot be reached (`_unreachable` probes it within seconds, where huggingface_hub would retry
@@ -25,27 +29,33 @@ WEIGHTS_NAME = "model.safetensors"  # our file name and HuggingFace's
 HF_BIN_NAME = "pytorch_model.bin"
 HF_INDEX_NAME = "model.safetensors.index.json"  # a sharded model's key -> file map
 
+HUB_PREFIX = "hf://"  # a HuggingFace Hub model: hf://owner/name
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors")
 _HUB_PROBE_TIMEOUT_S = 3.0
 
 
-def looks_like_hub_id(src: str) -> bool:
-    """Whether `src` (not a local path) reads as a hub id `owner/name`, not a checkpoint file."""
-    return bool(_HUB_ID.match(src)) and not src.endswith(_TORCH_SUFFIXES)
+def hub_id(src: str) -> str | None:
+    """The `owner/name` of a hub reference `hf://owner/name`; None for anything else (a local
+    path). SegcompareError for an `hf://` reference that is not `owner/name`."""
+    if not src.startswith(HUB_PREFIX):
+        return None
+    repo_id = src[len(HUB_PREFIX) :]
+    if not _HUB_ID.match(repo_id) or ".." in repo_id:
+        raise SegcompareError(f"{src}: not a HuggingFace Hub id; expected {HUB_PREFIX}owner/name")
+    return repo_id
 
 
 def download(repo_id: str) -> Path:
     """The local directory of hub model `repo_id` (config.json + weights), from the cache or
     downloaded. Fails at once, naming the id, when offline or when the hub cannot be reached."""
-    advice = "pass a local path (a checkpoint file or a directory with config.json)"
+    name = HUB_PREFIX + repo_id  # as the user wrote it
+    advice = "or pass a local path (a checkpoint file or a directory with config.json)"
     try:
         from huggingface_hub import constants, hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
     except ImportError:
         raise SegcompareError(
-            f"{repo_id}: no such file; as a HuggingFace Hub id it needs `pip install "
-            f"huggingface_hub`; or {advice}"
+            f"{name}: a HuggingFace Hub id needs `pip install huggingface_hub`; {advice}"
         ) from None
 
     def fetch(local_only: bool) -> Path:
@@ -56,7 +66,7 @@ def download(repo_id: str) -> Path:
                 return Path(config).parent
             except EntryNotFoundError:  # also "not in the cache" when local_only
                 continue
-        raise SegcompareError(f"{repo_id}: the hub model has no model.safetensors or .bin")
+        raise SegcompareError(f"{name}: the hub model has no model.safetensors or .bin")
 
     try:
         return fetch(local_only=True)  # the cache: no network
@@ -65,21 +75,20 @@ def download(repo_id: str) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     if offline or constants.HF_HUB_OFFLINE:
         raise SegcompareError(
-            f"{repo_id}: not a local path, not in the HuggingFace cache, and HF_HUB_OFFLINE is "
-            f"set; {advice}"
+            f"{name}: not in the HuggingFace cache, and HF_HUB_OFFLINE is set; {advice}"
         )
     unreachable = _unreachable(constants.ENDPOINT)
     if unreachable:
         raise SegcompareError(
-            f"{repo_id}: not a local path, and the HuggingFace Hub ({constants.ENDPOINT}) "
-            f"cannot be reached ({unreachable}); {advice}"
+            f"{name}: not in the HuggingFace cache, and the HuggingFace Hub "
+            f"({constants.ENDPOINT}) cannot be reached ({unreachable}); {advice}"
         )
     try:
         return fetch(local_only=False)
     except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError) as err:
         raise SegcompareError(
-            f"{repo_id}: not a local path, and downloading it from the HuggingFace Hub failed "
-            f"({first_line(err)}); {advice}"
+            f"{name}: downloading it from the HuggingFace Hub failed ({first_line(err)}); "
+            f"{advice}"
         ) from None
 
 
