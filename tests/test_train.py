@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from tiny_configs import TINY_SEGFORMER
+from tiny_configs import write_yaml as _write
 
 from segcompare.config import OptimConfig, config_from_dict, load_config
 from segcompare.losses import cross_entropy, ohem_cross_entropy
@@ -21,22 +22,6 @@ from segcompare.utils import SegcompareError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-
-# A SegFormer small enough for seconds-long CPU runs: one block per stage, narrow stages.
-TINY_SEGFORMER = {
-    "model": {
-        "name": "segformer-b0",
-        "overrides": {"depths": [1, 1, 1, 1], "embed_dims": [8, 16, 24, 32], "decoder_dim": 16,
-                      "num_heads": [1, 1, 1, 1]},
-    },
-}
-
-
-def _write(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
 
 # --- losses: hand-computed ---------------------------------------------------------------------
 # Five pixels, two classes. Target-class probabilities 0.5, 0.9, 0.75, 0.95 (by construction of
