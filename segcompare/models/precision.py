@@ -26,8 +26,7 @@ log = logging.getLogger(__name__)
 # bfloat16 inputs is about 0.002 (8 bits of mantissa); the wrong ones are near 1.
 WRONG_RELATIVE_ERROR = 0.05
 
-# (in channels, weight shape, stride, padding, dilation, groups, channels_last, device type)
-#   -> wrong?
+# (weight shape, stride, padding, dilation, groups, channels_last, device type) -> wrong?
 _VERDICTS: dict[tuple, bool] = {}
 
 
