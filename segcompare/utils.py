@@ -15,8 +15,11 @@ if TYPE_CHECKING:
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class SegcompareError(Exception):
-    """An error caused by the user's input (a file, key or value); the CLI prints it as one line."""
+class SegcompareError(ValueError):
+    """An error caused by the user's input (a file, key or value); the CLI prints it as one line.
+
+    A ValueError, so that code catching the ValueErrors the Python API raised before keeps
+    working; but only this class is a user error to the CLI: any other exception is a bug."""
 
 
 def first_line(err: BaseException) -> str:

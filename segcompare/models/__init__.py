@@ -22,7 +22,13 @@ from typing import Any, Optional
 from torch import nn
 
 from segcompare.models.checkpoint import convert_checkpoint, describe_weights, load_weights
-from segcompare.models.variants import create, family_of, list_models, model_settings
+from segcompare.models.variants import (
+    check_num_classes,
+    create,
+    family_of,
+    list_models,
+    model_settings,
+)
 
 __all__ = [
     "build_model",
@@ -52,6 +58,7 @@ def build_model(
     metadata, else its keys and shapes. `num_classes` defaults to the file's, else 19; another
     number keeps all weights but the classifier, which stays initialised.
     """
+    check_num_classes(num_classes)
     if weights is not None:
         spec = describe_weights(weights, name)
         if spec.variant is None:
