@@ -93,8 +93,8 @@ def pil_to_rgb8(im: Any, what: str = "image") -> np.ndarray:
     elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):  # colour spaces Pillow converts itself
         im = im.convert("RGB")
     elif im.mode.startswith("I;16"):
-        return to_rgb8(np.asarray(im).astype(np.uint16), what)
-    return to_rgb8(np.asarray(im), what)
+        return to_rgb8(np.array(im, dtype=np.uint16), what)
+    return to_rgb8(np.array(im), what)  # a copy: writable, unlike a view of Pillow's data
 
 
 def decode_rgb8(data: np.ndarray, what: str = "image") -> Optional[np.ndarray]:

@@ -137,7 +137,8 @@ def _mount_tmpfs(path: Path, options: str) -> str | None:
 
 
 def _umount(path: Path) -> None:
-    subprocess.run(["umount", str(path)], capture_output=True, timeout=20)
+    # lazy: detached at once even while a file in it is still open (a killed child's)
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=20)
 
 
 @pytest.fixture
