@@ -150,6 +150,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from segcompare import bench
     from segcompare.infer.fast import prepare_for_inference
     from segcompare.models import build_model
+    from segcompare.stats import check_forward_memory
     from segcompare.utils import SegcompareError, atomic_write_text
 
     names = model_names(args.names)
@@ -160,6 +161,9 @@ def _run_bench(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SegcompareError("--device cuda: no CUDA device is available to this torch")
     dtype = bench.DTYPES[args.dtype]
+    if device.type == "cpu":
+        for name in names:
+            check_forward_memory(name, args.size, args.batch, args.num_classes)
     candidates = []
     for name in names:
         model = build_model(name, num_classes=args.num_classes).eval()
@@ -500,6 +504,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
     from segcompare.export import check_onnx, check_opset, export_onnx
     from segcompare.models import build_model
+    from segcompare.models.checkpoint import num_classes_of
+    from segcompare.stats import check_forward_memory
     from segcompare.utils import SegcompareError
 
     if args.model is None and args.weights is None:
@@ -508,6 +514,9 @@ def _run_export(args: argparse.Namespace) -> int:
     check_opset(args.opset)
     torch.manual_seed(0)
     model = build_model(args.model, weights=args.weights).eval()
+    check_forward_memory(
+        model.variant, args.size, args.batch, num_classes_of(model), **model.settings
+    )
     if args.weights is None:
         logging.getLogger("segcompare").warning(
             "no --weights for %s: random weights (seed 0)", args.model
@@ -566,6 +575,10 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     y.add_argument("--size", default="256x512", metavar="HxW", help="image size (256x512)")
     y.add_argument("--seed", type=int, default=0, metavar="S")
     y.add_argument("--video", type=int, default=0, metavar="FRAMES", help="demo video frames")
+    y.add_argument(
+        "--overwrite", action="store_true",
+        help="write into a folder that is not empty (files of the same name are replaced)",
+    )  # fmt: skip
     y.set_defaults(func=_run_data_synth)
 
 
@@ -615,7 +628,7 @@ def _run_data_synth(args: argparse.Namespace) -> int:
         raise SegcompareError("--train, --val, --test and --video must not be negative")
     counts = make_synthetic_cityscapes(
         args.out, train=args.train, val=args.val, test=args.test, size=(h, w), seed=args.seed,
-        video_frames=args.video, progress=True,
+        video_frames=args.video, progress=True, overwrite=args.overwrite,
     )
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
     return 0

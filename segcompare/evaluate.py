@@ -408,7 +408,7 @@ def read_prediction(path: PathLike, hw: tuple[int, int]) -> np.ndarray:
     try:
         with Image.open(path) as im:
             ids = np.array(im)
-    except (OSError, UnidentifiedImageError) as err:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise SegcompareError(f"{path}: cannot read the prediction ({err})") from None
     if ids.ndim != 2:
         raise SegcompareError(
@@ -419,6 +419,7 @@ def read_prediction(path: PathLike, hw: tuple[int, int]) -> np.ndarray:
             f"{path}: size {ids.shape[1]}x{ids.shape[0]} differs from the label's {hw[1]}x{hw[0]}"
         )
     present = np.unique(ids)
+    _refuse_train_ids(path, [int(v) for v in present])
     unknown = [int(v) for v in present if int(v) not in VALID_LABEL_IDS]
     if unknown:
         raise SegcompareError(
@@ -426,6 +427,24 @@ def read_prediction(path: PathLike, hw: tuple[int, int]) -> np.ndarray:
             f"0-{max(VALID_LABEL_IDS)})"
         )
     return label_ids_to_pred(ids.astype(np.uint8))
+
+
+def _refuse_train_ids(path: PathLike, values: list[int]) -> None:
+    """A PNG of trainIds (0-18, 255) read as labelIds scores near 0: stop and say so. It looks
+    like trainIds when no value is above 18 but 255, and one is a value no labelIds prediction
+    holds (255, or a labelId of no evaluated class, e.g. 0 'unlabeled' where trainId 0 is road)."""
+    from segcompare.data.labels import IGNORE_INDEX, NUM_CLASSES, TRAIN_ID_TO_ID
+
+    evaluated = {int(v) for v in TRAIN_ID_TO_ID[:NUM_CLASSES]}
+    if all(v < NUM_CLASSES or v == IGNORE_INDEX for v in values) and any(
+        v not in evaluated for v in values
+    ):
+        raise SegcompareError(
+            f"{path}: holds only {values[:8]}: these look like trainIds (0-18, 255), not the "
+            "labelIds --pred-dir scores; convert them with "
+            "segcompare.data.labels.TRAIN_ID_TO_ID[train_ids], or write labelIds with "
+            "`segcompare predict --format labelid`"
+        )
 
 
 class _PredictionPairs:

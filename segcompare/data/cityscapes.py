@@ -70,9 +70,12 @@ def _decode(path: PathLike, flags: int) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as err:
         raise BadSampleError(f"{path}: cannot read ({err.strerror or err})") from None
-    array = cv2.imdecode(data, flags) if data.size else None
+    try:
+        array = cv2.imdecode(data, flags) if data.size else None
+    except cv2.error:  # e.g. a header claiming more pixels than OpenCV allows (a bomb)
+        array = None
     if array is None:
-        raise BadSampleError(f"{path}: cannot decode (truncated or not an image)")
+        raise BadSampleError(f"{path}: cannot decode (truncated, not an image, or too large)")
     return array
 
 
@@ -327,7 +330,7 @@ def _decode_strict(path: Path) -> np.ndarray:
             return np.asarray(im)
     except FileNotFoundError:
         raise BadSampleError(f"{path}: missing") from None
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadSampleError(f"{path}: unreadable PNG ({err})") from None
 
 

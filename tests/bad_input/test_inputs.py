@@ -9,6 +9,7 @@ no traceback, and nothing written."""
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import cv2
@@ -65,15 +66,16 @@ def test_a_bug_keeps_its_traceback(cli, monkeypatch):
 def test_a_bug_in_a_subprocess_prints_a_traceback(tmp_path):
     """The same through `python -m segcompare`: exit 1 with the traceback, not one line."""
     (tmp_path / "sitecustomize.py").write_text(
-        "import segcompare.stats\n"
+        "import segcompare.data.synth\n"
         "def broken(*a, **k):\n    raise ValueError('an internal bug')\n"
-        "segcompare.stats.model_stats = broken\n"
+        "segcompare.data.synth.make_synthetic_cityscapes = broken\n"
     )
     import os
 
     env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
-    rc, _, err = run_cli("stats", "segformer-b0", env=env)
+    rc, _, err = run_cli("data", "synth", tmp_path / "cs", env=env)
     assert rc == 1 and "Traceback" in err and "an internal bug" in err
+    assert not (tmp_path / "cs").exists()
 
 
 def test_user_errors_stay_value_errors_for_the_python_api():
@@ -347,3 +349,198 @@ def test_sizes_and_numbers_out_of_range_are_one_line(cli, tiny_data, tiny_weight
         ["--device", "cpu"] if argv[0] in ("predict", "eval", "video") else []))
     assert_one_line_error(rc, err, named, allow_log=True)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- group 5: trainId PNGs given to eval --pred-dir --------------------------------------------
+def _predictions(tiny_data: Path, out: Path, train_ids: bool) -> Path:
+    """The val ground truth written as prediction PNGs: labelIds as they are, or as trainIds."""
+    from segcompare.data.labels import ID_TO_TRAIN_ID
+
+    for gt in sorted((tiny_data / "gtFine" / "val").rglob("*_gtFine_labelIds.png")):
+        ids = np.array(Image.open(gt))
+        name = gt.name.replace("_gtFine_labelIds.png", "_leftImg8bit.png")
+        (out / gt.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ID_TO_TRAIN_ID[ids] if train_ids else ids).save(out / gt.parent.name / name)
+    return out
+
+
+def test_eval_pred_dir_refuses_train_id_pngs(cli, tiny_data, tmp_path):
+    pred = _predictions(tiny_data, tmp_path / "pred", train_ids=True)
+    rc, out, err = cli("eval", "--pred-dir", pred, "--data", tiny_data, "--workers", 0,
+                       "--json", tmp_path / "r.json")
+    line = assert_one_line_error(rc, err, "trainIds", "TRAIN_ID_TO_ID", allow_log=True)
+    assert str(pred) in line and "mIoU" not in out
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_eval_pred_dir_still_scores_label_id_pngs(cli, tiny_data, tmp_path):
+    """The control: the same ground truth as labelIds scores mIoU 100 (nothing flagged)."""
+    import json
+
+    pred = _predictions(tiny_data, tmp_path / "pred", train_ids=False)
+    rc, _, err = cli("eval", "--pred-dir", pred, "--data", tiny_data, "--workers", 0,
+                     "--json", tmp_path / "r.json")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["miou"] == pytest.approx(1.0)
+
+
+# --- group 6: data synth never overwrites a data set, never leaves a partial one ---------------
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_synth_refuses_a_folder_that_holds_a_data_set(cli, tiny_data, tmp_path):
+    target = tmp_path / "cs"
+    shutil.copytree(tiny_data, target)
+    before = _tree(target)
+    rc, _, err = cli("data", "synth", target, "--train", 1, "--val", 0, "--size", "64x64")
+    assert_one_line_error(rc, err, str(target), "--overwrite")
+    assert _tree(target) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["cs"]  # no temporary folder left
+
+
+def test_synth_overwrite_replaces_same_names_and_keeps_the_rest(cli, tmp_path):
+    target = tmp_path / "cs"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    rc, out, err = cli("data", "synth", target, "--train", 1, "--val", 0, "--size", "64x64",
+                       "--overwrite")
+    assert rc == 0, err
+    assert (target / "notes.txt").read_text() == "mine"
+    assert len(list((target / "leftImg8bit" / "train").rglob("*.png"))) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["cs"]
+
+
+def test_synth_into_an_empty_folder_and_a_new_one(cli, tmp_path):
+    for target in (tmp_path / "empty", tmp_path / "new" / "deeper"):
+        if target.name == "empty":
+            target.mkdir()
+        rc, _, err = cli("data", "synth", target, "--train", 1, "--val", 0, "--size", "64x64")
+        assert rc == 0, err
+        assert len(_tree(target)) == 5  # image, color, labelIds, instanceIds, polygons
+
+
+@pytest.mark.parametrize("fail_after", [0, 2])
+def test_a_failing_synthesis_leaves_nothing(tmp_path, monkeypatch, fail_after):
+    from segcompare.data.synth import io
+
+    real, calls = io.write_sample, []
+
+    def write_then_fail(*args):
+        if len(calls) == fail_after:
+            raise KeyboardInterrupt  # as a Ctrl-C between two samples
+        calls.append(1)
+        real(*args)
+
+    monkeypatch.setattr(io, "write_sample", write_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        io.make_synthetic_cityscapes(tmp_path / "cs", train=3, val=0, size=(64, 64))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--size", "100000x100000"], "100000x100000"),
+        (["--size", "16x64"], "16x64"),
+        (["--size", "64"], "64"),
+        (["--train", "-1"], "--train"),
+    ],
+)
+def test_synth_sizes_and_counts_out_of_range_are_one_line(cli, tmp_path, argv, named):
+    rc, _, err = cli("data", "synth", tmp_path / "cs", *argv)
+    assert_one_line_error(rc, err, named)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- group 7: memory estimated before allocating; decompression bombs are bad files ------------
+def _bomb(path: Path, side: int = 100_000) -> Path:
+    """A valid PNG whose header claims side×side RGB pixels (its data is a few bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture
+def bombed(tiny_data, tmp_path) -> tuple[Path, Path]:
+    """A copy of the tiny set whose first val image is a decompression bomb: (root, bomb)."""
+    root = tmp_path / "cs"
+    shutil.copytree(tiny_data, root)
+    first = sorted((root / "leftImg8bit" / "val").rglob("*.png"))[0]
+    return root, _bomb(first)
+
+
+def test_data_check_reports_a_bomb_as_a_bad_file(cli, bombed):
+    root, bomb = bombed
+    rc, out, err = cli("data", "check", root, "--workers", 0)
+    assert rc == 1 and "Traceback" not in err
+    assert [line for line in out.splitlines() if str(bomb) in line]
+
+
+@pytest.mark.parametrize("command", ["predict", "video", "eval"])
+def test_a_bomb_is_one_line_naming_the_file(cli, bombed, tiny_weights, tmp_path, command):
+    root, bomb = bombed
+    out = tmp_path / "out"
+    where = {
+        "predict": [bomb, "--out", out],
+        "video": [bomb.parent, "--out", out / "v.gif"],
+        "eval": ["--data", root, "--workers", 0, "--json", out / "r.json"],
+    }[command]
+    rc, _, err = cli(command, "--weights", tiny_weights["segformer"], *where, "--device", "cpu",
+                     "--mode", "whole")
+    assert_one_line_error(rc, err, str(bomb), allow_log=True)
+    assert not out.exists() or not any(out.rglob("*"))  # (video makes the folder, empty)
+
+
+def test_a_bomb_read_by_the_data_pipeline_is_a_bad_sample(tmp_path):
+    from segcompare.data.cityscapes import BadSampleError, read_image, read_label
+
+    bomb = _bomb(tmp_path / "x.png")
+    for read in (read_image, read_label):
+        with pytest.raises(BadSampleError, match="x.png"):
+            read(bomb)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "segformer-b0", "--size", "100000x100000"],
+        ["export", "{tmp}/x.onnx", "--model", "hrnet-w18-small-v1", "--size", "100000x100000"],
+    ],
+    ids=["bench", "export"],
+)
+def test_a_forward_larger_than_memory_is_refused_with_the_figure(cli, tmp_path, argv):
+    rc, _, err = cli(*[a.format(tmp=tmp_path) for a in argv])
+    line = assert_one_line_error(rc, err, "100000x100000", "GiB", allow_log=True)
+    assert "available" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_available_memory_honours_an_address_space_limit():
+    """Under `ulimit -v` the room is at most the limit less what the process already maps."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\n"
+        "from segcompare.utils import available_memory, _read_kib_fields\n"
+        "used = _read_kib_fields('/proc/self/status')['VmSize']\n"
+        "limit = used + 300 * 2**20\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
+        "print(available_memory() <= 300 * 2**20, available_memory() > 100 * 2**20)\n"
+    )
+    if not Path("/proc/self/status").exists():
+        pytest.skip("no /proc on this system")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO)}, timeout=60)
+    assert proc.stdout.split() == ["True", "True"], proc.stderr
