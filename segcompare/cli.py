@@ -336,18 +336,25 @@ def _model_list(names: Sequence[str], weights: Sequence[str]) -> list[tuple[Any,
 
 def _predictor(settings: Any, name: Optional[str], weights: Optional[str]) -> Any:
     """Build the model (weights through build_model) and wrap it in a Predictor."""
+    import dataclasses
     import logging
 
     import torch
 
     from segcompare.infer import Predictor
-    from segcompare.models import build_model
-    from segcompare.utils import SegcompareError
+    from segcompare.models import build_model, family_of
+    from segcompare.models.checkpoint import num_classes_of
+    from segcompare.stats import check_forward_memory
+    from segcompare.utils import SegcompareError, select_device
 
     if name is None and weights is None:
         raise SegcompareError("name a model: --model NAME --weights W")
     torch.manual_seed(0)  # without weights: the same random model every run
     model = build_model(name, weights=weights)
+    if settings.size_hw and select_device(settings.device).type == "cpu":
+        family = dataclasses.replace(settings, family=family_of(model))
+        hw = family.model_input_hw(settings.size_hw, largest=True)
+        check_forward_memory(model.variant, hw, 1, num_classes_of(model), **model.settings)
     if weights is None:
         logging.getLogger("segcompare").warning(
             "no --weights for %s: random weights (seed 0), the predictions mean nothing", name

@@ -113,15 +113,19 @@ class InferenceSettings:
             _check_stride(window_hw, self.stride_hw)
         return window_hw, self.stride_hw or scaled(recipe.stride_hw)
 
-    def model_input_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
-        """The smallest (H, W) the model is given for an image of `image_hw`: the test size at
-        each scale, cut into windows in slide mode (a window is clipped to the image)."""
+    def model_input_hw(
+        self, image_hw: tuple[int, int], largest: bool = False
+    ) -> tuple[int, int]:
+        """The smallest (or `largest`) (H, W) the model is given for an image of `image_hw`: the
+        test size at each scale, cut into windows in slide mode (a window is clipped to the
+        image)."""
         test_hw = tuple(self.size_hw or image_hw)
         window_hw, _ = self.windows_for(test_hw)
         sizes = [_scaled_hw(test_hw, scale) for scale in self.scales]
         if self.mode == "slide":
             sizes = [(min(h, window_hw[0]), min(w, window_hw[1])) for h, w in sizes]
-        return min(h for h, _ in sizes), min(w for _, w in sizes)
+        pick = max if largest else min
+        return pick(h for h, _ in sizes), pick(w for _, w in sizes)
 
     def _family(self) -> str:
         if self.family is None:

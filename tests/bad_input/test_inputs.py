@@ -544,3 +544,14 @@ def test_available_memory_honours_an_address_space_limit():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={"PYTHONPATH": str(REPO)}, timeout=60)
     assert proc.stdout.split() == ["True", "True"], proc.stderr
+
+
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_a_test_size_larger_than_memory_is_refused_with_the_figure(cli, tiny_data, tiny_weights,
+                                                                   tmp_path, command):
+    where = ([tiny_data / "leftImg8bit" / "val", "--out", tmp_path / "o"]
+             if command == "predict" else ["--data", tiny_data, "--workers", 0])
+    rc, _, err = cli(command, "--weights", tiny_weights["segformer"], *where, "--device", "cpu",
+                     "--mode", "whole", "--size", "100000x100000")
+    line = assert_one_line_error(rc, err, "100000x100000", "GiB", allow_log=True)
+    assert "available" in line and list(tmp_path.iterdir()) == []
