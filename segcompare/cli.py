@@ -554,7 +554,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("root", metavar="ROOT")
     c.add_argument("--split", metavar="S[,S]", help="splits to check (default: all present)")
-    c.add_argument("--workers", type=int, metavar="N", help="processes (default: all cores)")
+    c.add_argument(
+        "--workers", type=at_least(0), metavar="N", help="processes (default: all cores)"
+    )
     c.set_defaults(func=_run_data_check)
 
     r = data.add_parser(
@@ -565,7 +567,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("root", metavar="ROOT")
     r.add_argument("--split", metavar="S[,S]", help="splits to prepare (default: all present)")
-    r.add_argument("--workers", type=int, metavar="N", help="processes (default: all cores)")
+    r.add_argument(
+        "--workers", type=at_least(0), metavar="N", help="processes (default: all cores)"
+    )
     r.add_argument("--overwrite", action="store_true", help="rewrite existing labelTrainIds")
     r.set_defaults(func=_run_data_prepare)
 

@@ -336,6 +336,11 @@ def test_build_model_refuses_a_class_count_below_one(num_classes):
          "--every"),
         (["eval", "--weights", "{w}", "--data", "{data}", "--batch", "0"], "--batch"),
         (["stats", "segformer-b0", "--size", "0x64"], "0x64"),
+        (["data", "check", "{data}", "--workers", "-1"], "--workers"),
+        (["data", "prepare", "{data}", "--workers", "-1"], "--workers"),
+        (["compare", "--weights", "{w}", "--data", "{data}", "--out", "{tmp}/c", "--bench-iters",
+          "0"], "--bench-iters"),
+        (["video", "--weights", "{w}", "{video}", "--out", "{tmp}/v.gif", "--fps", "0"], "--fps"),
     ],
     ids=lambda v: " ".join(v[:3] + v[-2:]) if isinstance(v, list) else None,
 )
@@ -346,7 +351,7 @@ def test_sizes_and_numbers_out_of_range_are_one_line(cli, tiny_data, tiny_weight
             "images": tiny_data / "leftImg8bit" / "val",
             "video": tiny_data / "leftImg8bit_demoVideo" / "stuttgart_00"}
     rc, _, err = cli(*[a.format(**fill) for a in argv], *(
-        ["--device", "cpu"] if argv[0] in ("predict", "eval", "video") else []))
+        ["--device", "cpu"] if argv[0] in ("predict", "eval", "video", "compare") else []))
     assert_one_line_error(rc, err, named, allow_log=True)
     assert list(tmp_path.iterdir()) == []
 
