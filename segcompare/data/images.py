@@ -106,4 +106,8 @@ def decode_rgb8(data: np.ndarray, what: str = "image") -> Optional[np.ndarray]:
         image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     except cv2.error:
         return None
-    return None if image is None else to_rgb8(image, what, bgr=True)
+    if image is None:
+        return None
+    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)  # the common case, without a copy more
+    return to_rgb8(image, what, bgr=True)
