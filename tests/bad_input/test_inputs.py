@@ -560,3 +560,10 @@ def test_a_test_size_larger_than_memory_is_refused_with_the_figure(cli, tiny_dat
                      "--mode", "whole", "--size", "100000x100000")
     line = assert_one_line_error(rc, err, "100000x100000", "GiB", allow_log=True)
     assert "available" in line and list(tmp_path.iterdir()) == []
+
+
+# --- the battery's own helpers ------------------------------------------------------------------
+def test_readonly_and_full_helpers_refuse_writes(readonly_dir, full_fs):
+    for folder in (readonly_dir, full_fs):
+        with pytest.raises(OSError):
+            (folder / "x").write_bytes(b"\0" * 65536)
