@@ -211,11 +211,15 @@ def bench_models(
     implementation (`reference_for`). Returns the table rows and the machine's description."""
     from segcompare.infer.fast import prepare_for_inference
     from segcompare.models import build_model
+    from segcompare.stats import check_forward_memory
     from segcompare.utils import SegcompareError
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SegcompareError("--device cuda: no CUDA device is available to this torch")
+    if dev.type == "cpu":  # refuse, with the figure, a size that would not fit in memory
+        for name in names:
+            check_forward_memory(name, size_hw, batch, num_classes)
     candidates = []
     for name in names:
         model = build_model(name, num_classes=num_classes).eval()

@@ -1,7 +1,8 @@
 """The `segcompare` command line: argparse subcommands, each a thin call into the package.
 
 Imports of torch and friends happen inside the handlers so that `segcompare --help` is instant.
-A `SegcompareError` or `ValueError` raised by a handler is printed as one line with exit code 1.
+A `SegcompareError` (a user's error: a file, key or value) raised by a handler is printed as one
+line with exit code 1; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +27,30 @@ def size_hw(text: str) -> tuple[int, int]:
     return h, w
 
 
+def at_least(low: int) -> Any:
+    """An argparse type: an integer of at least `low` (the flag is named by argparse)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def check_model_size(size: Optional[tuple[int, int]], flag: str) -> None:
+    """A model input size given on the command line: large enough for both families."""
+    from segcompare.models.variants import check_input_hw
+
+    if size is not None:
+        check_input_hw(size, f"{flag} {size[0]}x{size[1]}")
+
+
 def model_names(values: Sequence[str]) -> list[str]:
     """Check model names against the factory; empty means all of them."""
     from segcompare.models import list_models
@@ -42,7 +67,7 @@ def model_names(values: Sequence[str]) -> list[str]:
 # --- segcompare models -------------------------------------------------------------------------
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the model names with their parameter counts")
-    p.add_argument("--num-classes", type=int, default=19)
+    p.add_argument("--num-classes", type=at_least(1), default=19)
     p.set_defaults(func=_run_models)
 
 
@@ -66,7 +91,7 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("names", nargs="*", metavar="NAME", help="model names (default: all)")
     p.add_argument("--size", type=size_hw, default=(1024, 2048), help="input HxW (1024x2048)")
-    p.add_argument("--num-classes", type=int, default=19)
+    p.add_argument("--num-classes", type=at_least(1), default=19)
     p.add_argument("--json", metavar="F", help="also write the figures to this JSON file")
     p.set_defaults(func=_run_stats)
 
@@ -81,6 +106,7 @@ def _run_stats(args: argparse.Namespace) -> int:
     from segcompare.utils import atomic_write_text
 
     names = model_names(args.names)
+    check_model_size(args.size, "--size")
     rows = [
         model_stats(n, args.size, args.num_classes) for n in tqdm(names, desc="stats", leave=False)
     ]
@@ -97,13 +123,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="latency, throughput and memory, models side by side")
     p.add_argument("names", nargs="+", metavar="NAME", help="model names")
     p.add_argument("--size", type=size_hw, default=(1024, 2048), help="input HxW (1024x2048)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=at_least(1), default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--num-classes", type=int, default=19)
+    p.add_argument(
+        "--threads", type=at_least(1), default=None, help="CPU threads (default: torch's)"
+    )
+    p.add_argument("--warmup", type=at_least(0), default=2)
+    p.add_argument("--iters", type=at_least(1), default=5)
+    p.add_argument("--num-classes", type=at_least(1), default=19)
     p.add_argument("--no-optimize", action="store_true", help="time the plain eager models")
     p.add_argument(
         "--reference", action="store_true",
@@ -123,6 +151,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from segcompare.utils import atomic_write_text
 
     names = model_names(args.names)
+    check_model_size(args.size, "--size")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows, meta = bench.bench_models(
@@ -197,7 +226,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="NAME", help="variant (default: read from SRC's keys)")
     p.add_argument(
         "--num-classes",
-        type=int,
+        type=at_least(1),
         metavar="K",
         help="classes (default: SRC's; another K keeps all but the classifier, initialised)",
     )
@@ -262,6 +291,8 @@ def _inference_settings(args: argparse.Namespace) -> Any:
     """The one InferenceSettings value the inference options describe."""
     from segcompare.evaluate import InferenceSettings
 
+    check_model_size(args.size, "--size")
+    check_model_size(args.window, "--window")
     return InferenceSettings(
         mode=args.mode or InferenceSettings.mode, scales=tuple(args.scales), flip=args.flip,
         size_hw=args.size, window_hw=args.window, stride_hw=args.stride, device=args.device,
@@ -286,18 +317,25 @@ def _model_list(names: Sequence[str], weights: Sequence[str]) -> list[tuple[Any,
 
 def _predictor(settings: Any, name: Optional[str], weights: Optional[str]) -> Any:
     """Build the model (weights through build_model) and wrap it in a Predictor."""
+    import dataclasses
     import logging
 
     import torch
 
     from segcompare.infer import Predictor
-    from segcompare.models import build_model
-    from segcompare.utils import SegcompareError
+    from segcompare.models import build_model, family_of
+    from segcompare.models.checkpoint import num_classes_of
+    from segcompare.stats import check_forward_memory
+    from segcompare.utils import SegcompareError, select_device
 
     if name is None and weights is None:
         raise SegcompareError("name a model: --model NAME --weights W")
     torch.manual_seed(0)  # without weights: the same random model every run
     model = build_model(name, weights=weights)
+    if settings.size_hw and select_device(settings.device).type == "cpu":
+        family = dataclasses.replace(settings, family=family_of(model))
+        hw = family.model_input_hw(settings.size_hw, largest=True)
+        check_forward_memory(model.variant, hw, 1, num_classes_of(model), **model.settings)
     if weights is None:
         logging.getLogger("segcompare").warning(
             "no --weights for %s: random weights (seed 0), the predictions mean nothing", name
@@ -439,7 +477,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--size", type=size_hw, default=(1024, 2048), metavar="HxW",
         help="input size the graph is traced at (default 1024x2048)",
     )  # fmt: skip
-    p.add_argument("--batch", type=int, default=1, metavar="N", help="traced batch size (1)")
+    p.add_argument(
+        "--batch", type=at_least(1), default=1, metavar="N", help="traced batch size (1)"
+    )
     p.add_argument("--dynamic", action="store_true", help="batch, height and width left free")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.set_defaults(func=_run_export)
@@ -450,16 +490,21 @@ def _run_export(args: argparse.Namespace) -> int:
 
     import torch
 
-    from segcompare.export import check_onnx, export_onnx
+    from segcompare.export import check_onnx, check_opset, export_onnx
     from segcompare.models import build_model
+    from segcompare.models.checkpoint import num_classes_of
+    from segcompare.stats import check_forward_memory
     from segcompare.utils import SegcompareError
 
     if args.model is None and args.weights is None:
         raise SegcompareError("name a model: --model NAME and/or --weights W")
-    if args.batch < 1:
-        raise SegcompareError("--batch must be at least 1")
+    check_model_size(args.size, "--size")
+    check_opset(args.opset)
     torch.manual_seed(0)
     model = build_model(args.model, weights=args.weights).eval()
+    check_forward_memory(
+        model.variant, args.size, args.batch, num_classes_of(model), **model.settings
+    )
     if args.weights is None:
         logging.getLogger("segcompare").warning(
             "no --weights for %s: random weights (seed 0)", args.model
@@ -490,7 +535,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("root", metavar="ROOT")
     c.add_argument("--split", metavar="S[,S]", help="splits to check (default: all present)")
-    c.add_argument("--workers", type=int, metavar="N", help="processes (default: all cores)")
+    c.add_argument(
+        "--workers", type=at_least(0), metavar="N", help="processes (default: all cores)"
+    )
     c.set_defaults(func=_run_data_check)
 
     r = data.add_parser(
@@ -501,7 +548,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("root", metavar="ROOT")
     r.add_argument("--split", metavar="S[,S]", help="splits to prepare (default: all present)")
-    r.add_argument("--workers", type=int, metavar="N", help="processes (default: all cores)")
+    r.add_argument(
+        "--workers", type=at_least(0), metavar="N", help="processes (default: all cores)"
+    )
     r.add_argument("--overwrite", action="store_true", help="rewrite existing labelTrainIds")
     r.set_defaults(func=_run_data_prepare)
 
@@ -518,6 +567,10 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     y.add_argument("--size", default="256x512", metavar="HxW", help="image size (256x512)")
     y.add_argument("--seed", type=int, default=0, metavar="S")
     y.add_argument("--video", type=int, default=0, metavar="FRAMES", help="demo video frames")
+    y.add_argument(
+        "--overwrite", action="store_true",
+        help="write into a folder that is not empty (files of the same name are replaced)",
+    )  # fmt: skip
     y.set_defaults(func=_run_data_synth)
 
 
@@ -567,7 +620,7 @@ def _run_data_synth(args: argparse.Namespace) -> int:
         raise SegcompareError("--train, --val, --test and --video must not be negative")
     counts = make_synthetic_cityscapes(
         args.out, train=args.train, val=args.val, test=args.test, size=(h, w), seed=args.seed,
-        video_frames=args.video, progress=True,
+        video_frames=args.video, progress=True, overwrite=args.overwrite,
     )
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
     return 0
@@ -733,7 +786,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (SegcompareError, ValueError, FileNotFoundError) as err:
+    except SegcompareError as err:
         print(f"segcompare {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -271,6 +271,11 @@ def _check_values(cfg: Config) -> None:
             raise bad(key, "positive")
     if min(cfg.data.crop_size) <= 0:
         raise bad("data.crop_size", "two positive integers (h, w)")
+    from segcompare.models.variants import MIN_INPUT_SIDE  # torch: only once a config is read
+
+    if min(cfg.data.crop_size) < MIN_INPUT_SIDE:
+        raise bad("data.crop_size", f"at least {MIN_INPUT_SIDE} on each side (the smallest input "
+                  "both model families accept)")
     scale_range = cfg.data.scale_range
     if scale_range is not None and not 0 < scale_range[0] <= scale_range[1]:
         raise bad("data.scale_range", "(low, high) with 0 < low <= high, or null")

@@ -73,15 +73,17 @@ class InferenceSettings:
 
     def __post_init__(self) -> None:
         if self.family is not None and self.family not in FAMILIES:
-            raise ValueError(f"unknown model family {self.family!r}; valid: segformer, hrnet")
+            raise SegcompareError(f"unknown model family {self.family!r}; valid: segformer, hrnet")
         if self.mode not in ("whole", "slide"):
-            raise ValueError(f"unknown test mode {self.mode!r}; valid: whole, slide")
+            raise SegcompareError(f"unknown test mode {self.mode!r}; valid: whole, slide")
         if not self.scales or any(s <= 0 for s in self.scales):
-            raise ValueError(f"test scales must be positive numbers, got {self.scales}")
+            raise SegcompareError(f"test scales must be positive numbers, got {self.scales}")
         for name in ("size_hw", "window_hw", "stride_hw"):
             hw = getattr(self, name)
             if hw is not None and (len(hw) != 2 or min(hw) < 1):
-                raise ValueError(f"{name} must be two positive sizes (H, W), got {hw}")
+                raise SegcompareError(f"{name} must be two positive sizes (H, W), got {hw}")
+        if self.window_hw and self.stride_hw:
+            _check_stride(self.window_hw, self.stride_hw)
 
     def describe(self) -> dict[str, Any]:
         """The settings as JSON-ready values (what eval's and compare's metadata record)."""
@@ -106,12 +108,46 @@ class InferenceSettings:
             # image, SegFormer's stays half its width, whatever the image's aspect.
             return tuple(max(1, round(v * t / o)) for v, t, o in zip(hw, test_hw, OFFICIAL_TEST_HW))
 
-        return scaled(recipe.window_hw), self.stride_hw or scaled(recipe.stride_hw)
+        window_hw = scaled(recipe.window_hw)
+        if self.stride_hw:
+            _check_stride(window_hw, self.stride_hw)
+        return window_hw, self.stride_hw or scaled(recipe.stride_hw)
+
+    def model_input_hw(
+        self, image_hw: tuple[int, int], largest: bool = False
+    ) -> tuple[int, int]:
+        """The smallest (or `largest`) (H, W) the model is given for an image of `image_hw`: the
+        test size at each scale, cut into windows in slide mode (a window is clipped to the
+        image)."""
+        test_hw = tuple(self.size_hw or image_hw)
+        window_hw, _ = self.windows_for(test_hw)
+        sizes = [_scaled_hw(test_hw, scale) for scale in self.scales]
+        if self.mode == "slide":
+            sizes = [(min(h, window_hw[0]), min(w, window_hw[1])) for h, w in sizes]
+        pick = max if largest else min
+        return pick(h for h, _ in sizes), pick(w for _, w in sizes)
 
     def _family(self) -> str:
         if self.family is None:
-            raise ValueError("InferenceSettings.family is not set: name 'segformer' or 'hrnet'")
+            raise SegcompareError(
+                "InferenceSettings.family is not set: name 'segformer' or 'hrnet'"
+            )
         return self.family
+
+
+def _check_stride(window_hw: tuple[int, int], stride_hw: tuple[int, int]) -> None:
+    """A stride larger than the window would leave pixels between windows without scores."""
+    if stride_hw[0] > window_hw[0] or stride_hw[1] > window_hw[1]:
+        raise SegcompareError(
+            f"slide stride {stride_hw[0]}x{stride_hw[1]} is larger than the window "
+            f"{window_hw[0]}x{window_hw[1]}: pixels between windows would get no prediction; "
+            "use a stride of at most the window"
+        )
+
+
+def _scaled_hw(hw: tuple[int, int], scale: float) -> tuple[int, int]:
+    """The test size at `scale`, rounded as both official codes round it."""
+    return int(hw[0] * scale + 0.5), int(hw[1] * scale + 0.5)
 
 
 def _resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -196,7 +232,7 @@ def inference(
     total: Optional[torch.Tensor] = None
     passes = 0
     for scale in settings.scales:
-        x = _resize(images, (int(test_hw[0] * scale + 0.5), int(test_hw[1] * scale + 0.5)))
+        x = _resize(images, _scaled_hw(test_hw, scale))
         if hrnet_style:
             outs = [_resize(run(hrnet_window, x), out_hw)]
         else:
@@ -382,7 +418,7 @@ def read_prediction(path: PathLike, hw: tuple[int, int]) -> np.ndarray:
     try:
         with Image.open(path) as im:
             ids = np.array(im)
-    except (OSError, UnidentifiedImageError) as err:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise SegcompareError(f"{path}: cannot read the prediction ({err})") from None
     if ids.ndim != 2:
         raise SegcompareError(
@@ -393,6 +429,7 @@ def read_prediction(path: PathLike, hw: tuple[int, int]) -> np.ndarray:
             f"{path}: size {ids.shape[1]}x{ids.shape[0]} differs from the label's {hw[1]}x{hw[0]}"
         )
     present = np.unique(ids)
+    _refuse_train_ids(path, [int(v) for v in present])
     unknown = [int(v) for v in present if int(v) not in VALID_LABEL_IDS]
     if unknown:
         raise SegcompareError(
@@ -400,6 +437,24 @@ def read_prediction(path: PathLike, hw: tuple[int, int]) -> np.ndarray:
             f"0-{max(VALID_LABEL_IDS)})"
         )
     return label_ids_to_pred(ids.astype(np.uint8))
+
+
+def _refuse_train_ids(path: PathLike, values: list[int]) -> None:
+    """A PNG of trainIds (0-18, 255) read as labelIds scores near 0: stop and say so. It looks
+    like trainIds when no value is above 18 but 255, and one is a value no labelIds prediction
+    holds (255, or a labelId of no evaluated class, e.g. 0 'unlabeled' where trainId 0 is road)."""
+    from segcompare.data.labels import IGNORE_INDEX, NUM_CLASSES, TRAIN_ID_TO_ID
+
+    evaluated = {int(v) for v in TRAIN_ID_TO_ID[:NUM_CLASSES]}
+    if all(v < NUM_CLASSES or v == IGNORE_INDEX for v in values) and any(
+        v not in evaluated for v in values
+    ):
+        raise SegcompareError(
+            f"{path}: holds only {values[:8]}: these look like trainIds (0-18, 255), not the "
+            "labelIds --pred-dir scores; convert them with "
+            "segcompare.data.labels.TRAIN_ID_TO_ID[train_ids], or write labelIds with "
+            "`segcompare predict --format labelid`"
+        )
 
 
 class _PredictionPairs:

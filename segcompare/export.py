@@ -27,6 +27,24 @@ from segcompare.utils import PathLike, SegcompareError, atomic_path
 OPSET = 17  # LayerNormalization is an ONNX op from 17 on; onnxruntime >= 1.11 runs it
 
 
+def max_opset() -> int:
+    """The newest opset torch's TorchScript-based exporter writes (20 in torch 2.13)."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:
+        return OPSET
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", OPSET))
+
+
+def check_opset(opset: int) -> None:
+    """SegcompareError for an opset the export cannot write."""
+    if not OPSET <= opset <= max_opset():
+        raise SegcompareError(
+            f"--opset {opset}: the export writes opsets {OPSET} (LayerNormalization) to "
+            f"{max_opset()} (this torch's exporter)"
+        )
+
+
 def export_onnx(
     model: nn.Module,
     out: PathLike,
@@ -45,6 +63,7 @@ def export_onnx(
         import onnx
     except ImportError as err:
         raise SegcompareError("ONNX export needs the onnx package: pip install onnx") from err
+    check_opset(opset)
     prepared = prepare_for_inference(model.cpu())
     x = torch.randn(batch, 3, *size_hw)
     axes = None

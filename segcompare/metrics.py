@@ -33,7 +33,7 @@ from segcompare.data.labels import (
     NUM_CLASSES,
     TRAIN_LABELS,
 )
-from segcompare.utils import PathLike, atomic_write_text
+from segcompare.utils import PathLike, SegcompareError, atomic_write_text
 
 # ------------------------------------------------------------------------------------------------
 # Cityscapes metrics
@@ -381,7 +381,7 @@ def boundary_band(labels: torch.Tensor, d: int) -> torch.Tensor:
     it; on a full-frame semantic map that adds a band where nothing is hard to segment).
     """
     if d < 1:
-        raise ValueError(f"boundary width must be at least 1 pixel, got {d}")
+        raise SegcompareError(f"boundary width must be at least 1 pixel, got {d}")
     x = labels.float().unsqueeze(-3)  # N×1×H×W; max_pool2d pads with -inf: the frame is neutral
     k = 2 * d + 1
     hi = F.max_pool2d(x, k, stride=1, padding=d)

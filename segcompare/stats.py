@@ -169,9 +169,27 @@ def activation_mb(model: nn.Module, size: Sequence[int] = DEFAULT_SIZE, batch: i
     return (tracker.peak + x.numel() * x.element_size()) / 2**20
 
 
+def check_forward_memory(
+    name: str, size: Sequence[int], batch: int = 1, num_classes: int = 19, **overrides: Any
+) -> None:
+    """SegcompareError, before anything is allocated, when one inference forward of the variant
+    at batch×3×H×W needs more memory than is available (weights and the activation peak, as
+    counted on the meta device)."""
+    from segcompare.models import build_model
+    from segcompare.utils import check_memory
+
+    with torch.device("meta"):
+        model = build_model(name, num_classes=num_classes, **overrides)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = weights + activation_mb(model, size, batch) * 2**20
+    check_memory(need, f"{name} at {batch}x3x{size[0]}x{size[1]}")
+
+
 def backbone_parameters(model: nn.Module) -> int:
     """Parameters of the feature extractor: everything but the segmentation head."""
-    head_prefixes = ("decode_head.", "last_layer.")
+    from segcompare.models.variants import FAMILIES
+
+    head_prefixes = tuple(family.head_prefix for family in FAMILIES.values())
     return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(head_prefixes))
 
 

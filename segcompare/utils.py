@@ -15,8 +15,11 @@ if TYPE_CHECKING:
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class SegcompareError(Exception):
-    """An error caused by the user's input (a file, key or value); the CLI prints it as one line."""
+class SegcompareError(ValueError):
+    """An error caused by the user's input (a file, key or value); the CLI prints it as one line.
+
+    A ValueError, so that code catching the ValueErrors the Python API raised before keeps
+    working; but only this class is a user error to the CLI: any other exception is a bug."""
 
 
 def first_line(err: BaseException) -> str:
@@ -96,6 +99,68 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: the least of the machine's available memory, the
+    room left under its cgroup's limit (a container, a SLURM job) and under its address-space
+    limit (`ulimit -v`)."""
+    room = []
+    meminfo = _read_kib_fields("/proc/meminfo")
+    if "MemAvailable" in meminfo:
+        room.append(meminfo["MemAvailable"])
+    v1 = "/sys/fs/cgroup/memory/memory."
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        (v1 + "limit_in_bytes", v1 + "usage_in_bytes"),
+    ):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max" or a huge number: no limit
+            room.append(max(int(limit) - usage, 0))
+        break
+    try:
+        import resource
+    except ImportError:  # Windows
+        return min(room) if room else 1 << 62
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        used = _read_kib_fields("/proc/self/status").get("VmSize", 0)
+        room.append(max(soft - used, 0))
+    return min(room) if room else 1 << 62
+
+
+def _read_kib_fields(path: str) -> dict[str, int]:
+    """'Name:  123 kB' lines of a /proc file -> {name: bytes}."""
+    fields = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return fields
+    for line in lines:
+        name, _, value = line.partition(":")
+        parts = value.split()
+        if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+            fields[name] = int(parts[0]) * 1024
+    return fields
+
+
+def check_memory(need_bytes: float, what: str) -> None:
+    """SegcompareError, with both figures, when `what` needs more memory than is available: said
+    before allocating, rather than the kernel's out-of-memory killer or a traceback after."""
+    room = available_memory()
+    if need_bytes > room:
+        raise SegcompareError(
+            f"{what} needs about {_gib(need_bytes)} of memory, more than the {_gib(room)} "
+            "available; choose a smaller size"
+        )
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def select_device(name: str = "auto") -> torch.device:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import cv2
 import numpy as np
 
+from segcompare.data.images import decode_rgb8
 from segcompare.data.labels import (
     ID_TO_TRAIN_ID,
     IGNORE_INDEX,
@@ -75,20 +76,28 @@ def _decode(path: PathLike, flags: int) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as err:
         raise BadSampleError(f"{path}: cannot read ({err.strerror or err})") from None
-    array = cv2.imdecode(data, flags) if data.size else None
+    try:
+        array = cv2.imdecode(data, flags) if data.size else None
+    except cv2.error:  # e.g. a header claiming more pixels than OpenCV allows (a bomb)
+        array = None
     if array is None:
-        raise BadSampleError(f"{path}: cannot decode (truncated or not an image)")
+        raise BadSampleError(f"{path}: cannot decode (truncated, not an image, or too large)")
     return array
 
 
 def read_image(path: PathLike) -> np.ndarray:
-    """A leftImg8bit PNG -> H×W×3 uint8 RGB."""
-    if _IMREAD_RGB is not None:  # OpenCV >= 4.10 decodes straight to RGB
-        return _decode(path, _IMREAD_RGB)
-    return cv2.cvtColor(_decode(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-
-
-_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+    """A leftImg8bit PNG (any mode: grey, palette, 16-bit, alpha) -> H×W×3 uint8 RGB."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        raise BadSampleError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        image = decode_rgb8(data, str(path))
+    except SegcompareError as err:  # a type of pixels no camera image has
+        raise BadSampleError(str(err)) from None
+    if image is None:
+        raise BadSampleError(f"{path}: cannot decode (truncated, not an image, or too large)")
+    return image
 
 
 def read_label(path: PathLike) -> np.ndarray:
@@ -327,7 +336,7 @@ def _decode_strict(path: Path) -> np.ndarray:
             return np.asarray(im)
     except FileNotFoundError:
         raise BadSampleError(f"{path}: missing") from None
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadSampleError(f"{path}: unreadable PNG ({err})") from None
 
 

@@ -59,9 +59,9 @@ def corrupt(image: np.ndarray, kind: str, severity: int, seed: int = 0) -> np.nd
     """H×W×3 uint8 RGB -> the same image under corruption `kind` at ImageNet-C level `severity`
     (1..5), H×W×3 uint8. Deterministic: the noise is drawn from `np.random.default_rng(seed)`."""
     if kind not in CORRUPTION_LEVELS:
-        raise ValueError(f"unknown corruption {kind!r}; valid: {', '.join(CORRUPTIONS)}")
+        raise SegcompareError(f"unknown corruption {kind!r}; valid: {', '.join(CORRUPTIONS)}")
     if not 1 <= severity <= 5:
-        raise ValueError(f"severity must be 1..5 (ImageNet-C levels), got {severity}")
+        raise SegcompareError(f"severity must be 1..5 (ImageNet-C levels), got {severity}")
     c = CORRUPTION_LEVELS[kind][severity - 1]
     if kind == "jpeg":
         from PIL import Image

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from segcompare.data.labels import IGNORE_INDEX
+from segcompare.utils import SegcompareError
 
 # Both papers normalise RGB 0-255 with these numbers: SegFormer's `img_norm_cfg`
 # (local_configs/_base_/datasets/cityscapes_1024x1024_repeat.py) and HRNet's ImageNet
@@ -353,7 +354,7 @@ def build_train_transform(
             flip_prob=flip_prob,
             photometric=bool(photometric),
         )
-    raise ValueError(f"unknown pipeline {pipeline!r}; expected one of {', '.join(PIPELINES)}")
+    raise SegcompareError(f"unknown pipeline {pipeline!r}; expected one of {', '.join(PIPELINES)}")
 
 
 def build_test_transform() -> TestTransform:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -19,10 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from segcompare.data.images import ACCEPTED, pil_to_rgb8, to_rgb8
 from segcompare.data.labels import TRAIN_ID_TO_ID, colorize
 from segcompare.evaluate import InferenceSettings, inference
 from segcompare.infer.fast import prepare_for_inference
 from segcompare.models.precision import guard_bf16
+from segcompare.models.variants import check_input_hw
 from segcompare.utils import PathLike, SegcompareError, atomic_path, select_device
 
 log = logging.getLogger(__name__)
@@ -33,11 +36,14 @@ OVERLAY_OPACITY = 0.5  # mmseg's show_result default
 
 
 def load_image(path: PathLike) -> np.ndarray:
-    """An image file -> H×W×3 uint8 RGB; one clear error if it cannot be read."""
+    """An image file of any mode (grey, palette, 16-bit, alpha; `segcompare.data.images`) ->
+    H×W×3 uint8 RGB; one clear error if it cannot be read."""
     try:
         with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except (OSError, ValueError) as err:
+            return pil_to_rgb8(im, str(path))
+    except SegcompareError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise SegcompareError(f"cannot read image {path}: {err}") from None
 
 
@@ -56,6 +62,7 @@ class Predictor:
         self.device = select_device(settings.device)
         self.model = model.to(self.device).eval()
         self.name = getattr(model, "variant", type(model).__name__)
+        self.variant: Optional[str] = getattr(model, "variant", None)
         self.settings = dataclasses.replace(settings, family=settings.family or _family(model))
         self.amp = settings.amp
         self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
@@ -86,24 +93,51 @@ class Predictor:
     ) -> torch.Tensor:
         """Class scores N×C×out_h×out_w (default: the input size) for a normalised batch, on
         the predictor's device; see `segcompare.evaluate.inference`."""
+        if self.variant is not None:  # a segcompare model: too small an input is a user error
+            check_input_hw(
+                self.settings.model_input_hw(tuple(images.shape[-2:])),
+                f"the model input (an image of {images.shape[-2]}x{images.shape[-1]}, test "
+                f"size, scales and window as set)",
+            )
         return inference(self.run_model, images.to(self.device), self.settings, out_hw)
 
     def predict_scores(self, image: Union[np.ndarray, PathLike]) -> torch.Tensor:
-        """One image (H×W×3 uint8 RGB, or a path) -> C×H×W float32 scores on the CPU."""
+        """One image -> C×H×W float32 scores on the CPU. `image`: a path, or an H×W×3 uint8 RGB
+        array (or any array `segcompare.data.images.to_rgb8` reads: grey, RGBA, 16-bit,
+        float in [0, 1]); SegcompareError (a ValueError) for anything else."""
         from segcompare.data.transforms import normalize
 
-        if not isinstance(image, np.ndarray):
-            image = load_image(image)
-        return self.scores(normalize(image)[None])[0].cpu()
+        return self.scores(normalize(_image_rgb8(image, "predict_scores"))[None])[0].cpu()
 
     def predict(self, image: Union[np.ndarray, PathLike]) -> np.ndarray:
-        """One image (H×W×3 uint8 RGB, or a path) -> H×W uint8 train ids."""
+        """One image (as `predict_scores` takes) -> H×W uint8 train ids."""
         from segcompare.data.transforms import normalize
 
-        if not isinstance(image, np.ndarray):
-            image = load_image(image)
-        pred = self.scores(normalize(image)[None]).argmax(1)[0]
+        pred = self.scores(normalize(_image_rgb8(image, "predict"))[None]).argmax(1)[0]
         return pred.to(torch.uint8).cpu().numpy()
+
+
+def _image_rgb8(image: Any, method: str) -> np.ndarray:
+    """What `Predictor.predict` takes -> H×W×3 uint8 RGB; SegcompareError saying what it takes."""
+    what = f"Predictor.{method}"
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, torch.Tensor):
+        raise SegcompareError(
+            f"{what}: a torch.Tensor; it takes an image path or a numpy array ({ACCEPTED}); "
+            "for a normalised N×3×H×W tensor use Predictor.scores"
+        )
+    if not isinstance(image, np.ndarray):
+        raise SegcompareError(
+            f"{what}: a {type(image).__name__}; it takes an image path or a numpy array "
+            f"({ACCEPTED})"
+        )
+    if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[2] not in (1, 2, 3, 4):
+        raise SegcompareError(
+            f"{what}: shape {image.shape} looks like C×H×W; it takes H×W×C "
+            "(image.transpose(1, 2, 0))"
+        )
+    return to_rgb8(image, f"{what}: image")
 
 
 def _family(model: torch.nn.Module) -> str:
@@ -159,7 +193,7 @@ def render_prediction(train_ids: np.ndarray, image: np.ndarray, fmt: str) -> np.
     if fmt == "overlay":
         blended = (1 - OVERLAY_OPACITY) * image + OVERLAY_OPACITY * colorize(train_ids)
         return blended.round().astype(np.uint8)
-    raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    raise SegcompareError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
@@ -180,7 +214,7 @@ def predict_files(
     from tqdm import tqdm
 
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+        raise SegcompareError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise SegcompareError(f"--out {out_dir}: exists and is not a folder")
     pairs = collect_inputs(inputs)

@@ -13,6 +13,7 @@ from typing import IO, Any, Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from segcompare.data.images import to_rgb8
 from segcompare.data.labels import CLASS_NAMES, PALETTE
 from segcompare.infer.predictor import IMAGE_SUFFIXES, Predictor, load_image, render_prediction
 from segcompare.utils import PathLike, SegcompareError, atomic_path, synchronize
@@ -26,7 +27,7 @@ def iter_frames(
     `every`-th frame, at most `max_frames`."""
     source = Path(source)
     if every < 1:
-        raise ValueError(f"--every must be at least 1, got {every}")
+        raise SegcompareError(f"--every must be at least 1, got {every}")
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -63,7 +64,7 @@ def _video_frames(path: Path) -> Iterator[np.ndarray]:
     reader = imageio.get_reader(str(path), format="FFMPEG")
     try:
         for frame in reader:
-            yield np.asarray(frame)[..., :3]
+            yield to_rgb8(np.asarray(frame), f"a frame of {path}")
     finally:
         reader.close()
 
@@ -171,7 +172,7 @@ def render_video(
     if suffix == ".mp4":
         _need_ffmpeg(f"writing {out}")
     if not predictors:
-        raise ValueError("no models to run")
+        raise SegcompareError("no models to run")
 
     frames = iter_frames(source, every, max_frames)
     count = 0

@@ -22,7 +22,14 @@ from typing import Any, Optional
 from torch import nn
 
 from segcompare.models.checkpoint import convert_checkpoint, describe_weights, load_weights
-from segcompare.models.variants import create, family_of, list_models, model_settings
+from segcompare.models.variants import (
+    check_num_classes,
+    create,
+    family_of,
+    list_models,
+    model_settings,
+)
+from segcompare.utils import SegcompareError
 
 __all__ = [
     "build_model",
@@ -53,11 +60,12 @@ def build_model(
     19; another number keeps all weights but the classifier, which stays initialised (said in one
     log line).
     """
+    check_num_classes(num_classes)
     asked = num_classes  # the caller's number; the file's is used only when none is asked
     if weights is not None:
         spec = describe_weights(weights, name)
         if spec.variant is None:
-            raise ValueError(
+            raise SegcompareError(
                 f"{spec.checkpoint.source}: its keys match no model; name one of "
                 f"{', '.join(list_models())}"
             )
@@ -65,7 +73,7 @@ def build_model(
         overrides = {**spec.settings, **overrides}
         num_classes = num_classes or spec.num_classes
     elif name is None:
-        raise ValueError("build_model needs a model name, or weights= to read it from")
+        raise SegcompareError("build_model needs a model name, or weights= to read it from")
     model = create(name, num_classes or 19, **overrides)
     if weights is not None:
         load_weights(model, weights, num_classes=asked)

@@ -40,7 +40,14 @@ from segcompare import __version__
 from segcompare.data.labels import CLASS_NAMES
 from segcompare.models import convert, hub
 from segcompare.models.hub import HF_BIN_NAME, HF_CONFIG_NAME, HF_INDEX_NAME, WEIGHTS_NAME
-from segcompare.models.variants import FAMILIES, Family, create, family_of, list_models
+from segcompare.models.variants import (
+    FAMILIES,
+    Family,
+    check_num_classes,
+    create,
+    family_of,
+    list_models,
+)
 from segcompare.utils import PathLike, SegcompareError, atomic_path, first_line
 
 log = logging.getLogger(__name__)
@@ -590,7 +597,9 @@ def _class_names(model: nn.Module, class_names: Optional[list[str]]) -> list[str
         class_names = list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else None
         class_names = class_names or [f"class_{i}" for i in range(num_classes)]
     if len(class_names) != num_classes:
-        raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
+        raise SegcompareError(
+            f"{len(class_names)} class names for a model with {num_classes} classes"
+        )
     return [str(name) for name in class_names]
 
 
@@ -705,6 +714,7 @@ def convert_checkpoint(
 
     The variant comes from `model_name`, else our metadata, else the keys and shapes.
     """
+    check_num_classes(num_classes)
     spec = describe_weights(src, model_name)
     name = spec.variant
     if name is None:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segcompare.utils import SegcompareError
+
 STEM_CHANNELS = 64  # fixed in the official code, whatever the width
 BN_MOMENTUM = 0.1  # seg_hrnet.py on branch HRNet-OCR (master and pytorch-v1.1 use 0.01)
 ALIGN_CORNERS = False
@@ -294,21 +296,21 @@ def _check_stage(name: str, stage: dict[str, Any]) -> None:
     missing = [k for k in STAGE_KEYS if k not in stage]
     unknown = sorted(set(stage) - set(STAGE_KEYS))
     if missing or unknown:
-        raise ValueError(
+        raise SegcompareError(
             f"HRNet setting {name!r}: expected the keys {', '.join(STAGE_KEYS)}; "
             f"missing {missing or 'none'}, unknown {unknown or 'none'}"
         )
     if stage["block"] not in BLOCKS:
-        raise ValueError(f"HRNet setting {name!r}: block must be one of {', '.join(BLOCKS)}")
+        raise SegcompareError(f"HRNet setting {name!r}: block must be one of {', '.join(BLOCKS)}")
     if stage["fuse_method"] != "SUM":
-        raise ValueError(f"HRNet setting {name!r}: fuse_method must be 'SUM' (the only one)")
+        raise SegcompareError(f"HRNet setting {name!r}: fuse_method must be 'SUM' (the only one)")
     n = stage["num_branches"]
     if len(stage["num_blocks"]) != n or len(stage["num_channels"]) != n:
-        raise ValueError(
+        raise SegcompareError(
             f"HRNet setting {name!r}: num_blocks and num_channels need num_branches={n} entries"
         )
     if name == "stage1" and (n != 1 or stage["num_modules"] != 1):
-        raise ValueError("HRNet setting 'stage1' (layer1): one branch, one module")
+        raise SegcompareError("HRNet setting 'stage1' (layer1): one branch, one module")
 
 
 class HRNet(nn.Module):

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segcompare.utils import SegcompareError
+
 # Keys of the official checkpoints that this model does not have (see the module docstring).
 UNUSED_OFFICIAL_KEYS = ("decode_head.conv_seg.weight", "decode_head.conv_seg.bias")
 
@@ -114,7 +116,7 @@ class EfficientSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, sr_ratio: int, qkv_bias: bool = True):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
+            raise SegcompareError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)  # rows: keys, then values

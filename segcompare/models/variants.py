@@ -22,9 +22,24 @@ from typing import Any, Union
 from torch import nn
 
 from segcompare.models import hrnet, segformer
+from segcompare.utils import SegcompareError
 
 # The image size the official window and stride numbers are given for (Cityscapes, H×W).
 OFFICIAL_TEST_HW = (1024, 2048)
+
+# The smallest image side both families take: SegFormer's first sequence reduction is an 8×8
+# convolution with stride 8 on the 1/4-size map, so the input needs 4 × 8 = 32 pixels (HRNet
+# halves its lowest branch down to 1/32 too).
+MIN_INPUT_SIDE = 32
+
+
+def check_input_hw(hw: tuple[int, int], what: str) -> None:
+    """SegcompareError naming `what` when an input of `hw` (H, W) is too small for the models."""
+    if min(hw) < MIN_INPUT_SIDE:
+        raise SegcompareError(
+            f"{what}: {hw[0]}x{hw[1]} is smaller than {MIN_INPUT_SIDE}x{MIN_INPUT_SIDE}, the "
+            "smallest input both model families accept"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +111,13 @@ def list_models() -> list[str]:
 
 def _family_of_name(name: str) -> Family:
     if name not in VARIANTS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(VARIANTS)}")
+        raise SegcompareError(f"unknown model {name!r}; valid names: {', '.join(VARIANTS)}")
     return VARIANTS[name]
 
 
 def family_of(model_or_name: Union[str, nn.Module]) -> str:
     """'segformer' or 'hrnet': of a variant name, or of a model by its class or else by the
-    variant name it carries (a prepared or compiled model). ValueError for an unknown name,
+    variant name it carries (a prepared or compiled model). SegcompareError for an unknown name,
     TypeError for an object that is neither."""
     if isinstance(model_or_name, str):
         return _family_of_name(model_or_name).name
@@ -119,19 +134,28 @@ def family_of(model_or_name: Union[str, nn.Module]) -> str:
 
 
 def model_settings(name: str, **overrides: Any) -> dict[str, Any]:
-    """The variant's settings with `overrides` applied; an unknown override is a ValueError."""
+    """The variant's settings with `overrides` applied; an unknown override is a SegcompareError."""
     defaults = _family_of_name(name).variants[name]
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
-        raise ValueError(
+        raise SegcompareError(
             f"unknown setting(s) {', '.join(unknown)} for {name}; valid: {', '.join(defaults)}"
         )
     # Deep copy: the stage settings are nested dicts and must never alias the VARIANTS table.
     return copy.deepcopy({**defaults, **overrides})
 
 
+def check_num_classes(num_classes: Any) -> None:
+    """SegcompareError unless `num_classes` is None (not given) or an integer of at least 1."""
+    if num_classes is None:
+        return
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise SegcompareError(f"num_classes must be an integer of at least 1, got {num_classes!r}")
+
+
 def create(name: str, num_classes: int = 19, **overrides: Any) -> nn.Module:
     """The variant `name`, untrained, with `num_classes` outputs and `overrides` of its settings;
     it carries `model.variant` (the name) and `model.settings` (the resolved settings)."""
     settings = model_settings(name, **overrides)
+    check_num_classes(num_classes)
     return VARIANTS[name].model_class(num_classes, variant=name, **settings)

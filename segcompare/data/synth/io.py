@@ -9,6 +9,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import numpy as np
 from segcompare.data.labels import ID_TO_COLOR
 from segcompare.data.synth.render import render
 from segcompare.data.synth.street import build_scene
-from segcompare.utils import SegcompareError, atomic_write_bytes, atomic_write_text
+from segcompare.utils import SegcompareError, atomic_write_bytes, atomic_write_text, check_memory
 
 CITIES = {
     "train": ("aachen", "bochum", "bremen"),
@@ -26,6 +29,11 @@ CITIES = {
     "test": ("berlin", "bielefeld"),
 }
 VIDEO_CITY = "stuttgart_00"
+# Peak bytes per image pixel while one sample is rendered and encoded (float32 colour, depth
+# and object maps, the rays, the PNGs): measured 122 at 512x1024, 212 at 256x512, where the
+# fixed part weighs more. Checked before rendering, so that a huge --size is refused with the
+# figure rather than killed by the kernel.
+BYTES_PER_PIXEL = 200
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -68,8 +76,13 @@ def make_synthetic_cityscapes(
     seed: int = 0,
     video_frames: int = 0,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, int]:
     """Write a synthetic Cityscapes under `out` in the real layout; returns counts per split.
+
+    `out` must be new or empty unless `overwrite` (then files of the same name are replaced,
+    others kept). The set is made in a temporary folder beside `out` and moved into place
+    when complete: a synthesis that fails leaves nothing.
 
     size is (H, W). Deterministic for a seed: sample i of a run depends only on (seed, i), so
     the first N images of a larger set equal a set of N. Images are numbered like the real ones
@@ -80,17 +93,53 @@ def make_synthetic_cityscapes(
     h, w = int(size[0]), int(size[1])
     if h < 32 or w < 32:
         raise SegcompareError(f"synthetic image size {h}x{w} is too small (at least 32x32)")
-    root = Path(out)
+    root = Path(out).resolve()
+    _check_target(root, overwrite)
+    check_memory(h * w * BYTES_PER_PIXEL, f"a synthetic image of {h}x{w}")
     counts = {"train": int(train), "val": int(val), "test": int(test)}
     jobs = _sample_names(counts)
-    for split, city, name, i in tqdm(jobs, desc="synthesising", unit="image",
-                                     disable=not progress):
-        image, ids, inst, polys = synthetic_sample(seed, i, (h, w))
-        write_sample(root, split, city, name, image, ids, inst, polys)
-    if video_frames:
-        _write_video(root, seed, int(video_frames), (h, w), progress)
-        counts["video"] = int(video_frames)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.synth-", dir=root.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the set's is a plain folder
+    try:
+        for split, city, name, i in tqdm(jobs, desc="synthesising", unit="image",
+                                         disable=not progress):
+            image, ids, inst, polys = synthetic_sample(seed, i, (h, w))
+            write_sample(tmp, split, city, name, image, ids, inst, polys)
+        if video_frames:
+            _write_video(tmp, seed, int(video_frames), (h, w), progress)
+            counts["video"] = int(video_frames)
+        _move_into_place(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return counts
+
+
+def _check_target(root: Path, overwrite: bool) -> None:
+    if root.exists() and not root.is_dir():
+        raise SegcompareError(f"{root}: exists and is not a folder")
+    if root.is_dir() and not overwrite:
+        entries = sorted(p.name for p in root.iterdir())
+        if entries:
+            raise SegcompareError(
+                f"{root}: not empty (holds {len(entries)} entries, e.g. {entries[0]}); "
+                "synthesise into a new or empty folder, or pass --overwrite"
+            )
+
+
+def _move_into_place(tmp: Path, root: Path) -> None:
+    """The finished set in `tmp` -> `root`: a rename where `root` is new or empty, else file by
+    file (each a rename within the file system, replacing a file of the same name)."""
+    if not root.exists() or not any(root.iterdir()):
+        os.replace(tmp, root)  # rename(2) replaces an empty folder
+        return
+    for path in sorted(tmp.rglob("*")):
+        if path.is_file():
+            dest = root / path.relative_to(tmp)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, dest)
 
 
 def _sample_names(counts: dict[str, int]) -> list[tuple[str, str, str, int]]:
