@@ -258,10 +258,15 @@ def _add_test_options(p: argparse.ArgumentParser) -> None:
         "windows of the whole test size; both scaled to other sizes)",
     )  # fmt: skip
     g.add_argument(
-        "--scales", type=_scales, default=(1.0,), metavar="S,S,..",
-        help="test scales, averaged (both papers: 0.5,0.75,1.0,1.25,1.5,1.75)",
+        "--scales", type=_scales, metavar="S,S,..",
+        help="test scales, averaged (default: 1.0; --aug-test for the official sets)",
     )  # fmt: skip
     g.add_argument("--flip", action="store_true", help="average with the flipped image")
+    g.add_argument(
+        "--aug-test", action="store_true",
+        help="each family's official multi-scale test with flip: SegFormer scales "
+        "0.5,0.75,1.0,1.25,1.5,1.75,2.0 (NVlabs tools/test.py), HRNet 0.5,...,1.75 (its README)",
+    )  # fmt: skip
     g.add_argument("--size", type=size_hw, metavar="HxW", help="test size (default: the image's)")
     g.add_argument("--window", type=size_hw, metavar="HxW", help="slide window at the test size")
     g.add_argument("--stride", type=size_hw, metavar="HxW", help="slide stride at the test size")
@@ -276,9 +281,14 @@ def _add_test_options(p: argparse.ArgumentParser) -> None:
 def _inference_settings(args: argparse.Namespace) -> Any:
     """The one InferenceSettings value the inference options describe."""
     from segcompare.evaluate import InferenceSettings
+    from segcompare.utils import SegcompareError
 
+    if args.aug_test and (args.scales or args.flip):
+        raise SegcompareError("--aug-test sets each family's own scales and flip: drop --scales "
+                              "and --flip, or drop --aug-test")
     return InferenceSettings(
-        mode=args.mode or InferenceSettings.mode, scales=tuple(args.scales), flip=args.flip,
+        mode=args.mode or InferenceSettings.mode, scales=tuple(args.scales or (1.0,)),
+        flip=args.flip, aug_test=args.aug_test,
         size_hw=args.size, window_hw=args.window, stride_hw=args.stride, device=args.device,
         amp=args.amp, optimize=not args.no_optimize,
     )  # fmt: skip

@@ -50,7 +50,9 @@ def describe_inference(inference: dict[str, Any]) -> str:
     words = [
         f"{mode.get(inference['mode'], inference['mode'])} inference",
         f"at {size[0]}x{size[1]}" if size else "at each image's own size",
-        ("scale " if len(inference["scales"]) == 1 else "scales ")
+        "each family's official multi-scale test (SegFormer scales 0.5-2.0, HRNet 0.5-1.75)"
+        if inference.get("aug_test")
+        else ("scale " if len(inference["scales"]) == 1 else "scales ")
         + ", ".join(f"{v:g}" for v in inference["scales"]),
     ]
     if inference.get("window"):
