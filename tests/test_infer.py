@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -161,6 +163,17 @@ def test_video_max_frames_size_and_errors(tmp_path):
         with pytest.raises(SegcompareError, match="imageio-ffmpeg"):
             render_video([p], frames, tmp_path / "v.mp4", progress=False)
     assert not (tmp_path / "w.gif").exists()
+
+
+def test_mp4_without_the_video_extra_is_one_line(tmp_path, monkeypatch):
+    # imageio is the 'video' extra, not a core dependency: without it, one line naming the extra
+    monkeypatch.setitem(sys.modules, "imageio", None)  # import imageio -> ImportError
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    Image.new("RGB", (32, 16)).save(frames / "a.png")
+    with pytest.raises(SegcompareError, match=r"segcompare\[video\]"):
+        render_video([Predictor(RedNet(), CPU)], frames, tmp_path / "v.mp4", progress=False)
+    assert not (tmp_path / "v.mp4").exists()
 
 
 # --- segcompare predict / video, end to end on the synthetic set ----------------------------------

@@ -1,5 +1,5 @@
 """The side-by-side video: input | model 1 | model 2 ..., each panel titled with the model and its
-latency, a class legend below; written as a GIF (Pillow) or an MP4 (imageio-ffmpeg).
+latency, a class legend below; written as a GIF (Pillow) or an MP4 (imageio + imageio-ffmpeg).
 
     render_video([Predictor(b0), Predictor(w48)], "stuttgart_00/", "demo.gif")
 """
@@ -47,12 +47,13 @@ def iter_frames(
 
 
 def _need_ffmpeg(what: str) -> None:
-    try:
+    try:  # the 'video' extra: imageio and its ffmpeg plugin
+        import imageio  # noqa: F401
         import imageio_ffmpeg  # noqa: F401
     except ImportError:
         raise SegcompareError(
-            f"{what} needs imageio-ffmpeg: pip install imageio-ffmpeg (the 'video' extra), "
-            "or use a folder of frames / a .gif"
+            f"{what} needs imageio and imageio-ffmpeg: pip install 'segcompare[video]' (or pip "
+            "install imageio imageio-ffmpeg), or use a folder of frames / a .gif"
         ) from None
 
 
