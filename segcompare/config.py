@@ -123,6 +123,21 @@ _RESUME_MAY_CHANGE = {
 }
 
 
+def shipped_recipe(name: str) -> Path:
+    """A recipe that ships with segcompare, e.g. 'synthcity_segformer_b0.yaml': package data
+    (`segcompare/configs` is a link to the checkout's `configs/`, and a wheel holds the files)."""
+    from importlib.resources import files
+
+    path = Path(str(files("segcompare") / "configs" / name))
+    if not path.is_file():  # a checkout whose link did not survive (git without symlinks)
+        path = Path(__file__).resolve().parent.parent / "configs" / name
+    if not path.is_file():
+        raise SegcompareError(
+            f"recipe {name} not found in the segcompare package ({path.parent}): reinstall it"
+        )
+    return path
+
+
 def load_config(path: Union[str, os.PathLike], overrides: Sequence[str] = ()) -> Config:
     """Read a recipe, apply `a.b=value` overrides (values parsed as YAML), validate it."""
     path = Path(path)
