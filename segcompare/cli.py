@@ -630,6 +630,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "--boundary-frac", type=float, default=None, metavar="F",
         help="Boundary IoU band as a fraction of the image diagonal (0.005; the paper: 0.02)",
     )  # fmt: skip
+    p.add_argument(
+        "--checkpoint", choices=("final", "best"), default="final",
+        help="for a training run folder given as --weights: its final weights (default, what "
+        "the official tests evaluate) or best.safetensors (best val mIoU: optimistic on val)",
+    )  # fmt: skip
     _add_test_options(p)
     p.set_defaults(func=_run_compare)
 
@@ -657,6 +662,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         corruptions=parse_corruptions(args.corrupt), inference=_inference_settings(args),
         max_images=args.max_images, corrupt_images=args.corrupt_images,
         bench_iters=args.bench_iters, bench_warmup=args.bench_warmup, boundary_frac=frac,
+        checkpoint=args.checkpoint,
     ))  # fmt: skip
     print(f"{'model':<24}{'mIoU':>7}{'B-IoU':>7}{'GMACs':>10}{'ms':>9}")
     for m in doc["models"]:

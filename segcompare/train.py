@@ -701,3 +701,26 @@ def summary_line(summary: dict) -> str:
     if summary["best_mIoU"] is not None:
         line += f" (best {summary['best_mIoU']:.4f} at iteration {summary['best_iter']})"
     return line + f"; run folder {summary['out']}"
+
+
+# The weights a run folder holds, by what `compare --checkpoint` calls them. `final` is what the
+# official tests evaluate (HRNet's tools/test.py loads final_state.pth; NVlabs reports the last
+# iteration); `best` was chosen on the val split, so a val figure of it is optimistic.
+RUN_WEIGHTS = {"final": "final.safetensors", "best": "best.safetensors"}
+
+
+def run_weights(path: Union[str, Path], which: str = "final") -> Path:
+    """`path` itself, or for a training run folder (one holding final/best.safetensors) the
+    weights file `which` ('final' or 'best') in it; SegcompareError when that one is missing."""
+    if which not in RUN_WEIGHTS:
+        raise SegcompareError(f"unknown run weights {which!r}; valid: {', '.join(RUN_WEIGHTS)}")
+    path = Path(path)
+    if not path.is_dir() or not any((path / name).is_file() for name in RUN_WEIGHTS.values()):
+        return path
+    chosen = path / RUN_WEIGHTS[which]
+    if not chosen.is_file():
+        raise SegcompareError(
+            f"{path}: this run folder has no {chosen.name} (the run did not finish, or never "
+            "validated); name a weights file, or resume the run"
+        )
+    return chosen

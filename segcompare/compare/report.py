@@ -351,8 +351,20 @@ def robustness_section(
     )  # fmt: skip
 
 
+def _which_weights(weights: Any) -> str:
+    """What a weights file is, by the name `segcompare train` gives it."""
+    name = Path(str(weights)).name if weights else ""
+    return {
+        "final.safetensors": "final weights of a training run (as the official tests evaluate)",
+        "best.safetensors": "best val mIoU of a training run (chosen on val: optimistic there)",
+    }.get(name, "as given" if weights else "untrained")
+
+
 def method_section(runs: Sequence[ModelRun], meta: dict[str, Any]) -> Section:
-    weights_rows = [[run.label, str(run.weights or "random (seed 0)")] for run in runs]
+    weights_rows = [
+        [run.label, str(run.weights or "random (seed 0)"), _which_weights(run.weights)]
+        for run in runs
+    ]
     return Section(
         "How this was measured",
         [
@@ -363,7 +375,7 @@ def method_section(runs: Sequence[ModelRun], meta: dict[str, Any]) -> Section:
             "interleaved after warm-up; memory MB = peak size of the tensors one forward pass "
             "creates: the CUDA allocator's peak, or on the CPU the live tensors tracked op by op).",
         ],
-        (["model", "weights"], weights_rows),
+        (["model", "weights", "which"], weights_rows),
         numeric_table=False,
     )
 
