@@ -418,12 +418,20 @@ def _set_determinism(deterministic: bool, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def ohem_min_kept_for(cfg: Config, per_process: int) -> int:
+    """OHEM's min_kept for a process of `per_process` images: the recipe's `ohem_min_kept` is
+    for `ohem_min_kept_images` images (the official 131072 for 3 per GPU), scaled by the ratio,
+    so the fraction of pixels kept stays the official one whatever the split of the batch."""
+    tc = cfg.train
+    return max(1, round(tc.ohem_min_kept * per_process / tc.ohem_min_kept_images))
+
+
 def _loss(logits: torch.Tensor, label: torch.Tensor, cfg: Config,
-          class_weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """The recipe's loss: HRNet's OHEM or cross-entropy."""
+          class_weights: Optional[torch.Tensor], min_kept: int) -> torch.Tensor:
+    """The recipe's loss: HRNet's OHEM (keeping at least `min_kept` pixels) or cross-entropy."""
     tc = cfg.train
     if tc.loss == "ohem":
-        return ohem_cross_entropy(logits, label, tc.ohem_threshold, tc.ohem_min_kept,
+        return ohem_cross_entropy(logits, label, tc.ohem_threshold, min_kept,
                                   cfg.data.ignore_index, class_weights)
     return cross_entropy(logits, label, cfg.data.ignore_index, class_weights, tc.loss_average)
 
@@ -577,6 +585,12 @@ def train(
             f"total batch {tc.batch_size} = {world} process(es) x {per_process} image(s); "
             f"lr {oc.lr:g} is for the total batch and is not rescaled"
         ]
+        min_kept = ohem_min_kept_for(cfg, per_process)
+        if tc.loss == "ohem" and per_process != tc.ohem_min_kept_images:
+            notes.append(
+                f"OHEM min_kept {tc.ohem_min_kept} is for {tc.ohem_min_kept_images} image(s) "
+                f"per process: {min_kept} for this run's {per_process}"
+            )
         if ddp and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # both papers train with SyncBN
         elif ddp:
@@ -632,7 +646,7 @@ def train(
 
                 with autocast:
                     logits = model(image)  # N×C×H/4×W/4
-                loss = _loss(logits, label, cfg, class_weights)
+                loss = _loss(logits, label, cfg, class_weights, min_kept)
                 # one collective per step: the mean loss, and whether any process was asked to stop
                 stats = torch.tensor([loss.item(), float(stop_request.signal is not None)],
                                      dtype=torch.float64, device=device)

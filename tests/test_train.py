@@ -273,6 +273,24 @@ def test_hrnet_ohem_bf16_sgd_run(tmp_path: Path, synth_root: Path) -> None:
     assert summary["iter"] == 4 and math.isfinite(summary["final_loss"])
     assert summary["val_mIoU"] is not None
     assert torch.get_num_threads() == threads
+    # min_kept is for 3 images per process (the official split); this process has 4
+    start = yaml.safe_load((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert "OHEM min_kept 1000 is for 3 image(s) per process: 1333 for this run's 4" in " ".join(
+        start["notes"]
+    )
+
+
+def test_ohem_min_kept_scales_with_the_images_per_process() -> None:
+    from segcompare.train import ohem_min_kept_for
+
+    cfg = load_config(CONFIGS / "hrnet_w48_cityscapes_512x1024_ohem.yaml")
+    # LOSS.OHEMKEEP 131072 for 3 images per GPU: 43690.67 pixels per image
+    assert [ohem_min_kept_for(cfg, n) for n in (1, 2, 3, 6, 12)] == [
+        43691, 87381, 131072, 262144, 524288
+    ]
+    with pytest.raises(SegcompareError, match="train.ohem_min_kept_images"):
+        config_from_dict({**yaml.safe_load((CONFIGS / "synthcity_segformer_b0.yaml").read_text()),
+                          "train": {"ohem_min_kept_images": 0}})
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path: Path, synth_root: Path) -> None:
