@@ -21,7 +21,8 @@ processes gives each process more images (and says so in its log), the recipe's 
 Run folder `OUT/`: `config.yaml` (the resolved config), `log.jsonl` (one JSON object per log step
 and per validation), `checkpoints/iter_N.pt` (everything needed to continue bit-identically),
 `best.safetensors` (best val mIoU), `final.safetensors`, and TensorBoard events in `tb/` when
-tensorboard is installed. Only rank 0 writes.
+tensorboard is installed (the `tensorboard` extra; the log says whether it is on). Only rank 0
+writes.
 """
 
 from __future__ import annotations
@@ -396,8 +397,10 @@ def _open_run_folder(run: Run, start_iter: int, per_process: int, notes: List[st
         from torch.utils.tensorboard import SummaryWriter
 
         run.writer = SummaryWriter(str(run.out / "tb"))
+        log.info("TensorBoard: scalars in %s (tensorboard --logdir %s)", run.out / "tb", run.out)
     except ImportError:
         run.writer = None
+        log.info("TensorBoard off: pip install tensorboard (the 'tensorboard' extra) to log to it")
     run.records.append({
         "event": "start", "iter": start_iter, "model": run.cfg.model.name, "family": run.family,
         "world_size": run.world, "batch_per_process": per_process, "device": str(run.device),

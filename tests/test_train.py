@@ -225,6 +225,21 @@ def _assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
+def _assert_tensorboard_scalars(tb: Path, losses: list) -> None:
+    """The event file, read by tensorboard's own reader, holds the log's scalars."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:  # the 'tensorboard' extra (in 'test'); without it no events are written
+        assert not tb.exists()
+        return
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/time_per_iter", "train/data_time", "val/mIoU"} <= tags
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
+    assert [e.step for e in events.Scalars("val/mIoU")] == [15, 30]
+
+
 def test_loss_decreases_and_run_folder(tmp_path: Path, synth_root: Path, one_thread) -> None:
     import json
 
@@ -248,6 +263,7 @@ def test_loss_decreases_and_run_folder(tmp_path: Path, synth_root: Path, one_thr
     final = build_model(weights=out / "final.safetensors")
     _assert_same_state(final.state_dict(), _model_state(out / "checkpoints" / "iter_30.pt"))
     assert (out / "best.safetensors").is_file()
+    _assert_tensorboard_scalars(out / "tb", losses)
     # --resume refuses a changed recipe, naming the key; a finished run resumes to its end
     changed = config_from_dict({**_tiny_run_config(synth_root, max_iters=30, log_every=5,
                                                    eval_every=15, checkpoint_every=10),
