@@ -357,3 +357,32 @@ def test_report_text_names_the_boundary_band(report):
     md = (report["out"] / "report.md").read_text()
     assert "d = 1 px" in md and "0.5% of the image diagonal" in md
     assert Path(report["out"] / "report.html").stat().st_size > 10_000
+
+
+def test_report_tables_scroll_and_figures_scale(report):
+    text = (report["out"] / "report.html").read_text()
+    # every table sits in a horizontal scroller: a narrow screen scrolls it, not the page
+    assert text.count("<table") == text.count('<div class="scroll">\n<table') > 0
+    css = text[text.index("<style>"): text.index("</style>")]
+    assert ".scroll { overflow-x: auto;" in css
+    assert "figure img { max-width: 100%; height: auto;" in css
+    assert "min-width: 0" in css  # a flex figure may shrink below its image's width
+
+
+def test_markdown_and_html_escape_what_comes_from_file_names(tmp_path):
+    from segcompare.compare.report import Section, render_html, render_markdown
+
+    label = "<img src=x onerror=alert(1)>|b&c"
+    (tmp_path / "confusion_a b.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    sections = [Section(
+        f"about {label}", [f"weights {label}"], (["model", "weights"], [[label, "w|x.pt"]]),
+        images=[("confusion_a b.png", f"confusion of {label} [x]")],
+    )]  # fmt: skip
+    md = render_markdown(label, sections)
+    assert "<img" not in md and "&lt;img src=x onerror=alert(1)&gt;\\|b&amp;c" in md
+    row = next(line for line in md.splitlines() if line.startswith("| &lt;img"))
+    # two cells: the only unescaped pipes are the table's own
+    assert len(row.replace("\\|", "").split("|")) == 4
+    assert "](confusion_a%20b.png)" in md and "\\[x\\]" in md
+    page = render_html(label, sections, tmp_path)
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
