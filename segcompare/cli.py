@@ -41,8 +41,14 @@ def model_names(values: Sequence[str]) -> list[str]:
 
 # --- segcompare models -------------------------------------------------------------------------
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the model names with their parameter counts")
-    p.add_argument("--num-classes", type=int, default=19)
+    p = sub.add_parser(
+        "models", help="list the model names with their parameter counts",
+        description="List the 11 variants (SegFormer-B0..B5, HRNetV2-W18-Small-v1/v2, W18, W32, "
+        "W48) with their parameter counts, counted on the meta device (nothing is allocated).",
+    )  # fmt: skip
+    p.add_argument(
+        "--num-classes", type=int, default=19, metavar="K", help="classes of the head (19)"
+    )
     p.set_defaults(func=_run_models)
 
 
@@ -62,11 +68,18 @@ def _run_models(args: argparse.Namespace) -> int:
 # --- segcompare stats --------------------------------------------------------------------------
 def _add_stats(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "stats", help="parameters, GMACs, layer counts, depth and activation memory of models"
-    )
+        "stats", help="parameters, GMACs, layer counts, depth and activation memory of models",
+        description="Count parameters, multiply-adds (attention included), layers, depth and "
+        "activation memory of each model at an input size, on the meta device: nothing is "
+        "allocated or timed (for timings: segcompare bench).",
+    )  # fmt: skip
     p.add_argument("names", nargs="*", metavar="NAME", help="model names (default: all)")
-    p.add_argument("--size", type=size_hw, default=(1024, 2048), help="input HxW (1024x2048)")
-    p.add_argument("--num-classes", type=int, default=19)
+    p.add_argument(
+        "--size", type=size_hw, default=(1024, 2048), metavar="HxW", help="input HxW (1024x2048)"
+    )
+    p.add_argument(
+        "--num-classes", type=int, default=19, metavar="K", help="classes of the head (19)"
+    )
     p.add_argument("--json", metavar="F", help="also write the figures to this JSON file")
     p.set_defaults(func=_run_stats)
 
@@ -94,16 +107,27 @@ def _run_stats(args: argparse.Namespace) -> int:
 
 # --- segcompare bench --------------------------------------------------------------------------
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="latency, throughput and memory, models side by side")
+    p = sub.add_parser(
+        "bench", help="latency, throughput and memory, models side by side",
+        description="Time untrained models (random weights: the speed does not depend on them) "
+        "interleaved in one process after warm-up, through prepare_for_inference unless "
+        "--no-optimize; memory is the peak of the tensors one forward pass creates.",
+    )  # fmt: skip
     p.add_argument("names", nargs="+", metavar="NAME", help="model names")
-    p.add_argument("--size", type=size_hw, default=(1024, 2048), help="input HxW (1024x2048)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument(
+        "--size", type=size_hw, default=(1024, 2048), metavar="HxW", help="input HxW (1024x2048)"
+    )
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="images per forward (1)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default cpu)")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="(default fp32)"
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--num-classes", type=int, default=19)
+    p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed runs first (2)")
+    p.add_argument("--iters", type=int, default=5, metavar="N", help="timed runs per model (5)")
+    p.add_argument(
+        "--num-classes", type=int, default=19, metavar="K", help="classes of the head (19)"
+    )
     p.add_argument("--no-optimize", action="store_true", help="time the plain eager models")
     p.add_argument(
         "--reference", action="store_true",
@@ -122,14 +146,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     from segcompare import bench
     from segcompare.infer.fast import prepare_for_inference
     from segcompare.models import build_model
-    from segcompare.utils import SegcompareError, atomic_write_text
+    from segcompare.utils import atomic_write_text, select_device
 
     names = model_names(args.names)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SegcompareError("--device cuda: no CUDA device is available to this torch")
+    device = select_device(args.device)
     dtype = bench.DTYPES[args.dtype]
     candidates = []
     for name in names:
@@ -274,7 +296,8 @@ def _add_test_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
     g.add_argument(
         "--no-optimize", action="store_true",
-        help="run the eager model, not prepare_for_inference's (same logits, faster)",
+        help="run the eager model instead of prepare_for_inference's rewrite (which gives the "
+        "same logits, faster)",
     )  # fmt: skip
 
 
@@ -320,7 +343,7 @@ def _predictor(settings: Any, name: Optional[str], weights: Optional[str]) -> An
     from segcompare.utils import SegcompareError
 
     if name is None and weights is None:
-        raise SegcompareError("name a model: --model NAME --weights W")
+        raise SegcompareError("name a model: --model NAME and/or --weights W")
     torch.manual_seed(0)  # without weights: the same random model every run
     model = build_model(name, weights=weights)
     if weights is None:
@@ -361,6 +384,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if args.pred_dir and (args.model or args.weights):
         raise SegcompareError("--pred-dir scores existing files: drop --model/--weights")
+    if not (args.pred_dir or args.model or args.weights):
+        raise SegcompareError(
+            "name a model (--model NAME and/or --weights W), or score saved labelIds PNGs with "
+            "--pred-dir DIR"
+        )
     if args.pred_dir:
         results = run_eval(args.data, args.split, pred_dir=args.pred_dir, batch_size=args.batch,
                            workers=args.workers, save_pred_dir=args.save_pred)
@@ -417,14 +445,16 @@ def _add_video(sub: argparse._SubParsersAction) -> None:
         description="Run every --model on each frame and write input | model 1 | model 2 ... "
         "side by side, each panel titled with the model and its latency, with a class legend. "
         "Give --weights once per --model, in the same order. Frames: a folder of images "
-        "(e.g. leftImg8bit/demoVideo/stuttgart_00) or a video file (needs imageio-ffmpeg).",
+        "(e.g. leftImg8bit/demoVideo/stuttgart_00) or a video file (needs the video extra).",
     )
-    p.add_argument("source", metavar="FRAMES_DIR_OR_VIDEO")
+    p.add_argument(
+        "source", metavar="FRAMES_DIR_OR_VIDEO", help="a folder of frames or a video file"
+    )
     p.add_argument("--model", action="append", default=[], metavar="NAME", help="(repeatable)")
     p.add_argument("--weights", action="append", default=[], metavar="W", help="(repeatable)")
-    p.add_argument("--out", required=True, metavar="F", help="F.gif, or F.mp4 (imageio-ffmpeg)")
+    p.add_argument("--out", required=True, metavar="F", help="F.gif, or F.mp4 (the video extra)")
     p.add_argument("--fps", type=float, default=17.0, help="frames per second (17, Cityscapes')")
-    p.add_argument("--every", type=int, default=1, metavar="K", help="use every K-th frame")
+    p.add_argument("--every", type=int, default=1, metavar="K", help="use every K-th frame (1)")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
     _add_test_options(p)
     p.set_defaults(func=_run_video)
@@ -503,7 +533,12 @@ def _run_export(args: argparse.Namespace) -> int:
 
 # --- segcompare data check | prepare | synth ---------------------------------------------------
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="check, prepare or synthesise a Cityscapes folder")
+    p = sub.add_parser(
+        "data", help="check, prepare or synthesise a Cityscapes folder",
+        description="check: verify a Cityscapes folder file by file; prepare: write the "
+        "labelTrainIds PNGs and file lists training needs; synth: write a synthetic Cityscapes "
+        "in the real layout.",
+    )  # fmt: skip
     data = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
     c = data.add_parser(
@@ -513,7 +548,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         "labelTrainIds if present): names, counts per split, sizes, unknown ids, unreadable "
         "or truncated PNGs. Prints one line per problem, naming the file; exit 1 if any.",
     )
-    c.add_argument("root", metavar="ROOT")
+    c.add_argument("root", metavar="ROOT", help="the Cityscapes root (leftImg8bit/, gtFine/)")
     c.add_argument("--split", metavar="S[,S]", help="splits to check (default: all present)")
     c.add_argument("--workers", type=int, metavar="N", help="processes (default: all cores)")
     c.set_defaults(func=_run_data_check)
@@ -524,7 +559,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         description="Write *_labelTrainIds.png beside every *_labelIds.png (as cityscapesscripts' "
         "createTrainIdLabelImgs), skipping files already done, and ROOT/lists/<split>.lst.",
     )
-    r.add_argument("root", metavar="ROOT")
+    r.add_argument("root", metavar="ROOT", help="the Cityscapes root (leftImg8bit/, gtFine/)")
     r.add_argument("--split", metavar="S[,S]", help="splits to prepare (default: all present)")
     r.add_argument("--workers", type=int, metavar="N", help="processes (default: all cores)")
     r.add_argument("--overwrite", action="store_true", help="rewrite existing labelTrainIds")
@@ -536,12 +571,12 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         description="Street scenes with labelIds, color, instanceIds and polygons, in the real "
         "folder layout; deterministic for a seed. --video adds leftImg8bit_demoVideo frames.",
     )
-    y.add_argument("out", metavar="OUT")
-    y.add_argument("--train", type=int, default=20, metavar="N")
-    y.add_argument("--val", type=int, default=10, metavar="N")
-    y.add_argument("--test", type=int, default=0, metavar="N")
+    y.add_argument("out", metavar="OUT", help="the data set root to write")
+    y.add_argument("--train", type=int, default=20, metavar="N", help="train images (20)")
+    y.add_argument("--val", type=int, default=10, metavar="N", help="val images (10)")
+    y.add_argument("--test", type=int, default=0, metavar="N", help="test images (0)")
     y.add_argument("--size", default="256x512", metavar="HxW", help="image size (256x512)")
-    y.add_argument("--seed", type=int, default=0, metavar="S")
+    y.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (0)")
     y.add_argument("--video", type=int, default=0, metavar="FRAMES", help="demo video frames")
     y.set_defaults(func=_run_data_synth)
 
@@ -680,6 +715,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="the whole pipeline on the built-in synthetic Cityscapes: train SegFormer-B0 and "
         "HRNet-W18-Small-v1, evaluate, compare, render the side-by-side video",
+        description="Synthesise a Cityscapes-layout data set (cached), train SegFormer-B0 and "
+        "HRNet-W18-Small-v1 with configs/synthcity_*.yaml, compare their final weights "
+        "(report.html, metrics.json) and render the side-by-side GIF. Each step is skipped when "
+        "its output exists, so a rerun takes seconds. With --data and --weights the same "
+        "comparison runs on real Cityscapes and real weights.",
     )
     p.add_argument("--out", default="segcompare-demo", help="output folder (segcompare-demo)")
     p.add_argument("--fresh", action="store_true", help="recompute every step")
