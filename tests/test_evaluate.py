@@ -400,6 +400,7 @@ def test_eval_cli_bad_predictions_are_one_line(synth, tmp_path, capsys):
     rc, line = run()
     assert rc == 1 and f"no prediction for {names[1]}" in line
     rc, _, err = _cli(capsys, "eval", "--data", data)  # neither a model nor --pred-dir
-    assert (
-        rc == 1 and err.strip() == "segcompare eval: error: name a model: --model NAME --weights W"
+    assert rc == 1 and err.strip() == (
+        "segcompare eval: error: name a model (--model NAME and/or --weights W), or score saved "
+        "labelIds PNGs with --pred-dir DIR"
     )
