@@ -456,6 +456,11 @@ def _add_video(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=float, default=17.0, help="frames per second (17, Cityscapes')")
     p.add_argument("--every", type=int, default=1, metavar="K", help="use every K-th frame (1)")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    p.add_argument(
+        "--max-width", type=int, default=1024, metavar="PX",
+        help="draw the panels smaller when all of them together are wider (1024; 0: never); "
+        "the models still run at the frame size or --size",
+    )  # fmt: skip
     _add_test_options(p)
     p.set_defaults(func=_run_video)
 
@@ -467,11 +472,14 @@ def _run_video(args: argparse.Namespace) -> int:
     models = _model_list(args.model, args.weights)
     if args.fps <= 0 or (args.max_frames is not None and args.max_frames < 1):
         raise SegcompareError("--fps must be positive and --max-frames at least 1")
+    if args.max_width < 0:
+        raise SegcompareError("--max-width must be 0 (never shrink) or a width in pixels")
     settings = _inference_settings(args)
     predictors = [_predictor(settings, n, w) for n, w in models]
-    # the panels are the frame size, so --size sets both the display and the test size
+    # --size is the test size; the panels are drawn at it, or smaller to fit --max-width
     frames = render_video(
-        predictors, args.source, args.out, args.fps, args.size, args.every, args.max_frames
+        predictors, args.source, args.out, args.fps, args.size, args.every, args.max_frames,
+        max_width=args.max_width or None,
     )
     print(f"wrote {args.out}: {frames} frames, {len(predictors)} model(s)")
     return 0

@@ -250,3 +250,29 @@ def test_cli_bad_inputs_are_one_line(synth, tmp_path, capsys):
         lines = err.strip().splitlines()
         assert rc == 1 and lines[-1].startswith(f"segcompare {argv[0]}: error: "), err
         assert message in lines[-1]
+
+
+def test_class_boundaries_by_hand():
+    from segcompare.infer.video import class_boundaries
+
+    ids = np.array([[0, 0, 13], [0, 14, 13], [0, 0, 0]], dtype=np.uint8)
+    # a pixel is on a boundary when its right or lower neighbour has another class
+    expected = np.array([[0, 1, 0], [1, 1, 1], [0, 0, 0]], dtype=bool)
+    assert np.array_equal(class_boundaries(ids), expected)
+
+
+def test_video_draws_boundaries_and_shrinks_to_max_width(tmp_path):
+    from segcompare.infer.video import BOUNDARY_RGB
+
+    frames = _frames(tmp_path / "stuttgart_00", n=1)  # 32×64: bicycle | road for RedNet
+    out = tmp_path / "v.gif"
+    render_video([Predictor(RedNet(), WHOLE)], frames, out, max_width=64, progress=False)
+    with Image.open(out) as gif:
+        width, height = gif.size
+        frame = np.asarray(gif.convert("RGB")).astype(int)
+    assert width == 64  # two 32-px panels (the 64-px frames drawn at half size)
+    title_h = 14
+    row = frame[title_h + 8, 32:]  # the overlay panel at half size: bicycle | road
+    white = np.abs(row - BOUNDARY_RGB).max(axis=1) <= 12
+    assert white.sum() == 1 and 8 < np.flatnonzero(white)[0] < 24  # one boundary, mid-panel
+    assert np.abs(row[4] - (0.5 * np.array([255, 40, 0]) + 0.5 * PALETTE[18])).max() <= 12
