@@ -212,11 +212,9 @@ def bench_models(
     from segcompare.infer.fast import prepare_for_inference
     from segcompare.models import build_model
     from segcompare.stats import check_forward_memory
-    from segcompare.utils import SegcompareError
+    from segcompare.utils import select_device
 
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SegcompareError("--device cuda: no CUDA device is available to this torch")
+    dev = select_device(device)
     if dev.type == "cpu":  # refuse, with the figure, a size that would not fit in memory
         for name in names:
             check_forward_memory(name, size_hw, batch, num_classes)

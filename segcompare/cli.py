@@ -66,8 +66,14 @@ def model_names(values: Sequence[str]) -> list[str]:
 
 # --- segcompare models -------------------------------------------------------------------------
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the model names with their parameter counts")
-    p.add_argument("--num-classes", type=at_least(1), default=19)
+    p = sub.add_parser(
+        "models", help="list the model names with their parameter counts",
+        description="List the 11 variants (SegFormer-B0..B5, HRNetV2-W18-Small-v1/v2, W18, W32, "
+        "W48) with their parameter counts, counted on the meta device (nothing is allocated).",
+    )  # fmt: skip
+    p.add_argument(
+        "--num-classes", type=at_least(1), default=19, metavar="K", help="classes of the head (19)"
+    )
     p.set_defaults(func=_run_models)
 
 
@@ -87,11 +93,18 @@ def _run_models(args: argparse.Namespace) -> int:
 # --- segcompare stats --------------------------------------------------------------------------
 def _add_stats(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "stats", help="parameters, GMACs, layer counts, depth and activation memory of models"
-    )
+        "stats", help="parameters, GMACs, layer counts, depth and activation memory of models",
+        description="Count parameters, multiply-adds (attention included), layers, depth and "
+        "activation memory of each model at an input size, on the meta device: nothing is "
+        "allocated or timed (for timings: segcompare bench).",
+    )  # fmt: skip
     p.add_argument("names", nargs="*", metavar="NAME", help="model names (default: all)")
-    p.add_argument("--size", type=size_hw, default=(1024, 2048), help="input HxW (1024x2048)")
-    p.add_argument("--num-classes", type=at_least(1), default=19)
+    p.add_argument(
+        "--size", type=size_hw, default=(1024, 2048), metavar="HxW", help="input HxW (1024x2048)"
+    )
+    p.add_argument(
+        "--num-classes", type=at_least(1), default=19, metavar="K", help="classes of the head (19)"
+    )
     p.add_argument("--json", metavar="F", help="also write the figures to this JSON file")
     p.set_defaults(func=_run_stats)
 
@@ -120,18 +133,27 @@ def _run_stats(args: argparse.Namespace) -> int:
 
 # --- segcompare bench --------------------------------------------------------------------------
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="latency, throughput and memory, models side by side")
+    p = sub.add_parser(
+        "bench", help="latency, throughput and memory, models side by side",
+        description="Time untrained models (random weights: the speed does not depend on them) "
+        "interleaved in one process after warm-up, through prepare_for_inference unless "
+        "--no-optimize; memory is the peak of the tensors one forward pass creates.",
+    )  # fmt: skip
     p.add_argument("names", nargs="+", metavar="NAME", help="model names")
-    p.add_argument("--size", type=size_hw, default=(1024, 2048), help="input HxW (1024x2048)")
-    p.add_argument("--batch", type=at_least(1), default=1)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument(
-        "--threads", type=at_least(1), default=None, help="CPU threads (default: torch's)"
+        "--size", type=size_hw, default=(1024, 2048), metavar="HxW", help="input HxW (1024x2048)"
     )
-    p.add_argument("--warmup", type=at_least(0), default=2)
-    p.add_argument("--iters", type=at_least(1), default=5)
-    p.add_argument("--num-classes", type=at_least(1), default=19)
+    p.add_argument("--batch", type=at_least(1), default=1, metavar="N", help="images per forward (1)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default cpu)")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="(default fp32)"
+    )
+    p.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--warmup", type=at_least(0), default=2, metavar="N", help="untimed runs first (2)")
+    p.add_argument("--iters", type=at_least(1), default=5, metavar="N", help="timed runs per model (5)")
+    p.add_argument(
+        "--num-classes", type=at_least(1), default=19, metavar="K", help="classes of the head (19)"
+    )
     p.add_argument("--no-optimize", action="store_true", help="time the plain eager models")
     p.add_argument(
         "--reference", action="store_true",
@@ -272,10 +294,15 @@ def _add_test_options(p: argparse.ArgumentParser) -> None:
         "windows of the whole test size; both scaled to other sizes)",
     )  # fmt: skip
     g.add_argument(
-        "--scales", type=_scales, default=(1.0,), metavar="S,S,..",
-        help="test scales, averaged (both papers: 0.5,0.75,1.0,1.25,1.5,1.75)",
+        "--scales", type=_scales, metavar="S,S,..",
+        help="test scales, averaged (default: 1.0; --aug-test for the official sets)",
     )  # fmt: skip
     g.add_argument("--flip", action="store_true", help="average with the flipped image")
+    g.add_argument(
+        "--aug-test", action="store_true",
+        help="each family's official multi-scale test with flip: SegFormer scales "
+        "0.5,0.75,1.0,1.25,1.5,1.75,2.0 (NVlabs tools/test.py), HRNet 0.5,...,1.75 (its README)",
+    )  # fmt: skip
     g.add_argument("--size", type=size_hw, metavar="HxW", help="test size (default: the image's)")
     g.add_argument("--window", type=size_hw, metavar="HxW", help="slide window at the test size")
     g.add_argument("--stride", type=size_hw, metavar="HxW", help="slide stride at the test size")
@@ -283,18 +310,24 @@ def _add_test_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
     g.add_argument(
         "--no-optimize", action="store_true",
-        help="run the eager model, not prepare_for_inference's (same logits, faster)",
+        help="run the eager model instead of prepare_for_inference's rewrite (which gives the "
+        "same logits, faster)",
     )  # fmt: skip
 
 
 def _inference_settings(args: argparse.Namespace) -> Any:
     """The one InferenceSettings value the inference options describe."""
     from segcompare.evaluate import InferenceSettings
+    from segcompare.utils import SegcompareError
 
     check_model_size(args.size, "--size")
     check_model_size(args.window, "--window")
+    if args.aug_test and (args.scales or args.flip):
+        raise SegcompareError("--aug-test sets each family's own scales and flip: drop --scales "
+                              "and --flip, or drop --aug-test")
     return InferenceSettings(
-        mode=args.mode or InferenceSettings.mode, scales=tuple(args.scales), flip=args.flip,
+        mode=args.mode or InferenceSettings.mode, scales=tuple(args.scales or (1.0,)),
+        flip=args.flip, aug_test=args.aug_test,
         size_hw=args.size, window_hw=args.window, stride_hw=args.stride, device=args.device,
         amp=args.amp, optimize=not args.no_optimize,
     )  # fmt: skip
@@ -329,7 +362,7 @@ def _predictor(settings: Any, name: Optional[str], weights: Optional[str]) -> An
     from segcompare.utils import SegcompareError, select_device
 
     if name is None and weights is None:
-        raise SegcompareError("name a model: --model NAME --weights W")
+        raise SegcompareError("name a model: --model NAME and/or --weights W")
     torch.manual_seed(0)  # without weights: the same random model every run
     model = build_model(name, weights=weights)
     if settings.size_hw and select_device(settings.device).type == "cpu":
@@ -374,6 +407,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if args.pred_dir and (args.model or args.weights):
         raise SegcompareError("--pred-dir scores existing files: drop --model/--weights")
+    if not (args.pred_dir or args.model or args.weights):
+        raise SegcompareError(
+            "name a model (--model NAME and/or --weights W), or score saved labelIds PNGs with "
+            "--pred-dir DIR"
+        )
     if args.pred_dir:
         results = run_eval(args.data, args.split, pred_dir=args.pred_dir, batch_size=args.batch,
                            workers=args.workers, save_pred_dir=args.save_pred)
@@ -430,15 +468,22 @@ def _add_video(sub: argparse._SubParsersAction) -> None:
         description="Run every --model on each frame and write input | model 1 | model 2 ... "
         "side by side, each panel titled with the model and its latency, with a class legend. "
         "Give --weights once per --model, in the same order. Frames: a folder of images "
-        "(e.g. leftImg8bit/demoVideo/stuttgart_00) or a video file (needs imageio-ffmpeg).",
+        "(e.g. leftImg8bit/demoVideo/stuttgart_00) or a video file (needs the video extra).",
     )
-    p.add_argument("source", metavar="FRAMES_DIR_OR_VIDEO")
+    p.add_argument(
+        "source", metavar="FRAMES_DIR_OR_VIDEO", help="a folder of frames or a video file"
+    )
     p.add_argument("--model", action="append", default=[], metavar="NAME", help="(repeatable)")
     p.add_argument("--weights", action="append", default=[], metavar="W", help="(repeatable)")
-    p.add_argument("--out", required=True, metavar="F", help="F.gif, or F.mp4 (imageio-ffmpeg)")
+    p.add_argument("--out", required=True, metavar="F", help="F.gif, or F.mp4 (the video extra)")
     p.add_argument("--fps", type=float, default=17.0, help="frames per second (17, Cityscapes')")
-    p.add_argument("--every", type=int, default=1, metavar="K", help="use every K-th frame")
+    p.add_argument("--every", type=int, default=1, metavar="K", help="use every K-th frame (1)")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    p.add_argument(
+        "--max-width", type=int, default=1024, metavar="PX",
+        help="draw the panels smaller when all of them together are wider (1024; 0: never); "
+        "the models still run at the frame size or --size",
+    )  # fmt: skip
     _add_test_options(p)
     p.set_defaults(func=_run_video)
 
@@ -450,11 +495,14 @@ def _run_video(args: argparse.Namespace) -> int:
     models = _model_list(args.model, args.weights)
     if args.fps <= 0 or (args.max_frames is not None and args.max_frames < 1):
         raise SegcompareError("--fps must be positive and --max-frames at least 1")
+    if args.max_width < 0:
+        raise SegcompareError("--max-width must be 0 (never shrink) or a width in pixels")
     settings = _inference_settings(args)
     predictors = [_predictor(settings, n, w) for n, w in models]
-    # the panels are the frame size, so --size sets both the display and the test size
+    # --size is the test size; the panels are drawn at it, or smaller to fit --max-width
     frames = render_video(
-        predictors, args.source, args.out, args.fps, args.size, args.every, args.max_frames
+        predictors, args.source, args.out, args.fps, args.size, args.every, args.max_frames,
+        max_width=args.max_width or None,
     )
     print(f"wrote {args.out}: {frames} frames, {len(predictors)} model(s)")
     return 0
@@ -523,7 +571,12 @@ def _run_export(args: argparse.Namespace) -> int:
 
 # --- segcompare data check | prepare | synth ---------------------------------------------------
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="check, prepare or synthesise a Cityscapes folder")
+    p = sub.add_parser(
+        "data", help="check, prepare or synthesise a Cityscapes folder",
+        description="check: verify a Cityscapes folder file by file; prepare: write the "
+        "labelTrainIds PNGs and file lists training needs; synth: write a synthetic Cityscapes "
+        "in the real layout.",
+    )  # fmt: skip
     data = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
     c = data.add_parser(
@@ -533,7 +586,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         "labelTrainIds if present): names, counts per split, sizes, unknown ids, unreadable "
         "or truncated PNGs. Prints one line per problem, naming the file; exit 1 if any.",
     )
-    c.add_argument("root", metavar="ROOT")
+    c.add_argument("root", metavar="ROOT", help="the Cityscapes root (leftImg8bit/, gtFine/)")
     c.add_argument("--split", metavar="S[,S]", help="splits to check (default: all present)")
     c.add_argument(
         "--workers", type=at_least(0), metavar="N", help="processes (default: all cores)"
@@ -546,7 +599,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         description="Write *_labelTrainIds.png beside every *_labelIds.png (as cityscapesscripts' "
         "createTrainIdLabelImgs), skipping files already done, and ROOT/lists/<split>.lst.",
     )
-    r.add_argument("root", metavar="ROOT")
+    r.add_argument("root", metavar="ROOT", help="the Cityscapes root (leftImg8bit/, gtFine/)")
     r.add_argument("--split", metavar="S[,S]", help="splits to prepare (default: all present)")
     r.add_argument(
         "--workers", type=at_least(0), metavar="N", help="processes (default: all cores)"
@@ -560,12 +613,12 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         description="Street scenes with labelIds, color, instanceIds and polygons, in the real "
         "folder layout; deterministic for a seed. --video adds leftImg8bit_demoVideo frames.",
     )
-    y.add_argument("out", metavar="OUT")
-    y.add_argument("--train", type=int, default=20, metavar="N")
-    y.add_argument("--val", type=int, default=10, metavar="N")
-    y.add_argument("--test", type=int, default=0, metavar="N")
+    y.add_argument("out", metavar="OUT", help="the data set root to write")
+    y.add_argument("--train", type=int, default=20, metavar="N", help="train images (20)")
+    y.add_argument("--val", type=int, default=10, metavar="N", help="val images (10)")
+    y.add_argument("--test", type=int, default=0, metavar="N", help="test images (0)")
     y.add_argument("--size", default="256x512", metavar="HxW", help="image size (256x512)")
-    y.add_argument("--seed", type=int, default=0, metavar="S")
+    y.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (0)")
     y.add_argument("--video", type=int, default=0, metavar="FRAMES", help="demo video frames")
     y.add_argument(
         "--overwrite", action="store_true",
@@ -658,6 +711,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "--boundary-frac", type=float, default=None, metavar="F",
         help="Boundary IoU band as a fraction of the image diagonal (0.005; the paper: 0.02)",
     )  # fmt: skip
+    p.add_argument(
+        "--checkpoint", choices=("final", "best"), default="final",
+        help="for a training run folder given as --weights: its final weights (default, what "
+        "the official tests evaluate) or best.safetensors (best val mIoU: optimistic on val)",
+    )  # fmt: skip
     _add_test_options(p)
     p.set_defaults(func=_run_compare)
 
@@ -685,6 +743,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         corruptions=parse_corruptions(args.corrupt), inference=_inference_settings(args),
         max_images=args.max_images, corrupt_images=args.corrupt_images,
         bench_iters=args.bench_iters, bench_warmup=args.bench_warmup, boundary_frac=frac,
+        checkpoint=args.checkpoint,
     ))  # fmt: skip
     print(f"{'model':<24}{'mIoU':>7}{'B-IoU':>7}{'GMACs':>10}{'ms':>9}")
     for m in doc["models"]:
@@ -702,6 +761,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="the whole pipeline on the built-in synthetic Cityscapes: train SegFormer-B0 and "
         "HRNet-W18-Small-v1, evaluate, compare, render the side-by-side video",
+        description="Synthesise a Cityscapes-layout data set (cached), train SegFormer-B0 and "
+        "HRNet-W18-Small-v1 with configs/synthcity_*.yaml, compare their final weights "
+        "(report.html, metrics.json) and render the side-by-side GIF. Each step is skipped when "
+        "its output exists, so a rerun takes seconds. With --data and --weights the same "
+        "comparison runs on real Cityscapes and real weights.",
     )
     p.add_argument("--out", default="segcompare-demo", help="output folder (segcompare-demo)")
     p.add_argument("--fresh", action="store_true", help="recompute every step")

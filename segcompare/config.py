@@ -87,7 +87,10 @@ class TrainConfig:
     loss_average: str = "labelled"
     class_weights: Optional[List[float]] = None  # one per class, or None
     ohem_threshold: float = 0.7  # keep pixels whose target-class probability is below this ...
-    ohem_min_kept: int = 100000  # ... but at least this many per process
+    ohem_min_kept: int = 100000  # ... but at least this many per process of ...
+    # ... this many images: a process with another number keeps min_kept scaled by the ratio
+    # (HRNet's LOSS.OHEMKEEP 131072 is for BATCH_SIZE_PER_GPU 3; train.ohem_min_kept_for)
+    ohem_min_kept_images: int = 3
     log_every: int = 50
     eval_every: int = 0  # validate every N iterations and at the end; 0: never
     checkpoint_every: int = 1000
@@ -121,6 +124,21 @@ _RESUME_MAY_CHANGE = {
     "train.checkpoint_every",
     "train.keep_checkpoints",
 }
+
+
+def shipped_recipe(name: str) -> Path:
+    """A recipe that ships with segcompare, e.g. 'synthcity_segformer_b0.yaml': package data
+    (`segcompare/configs` is a link to the checkout's `configs/`, and a wheel holds the files)."""
+    from importlib.resources import files
+
+    path = Path(str(files("segcompare") / "configs" / name))
+    if not path.is_file():  # a checkout whose link did not survive (git without symlinks)
+        path = Path(__file__).resolve().parent.parent / "configs" / name
+    if not path.is_file():
+        raise SegcompareError(
+            f"recipe {name} not found in the segcompare package ({path.parent}): reinstall it"
+        )
+    return path
 
 
 def load_config(path: Union[str, os.PathLike], overrides: Sequence[str] = ()) -> Config:
@@ -264,6 +282,7 @@ def _check_values(cfg: Config) -> None:
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "train.ohem_min_kept": cfg.train.ohem_min_kept,
+        "train.ohem_min_kept_images": cfg.train.ohem_min_kept_images,
         "optim.lr": cfg.optim.lr,
     }
     for key, value in positive.items():

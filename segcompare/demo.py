@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from segcompare.config import shipped_recipe
 from segcompare.utils import PathLike, SegcompareError, atomic_write_text, make_dirs
 
 log = logging.getLogger(__name__)
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = ("synthcity_segformer_b0.yaml", "synthcity_hrnet_w18_small_v1.yaml")
 
 
@@ -208,18 +208,13 @@ def run_demo(
     else:
         if weights:
             raise SegcompareError("--weights goes with --data; the synthetic demo trains its own")
-        missing = [r for r in RECIPES if not (REPO_CONFIGS / r).exists()]
-        if missing:
-            raise SegcompareError(
-                f"recipe {REPO_CONFIGS / missing[0]} not found: run the demo from a source "
-                "checkout (pip install -e .)"
-            )
+        recipes = [shipped_recipe(r) for r in RECIPES]
         _open_out(out, fresh)  # the arguments are checked: nothing is left on an error in them
         cache_dir = Path(cache) if cache is not None else default_cache()
         data_root = synth_data(plan, cache_dir, fresh, progress)
         jobs = [
-            (REPO_CONFIGS / r, out / "runs" / r.removesuffix(".yaml").removeprefix("synthcity_"))
-            for r in RECIPES
+            (path, out / "runs" / r.removesuffix(".yaml").removeprefix("synthcity_"))
+            for path, r in zip(recipes, RECIPES)
         ]
         model_weights = train_models(jobs, data_root, plan)
         frames = data_root / "leftImg8bit_demoVideo" / "stuttgart_00"

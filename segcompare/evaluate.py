@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -35,10 +35,8 @@ log = logging.getLogger(__name__)
 
 Model = Callable[[torch.Tensor], torch.Tensor]  # N×3×H×W normalised -> N×C×h×w logits
 
-# Both papers' multi-scale test: SegFormer's Cityscapes dataset config (img_ratios, commented out
-# in local_configs/_base_/datasets/cityscapes_1024x1024_repeat.py) and HRNet's README
-# (TEST.SCALE_LIST 0.5,0.75,1.0,1.25,1.5,1.75 with TEST.FLIP_TEST True).
-MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+# Each family's multi-scale test (`aug_test`, `--aug-test`): its scales and flip, cited there.
+MULTI_SCALES = {name: (f.test.scales, f.test.flip) for name, f in FAMILIES.items()}
 
 
 @dataclass(frozen=True)
@@ -58,6 +56,8 @@ class InferenceSettings:
     amp: autocast the model (float16 on CUDA and MPS, bfloat16 on CPU).
     optimize: run the model through `prepare_for_inference` (the same logits, faster; in
         bfloat16 / float16 with `amp`); False runs the eager model.
+    aug_test: the family's official multi-scale test: its scales and flip (SegFormer 0.5-2.0,
+        HRNet 0.5-1.75, both with flip) replace `scales` and `flip` (`resolved`).
     """
 
     family: Optional[str] = None
@@ -70,6 +70,7 @@ class InferenceSettings:
     device: str = "auto"
     amp: bool = False
     optimize: bool = True
+    aug_test: bool = False
 
     def __post_init__(self) -> None:
         if self.family is not None and self.family not in FAMILIES:
@@ -85,6 +86,13 @@ class InferenceSettings:
         if self.window_hw and self.stride_hw:
             _check_stride(self.window_hw, self.stride_hw)
 
+    def resolved(self) -> InferenceSettings:
+        """These settings with `aug_test` applied: the family's official scales and flip."""
+        if not self.aug_test:
+            return self
+        scales, flip = MULTI_SCALES[self._family()]
+        return replace(self, scales=scales, flip=flip)
+
     def describe(self) -> dict[str, Any]:
         """The settings as JSON-ready values (what eval's and compare's metadata record)."""
 
@@ -94,7 +102,7 @@ class InferenceSettings:
         return {
             "mode": self.mode, "size": hw(self.size_hw), "scales": list(self.scales),
             "flip": self.flip, "amp": self.amp, "optimize": self.optimize,
-            "window": hw(self.window_hw), "stride": hw(self.stride_hw),
+            "window": hw(self.window_hw), "stride": hw(self.stride_hw), "aug_test": self.aug_test,
         }  # fmt: skip
 
     def windows_for(self, test_hw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -210,6 +218,7 @@ def inference(
     the average over scales (and flips) of what the family's official code averages:
     SegFormer the softmax of each pass, HRNet exp() of the flip-averaged logits.
     """
+    settings = settings.resolved()
     n, _, h, w = images.shape
     out_hw = tuple(out_hw or (h, w))
     test_hw = tuple(settings.size_hw or (h, w))

@@ -21,7 +21,8 @@ processes gives each process more images (and says so in its log), the recipe's 
 Run folder `OUT/`: `config.yaml` (the resolved config), `log.jsonl` (one JSON object per log step
 and per validation), `checkpoints/iter_N.pt` (everything needed to continue bit-identically),
 `best.safetensors` (best val mIoU), `final.safetensors`, and TensorBoard events in `tb/` when
-tensorboard is installed. Only rank 0 writes.
+tensorboard is installed (the `tensorboard` extra; the log says whether it is on). Only rank 0
+writes.
 """
 
 from __future__ import annotations
@@ -470,8 +471,10 @@ def _open_run_folder(run: Run, start_iter: int, per_process: int, notes: List[st
         from torch.utils.tensorboard import SummaryWriter
 
         run.writer = SummaryWriter(str(run.out / "tb"))
+        log.info("TensorBoard: scalars in %s (tensorboard --logdir %s)", run.out / "tb", run.out)
     except ImportError:
         run.writer = None
+        log.info("TensorBoard off: pip install tensorboard (the 'tensorboard' extra) to log to it")
     run.records.append({
         "event": "start", "iter": start_iter, "model": run.cfg.model.name, "family": run.family,
         "world_size": run.world, "batch_per_process": per_process, "device": str(run.device),
@@ -492,12 +495,20 @@ def _set_determinism(deterministic: bool, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def ohem_min_kept_for(cfg: Config, per_process: int) -> int:
+    """OHEM's min_kept for a process of `per_process` images: the recipe's `ohem_min_kept` is
+    for `ohem_min_kept_images` images (the official 131072 for 3 per GPU), scaled by the ratio,
+    so the fraction of pixels kept stays the official one whatever the split of the batch."""
+    tc = cfg.train
+    return max(1, round(tc.ohem_min_kept * per_process / tc.ohem_min_kept_images))
+
+
 def _loss(logits: torch.Tensor, label: torch.Tensor, cfg: Config,
-          class_weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """The recipe's loss: HRNet's OHEM or cross-entropy."""
+          class_weights: Optional[torch.Tensor], min_kept: int) -> torch.Tensor:
+    """The recipe's loss: HRNet's OHEM (keeping at least `min_kept` pixels) or cross-entropy."""
     tc = cfg.train
     if tc.loss == "ohem":
-        return ohem_cross_entropy(logits, label, tc.ohem_threshold, tc.ohem_min_kept,
+        return ohem_cross_entropy(logits, label, tc.ohem_threshold, min_kept,
                                   cfg.data.ignore_index, class_weights)
     return cross_entropy(logits, label, cfg.data.ignore_index, class_weights, tc.loss_average)
 
@@ -674,6 +685,12 @@ def train(
             f"total batch {tc.batch_size} = {world} process(es) x {per_process} image(s); "
             f"lr {oc.lr:g} is for the total batch and is not rescaled"
         ]
+        min_kept = ohem_min_kept_for(cfg, per_process)
+        if tc.loss == "ohem" and per_process != tc.ohem_min_kept_images:
+            notes.append(
+                f"OHEM min_kept {tc.ohem_min_kept} is for {tc.ohem_min_kept_images} image(s) "
+                f"per process: {min_kept} for this run's {per_process}"
+            )
         if ddp and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # both papers train with SyncBN
         elif ddp:
@@ -729,7 +746,7 @@ def train(
 
                 with autocast:
                     logits = model(image)  # N×C×H/4×W/4
-                loss = _loss(logits, label, cfg, class_weights)
+                loss = _loss(logits, label, cfg, class_weights, min_kept)
                 # one collective per step: the mean loss, and whether any process was asked to stop
                 stats = torch.tensor([loss.item(), float(stop_request.signal is not None)],
                                      dtype=torch.float64, device=device)
@@ -800,3 +817,26 @@ def summary_line(summary: dict) -> str:
     if summary["best_mIoU"] is not None:
         line += f" (best {summary['best_mIoU']:.4f} at iteration {summary['best_iter']})"
     return line + f"; run folder {summary['out']}"
+
+
+# The weights a run folder holds, by what `compare --checkpoint` calls them. `final` is what the
+# official tests evaluate (HRNet's tools/test.py loads final_state.pth; NVlabs reports the last
+# iteration); `best` was chosen on the val split, so a val figure of it is optimistic.
+RUN_WEIGHTS = {"final": "final.safetensors", "best": "best.safetensors"}
+
+
+def run_weights(path: Union[str, Path], which: str = "final") -> Path:
+    """`path` itself, or for a training run folder (one holding final/best.safetensors) the
+    weights file `which` ('final' or 'best') in it; SegcompareError when that one is missing."""
+    if which not in RUN_WEIGHTS:
+        raise SegcompareError(f"unknown run weights {which!r}; valid: {', '.join(RUN_WEIGHTS)}")
+    path = Path(path)
+    if not path.is_dir() or not any((path / name).is_file() for name in RUN_WEIGHTS.values()):
+        return path
+    chosen = path / RUN_WEIGHTS[which]
+    if not chosen.is_file():
+        raise SegcompareError(
+            f"{path}: this run folder has no {chosen.name} (the run did not finish, or never "
+            "validated); name a weights file, or resume the run"
+        )
+    return chosen

@@ -427,3 +427,41 @@ def test_big_variants_are_told_apart_on_the_meta_device():
             k: v for k, v in state.items() if not k.startswith(("decode_head", "last_layer"))
         }
         assert guess_variant(backbone) == name
+
+
+def test_huggingface_export_runs_in_transformers_pipeline(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+    from PIL import Image
+
+    from segcompare.evaluate import InferenceSettings
+    from segcompare.infer import Predictor
+
+    torch.manual_seed(0)
+    tiny = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 40, 64), decoder_dim=32)
+    ours = build_model("segformer-b0", **tiny).eval()
+    save_weights(ours, tmp_path / "tiny.safetensors")
+    assert cli.main(["convert", str(tmp_path / "tiny.safetensors"), str(tmp_path / "hf")]) == 0
+    processor = transformers.SegformerImageProcessor.from_pretrained(tmp_path / "hf")
+    assert (processor.size["height"], processor.size["width"]) == (1024, 2048)
+    segment = transformers.pipeline("image-segmentation", model=str(tmp_path / "hf"))
+    # an image at the test size: transformers' PIL resize is then the identity, as ours
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (16, 32, 3), dtype=np.uint8).repeat(64, 0).repeat(64, 1)
+    hf_pred = np.full((1024, 2048), 255, np.uint8)
+    names = list(segment.model.config.id2label.values())
+    for item in segment(Image.fromarray(image)):
+        hf_pred[np.array(item["mask"]) > 0] = names.index(item["label"])
+    assert names[0] == "road"
+    pred = Predictor(ours, InferenceSettings(mode="whole", device="cpu", optimize=False))
+    agree = (pred.predict(image) == hf_pred).mean()
+    assert agree > 0.999, agree
+
+
+@pytest.mark.parametrize("dst", ["b0.pt", "b0.pth", "b0.bin"])
+def test_convert_refuses_a_torch_file_name(tmp_path, capsys, dst):
+    rc = cli.main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / dst)])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1
+    assert dst in err and "b0.safetensors" in err
+    assert not (tmp_path / dst).exists()

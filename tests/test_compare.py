@@ -194,15 +194,20 @@ def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     make_synthetic_cityscapes(root / "data", train=0, val=3, size=(64, 128), seed=0)
     torch.manual_seed(0)
+    # SegFormer as a training run folder: compare takes its final weights, not best.safetensors
+    (root / "run_b0").mkdir()
     weights = {
         "segformer-b0": save_weights(
-            build_model("segformer-b0", **TINY_SEGFORMER), root / "b0.safetensors"),
+            build_model("segformer-b0", **TINY_SEGFORMER), root / "run_b0" / "final.safetensors"),
         "hrnet-w18-small-v1": save_weights(
             build_model("hrnet-w18-small-v1", **TINY_HRNET), root / "w18s.safetensors"),
     }  # fmt: skip
+    best = build_model("segformer-b0", **TINY_SEGFORMER)
+    save_weights(best, root / "run_b0" / "best.safetensors")
+    given = {"segformer-b0": root / "run_b0", "hrnet-w18-small-v1": weights["hrnet-w18-small-v1"]}
     out = root / "report"
     doc = compare.run_compare(compare.CompareSpec(
-        [(name, path) for name, path in weights.items()], root / "data", "val", out, images=2,
+        [(name, path) for name, path in given.items()], root / "data", "val", out, images=2,
         corruptions=["noise", "blur", "jpeg", "brightness"], corrupt_images=1, bench_iters=1,
         bench_warmup=0, inference=InferenceSettings(device="cpu"), progress=False,
     ))  # fmt: skip
@@ -306,6 +311,28 @@ def test_metrics_agree_with_segcompare_eval(report, capsys):
     capsys.readouterr()
 
 
+def test_a_run_folder_is_evaluated_by_its_final_weights(report):
+    doc = json.loads((report["out"] / "metrics.json").read_text())
+    assert doc["models"][0]["weights"] == str(report["root"] / "run_b0" / "final.safetensors")
+    md = (report["out"] / "report.md").read_text()
+    assert "final weights of a training run" in md and "best val mIoU of a training run" not in md
+
+
+def test_run_weights_picks_final_or_best(tmp_path):
+    from segcompare.train import run_weights
+
+    (tmp_path / "final.safetensors").write_bytes(b"x")
+    assert run_weights(tmp_path) == tmp_path / "final.safetensors"
+    with pytest.raises(SegcompareError, match="no best.safetensors"):
+        run_weights(tmp_path, "best")
+    (tmp_path / "best.safetensors").write_bytes(b"x")
+    assert run_weights(tmp_path, "best") == tmp_path / "best.safetensors"
+    assert run_weights(tmp_path / "final.safetensors") == tmp_path / "final.safetensors"
+    hf_dir = tmp_path / "hf"  # any other folder (a HuggingFace directory) stays as it is
+    hf_dir.mkdir()
+    assert run_weights(hf_dir) == hf_dir
+
+
 def test_parameters_and_gmacs_match_stats(report):
     from segcompare.models import build_model
     from segcompare.stats import count_macs
@@ -330,3 +357,32 @@ def test_report_text_names_the_boundary_band(report):
     md = (report["out"] / "report.md").read_text()
     assert "d = 1 px" in md and "0.5% of the image diagonal" in md
     assert Path(report["out"] / "report.html").stat().st_size > 10_000
+
+
+def test_report_tables_scroll_and_figures_scale(report):
+    text = (report["out"] / "report.html").read_text()
+    # every table sits in a horizontal scroller: a narrow screen scrolls it, not the page
+    assert text.count("<table") == text.count('<div class="scroll">\n<table') > 0
+    css = text[text.index("<style>"): text.index("</style>")]
+    assert ".scroll { overflow-x: auto;" in css
+    assert "figure img { max-width: 100%; height: auto;" in css
+    assert "min-width: 0" in css  # a flex figure may shrink below its image's width
+
+
+def test_markdown_and_html_escape_what_comes_from_file_names(tmp_path):
+    from segcompare.compare.report import Section, render_html, render_markdown
+
+    label = "<img src=x onerror=alert(1)>|b&c"
+    (tmp_path / "confusion_a b.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    sections = [Section(
+        f"about {label}", [f"weights {label}"], (["model", "weights"], [[label, "w|x.pt"]]),
+        images=[("confusion_a b.png", f"confusion of {label} [x]")],
+    )]  # fmt: skip
+    md = render_markdown(label, sections)
+    assert "<img" not in md and "&lt;img src=x onerror=alert(1)&gt;\\|b&amp;c" in md
+    row = next(line for line in md.splitlines() if line.startswith("| &lt;img"))
+    # two cells: the only unescaped pipes are the table's own
+    assert len(row.replace("\\|", "").split("|")) == 4
+    assert "](confusion_a%20b.png)" in md and "\\[x\\]" in md
+    page = render_html(label, sections, tmp_path)
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page

@@ -83,12 +83,15 @@ def test_side_by_side_training_gives_the_same_bits_as_one_after_the_other(demo, 
     process; the weights equal those of sequential runs with a data-loader worker."""
     from safetensors.torch import load_file
 
-    from segcompare.demo import RECIPES, REPO_CONFIGS, TINY, train_model, train_models
+    from segcompare.config import shipped_recipe
+    from segcompare.demo import RECIPES, TINY, train_model, train_models
 
     _, cache = demo
     (data,) = cache.iterdir()
     runs = [r.removesuffix(".yaml") for r in RECIPES]
-    jobs = [(REPO_CONFIGS / recipe, tmp_path / "side" / run) for recipe, run in zip(RECIPES, runs)]
+    jobs = [
+        (shipped_recipe(recipe), tmp_path / "side" / run) for recipe, run in zip(RECIPES, runs)
+    ]
     side = train_models(jobs, data, TINY, parallel=True)
     for (recipe, _), weights in zip(jobs, side):
         alone = train_model(recipe, data, tmp_path / "alone" / weights.parent.name, TINY,

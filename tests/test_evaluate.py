@@ -244,6 +244,36 @@ def test_flip_and_multi_scale_average_as_the_official_code():
     assert torch.allclose(hr, expected_hr, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "family, scales",
+    [
+        # NVlabs/SegFormer tools/test.py --aug-test, CityscapesDataset: img_ratios and flip=True
+        ("segformer", (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)),
+        # HRNet-Semantic-Segmentation README: TEST.SCALE_LIST 0.5,...,1.75 TEST.FLIP_TEST True
+        ("hrnet", (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)),
+    ],
+)
+def test_aug_test_is_each_familys_official_multi_scale_test(family, scales):
+    model = QuarterNet().eval()
+    x = torch.randn(1, 3, 16, 24)
+    aug = InferenceSettings(family, mode="whole", aug_test=True)
+    assert aug.resolved().scales == scales and aug.resolved().flip
+    with torch.no_grad():
+        out = inference(model, x, aug)
+        explicit = inference(
+            model, x, InferenceSettings(family, mode="whole", scales=scales, flip=True)
+        )
+    assert torch.equal(out, explicit)
+
+
+def test_aug_test_cli_refuses_explicit_scales(capsys):
+    from segcompare.cli import main
+
+    rc = main(["eval", "--data", "x", "--model", "segformer-b0", "--aug-test", "--flip"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--aug-test" in err and len(err.strip().splitlines()) == 1
+
+
 def test_test_size_and_output_size():
     model = QuarterNet().eval()
     x = torch.randn(1, 3, 30, 50)
@@ -370,6 +400,7 @@ def test_eval_cli_bad_predictions_are_one_line(synth, tmp_path, capsys):
     rc, line = run()
     assert rc == 1 and f"no prediction for {names[1]}" in line
     rc, _, err = _cli(capsys, "eval", "--data", data)  # neither a model nor --pred-dir
-    assert (
-        rc == 1 and err.strip() == "segcompare eval: error: name a model: --model NAME --weights W"
+    assert rc == 1 and err.strip() == (
+        "segcompare eval: error: name a model (--model NAME and/or --weights W), or score saved "
+        "labelIds PNGs with --pred-dir DIR"
     )

@@ -80,7 +80,6 @@ def test_official_initialisation():
     assert abs(conv.std().item() - 0.001) < 0.0001
     bn = model.last_layer[1]
     assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
-    assert bn.momentum == 0.1
 
 
 def test_training_step_gradients_flow_and_are_finite():
@@ -146,3 +145,27 @@ def test_bad_stage_settings_are_value_errors(stage2, message):
 def test_unknown_override_is_a_value_error():
     with pytest.raises(ValueError, match="stage2"):
         build_model("hrnet-w18", stage5={})
+
+
+@pytest.mark.parametrize(
+    "name, momentum",
+    # seg_hrnet.py BN_MOMENTUM: 0.01 on branch pytorch-v1.1 (the small models), 0.1 on HRNet-OCR
+    [("hrnet-w18-small-v1", 0.01), ("hrnet-w18-small-v2", 0.01), ("hrnet-w18", 0.1),
+     ("hrnet-w32", 0.1), ("hrnet-w48", 0.1)],
+)
+def test_bn_momentum_per_variant(name, momentum):
+    with torch.device("meta"):
+        model = build_model(name)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(m.momentum == momentum for m in bns)
+    assert model.settings["bn_momentum"] == momentum
+
+
+def test_small_model_running_stats_move_by_one_hundredth():
+    torch.manual_seed(0)
+    model = build_model("hrnet-w18-small-v1").train()
+    x = torch.randn(2, 3, 32, 32)
+    model(x)
+    # the stem's first BN sees conv1(x): running_mean = 0.99 * 0 + 0.01 * batch mean
+    batch_mean = model.conv1(x).mean(dim=(0, 2, 3))
+    assert torch.allclose(model.bn1.running_mean, 0.01 * batch_mean, rtol=1e-4, atol=1e-9)

@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -163,6 +165,17 @@ def test_video_max_frames_size_and_errors(tmp_path):
     assert not (tmp_path / "w.gif").exists()
 
 
+def test_mp4_without_the_video_extra_is_one_line(tmp_path, monkeypatch):
+    # imageio is the 'video' extra, not a core dependency: without it, one line naming the extra
+    monkeypatch.setitem(sys.modules, "imageio", None)  # import imageio -> ImportError
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    Image.new("RGB", (32, 16)).save(frames / "a.png")
+    with pytest.raises(SegcompareError, match=r"segcompare\[video\]"):
+        render_video([Predictor(RedNet(), CPU)], frames, tmp_path / "v.mp4", progress=False)
+    assert not (tmp_path / "v.mp4").exists()
+
+
 # --- segcompare predict / video, end to end on the synthetic set ----------------------------------
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
@@ -237,3 +250,29 @@ def test_cli_bad_inputs_are_one_line(synth, tmp_path, capsys):
         lines = err.strip().splitlines()
         assert rc == 1 and lines[-1].startswith(f"segcompare {argv[0]}: error: "), err
         assert message in lines[-1]
+
+
+def test_class_boundaries_by_hand():
+    from segcompare.infer.video import class_boundaries
+
+    ids = np.array([[0, 0, 13], [0, 14, 13], [0, 0, 0]], dtype=np.uint8)
+    # a pixel is on a boundary when its right or lower neighbour has another class
+    expected = np.array([[0, 1, 0], [1, 1, 1], [0, 0, 0]], dtype=bool)
+    assert np.array_equal(class_boundaries(ids), expected)
+
+
+def test_video_draws_boundaries_and_shrinks_to_max_width(tmp_path):
+    from segcompare.infer.video import BOUNDARY_RGB
+
+    frames = _frames(tmp_path / "stuttgart_00", n=1)  # 32×64: bicycle | road for RedNet
+    out = tmp_path / "v.gif"
+    render_video([Predictor(RedNet(), WHOLE)], frames, out, max_width=64, progress=False)
+    with Image.open(out) as gif:
+        width, height = gif.size
+        frame = np.asarray(gif.convert("RGB")).astype(int)
+    assert width == 64  # two 32-px panels (the 64-px frames drawn at half size)
+    title_h = 14
+    row = frame[title_h + 8, 32:]  # the overlay panel at half size: bicycle | road
+    white = np.abs(row - BOUNDARY_RGB).max(axis=1) <= 12
+    assert white.sum() == 1 and 8 < np.flatnonzero(white)[0] < 24  # one boundary, mid-panel
+    assert np.abs(row[4] - (0.5 * np.array([255, 40, 0]) + 0.5 * PALETTE[18])).max() <= 12

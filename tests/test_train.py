@@ -210,6 +210,21 @@ def _assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
+def _assert_tensorboard_scalars(tb: Path, losses: list) -> None:
+    """The event file, read by tensorboard's own reader, holds the log's scalars."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:  # the 'tensorboard' extra (in 'test'); without it no events are written
+        assert not tb.exists()
+        return
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/time_per_iter", "train/data_time", "val/mIoU"} <= tags
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
+    assert [e.step for e in events.Scalars("val/mIoU")] == [15, 30]
+
+
 def test_loss_decreases_and_run_folder(tmp_path: Path, synth_root: Path, one_thread) -> None:
     import json
 
@@ -233,6 +248,7 @@ def test_loss_decreases_and_run_folder(tmp_path: Path, synth_root: Path, one_thr
     final = build_model(weights=out / "final.safetensors")
     _assert_same_state(final.state_dict(), _model_state(out / "checkpoints" / "iter_30.pt"))
     assert (out / "best.safetensors").is_file()
+    _assert_tensorboard_scalars(out / "tb", losses)
     # --resume refuses a changed recipe, naming the key; a finished run resumes to its end
     changed = config_from_dict({**_tiny_run_config(synth_root, max_iters=30, log_every=5,
                                                    eval_every=15, checkpoint_every=10),
@@ -258,6 +274,24 @@ def test_hrnet_ohem_bf16_sgd_run(tmp_path: Path, synth_root: Path) -> None:
     assert summary["iter"] == 4 and math.isfinite(summary["final_loss"])
     assert summary["val_mIoU"] is not None
     assert torch.get_num_threads() == threads
+    # min_kept is for 3 images per process (the official split); this process has 4
+    start = yaml.safe_load((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert "OHEM min_kept 1000 is for 3 image(s) per process: 1333 for this run's 4" in " ".join(
+        start["notes"]
+    )
+
+
+def test_ohem_min_kept_scales_with_the_images_per_process() -> None:
+    from segcompare.train import ohem_min_kept_for
+
+    cfg = load_config(CONFIGS / "hrnet_w48_cityscapes_512x1024_ohem.yaml")
+    # LOSS.OHEMKEEP 131072 for 3 images per GPU: 43690.67 pixels per image
+    assert [ohem_min_kept_for(cfg, n) for n in (1, 2, 3, 6, 12)] == [
+        43691, 87381, 131072, 262144, 524288
+    ]
+    with pytest.raises(SegcompareError, match="train.ohem_min_kept_images"):
+        config_from_dict({**yaml.safe_load((CONFIGS / "synthcity_segformer_b0.yaml").read_text()),
+                          "train": {"ohem_min_kept_images": 0}})
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path: Path, synth_root: Path) -> None:

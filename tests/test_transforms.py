@@ -13,6 +13,7 @@ from segcompare.data.transforms import (
     apply_photometric,
     build_test_transform,
     build_train_transform,
+    draw_photometric,
     hrnet_rescale_hw,
     mmseg_rescale_hw,
     normalize,
@@ -95,6 +96,14 @@ def test_photometric_equals_mmseg_arithmetic(params):
     ours = apply_photometric(rgb.copy(), params)
     theirs = _mmseg_photometric(np.ascontiguousarray(rgb[..., ::-1]), params)[..., ::-1]
     assert np.array_equal(ours, theirs)
+
+
+def test_photometric_hue_range_is_mmsegs():
+    # mmseg's PhotoMetricDistortion.hue draws np.random.randint(-18, 18): -18..17, never 18
+    official = set(np.random.RandomState(0).randint(-18, 18, size=5000).tolist())
+    rng = np.random.default_rng(0)
+    ours = {draw_photometric(rng).hue for _ in range(5000)} - {None}
+    assert ours == official == set(range(-18, 18))
 
 
 def test_cat_max_ratio_is_respected():

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
+from urllib.parse import quote
 
 from segcompare.data.corrupt import CORRUPTION_LEVELS, SEVERITIES
 from segcompare.data.labels import CLASS_NAMES
@@ -50,7 +51,9 @@ def describe_inference(inference: dict[str, Any]) -> str:
     words = [
         f"{mode.get(inference['mode'], inference['mode'])} inference",
         f"at {size[0]}x{size[1]}" if size else "at each image's own size",
-        ("scale " if len(inference["scales"]) == 1 else "scales ")
+        "each family's official multi-scale test (SegFormer scales 0.5-2.0, HRNet 0.5-1.75)"
+        if inference.get("aug_test")
+        else ("scale " if len(inference["scales"]) == 1 else "scales ")
         + ", ".join(f"{v:g}" for v in inference["scales"]),
     ]
     if inference.get("window"):
@@ -65,21 +68,28 @@ def describe_inference(inference: dict[str, Any]) -> str:
     return ", ".join(words)
 
 
+def _md(text: str) -> str:
+    """Text (a model label, a file name) safe in Markdown: no raw HTML, no table break."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("|", "\\|")
+
+
 def render_markdown(title: str, sections: Sequence[Section]) -> str:
-    out = [f"# {title}", ""]
+    out = [f"# {_md(title)}", ""]
     for s in sections:
-        out += [f"## {s.title}", ""]
+        out += [f"## {_md(s.title)}", ""]
         for p in s.paragraphs:
-            out += [p, ""]
+            out += [_md(p), ""]
         if s.table:
             header, rows = s.table
-            out.append("| " + " | ".join(header) + " |")
+            out.append("| " + " | ".join(_md(h) for h in header) + " |")
             rest = "---:" if s.numeric_table else "---"
             out.append("| " + " | ".join(["---"] + [rest] * (len(header) - 1)) + " |")
-            out += ["| " + " | ".join(row) + " |" for row in rows]
+            out += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
             out.append("")
         for name, caption in s.images:
-            out += [f"![{caption}]({name})", ""]
+            caption = _md(caption).replace("[", "\\[").replace("]", "\\]")
+            out += [f"![{caption}]({quote(name)})", ""]
     return "\n".join(out)
 
 
@@ -88,7 +98,8 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; mar
        max-width: 1400px; padding: 1em 2em; color: #222; line-height: 1.45; }
 h1 { font-size: 1.7em; margin-bottom: 0.2em; }
 h2 { font-size: 1.3em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
-p { max-width: 60em; }
+p { max-width: 60em; overflow-wrap: anywhere; }
+.scroll { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; }
 th { background: #f3f3f3; }
@@ -99,7 +110,8 @@ figure { margin: 0.8em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; }
 .images { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
-.images figure { flex: 1 1 600px; }
+.images figure { flex: 1 1 600px; min-width: 0; }
+@media (max-width: 700px) { body { padding: 0.5em 0.8em; } }
 """
 
 
@@ -128,11 +140,13 @@ def render_html(title: str, sections: Sequence[Section], image_dir: Path) -> str
         out += [f"<p>{_inline_code(esc(p))}</p>" for p in s.paragraphs]
         if s.table:
             header, rows = s.table
+            out.append('<div class="scroll">')  # a wide table scrolls, the page does not
             out.append("<table>" if s.numeric_table else '<table class="text">')
             out.append("<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
             for row in rows:
                 out.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
             out.append("</table>")
+            out.append("</div>")
         if s.images:
             out.append('<div class="images">')
             for name, caption in s.images:
@@ -349,8 +363,20 @@ def robustness_section(
     )  # fmt: skip
 
 
+def _which_weights(weights: Any) -> str:
+    """What a weights file is, by the name `segcompare train` gives it."""
+    name = Path(str(weights)).name if weights else ""
+    return {
+        "final.safetensors": "final weights of a training run (as the official tests evaluate)",
+        "best.safetensors": "best val mIoU of a training run (chosen on val: optimistic there)",
+    }.get(name, "as given" if weights else "untrained")
+
+
 def method_section(runs: Sequence[ModelRun], meta: dict[str, Any]) -> Section:
-    weights_rows = [[run.label, str(run.weights or "random (seed 0)")] for run in runs]
+    weights_rows = [
+        [run.label, str(run.weights or "random (seed 0)"), _which_weights(run.weights)]
+        for run in runs
+    ]
     return Section(
         "How this was measured",
         [
@@ -361,7 +387,7 @@ def method_section(runs: Sequence[ModelRun], meta: dict[str, Any]) -> Section:
             "interleaved after warm-up; memory MB = peak size of the tensors one forward pass "
             "creates: the CUDA allocator's peak, or on the CPU the live tensors tracked op by op).",
         ],
-        (["model", "weights"], weights_rows),
+        (["model", "weights", "which"], weights_rows),
         numeric_table=False,
     )
 

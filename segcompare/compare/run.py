@@ -24,6 +24,7 @@ from segcompare.compare.report import model_entry, write_report
 from segcompare.data.corrupt import CORRUPTION_LEVELS, CORRUPTIONS, SEVERITIES
 from segcompare.evaluate import InferenceSettings
 from segcompare.metrics import BOUNDARY_FRAC, boundary_width, results_to_json
+from segcompare.train import run_weights
 from segcompare.utils import PathLike, SegcompareError, atomic_write_text, make_dirs
 
 
@@ -44,6 +45,8 @@ class CompareSpec:
     bench_iters / bench_warmup: timed and warm-up forward passes per model, at the eval size.
     boundary_frac: the Boundary IoU band as a fraction of the image diagonal.
     progress: show progress bars.
+    checkpoint: which weights of a training run folder given as weights: 'final' (what the
+        official tests evaluate) or 'best' (best val mIoU: chosen on val, so optimistic there).
     """
 
     models: tuple[tuple[Optional[str], Optional[PathLike]], ...]
@@ -59,6 +62,7 @@ class CompareSpec:
     bench_warmup: int = 1
     boundary_frac: float = BOUNDARY_FRAC
     progress: bool = True
+    checkpoint: str = "final"
 
     def __post_init__(self) -> None:
         # Lists are welcome; a frozen value holds tuples.
@@ -90,7 +94,9 @@ def run_compare(spec: CompareSpec) -> dict[str, Any]:
     label_hw = tuple(raw[0]["label"].shape)  # predictions are scored at the label size
     eval_hw = spec.inference.size_hw or label_hw  # the size the models run at
     d = boundary_width(label_hw, spec.boundary_frac)
-    runs = build_runs(spec.models, spec.inference)
+    # a training run folder -> its final (or best) weights file, which the report names
+    models = [(name, w and run_weights(w, spec.checkpoint)) for name, w in spec.models]
+    runs = build_runs(models, spec.inference)
 
     for run in runs:
         with tqdm(total=len(dataset), desc=f"eval {run.label}", unit="img",

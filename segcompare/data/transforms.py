@@ -157,7 +157,7 @@ class PhotometricParams:
     contrast: Optional[float]  # alpha, in [0.5, 1.5]
     contrast_first: bool  # mmseg's `mode == 1`
     saturation: Optional[float]  # alpha on the HSV S channel, in [0.5, 1.5]
-    hue: Optional[int]  # added to the HSV H channel (0..179), in [-18, 18]
+    hue: Optional[int]  # added to the HSV H channel (0..179), in [-18, 18)
 
 
 def draw_photometric(
@@ -174,7 +174,8 @@ def draw_photometric(
     contrast_first = bool(rng.integers(2))
     contrast = float(rng.uniform(*contrast_range)) if rng.integers(2) else None
     saturation = float(rng.uniform(*saturation_range)) if rng.integers(2) else None
-    hue = int(rng.integers(-hue_delta, hue_delta + 1)) if rng.integers(2) else None
+    # mmseg draws np.random.randint(-hue_delta, hue_delta): the upper end is excluded (-18..17)
+    hue = int(rng.integers(-hue_delta, hue_delta)) if rng.integers(2) else None
     return PhotometricParams(brightness, contrast, contrast_first, saturation, hue)
 
 

@@ -63,7 +63,9 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.name = getattr(model, "variant", type(model).__name__)
         self.variant: Optional[str] = getattr(model, "variant", None)
-        self.settings = dataclasses.replace(settings, family=settings.family or _family(model))
+        self.settings = dataclasses.replace(
+            settings, family=settings.family or _family(model)
+        ).resolved()  # aug_test: the family's own scales and flip
         self.amp = settings.amp
         self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
         # What run_model calls: the model itself, or what prepare_for_inference makes of it.

@@ -1,5 +1,5 @@
 """The side-by-side video: input | model 1 | model 2 ..., each panel titled with the model and its
-latency, a class legend below; written as a GIF (Pillow) or an MP4 (imageio-ffmpeg).
+latency, a class legend below; written as a GIF (Pillow) or an MP4 (imageio + imageio-ffmpeg).
 
     render_video([Predictor(b0), Predictor(w48)], "stuttgart_00/", "demo.gif")
 """
@@ -17,6 +17,11 @@ from segcompare.data.images import to_rgb8
 from segcompare.data.labels import CLASS_NAMES, PALETTE
 from segcompare.infer.predictor import IMAGE_SUFFIXES, Predictor, load_image, render_prediction
 from segcompare.utils import PathLike, SegcompareError, atomic_path, synchronize
+
+# The widest video written by default (all panels together): a GIF small enough for a README.
+# The models still run at the frame size (or --size); only the drawing is scaled down.
+MAX_WIDTH = 1024
+BOUNDARY_RGB = (255, 255, 255)  # class boundaries drawn over the overlay
 
 
 def iter_frames(
@@ -48,12 +53,13 @@ def iter_frames(
 
 
 def _need_ffmpeg(what: str) -> None:
-    try:
+    try:  # the 'video' extra: imageio and its ffmpeg plugin
+        import imageio  # noqa: F401
         import imageio_ffmpeg  # noqa: F401
     except ImportError:
         raise SegcompareError(
-            f"{what} needs imageio-ffmpeg: pip install imageio-ffmpeg (the 'video' extra), "
-            "or use a folder of frames / a .gif"
+            f"{what} needs imageio and imageio-ffmpeg: pip install 'segcompare[video]' (or pip "
+            "install imageio imageio-ffmpeg), or use a folder of frames / a .gif"
         ) from None
 
 
@@ -92,12 +98,33 @@ def _title_bar(text: str, width: int, height: int) -> np.ndarray:
     return np.asarray(bar)
 
 
+def class_boundaries(train_ids: np.ndarray) -> np.ndarray:
+    """H×W bool: the pixels whose right or lower neighbour has another class. Under the 50 %
+    overlay car, truck and bus are three dark blues; their outlines tell the segments apart."""
+    edges = np.zeros(train_ids.shape, dtype=bool)
+    edges[:, :-1] |= train_ids[:, :-1] != train_ids[:, 1:]
+    edges[:-1, :] |= train_ids[:-1, :] != train_ids[1:, :]
+    return edges
+
+
+def overlay_panel(frame: np.ndarray, train_ids: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """The overlay (official palette at 50 %) at display size `hw`, class boundaries drawn."""
+    if frame.shape[:2] != tuple(hw):
+        frame = np.asarray(Image.fromarray(frame).resize(hw[::-1], Image.BILINEAR))
+        train_ids = np.asarray(Image.fromarray(train_ids).resize(hw[::-1], Image.NEAREST))
+    panel = render_prediction(train_ids, frame, "overlay")
+    panel[class_boundaries(train_ids)] = BOUNDARY_RGB
+    return panel
+
+
 def legend(width: int, row_h: int = 18) -> np.ndarray:
-    """The 19 classes as colour swatches with names, in rows that fit `width` pixels."""
+    """The 19 classes as colour swatches (twice as wide as high) with names, in rows that fit
+    `width` pixels."""
     from PIL import ImageDraw
 
     font = _font(max(8, row_h * 2 // 3))
-    entry_w = max(font.getbbox(name)[2] for name in CLASS_NAMES) + row_h + 12
+    swatch_w = 2 * row_h
+    entry_w = max(font.getbbox(name)[2] for name in CLASS_NAMES) + swatch_w + 12
     per_row = max(1, width // entry_w)
     rows = -(-len(CLASS_NAMES) // per_row)
     im = Image.new("RGB", (width, rows * row_h + 4), (24, 24, 24))
@@ -105,9 +132,12 @@ def legend(width: int, row_h: int = 18) -> np.ndarray:
     for i, name in enumerate(CLASS_NAMES):
         x, y = (i % per_row) * entry_w + 6, (i // per_row) * row_h + 2
         draw.rectangle(
-            (x, y + 2, x + row_h - 6, y + row_h - 4), fill=tuple(int(v) for v in PALETTE[i])
+            (x, y + 2, x + swatch_w - 4, y + row_h - 3), fill=tuple(int(v) for v in PALETTE[i]),
+            outline=(230, 230, 230),
+        )  # fmt: skip
+        draw.text(
+            (x + swatch_w + 2, y + row_h // 2), name, fill=(230, 230, 230), anchor="lm", font=font
         )
-        draw.text((x + row_h, y + row_h // 2), name, fill=(230, 230, 230), anchor="lm", font=font)
     return np.asarray(im)
 
 
@@ -159,10 +189,13 @@ def render_video(
     every: int = 1,
     max_frames: Optional[int] = None,
     progress: bool = True,
+    max_width: Optional[int] = MAX_WIDTH,
 ) -> int:
     """Segment each frame of `source` with every predictor and write the side-by-side video
     (.gif through Pillow, .mp4 through imageio-ffmpeg) to `out`. Frames are resized to `size`
-    (H, W) first (default: the first frame's size). Returns the number of frames written."""
+    (H, W) first (default: the first frame's size) and segmented at that size; the panels are
+    drawn smaller when all of them together would be wider than `max_width` (None: never).
+    Returns the number of frames written."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -185,6 +218,7 @@ def render_video(
                 if frame.shape[:2] != tuple(size):
                     frame = np.array(Image.fromarray(frame).resize(size[::-1], Image.BILINEAR))
                 overlays = []
+                panel_hw = _panel_hw(frame.shape[:2], len(predictors) + 1, max_width)
                 if count == 0:  # one untimed pass each: the first call pays one-time costs
                     for predictor in predictors:
                         predictor.predict(frame)
@@ -194,11 +228,14 @@ def render_video(
                     train_ids = predictor.predict(frame)
                     latency_ms = 1000 * (time.perf_counter() - start)
                     overlays.append(
-                        (predictor.name, render_prediction(train_ids, frame, "overlay"), latency_ms)
+                        (predictor.name, overlay_panel(frame, train_ids, panel_hw), latency_ms)
                     )
-                title_h = max(14, frame.shape[0] // 16)
+                title_h = max(14, panel_hw[0] // 16)
                 if legend_strip is None:
-                    legend_strip = legend(frame.shape[1] * (len(predictors) + 1), title_h)
+                    legend_strip = legend(panel_hw[1] * (len(predictors) + 1), max(16, title_h))
+                if frame.shape[:2] != panel_hw:
+                    shown = Image.fromarray(frame).resize(panel_hw[::-1], Image.BILINEAR)
+                    frame = np.asarray(shown)
                 canvas = compose_frame(frame, overlays, legend_strip, title_h)
                 if writer is None:
                     writer = _open_writer(tmp, suffix, fps)
@@ -210,6 +247,15 @@ def render_video(
         if count == 0:
             raise SegcompareError(f"no frames read from {source}")
     return count
+
+
+def _panel_hw(hw: tuple[int, int], panels: int, max_width: Optional[int]) -> tuple[int, int]:
+    """The drawn size of one panel: the frame's, scaled down so `panels` fit in `max_width`."""
+    h, w = hw
+    if max_width is None or panels * w <= max_width:
+        return (h, w)
+    panel_w = max(1, max_width // panels)
+    return (max(1, round(h * panel_w / w)), panel_w)
 
 
 def _even(frame: np.ndarray) -> np.ndarray:

@@ -42,6 +42,7 @@ from segcompare.models import convert, hub
 from segcompare.models.hub import HF_BIN_NAME, HF_CONFIG_NAME, HF_INDEX_NAME, WEIGHTS_NAME
 from segcompare.models.variants import (
     FAMILIES,
+    OFFICIAL_TEST_HW,
     Family,
     check_num_classes,
     create,
@@ -687,9 +688,35 @@ def hf_config(model: nn.Module, class_names: Optional[list[str]] = None) -> dict
     }
 
 
+# What transformers' SegformerImageProcessor.from_pretrained and pipeline() read.
+HF_PREPROCESSOR_NAME = "preprocessor_config.json"
+
+
+def hf_preprocessor_config() -> dict[str, Any]:
+    """The preprocessor_config.json of transformers' SegformerImageProcessor: our test
+    normalisation (data/transforms.py MEAN, STD on 0..255, i.e. /255 after its rescale) and the
+    Cityscapes test size (1024×2048, bilinear), labels as they are (no reduce_labels)."""
+    from segcompare.data.transforms import MEAN, STD  # imports cv2: only when exporting
+
+    return {
+        "image_processor_type": "SegformerImageProcessor",
+        "do_resize": True,
+        "size": {"height": OFFICIAL_TEST_HW[0], "width": OFFICIAL_TEST_HW[1]},
+        "resample": 2,  # PIL.Image.BILINEAR
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [m / 255 for m in MEAN],
+        "image_std": [s / 255 for s in STD],
+        "do_reduce_labels": False,
+    }
+
+
 def export_hf(model: nn.Module, out_dir: PathLike, class_names: Optional[list[str]] = None) -> Path:
     """Write a HuggingFace model directory: config.json + model.safetensors in hub names, which
-    `SegformerForSemanticSegmentation.from_pretrained(out_dir)` loads. Each file is atomic."""
+    `SegformerForSemanticSegmentation.from_pretrained(out_dir)` loads, and
+    preprocessor_config.json, which `pipeline("image-segmentation", model=out_dir)` needs.
+    Each file is atomic."""
     config = hf_config(model, class_names)
     official = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     state = {k: v.contiguous() for k, v in convert.official_segformer_to_hf(official).items()}
@@ -699,6 +726,8 @@ def export_hf(model: nn.Module, out_dir: PathLike, class_names: Optional[list[st
     write_safetensors(out_dir / WEIGHTS_NAME, state, {"format": "pt"})
     with atomic_path(out_dir / HF_CONFIG_NAME) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_path(out_dir / HF_PREPROCESSOR_NAME) as tmp:
+        tmp.write_text(json.dumps(hf_preprocessor_config(), indent=2) + "\n")
     return out_dir
 
 
@@ -715,6 +744,12 @@ def convert_checkpoint(
     The variant comes from `model_name`, else our metadata, else the keys and shapes.
     """
     check_num_classes(num_classes)
+    if Path(dst).suffix.lower() in (".pt", ".pth", ".bin"):
+        raise SegcompareError(
+            f"{dst}: convert writes our .safetensors or a HuggingFace directory, not a "
+            f"{Path(dst).suffix} file: name it {Path(dst).with_suffix('.safetensors').name} or a "
+            "directory"
+        )
     spec = describe_weights(src, model_name)
     name = spec.variant
     if name is None:

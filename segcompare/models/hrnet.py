@@ -31,7 +31,11 @@ from torch import nn
 from segcompare.utils import SegcompareError
 
 STEM_CHANNELS = 64  # fixed in the official code, whatever the width
-BN_MOMENTUM = 0.1  # seg_hrnet.py on branch HRNet-OCR (master and pytorch-v1.1 use 0.01)
+# The default BN momentum: seg_hrnet.py on branch HRNet-OCR (W18, W32, W48). The small models
+# were trained on branch pytorch-v1.1, whose seg_hrnet.py sets BN_MOMENTUM = 0.01 (line 23 at
+# 88419ab1; master's InPlaceABNSync version also 0.01): their `bn_momentum` setting below.
+BN_MOMENTUM = 0.1
+SMALL_BN_MOMENTUM = 0.01
 ALIGN_CORNERS = False
 STAGE_KEYS = ("num_modules", "num_branches", "block", "num_blocks", "num_channels", "fuse_method")
 # `last_layer` is the official head's nn.Sequential(1×1 conv, BN, ReLU, classifier), keys
@@ -62,6 +66,7 @@ def _hrnetv2(width: int) -> dict[str, Any]:
         "stage3": _stage(4, "BASIC", (4, 4, 4), (w, 2 * w, 4 * w)),
         "stage4": _stage(3, "BASIC", (4, 4, 4, 4), (w, 2 * w, 4 * w, 8 * w)),
         "final_conv_kernel": 1,
+        "bn_momentum": BN_MOMENTUM,
     }
 
 
@@ -76,6 +81,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "stage3": _stage(1, "BASIC", (2, 2, 2), (16, 32, 64)),
         "stage4": _stage(1, "BASIC", (2, 2, 2, 2), (16, 32, 64, 128)),
         "final_conv_kernel": 1,
+        "bn_momentum": SMALL_BN_MOMENTUM,
     },
     # experiments/cityscapes/seg_hrnet_w18_small_v2_512x1024_sgd_lr1e-2_wd5e-4_bs_12_epoch484.yaml
     # (branches master / pytorch-v1.1)
@@ -85,6 +91,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "stage3": _stage(3, "BASIC", (2, 2, 2), (18, 36, 72)),
         "stage4": _stage(2, "BASIC", (2, 2, 2, 2), (18, 36, 72, 144)),
         "final_conv_kernel": 1,
+        "bn_momentum": SMALL_BN_MOMENTUM,
     },
     # lib/config/hrnet_config.py, HRNET_18 (branch HRNet-OCR; no Cityscapes yaml ships for W18/W32)
     "hrnet-w18": _hrnetv2(18),
@@ -326,6 +333,7 @@ class HRNet(nn.Module):
         stage3: dict[str, Any],
         stage4: dict[str, Any],
         final_conv_kernel: int = 1,
+        bn_momentum: float = BN_MOMENTUM,
     ) -> None:
         super().__init__()
         stages = {"stage1": stage1, "stage2": stage2, "stage3": stage3, "stage4": stage4}
@@ -334,7 +342,9 @@ class HRNet(nn.Module):
         # What rebuilds it (save_weights writes both): the VARIANTS name it was made as (None:
         # settings of one's own) and its settings. Plain attributes, not in the state dict.
         self.variant = variant
-        self.settings = copy.deepcopy({**stages, "final_conv_kernel": final_conv_kernel})
+        self.settings = copy.deepcopy(
+            {**stages, "final_conv_kernel": final_conv_kernel, "bn_momentum": bn_momentum}
+        )
 
         # stem: 1/4 resolution
         self.conv1 = nn.Conv2d(3, STEM_CHANNELS, 3, stride=2, padding=1, bias=False)
@@ -371,6 +381,10 @@ class HRNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(concat_ch, num_classes, final_conv_kernel, padding=final_conv_kernel // 2),
         )
+        # one momentum for every BN of the network, as the official file's BN_MOMENTUM
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = bn_momentum
         self.init_weights()
 
     def init_weights(self) -> None:

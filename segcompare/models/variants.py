@@ -49,6 +49,8 @@ class OfficialTest:
     window_hw: tuple[int, int]  # slide window
     stride_hw: tuple[int, int]
     score: str  # what is averaged over flips and scales: "softmax" or "exp"
+    scales: tuple[float, ...]  # the multi-scale test's scales (`--aug-test`), with ...
+    flip: bool  # ... the flipped image averaged in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +79,12 @@ SEGFORMER = Family(
     # NVlabs/SegFormer local_configs/segformer/B*/segformer.b*.1024x1024.city.160k.py: test_cfg
     # mode 'slide', crop_size (1024, 1024), stride (768, 768). mmseg encoder_decoder.py (0.x):
     # slide_inference averages the windows' logits, inference() takes the softmax of each
-    # (scale, flip) pass at the original size, aug_test averages those.
-    test=OfficialTest((1024, 1024), (768, 768), "softmax"),
+    # (scale, flip) pass at the original size, aug_test averages those. Multi-scale: tools/test.py
+    # (master, 65fa8cf) --aug-test sets img_ratios [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0] and
+    # flip=True for CityscapesDataset (lines 90-96).
+    test=OfficialTest(
+        (1024, 1024), (768, 768), "softmax", (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0), True
+    ),
 )
 
 HRNET = Family(
@@ -93,7 +99,11 @@ HRNET = Family(
     # runs scales <= 1 on the whole image and larger ones on crop-sized windows with stride =
     # crop (the last window aligned to the border); base_dataset.py inference() averages the
     # logits of the image and its flip, then takes exp(); windows are averaged and scales summed.
-    test=OfficialTest((1024, 2048), (1024, 2048), "exp"),
+    # Multi-scale: README.md (HRNet-OCR) "evaluating ... on the Cityscapes validation set with
+    # multi-scale and flip testing": TEST.SCALE_LIST 0.5,0.75,1.0,1.25,1.5,1.75 TEST.FLIP_TEST True.
+    test=OfficialTest(
+        (1024, 2048), (1024, 2048), "exp", (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), True
+    ),
 )
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (SEGFORMER, HRNET)}
