@@ -3,6 +3,8 @@
     segcompare train configs/synthcity_segformer_b0.yaml --set data.root=/tmp/s --out /tmp/run
     torchrun --nproc-per-node 2 -m segcompare train CONFIG --out OUT      # many processes
     segcompare train CONFIG --out OUT --resume                            # continue a run
+    torchrun --nproc-per-node 2 --max-restarts 3 -m segcompare train ...   # elastic: restarts
+                                                                          # resume by themselves
 
 The config is segcompare.config's, the losses segcompare.losses'. This file reads in the order
 a run happens:
@@ -22,6 +24,11 @@ Run folder `OUT/`: `config.yaml` (the resolved config), `log.jsonl` (one JSON ob
 and per validation), `checkpoints/iter_N.pt` (everything needed to continue bit-identically),
 `best.safetensors` (best val mIoU), `final.safetensors`, and TensorBoard events in `tb/` when
 tensorboard is installed. Only rank 0 writes.
+
+Stopping: SIGINT, SIGTERM or SIGUSR1 (SLURM's warning before a time limit) to any process, or
+to its whole process group (data workers ignore them): all processes stop after the same
+iteration, rank 0 writes one checkpoint there, and every process exits 0; the summary record
+says "stopped", and `--resume` continues.
 """
 
 from __future__ import annotations
