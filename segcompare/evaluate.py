@@ -474,7 +474,14 @@ def evaluate_prediction_files(
         without_instances += "instances" not in batch
     seconds = time.perf_counter() - start
     cm.all_reduce()
-    if without_instances:
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    if distributed:  # under torchrun: count every process's samples
+        count = torch.tensor([without_instances])
+        dist.all_reduce(count)
+        without_instances = int(count.item())
+    if without_instances and rank == 0:
         log.warning(
             "%d of %d samples have no instanceIds file: iIoU leaves them out",
             without_instances,

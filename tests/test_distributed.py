@@ -320,22 +320,25 @@ def test_elastic_restart_ends_with_the_uninterrupted_weights(
 
 
 # --- 4. two nodes on localhost: the c10d rendezvous ----------------------------------------------
-def test_two_nodes_on_localhost(tmp_path: Path, one_process: tuple, synth_root: Path,
-                                weights: Path) -> None:
+def test_two_nodes_on_localhost(tmp_path: Path, one_process: tuple, synth_root: Path) -> None:
     """Two torchrun launches with --nnodes 2 meet at a c10d rendezvous on a free port, as two
-    machines would; their eval equals one process's."""
+    machines would; scoring the one-process predictions (`eval --pred-dir`) there gives the
+    one-process figures."""
+    figures, pred_dir = one_process
     port = _free_port()
     nodes = [
         _start([*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
-                *_eval_args(synth_root, weights, tmp_path)])
+                "-m", "segcompare", "eval", "--pred-dir", str(pred_dir), "--data",
+                str(synth_root), "--workers", "0", "--json", str(tmp_path / "eval.json")])
         for _ in range(2)
     ]
     finished = [_finish(node) for node in nodes]
     for rc, _, stderr in finished:
         assert rc == 0, stderr[-3000:]
-    results = _assert_same_eval(tmp_path, one_process)
-    assert results["world_size"] == 2 and sum(p["images"] for p in results["processes"]) == 5
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert _figures(results) == figures
+    assert results["world_size"] == 2 and [p["images"] for p in results["processes"]] == [2, 3]
 
 
 def test_compare_under_torchrun_is_one_clear_error(
