@@ -143,14 +143,22 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--size", type=size_hw, default=(1024, 2048), metavar="HxW", help="input HxW (1024x2048)"
     )
-    p.add_argument("--batch", type=at_least(1), default=1, metavar="N", help="images per forward (1)")
+    p.add_argument(
+        "--batch", type=at_least(1), default=1, metavar="N", help="images per forward (1)"
+    )
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default cpu)")
     p.add_argument(
         "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="(default fp32)"
     )
-    p.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--warmup", type=at_least(0), default=2, metavar="N", help="untimed runs first (2)")
-    p.add_argument("--iters", type=at_least(1), default=5, metavar="N", help="timed runs per model (5)")
+    p.add_argument(
+        "--threads", type=at_least(1), default=None, help="CPU threads (default: torch's)"
+    )
+    p.add_argument(
+        "--warmup", type=at_least(0), default=2, metavar="N", help="untimed runs first (2)"
+    )
+    p.add_argument(
+        "--iters", type=at_least(1), default=5, metavar="N", help="timed runs per model (5)"
+    )
     p.add_argument(
         "--num-classes", type=at_least(1), default=19, metavar="K", help="classes of the head (19)"
     )
@@ -403,7 +411,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from segcompare.evaluate import run_eval
     from segcompare.metrics import format_results, write_results
-    from segcompare.utils import SegcompareError
+    from segcompare.utils import SegcompareError, init_distributed
 
     if args.pred_dir and (args.model or args.weights):
         raise SegcompareError("--pred-dir scores existing files: drop --model/--weights")
@@ -412,6 +420,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             "name a model (--model NAME and/or --weights W), or score saved labelIds PNGs with "
             "--pred-dir DIR"
         )
+    rank, _ = init_distributed()  # under torchrun: each process scores its share of the images
     if args.pred_dir:
         results = run_eval(args.data, args.split, pred_dir=args.pred_dir, batch_size=args.batch,
                            workers=args.workers, save_pred_dir=args.save_pred)
@@ -421,9 +430,15 @@ def _run_eval(args: argparse.Namespace) -> int:
         meta = {"model": meta.pop("model"), "weights": args.weights, **meta}
         results = run_eval(args.data, args.split, scores=predictor.scores, batch_size=args.batch,
                            workers=args.workers, save_pred_dir=args.save_pred, meta=meta)
+    if rank != 0:
+        return 0  # rank 0 holds the summed counts too, and reports
     print(format_results(results))
+    for p in results["processes"] if results["world_size"] > 1 else []:
+        print(f"process {p['rank']}: {p['images']} images in {p['seconds']:.1f} s "
+              f"({p['images_per_s'] or 0:.2f}/s)")
     seconds = results["seconds"]
-    print(f"{results['num_images']} images in {seconds:.1f} s ({results['images_per_s']:.2f}/s)")
+    print(f"{results['num_images']} images in {seconds:.1f} s ({results['images_per_s']:.2f}/s) "
+          f"on {results['world_size']} process(es)")
     if args.json:
         write_results(results, args.json)
         print(f"wrote {args.json}")
@@ -453,10 +468,21 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from segcompare.infer import predict_files
+    from segcompare.utils import init_distributed
 
+    rank, world = init_distributed()  # under torchrun: each process writes its share
     predictor = _predictor(_inference_settings(args), args.model, args.weights)
     written = predict_files(predictor, args.inputs, args.out, args.format)
-    print(f"wrote {len(written)} {args.format} file(s) to {args.out}")
+    count = len(written)
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        total = torch.tensor([count])
+        dist.all_reduce(total)  # also waits until every process has written its files
+        count = int(total.item())
+    if rank == 0:
+        print(f"wrote {count} {args.format} file(s) to {args.out}")
     return 0
 
 
@@ -726,8 +752,16 @@ def _run_compare(args: argparse.Namespace) -> int:
     from segcompare.compare import CompareSpec, run_compare
     from segcompare.data.corrupt import parse_corruptions
     from segcompare.metrics import BOUNDARY_FRAC
-    from segcompare.utils import SegcompareError
+    from segcompare.utils import SegcompareError, torchrun_rank_world
 
+    rank, world = torchrun_rank_world()
+    if world > 1:  # its latencies, per-image figures and plots are one process's measurements
+        if rank != 0:
+            return 1  # every process fails alike; rank 0 prints the one line
+        raise SegcompareError(
+            f"compare runs in one process, not under torchrun (WORLD_SIZE={world}); for the "
+            "figures on several processes run `torchrun ... -m segcompare eval` per model"
+        )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notices
     models = _model_list(args.model, args.weights)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from segcompare.metrics import ConfusionMatrix, label_ids_to_pred
 from segcompare.models.variants import FAMILIES, OFFICIAL_TEST_HW
-from segcompare.utils import PathLike, SegcompareError, atomic_path
+from segcompare.utils import PathLike, SegcompareError, atomic_path, shard
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,8 @@ def evaluate_model(
     progress: bool = True,
     on_batch: Optional[BatchHook] = None,
 ) -> dict[str, Any]:
-    """Score a model on a dataset and return `ConfusionMatrix.compute()`.
+    """Score a model on a dataset and return `ConfusionMatrix.compute()` with `_throughput`'s
+    "world_size" and "processes".
 
     scores_fn: normalised N×3×H×W -> N×C×H×W class scores at the input size (e.g.
         `Predictor.scores`, or `lambda x: inference(model, x, settings)`).
@@ -357,9 +358,15 @@ def evaluate_model(
         order: pred and labels N×H×W train ids on the scores' device (labels 255 = ignore),
         batch the loader's dict ("image", "label", "name", ...). For figures beyond the
         Cityscapes ones, measured in the same pass (the comparison report's).
+
+    Under torch.distributed (torchrun) each process scores its consecutive share of the images
+    (`segcompare.utils.shard`), writes its own predictions and sees only those in `on_batch`;
+    the counts are summed over processes, so the figures equal one process's bit for bit.
     """
     cm = ConfusionMatrix()
-    for batch in _batches(dataset, batch_size, workers, "eval", progress):
+    start = time.perf_counter()
+    share = _share(dataset)
+    for batch in _batches(share, batch_size, workers, "eval", progress):
         with torch.inference_mode():
             scores = scores_fn(batch["image"])  # N×C×H×W
         if scores.shape[1] != cm.num_classes:  # else argmax scores a C-class model silently
@@ -380,7 +387,32 @@ def evaluate_model(
         if save_pred_dir is not None:
             for train_ids, name in zip(pred.to(torch.uint8).cpu().numpy(), batch["name"]):
                 save_label_ids(train_ids, save_pred_dir, name)
-    return cm.compute()
+    seconds = time.perf_counter() - start
+    cm.all_reduce()
+    return {**cm.compute(), **_throughput(len(share), seconds)}
+
+
+def _share(dataset: Any) -> Any:
+    """This process's consecutive share of `dataset` (all of it in one process)."""
+    from torch.utils.data import Subset
+
+    part = shard(len(dataset))
+    return dataset if len(part) == len(dataset) else Subset(dataset, part)
+
+
+def _throughput(images: int, seconds: float) -> dict[str, Any]:
+    """{"world_size": processes, "processes": [{"rank", "images", "seconds", "images_per_s"}]}:
+    what each process scored and how fast (gathered from every process under torchrun)."""
+    import torch.distributed as dist
+
+    mine = {"images": images, "seconds": round(seconds, 3),
+            "images_per_s": round(images / seconds, 3) if seconds > 0 else None}  # fmt: skip
+    if not (dist.is_available() and dist.is_initialized()):
+        return {"world_size": 1, "processes": [{"rank": 0, **mine}]}
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return {"world_size": len(gathered),
+            "processes": [{"rank": r, **p} for r, p in enumerate(gathered)]}  # fmt: skip
 
 
 # A prediction file belongs to sample <city>_<seq>_<frame> when its name contains that stem, as
@@ -505,16 +537,27 @@ def evaluate_prediction_files(
     pairs = _PredictionPairs(dataset, find_predictions(pred_dir, names))
     cm = ConfusionMatrix()
     without_instances = 0
-    for batch in _batches(pairs, 1, workers, "eval", progress):
+    start = time.perf_counter()
+    share = _share(pairs)
+    for batch in _batches(share, 1, workers, "eval", progress):
         cm.update(batch["pred"], batch["label"], batch.get("instances"))
         without_instances += "instances" not in batch
-    if without_instances:
+    seconds = time.perf_counter() - start
+    cm.all_reduce()
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    if distributed:  # under torchrun: count every process's samples
+        count = torch.tensor([without_instances])
+        dist.all_reduce(count)
+        without_instances = int(count.item())
+    if without_instances and rank == 0:
         log.warning(
             "%d of %d samples have no instanceIds file: iIoU leaves them out",
             without_instances,
             len(names),
         )
-    return cm.compute()
+    return {**cm.compute(), **_throughput(len(share), seconds)}
 
 
 def run_eval(
@@ -530,7 +573,8 @@ def run_eval(
 ) -> dict[str, Any]:
     """`segcompare eval`: score a model (`scores`, e.g. `Predictor.scores`) or the labelIds PNGs
     in `pred_dir` on a split. Returns the metrics with `meta`, the data, the split, the wall time
-    and images per second."""
+    and images per second in total, and per process ("world_size", "processes"; several under
+    torchrun, each scoring its share of the images)."""
     if (scores is None) == (pred_dir is None):
         raise SegcompareError("score either a model or a folder of predictions, not both")
     if batch_size < 1 or workers < 0:

@@ -122,13 +122,37 @@ class ConfusionMatrix:
     def reset(self) -> None:
         c = self.num_classes
         self.mat = torch.zeros(c, c + 2, dtype=torch.int64)
-        # Instance-weighted true positives / false negatives (float64, CPU), per class and per
-        # instance category.
-        self.inst_tp = torch.zeros(c, dtype=torch.float64)
-        self.inst_fn = torch.zeros(c, dtype=torch.float64)
-        self.cat_inst_tp = torch.zeros(len(INSTANCE_CATEGORIES), dtype=torch.float64)
-        self.cat_inst_fn = torch.zeros(len(INSTANCE_CATEGORIES), dtype=torch.float64)
+        # Instance-weighted true positives / false negatives (float64, CPU): one row per image,
+        # [tp per class | fn per class | tp per instance category | fn per category], summed only
+        # when read. A sum of the same rows in the same order is the same float however the images
+        # were batched or split over processes: `all_reduce` gathers the rows, and iIoU under
+        # torchrun equals the one-process figure bit for bit.
+        self._inst_rows: list[torch.Tensor] = []
         self.num_images = 0
+
+    def _inst_total(self) -> torch.Tensor:
+        k = 2 * self.num_classes + 2 * len(INSTANCE_CATEGORIES)
+        if not self._inst_rows:
+            return torch.zeros(k, dtype=torch.float64)
+        return torch.cat(self._inst_rows).sum(0)
+
+    @property
+    def inst_tp(self) -> torch.Tensor:
+        return self._inst_total()[: self.num_classes]
+
+    @property
+    def inst_fn(self) -> torch.Tensor:
+        c = self.num_classes
+        return self._inst_total()[c : 2 * c]
+
+    @property
+    def cat_inst_tp(self) -> torch.Tensor:
+        c, k = self.num_classes, len(INSTANCE_CATEGORIES)
+        return self._inst_total()[2 * c : 2 * c + k]
+
+    @property
+    def cat_inst_fn(self) -> torch.Tensor:
+        return self._inst_total()[2 * self.num_classes + len(INSTANCE_CATEGORIES) :]
 
     def _columns(self, pred: torch.Tensor) -> torch.Tensor:
         """Prediction codes -> matrix columns."""
@@ -150,7 +174,8 @@ class ConfusionMatrix:
         target = torch.as_tensor(target, device=pred.device)
         if pred.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != label {tuple(target.shape)}")
-        self.num_images += pred.shape[0] if pred.dim() == 3 else 1
+        images = pred.shape[0] if pred.dim() == 3 else 1
+        self.num_images += images
         c = self.num_classes
         cols = self._columns(pred.long())
         target = target.long()
@@ -158,13 +183,20 @@ class ConfusionMatrix:
         index = target[valid] * (c + 2) + cols[valid]
         counts = torch.bincount(index, minlength=c * (c + 2)).view(c, c + 2)
         self.mat = self.mat.to(counts.device) + counts
-        if instances is not None and self.cityscapes:
-            self._update_instances(cols, torch.as_tensor(instances, device=pred.device))
+        if not self.cityscapes:
+            return
+        rows = torch.zeros(images, 2 * c + 2 * len(INSTANCE_CATEGORIES), dtype=torch.float64)
+        if instances is not None:
+            self._update_instances(rows, cols, torch.as_tensor(instances, device=pred.device))
+        self._inst_rows.append(rows)
 
-    def _update_instances(self, cols: torch.Tensor, instances: torch.Tensor) -> None:
+    def _update_instances(
+        self, rows: torch.Tensor, cols: torch.Tensor, instances: torch.Tensor
+    ) -> None:
         """iIoU counts, as `evaluatePair` of the official script: every instance (instanceId >
         1000) of an evaluated class adds its true-positive and false-negative pixels, weighted by
-        AVG_CLASS_SIZE / instance size, to its class and to its instance category."""
+        AVG_CLASS_SIZE / instance size, to its class and to its instance category, in the row of
+        its image (`rows`, images × counts)."""
         if cols.dim() == 2:
             cols, instances = cols[None], instances[None]
         instances = instances.long()
@@ -186,32 +218,40 @@ class ConfusionMatrix:
         cat_tp = torch.bincount(inverse[cat_hit], minlength=ids.numel())
 
         train_ids, size, tp, cat_tp = (t.cpu() for t in (train_ids, size, tp, cat_tp))
-        cat_of_class = cat_of_class.cpu()
+        cat_of_class, image = cat_of_class.cpu(), (ids >> 16).cpu()
         evaluated = _HAS_INSTANCES[train_ids.clamp(max=self.num_classes)]
-        train_ids, size, tp, cat_tp = (t[evaluated] for t in (train_ids, size, tp, cat_tp))
+        train_ids, size, tp, cat_tp, image = (
+            t[evaluated] for t in (train_ids, size, tp, cat_tp, image)
+        )
         weight = _AVG_SIZE[train_ids] / size.double()
-        self.inst_tp.index_add_(0, train_ids, tp.double() * weight)
-        self.inst_fn.index_add_(0, train_ids, (size - tp).double() * weight)
+        c, k, width = self.num_classes, len(INSTANCE_CATEGORIES), rows.shape[1]
+        flat = rows.view(-1)  # image i's count j at i * width + j
         cats = cat_of_class[evaluated]
-        self.cat_inst_tp.index_add_(0, cats, cat_tp.double() * weight)
-        self.cat_inst_fn.index_add_(0, cats, (size - cat_tp).double() * weight)
+        flat.index_add_(0, image * width + train_ids, tp.double() * weight)
+        flat.index_add_(0, image * width + c + train_ids, (size - tp).double() * weight)
+        flat.index_add_(0, image * width + 2 * c + cats, cat_tp.double() * weight)
+        flat.index_add_(0, image * width + 2 * c + k + cats, (size - cat_tp).double() * weight)
 
     def all_reduce(self) -> None:
-        """Sum the counts over all processes (call on every rank under torch.distributed)."""
+        """Sum the counts over all processes (call on every rank under torch.distributed): the
+        pixel matrix by all_reduce (integers: exact), the per-image iIoU rows by all_gather in
+        rank order, so that processes holding consecutive shards give the one-process sum."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        for name in ("mat", "inst_tp", "inst_fn", "cat_inst_tp", "cat_inst_fn"):
-            t = getattr(self, name)
-            # NCCL reduces CUDA tensors only; gloo takes CPU ones.
-            device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
-            t = t.to(device)
-            dist.all_reduce(t)
-            setattr(self, name, t.cpu())
+        # NCCL reduces CUDA tensors only; gloo takes CPU ones.
+        device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+        mat = self.mat.to(device)
+        dist.all_reduce(mat)
+        self.mat = mat.cpu()
         n = torch.tensor([self.num_images], device=device)
         dist.all_reduce(n)
         self.num_images = int(n.item())
+        if self.cityscapes:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self._inst_rows)
+            self._inst_rows = [rows for rank_rows in gathered for rows in rank_rows]
 
     def iou(self) -> np.ndarray:
         """Per-class IoU (num_classes floats, NaN where the class is in neither label nor

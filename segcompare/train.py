@@ -3,6 +3,8 @@
     segcompare train configs/synthcity_segformer_b0.yaml --set data.root=/tmp/s --out /tmp/run
     torchrun --nproc-per-node 2 -m segcompare train CONFIG --out OUT      # many processes
     segcompare train CONFIG --out OUT --resume                            # continue a run
+    torchrun --nproc-per-node 2 --max-restarts 3 -m segcompare train ...   # elastic: restarts
+                                                                          # resume by themselves
 
 The config is segcompare.config's, the losses segcompare.losses'. This file reads in the order
 a run happens:
@@ -23,6 +25,11 @@ and per validation), `checkpoints/iter_N.pt` (everything needed to continue bit-
 `best.safetensors` (best val mIoU), `final.safetensors`, and TensorBoard events in `tb/` when
 tensorboard is installed (the `tensorboard` extra; the log says whether it is on). Only rank 0
 writes.
+
+Stopping: SIGINT, SIGTERM or SIGUSR1 (SLURM's warning before a time limit) to any process, or
+to its whole process group (data workers ignore them): all processes stop after the same
+iteration, rank 0 writes one checkpoint there, and every process exits 0; the summary record
+says "stopped", and `--resume` continues.
 """
 
 from __future__ import annotations
@@ -221,13 +228,24 @@ def _memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the training process, which checkpoints and exits."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# The signals that stop a run: Ctrl-C, what `kill`, systemd, SLURM and `timeout` send (SIGTERM),
+# and what SLURM sends ahead of a job's time limit with `--signal=USR1@SECONDS` (SIGUSR1).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave the stop signals to the training process, which checkpoints and
+    exits: a signal to the whole process group (Ctrl-C, systemd, SLURM, `timeout`) would else
+    kill the workers first, and the loader would fail before the checkpoint. (SIGUSR1 would end
+    a worker too: that is its default action.)"""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints after the current iteration and exits.
+    """A stop signal (STOP_SIGNALS) sets a flag; the loop checkpoints after the current
+    iteration and exits 0. Under torchrun every process reports its flag in the step's one
+    all_reduce, so all of them stop after the same iteration, whichever got the signal.
 
     A second SIGINT interrupts at once (KeyboardInterrupt)."""
 
@@ -236,7 +254,7 @@ class _StopRequest:
         self._previous: dict = {}
 
     def __enter__(self) -> _StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -438,12 +456,12 @@ def _loaders(run: Run, train_set: Any, val_set: Any, per_process: int) -> Tuple[
         num_workers=tc.num_workers, pin_memory=run.device.type == "cuda",
         # the (index, epoch) keys carry the epoch, so workers can live across epochs
         persistent_workers=tc.num_workers > 0,
-        worker_init_fn=_ignore_sigint,
+        worker_init_fn=_ignore_stop_signals,
         generator=torch.Generator(),  # keeps the loader off the global torch generator
     )
     val_loader = None if val_set is None else torch.utils.data.DataLoader(
         torch.utils.data.Subset(val_set, range(run.rank, len(val_set), run.world)), batch_size=1,
-        num_workers=min(tc.num_workers, 2), worker_init_fn=_ignore_sigint,
+        num_workers=min(tc.num_workers, 2), worker_init_fn=_ignore_stop_signals,
         generator=torch.Generator(),
     )
     return loader, val_loader
@@ -631,6 +649,17 @@ def _non_finite_loss(run: Run, loss: float, it: int) -> SegcompareError:
     )
 
 
+def _init_process_group(backend: str, restarts: int) -> None:
+    """Join torchrun's process group, the group's keys in torchrun's store under a prefix of
+    their own per restart: after an elastic restart the store can still hold the addresses of
+    the processes that died, and the new group would wait for them (pytorch/pytorch#167288)."""
+    from torch.distributed.rendezvous import rendezvous
+
+    store, rank, world = next(rendezvous("env://"))
+    store = dist.PrefixStore(f"segcompare/restart_{restarts}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+
+
 def train(
     cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False, bar_position: int = 0
 ) -> dict:
@@ -668,7 +697,10 @@ def train(
         per_process = tc.batch_size // world
         if master:
             run_lock = _lock_run_folder(out)
-        checkpoint_path, checkpoint = _last_checkpoint(out, cfg, resume)
+        # torchrun --max-restarts K restarts the whole group when a process dies: every restart
+        # continues from the run's last checkpoint, as --resume does
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        checkpoint_path, checkpoint = _last_checkpoint(out, cfg, resume or restarts > 0)
         torch.manual_seed(tc.seed)  # the same initial weights on every process
         model = build_model(cfg.model.name, num_classes=cfg.model.num_classes,
                             weights=cfg.model.pretrained if checkpoint is None else None,
@@ -676,7 +708,7 @@ def train(
 
         # -- distributed setup: gloo on the CPU, nccl on GPUs --------------------------------------
         if ddp:
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            _init_process_group("nccl" if device.type == "cuda" else "gloo", restarts)
             # depthwise-conv gradients come back channels-last on the CPU; DDP copies them into
             # its buckets and warns every step about a cost that is negligible here
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
@@ -710,6 +742,10 @@ def train(
         # each process draws its own dropout / drop-path masks
         torch.manual_seed(int(np.random.SeedSequence([tc.seed, rank]).generate_state(1)[0]))
         start_iter = 0
+        if restarts:
+            notes.append(f"torchrun restart {restarts} (TORCHELASTIC_RESTART_COUNT) of at most "
+                         f"{os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}: a process of the "
+                         "group had died; continuing from the last checkpoint")
         if checkpoint is not None:
             start_iter = _resume(run, checkpoint, checkpoint_path, notes)
         elif resume:

@@ -193,3 +193,43 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def torchrun_rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process as torchrun sets them (RANK, WORLD_SIZE); (0, 1) in a
+    process that torchrun did not start."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join torchrun's process group when there is one; returns (rank, world size).
+
+    The group has gloo for CPU tensors and, where CUDA is available, nccl for CUDA ones, each
+    process on GPU LOCAL_RANK: so an `--device cpu` run on a GPU machine reduces on the CPU."""
+    rank, world = torchrun_rank_world()
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                dist.init_process_group("cpu:gloo,cuda:nccl")
+            else:
+                dist.init_process_group("gloo")
+    return rank, world
+
+
+def share(count: int, rank: int, world: int) -> range:
+    """Items of 0..count-1 that process `rank` of `world` handles: consecutive shares that differ
+    by at most one item; each item is in exactly one share (no padding duplicates)."""
+    return range(count * rank // world, count * (rank + 1) // world)
+
+
+def shard(count: int) -> range:
+    """This process's `share` of 0..count-1 under torch.distributed; all of them otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return range(count)
+    return share(count, dist.get_rank(), dist.get_world_size())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tiny_configs import TINY_SEGFORMER
 from tiny_configs import write_yaml as _write
 

@@ -26,7 +26,7 @@ from segcompare.evaluate import InferenceSettings, inference
 from segcompare.infer.fast import prepare_for_inference
 from segcompare.models.precision import guard_bf16
 from segcompare.models.variants import check_input_hw
-from segcompare.utils import PathLike, SegcompareError, atomic_path, select_device
+from segcompare.utils import PathLike, SegcompareError, atomic_path, select_device, shard
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,8 @@ def predict_files(
 ) -> list[Path]:
     """Segment every input image and write one file per image under `out_dir`: a PNG named after
     the image (labelid PNGs are what the Cityscapes server takes), or for 'logits' the float16
-    C×H×W scores as .npy."""
+    C×H×W scores as .npy. Under torch.distributed (torchrun) each process segments and writes
+    its consecutive share of the images (`segcompare.utils.shard`) and returns those paths."""
     from tqdm import tqdm
 
     if fmt not in FORMATS:
@@ -220,6 +221,7 @@ def predict_files(
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise SegcompareError(f"--out {out_dir}: exists and is not a folder")
     pairs = collect_inputs(inputs)
+    pairs = [pairs[i] for i in shard(len(pairs))]
     written = []
     for src, rel in tqdm(pairs, desc="predict", unit="img", disable=not progress):
         image = load_image(src)
