@@ -21,7 +21,14 @@ import numpy as np
 from segcompare.data.labels import ID_TO_COLOR
 from segcompare.data.synth.render import render
 from segcompare.data.synth.street import build_scene
-from segcompare.utils import SegcompareError, atomic_write_bytes, atomic_write_text, check_memory
+from segcompare.utils import (
+    SegcompareError,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_memory,
+    make_dirs,
+    write_error,
+)
 
 CITIES = {
     "train": ("aachen", "bochum", "bremen"),
@@ -98,8 +105,11 @@ def make_synthetic_cityscapes(
     check_memory(h * w * BYTES_PER_PIXEL, f"a synthetic image of {h}x{w}")
     counts = {"train": int(train), "val": int(val), "test": int(test)}
     jobs = _sample_names(counts)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.synth-", dir=root.parent))
+    make_dirs(root.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.synth-", dir=root.parent))
+    except OSError as err:
+        raise write_error(root.parent, err) from None
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the set's is a plain folder
@@ -112,6 +122,8 @@ def make_synthetic_cityscapes(
             _write_video(tmp, seed, int(video_frames), (h, w), progress)
             counts["video"] = int(video_frames)
         _move_into_place(tmp, root)
+    except OSError as err:  # a full disk while writing: one line, and nothing left behind
+        raise write_error(root, err) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return counts
