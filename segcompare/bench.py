@@ -161,7 +161,7 @@ def transformers_segformer(model: nn.Module) -> nn.Module:
     `export_hf` writes), in eval mode; for the `--reference` rows (needs transformers)."""
     import tempfile
 
-    from segcompare.models.checkpoint import export_hf
+    from segcompare.models.save import export_hf
     from segcompare.utils import SegcompareError
 
     try:

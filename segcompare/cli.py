@@ -271,7 +271,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _run_convert(args: argparse.Namespace) -> int:
     import logging
 
-    from segcompare.models.checkpoint import convert_checkpoint
+    from segcompare.models.save import convert_checkpoint
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     print(
@@ -365,7 +365,7 @@ def _predictor(settings: Any, name: Optional[str], weights: Optional[str]) -> An
 
     from segcompare.infer import Predictor
     from segcompare.models import build_model, family_of
-    from segcompare.models.checkpoint import num_classes_of
+    from segcompare.models.save import num_classes_of
     from segcompare.stats import check_forward_memory
     from segcompare.utils import SegcompareError, select_device
 
@@ -566,7 +566,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
     from segcompare.export import check_onnx, check_opset, export_onnx
     from segcompare.models import build_model
-    from segcompare.models.checkpoint import num_classes_of
+    from segcompare.models.save import num_classes_of
     from segcompare.stats import check_forward_memory
     from segcompare.utils import SegcompareError
 

@@ -34,13 +34,10 @@ says "stopped", and `--resume` continues.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 import os
-import random
-import re
 import signal
 import time
 import warnings
@@ -55,14 +52,21 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from segcompare.config import Config, OptimConfig, changed_keys, config_to_dict
+from segcompare.config import Config, OptimConfig, config_to_dict
 from segcompare.losses import cross_entropy, ohem_cross_entropy
 from segcompare.models.precision import guard_bf16
+from segcompare.run_folder import (
+    RecordingFile,
+    last_checkpoint,
+    list_checkpoints,
+    lock_run_folder,
+    rng_states,
+    set_rng_states,
+)
 from segcompare.utils import SegcompareError, atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-RUN_LOCK_NAME = ".lock"  # in the run folder: held by the run that writes there
 
 
 # =================================================================================================
@@ -188,38 +192,6 @@ def validate(
     return {"mIoU": cm.miou(), "IoU": [None if math.isnan(v) else v for v in cm.iou().tolist()]}
 
 
-def _rng_states() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        # the Mersenne state as a tensor, so the checkpoint loads with weights_only=True
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_states(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _checkpoints(out: Path) -> List[Tuple[int, Path]]:
-    """(iteration, path) of OUT/checkpoints/iter_N.pt, oldest first."""
-    found = []
-    for path in (out / "checkpoints").glob("iter_*.pt"):
-        m = re.fullmatch(r"iter_(\d+)\.pt", path.name)
-        if m:
-            found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
 def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -332,98 +304,6 @@ def _datasets(cfg: Config, world: int) -> Tuple[str, Any, Any]:
     return family, train_set, val_set
 
 
-def _lock_run_folder(out: Path) -> Any:
-    """Take the run folder for this run: an exclusive `flock` on OUT/.lock, held (open) until the
-    run ends, so a second run into the same folder stops at once, naming the holder's PID. The
-    kernel drops the lock when its process ends, however it ends, so with the lock held the
-    temporaries (`.*.tmp`) left in the folder are a dead process's: they are removed."""
-    import fcntl
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        # unbuffered: a failed write fails here, not again at close
-        lock = open(out / RUN_LOCK_NAME, "a+b", buffering=0)  # noqa: SIM115 (held for the run)
-    except OSError as err:
-        raise SegcompareError(f"{out}: cannot use as the run folder: {err.strerror}") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        holder = lock.read().decode(errors="replace").strip() or "unknown"
-        lock.close()
-        raise SegcompareError(
-            f"{out} is in use by another run (PID {holder}, lock {out / RUN_LOCK_NAME}); wait "
-            "for it to end or choose another --out"
-        ) from None
-    try:
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n".encode())
-    except OSError as err:
-        lock.close()
-        raise SegcompareError(f"{out}: cannot use as the run folder: {err.strerror}") from None
-    stale = [*out.glob(".*.tmp"), *(out / "checkpoints").glob(".*.tmp")]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    if stale:
-        log.info("removed %d temporary file(s) of an interrupted run from %s", len(stale), out)
-    return lock
-
-
-def _last_checkpoint(out: Path, cfg: Config, resume: bool) -> Tuple[Optional[Path], Optional[dict]]:
-    """(path, contents) of the run folder's newest intact checkpoint when resuming, else (None,
-    None). A folder that holds a run needs --resume, and a resumed run keeps the weights'
-    settings. A newer checkpoint that cannot be read (truncated, corrupt) is skipped, saying so."""
-    found = _checkpoints(out)
-    if found and not resume:
-        raise SegcompareError(
-            f"{out} already holds a run ({found[-1][1].name}); pass --resume to continue it "
-            "or choose another --out"
-        )
-    if not found:
-        return None, None
-    skipped = []
-    for _, path in reversed(found):
-        checkpoint = _read_checkpoint(path)
-        if isinstance(checkpoint, dict):
-            break
-        skipped.append(f"{path.name} ({checkpoint})")
-    else:
-        raise SegcompareError(
-            f"--resume: no intact checkpoint in {out / 'checkpoints'}: {'; '.join(skipped)}"
-        )
-    if skipped:
-        log.warning("--resume: skipped %s; resuming from the newest intact one, %s",
-                    "; ".join(skipped), path.name)
-    changed = changed_keys(checkpoint["config"], config_to_dict(cfg))
-    if changed:
-        raise SegcompareError(
-            f"--resume: the config differs from the run's in {', '.join(changed)}; "
-            f"resume with {out / 'config.yaml'}"
-        )
-    return path, checkpoint
-
-
-# The keys every checkpoint of `_save_checkpoint` holds.
-_CHECKPOINT_KEYS = ("iter", "model", "optimizer", "scaler", "rng", "world_size", "best", "config")
-
-
-def _read_checkpoint(path: Path) -> Union[dict, str]:
-    """The contents of checkpoint `path`, or why it cannot be resumed from (a string)."""
-    import pickle
-    import zipfile
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
-            AttributeError, pickle.UnpicklingError, zipfile.BadZipFile) as err:  # fmt: skip
-        text = str(err).strip().splitlines()
-        return f"unreadable: {text[0][:120] if text else type(err).__name__}"
-    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in _CHECKPOINT_KEYS):
-        return "not a segcompare training checkpoint"
-    return checkpoint
-
-
 def _resume(run: Run, checkpoint: dict, path: Path, notes: List[str]) -> int:
     """Weights, optimizer, scaler, random generators, best mIoU and the log up to the checkpoint;
     returns the iteration to continue from."""
@@ -432,7 +312,7 @@ def _resume(run: Run, checkpoint: dict, path: Path, notes: List[str]) -> int:
     run.scaler.load_state_dict(checkpoint["scaler"])
     start_iter, run.best = checkpoint["iter"], checkpoint["best"]
     if checkpoint["world_size"] == run.world:
-        _set_rng_states(checkpoint["rng"][run.rank])
+        set_rng_states(checkpoint["rng"][run.rank])
     else:
         notes.append(
             f"resumed on {run.world} process(es), the checkpoint was written by "
@@ -566,7 +446,7 @@ def _save_weights(run: Run, name: str) -> None:
     """Our safetensors (loadable by build_model(weights=...)); iteration and mIoU are in
     log.jsonl."""
     if run.master:
-        from segcompare.models.checkpoint import save_weights
+        from segcompare.models.save import save_weights
 
         save_weights(run.model, run.out / name)
 
@@ -590,29 +470,15 @@ def _validate(run: Run, loader: Any, done: int) -> float:
     return miou
 
 
-class _RecordingFile(io.FileIO):
-    """A file that keeps the OSError of a failed write, which torch.save reports only as a
-    RuntimeError without the reason (a full disk, a read-only file system)."""
-
-    error: Optional[OSError] = None
-
-    def write(self, data: Any) -> int:
-        try:
-            return super().write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-
 def _save_checkpoint(run: Run, done: int) -> None:
     """checkpoints/iter_{done}.pt: everything a resumed run needs, every process's random
     generators included; only the newest `keep_checkpoints` stay."""
     _sync_buffers(run)
     rng = [None] * run.world
     if run.ddp:
-        dist.all_gather_object(rng, _rng_states())
+        dist.all_gather_object(rng, rng_states())
     else:
-        rng = [_rng_states()]
+        rng = [rng_states()]
     if run.master:
         tc, ipe = run.cfg.train, run.iters_per_epoch
         state = {
@@ -625,14 +491,14 @@ def _save_checkpoint(run: Run, done: int) -> None:
             "world_size": run.world, "best": run.best, "config": config_to_dict(run.cfg),
         }
         with atomic_path(run.out / "checkpoints" / f"iter_{done}.pt") as tmp:
-            with _RecordingFile(tmp, "wb") as f:
+            with RecordingFile(tmp, "wb") as f:
                 try:
                     torch.save(state, f)
                 except RuntimeError:  # torch says "unexpected pos"; the OS said why
                     if f.error is not None:
                         raise f.error from None
                     raise
-        for _, old in _checkpoints(run.out)[: -tc.keep_checkpoints]:
+        for _, old in list_checkpoints(run.out)[: -tc.keep_checkpoints]:
             old.unlink()
         _write_log(run)
     if run.ddp:
@@ -642,7 +508,7 @@ def _save_checkpoint(run: Run, done: int) -> None:
 def _non_finite_loss(run: Run, loss: float, it: int) -> SegcompareError:
     """The error that stops a run whose loss became inf or NaN at iteration `it` (1-based)."""
     _write_log(run)
-    kept = _checkpoints(run.out)
+    kept = list_checkpoints(run.out)
     return SegcompareError(
         f"non-finite loss ({loss}) at iteration {it}; stopped. The last good "
         + (f"checkpoint is {kept[-1][1]}" if kept else "state was never saved")
@@ -696,11 +562,11 @@ def train(
         family, train_set, val_set = _datasets(cfg, world)
         per_process = tc.batch_size // world
         if master:
-            run_lock = _lock_run_folder(out)
+            run_lock = lock_run_folder(out)
         # torchrun --max-restarts K restarts the whole group when a process dies: every restart
         # continues from the run's last checkpoint, as --resume does
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        checkpoint_path, checkpoint = _last_checkpoint(out, cfg, resume or restarts > 0)
+        checkpoint_path, checkpoint = last_checkpoint(out, cfg, resume or restarts > 0)
         torch.manual_seed(tc.seed)  # the same initial weights on every process
         model = build_model(cfg.model.name, num_classes=cfg.model.num_classes,
                             weights=cfg.model.pretrained if checkpoint is None else None,
@@ -853,26 +719,3 @@ def summary_line(summary: dict) -> str:
     if summary["best_mIoU"] is not None:
         line += f" (best {summary['best_mIoU']:.4f} at iteration {summary['best_iter']})"
     return line + f"; run folder {summary['out']}"
-
-
-# The weights a run folder holds, by what `compare --checkpoint` calls them. `final` is what the
-# official tests evaluate (HRNet's tools/test.py loads final_state.pth; NVlabs reports the last
-# iteration); `best` was chosen on the val split, so a val figure of it is optimistic.
-RUN_WEIGHTS = {"final": "final.safetensors", "best": "best.safetensors"}
-
-
-def run_weights(path: Union[str, Path], which: str = "final") -> Path:
-    """`path` itself, or for a training run folder (one holding final/best.safetensors) the
-    weights file `which` ('final' or 'best') in it; SegcompareError when that one is missing."""
-    if which not in RUN_WEIGHTS:
-        raise SegcompareError(f"unknown run weights {which!r}; valid: {', '.join(RUN_WEIGHTS)}")
-    path = Path(path)
-    if not path.is_dir() or not any((path / name).is_file() for name in RUN_WEIGHTS.values()):
-        return path
-    chosen = path / RUN_WEIGHTS[which]
-    if not chosen.is_file():
-        raise SegcompareError(
-            f"{path}: this run folder has no {chosen.name} (the run did not finish, or never "
-            "validated); name a weights file, or resume the run"
-        )
-    return chosen

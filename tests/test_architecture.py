@@ -15,7 +15,7 @@ ROOMS = [
     ("segcompare.models",),
     ("segcompare.metrics", "segcompare.config", "segcompare.losses"),
     ("segcompare.evaluate",),
-    ("segcompare.train",),
+    ("segcompare.train", "segcompare.run_folder"),
     ("segcompare.infer", "segcompare.stats"),
     ("segcompare.bench", "segcompare.export"),
     ("segcompare.compare",),

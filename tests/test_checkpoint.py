@@ -25,8 +25,8 @@ from segcompare.models.checkpoint import (
     detect_format,
     load_weights,
     read_checkpoint,
-    save_weights,
 )
+from segcompare.models.save import save_weights
 from segcompare.utils import SegcompareError
 
 B0 = "segformer_b0"

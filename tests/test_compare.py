@@ -189,7 +189,7 @@ TINY_HRNET = {
 def report(tmp_path_factory):
     from segcompare.data.synth import make_synthetic_cityscapes
     from segcompare.models import build_model
-    from segcompare.models.checkpoint import save_weights
+    from segcompare.models.save import save_weights
 
     root = tmp_path_factory.mktemp("compare")
     make_synthetic_cityscapes(root / "data", train=0, val=3, size=(64, 128), seed=0)
@@ -319,7 +319,7 @@ def test_a_run_folder_is_evaluated_by_its_final_weights(report):
 
 
 def test_run_weights_picks_final_or_best(tmp_path):
-    from segcompare.train import run_weights
+    from segcompare.run_folder import run_weights
 
     (tmp_path / "final.safetensors").write_bytes(b"x")
     assert run_weights(tmp_path) == tmp_path / "final.safetensors"

@@ -43,7 +43,7 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from segcompare.models import build_model
-    from segcompare.models.checkpoint import save_weights
+    from segcompare.models.save import save_weights
 
     torch.manual_seed(3)
     model = build_model("segformer-b0", **TINY_SEGFORMER)

@@ -305,7 +305,7 @@ def synth(tmp_path_factory):
     """3 synthetic val images (64×128) and a tiny seeded SegFormer saved as our checkpoint."""
     from segcompare.data.synth import make_synthetic_cityscapes
     from segcompare.models import build_model
-    from segcompare.models.checkpoint import save_weights
+    from segcompare.models.save import save_weights
 
     root = tmp_path_factory.mktemp("synth")
     make_synthetic_cityscapes(root / "city", train=0, val=3, size=(64, 128), seed=0)

@@ -9,7 +9,7 @@ from test_fast import TINY, seeded
 
 from segcompare.cli import main
 from segcompare.export import export_onnx
-from segcompare.models.checkpoint import save_weights
+from segcompare.models.save import save_weights
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -183,7 +183,7 @@ def synth(tmp_path_factory):
     seeded HRNet-W18-Small-v1 saved as our checkpoints."""
     from segcompare.data.synth import make_synthetic_cityscapes
     from segcompare.models import build_model
-    from segcompare.models.checkpoint import save_weights
+    from segcompare.models.save import save_weights
 
     root = tmp_path_factory.mktemp("synth")
     make_synthetic_cityscapes(root / "city", train=0, val=2, size=(64, 128), seed=0, video_frames=3)

@@ -248,7 +248,7 @@ def measure_stats(runs: Sequence[ModelRun], eval_hw: tuple[int, int], progress: 
 
     from segcompare import stats
     from segcompare.models import build_model
-    from segcompare.models.checkpoint import num_classes_of
+    from segcompare.models.save import num_classes_of
 
     for run in tqdm(runs, desc="stats", disable=not progress, leave=False):
         model = run.predictor.model

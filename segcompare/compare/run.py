@@ -24,7 +24,7 @@ from segcompare.compare.report import model_entry, write_report
 from segcompare.data.corrupt import CORRUPTION_LEVELS, CORRUPTIONS, SEVERITIES
 from segcompare.evaluate import InferenceSettings
 from segcompare.metrics import BOUNDARY_FRAC, boundary_width, results_to_json
-from segcompare.train import run_weights
+from segcompare.run_folder import run_weights
 from segcompare.utils import PathLike, SegcompareError, atomic_write_text, make_dirs
 
 

@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 from torch import nn
 
-from segcompare.models.checkpoint import convert_checkpoint, describe_weights, load_weights
+from segcompare.models.checkpoint import describe_weights, load_weights
+from segcompare.models.save import convert_checkpoint
 from segcompare.models.variants import (
     check_num_classes,
     create,

@@ -111,7 +111,7 @@ def tiny_weights(tmp_path_factory) -> dict:
     import torch
 
     from segcompare.models import build_model
-    from segcompare.models.checkpoint import save_weights
+    from segcompare.models.save import save_weights
 
     root = tmp_path_factory.mktemp("bad_input_weights")
     torch.manual_seed(0)

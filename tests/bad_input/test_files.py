@@ -25,7 +25,8 @@ from conftest import REPO, assert_no_partial, assert_one_line_error, run_cli
 from safetensors.torch import load_file, save_file
 
 from segcompare.models import build_model, load_weights
-from segcompare.models.checkpoint import read_checkpoint, save_weights
+from segcompare.models.checkpoint import read_checkpoint
+from segcompare.models.save import save_weights
 from segcompare.utils import SegcompareError
 
 TINY_B0 = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 40, 64), decoder_dim=32)

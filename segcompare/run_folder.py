@@ -1,0 +1,188 @@
+"""A training run's folder: the lock a run holds on it, its checkpoints (what they hold, which
+one a resumed run reads) and the weights a finished run leaves.
+
+    OUT/.lock                  held (flock) by the run writing there; holds its PID
+    OUT/checkpoints/iter_N.pt  everything a resumed run needs (`torch.load(weights_only=True)`)
+    OUT/final.safetensors      the last weights; OUT/best.safetensors, the best on val
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from segcompare.config import Config, changed_keys, config_to_dict
+from segcompare.utils import SegcompareError
+
+log = logging.getLogger(__name__)
+
+RUN_LOCK_NAME = ".lock"  # in the run folder: held by the run that writes there
+
+
+def list_checkpoints(out: Path) -> List[Tuple[int, Path]]:
+    """(iteration, path) of OUT/checkpoints/iter_N.pt, oldest first."""
+    found = []
+    for path in (out / "checkpoints").glob("iter_*.pt"):
+        m = re.fullmatch(r"iter_(\d+)\.pt", path.name)
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def rng_states() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # the Mersenne state as a tensor, so the checkpoint loads with weights_only=True
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_states(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def lock_run_folder(out: Path) -> Any:
+    """Take the run folder for this run: an exclusive `flock` on OUT/.lock, held (open) until the
+    run ends, so a second run into the same folder stops at once, naming the holder's PID. The
+    kernel drops the lock when its process ends, however it ends, so with the lock held the
+    temporaries (`.*.tmp`) left in the folder are a dead process's: they are removed."""
+    import fcntl
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # unbuffered: a failed write fails here, not again at close
+        lock = open(out / RUN_LOCK_NAME, "a+b", buffering=0)  # noqa: SIM115 (held for the run)
+    except OSError as err:
+        raise SegcompareError(f"{out}: cannot use as the run folder: {err.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().decode(errors="replace").strip() or "unknown"
+        lock.close()
+        raise SegcompareError(
+            f"{out} is in use by another run (PID {holder}, lock {out / RUN_LOCK_NAME}); wait "
+            "for it to end or choose another --out"
+        ) from None
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n".encode())
+    except OSError as err:
+        lock.close()
+        raise SegcompareError(f"{out}: cannot use as the run folder: {err.strerror}") from None
+    stale = [*out.glob(".*.tmp"), *(out / "checkpoints").glob(".*.tmp")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d temporary file(s) of an interrupted run from %s", len(stale), out)
+    return lock
+
+
+def last_checkpoint(out: Path, cfg: Config, resume: bool) -> Tuple[Optional[Path], Optional[dict]]:
+    """(path, contents) of the run folder's newest intact checkpoint when resuming, else (None,
+    None). A folder that holds a run needs --resume, and a resumed run keeps the weights'
+    settings. A newer checkpoint that cannot be read (truncated, corrupt) is skipped, saying so."""
+    found = list_checkpoints(out)
+    if found and not resume:
+        raise SegcompareError(
+            f"{out} already holds a run ({found[-1][1].name}); pass --resume to continue it "
+            "or choose another --out"
+        )
+    if not found:
+        return None, None
+    skipped = []
+    for _, path in reversed(found):
+        checkpoint = read_checkpoint(path)
+        if isinstance(checkpoint, dict):
+            break
+        skipped.append(f"{path.name} ({checkpoint})")
+    else:
+        raise SegcompareError(
+            f"--resume: no intact checkpoint in {out / 'checkpoints'}: {'; '.join(skipped)}"
+        )
+    if skipped:
+        log.warning("--resume: skipped %s; resuming from the newest intact one, %s",
+                    "; ".join(skipped), path.name)
+    changed = changed_keys(checkpoint["config"], config_to_dict(cfg))
+    if changed:
+        raise SegcompareError(
+            f"--resume: the config differs from the run's in {', '.join(changed)}; "
+            f"resume with {out / 'config.yaml'}"
+        )
+    return path, checkpoint
+
+
+# The keys every checkpoint of train.py's `_save_checkpoint` holds.
+CHECKPOINT_KEYS = ("iter", "model", "optimizer", "scaler", "rng", "world_size", "best", "config")
+
+
+def read_checkpoint(path: Path) -> Union[dict, str]:
+    """The contents of checkpoint `path`, or why it cannot be resumed from (a string)."""
+    import pickle
+    import zipfile
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, pickle.UnpicklingError, zipfile.BadZipFile) as err:  # fmt: skip
+        text = str(err).strip().splitlines()
+        return f"unreadable: {text[0][:120] if text else type(err).__name__}"
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
+        return "not a segcompare training checkpoint"
+    return checkpoint
+
+
+class RecordingFile(io.FileIO):
+    """A file that keeps the OSError of a failed write, which torch.save reports only as a
+    RuntimeError without the reason (a full disk, a read-only file system)."""
+
+    error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return super().write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+
+# The weights a run folder holds, by what `compare --checkpoint` calls them. `final` is what the
+# official tests evaluate (HRNet's tools/test.py loads final_state.pth; NVlabs reports the last
+# iteration); `best` was chosen on the val split, so a val figure of it is optimistic.
+RUN_WEIGHTS = {"final": "final.safetensors", "best": "best.safetensors"}
+
+
+def run_weights(path: Union[str, Path], which: str = "final") -> Path:
+    """`path` itself, or for a training run folder (one holding final/best.safetensors) the
+    weights file `which` ('final' or 'best') in it; SegcompareError when that one is missing."""
+    if which not in RUN_WEIGHTS:
+        raise SegcompareError(f"unknown run weights {which!r}; valid: {', '.join(RUN_WEIGHTS)}")
+    path = Path(path)
+    if not path.is_dir() or not any((path / name).is_file() for name in RUN_WEIGHTS.values()):
+        return path
+    chosen = path / RUN_WEIGHTS[which]
+    if not chosen.is_file():
+        raise SegcompareError(
+            f"{path}: this run folder has no {chosen.name} (the run did not finish, or never "
+            "validated); name a weights file, or resume the run"
+        )
+    return chosen
