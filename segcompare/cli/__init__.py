@@ -1,0 +1,92 @@
+"""The `segcompare` command line: argparse subcommands, each a thin call into the package.
+
+    args.py       argument types, the shared inference options (one InferenceSettings)
+    models.py     models, stats, bench, train, convert, export
+    inference.py  eval, predict, video, compare
+    data.py       data check | prepare | synth, demo
+
+Imports of torch and friends happen inside the handlers so that `segcompare --help` is instant.
+A `SegcompareError` (a user's error: a file, key or value) raised by a handler is printed as one
+line with exit code 1; any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from segcompare import __version__
+from segcompare.cli.data import _add_data, _add_demo
+from segcompare.cli.inference import _add_compare, _add_eval, _add_predict, _add_video
+from segcompare.cli.models import (
+    _add_bench,
+    _add_convert,
+    _add_export,
+    _add_models,
+    _add_stats,
+    _add_train,
+)
+
+# Each subcommand registers itself here, in the order `--help` lists them.
+_SUBCOMMANDS = [
+    _add_demo,
+    _add_models,
+    _add_data,
+    _add_stats,
+    _add_bench,
+    _add_train,
+    _add_convert,
+    _add_export,
+    _add_eval,
+    _add_predict,
+    _add_video,
+    _add_compare,
+]
+
+
+# The commands that run models forward only: glibc keeps their freed memory for reuse.
+_INFERENCE_COMMANDS = {"bench", "eval", "predict", "video", "compare", "export"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segcompare",
+        description="Train, evaluate, run and compare HRNetV2 and SegFormer on Cityscapes.",
+    )
+    parser.add_argument("--version", action="version", version=f"segcompare {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Tensors of 2 MB and more on transparent huge pages (PyTorch reads this once, when torch
+    # loads): without it, CPU inference at 1024x2048 spends up to half its time in page faults
+    # (benchmarks/RESULTS.md). Set here, before any handler imports torch; the user's value wins.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if args.command in _INFERENCE_COMMANDS:
+        from segcompare.infer.fast import tune_cpu_allocator
+
+        tune_cpu_allocator()  # reuse freed activations rather than fresh pages (see its docstring)
+    from segcompare.utils import SegcompareError
+
+    try:
+        return int(args.func(args) or 0)
+    except SegcompareError as err:
+        print(f"segcompare {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"segcompare {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""Argument types and the options several subcommands share: sizes, counts, model names, and
+the inference options that become one `InferenceSettings`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Optional, Sequence
+
+
+# --- argument types shared by several subcommands ----------------------------------------------
+def size_hw(text: str) -> tuple[int, int]:
+    """'HxW' (e.g. 1024x2048) -> (H, W)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not HxW, e.g. 1024x2048") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return h, w
+
+
+def at_least(low: int) -> Any:
+    """An argparse type: an integer of at least `low` (the flag is named by argparse)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def check_model_size(size: Optional[tuple[int, int]], flag: str) -> None:
+    """A model input size given on the command line: large enough for both families."""
+    from segcompare.models.variants import check_input_hw
+
+    if size is not None:
+        check_input_hw(size, f"{flag} {size[0]}x{size[1]}")
+
+
+def model_names(values: Sequence[str]) -> list[str]:
+    """Check model names against the factory; empty means all of them."""
+    from segcompare.models import list_models
+
+    valid = list_models()
+    unknown = [v for v in values if v not in valid]
+    if unknown:
+        from segcompare.utils import SegcompareError
+
+        raise SegcompareError(f"unknown model {unknown[0]!r}; valid names: {', '.join(valid)}")
+    return list(values) or valid
+
+
+# --- segcompare eval / predict / video: options they share -------------------------------------
+def _scales(text: str) -> tuple[float, ...]:
+    """'0.5,0.75,1.0' -> (0.5, 0.75, 1.0)."""
+    try:
+        scales = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"scales {text!r} are not numbers like 0.5,1.0") from None
+    if not scales or min(scales) <= 0:
+        raise argparse.ArgumentTypeError(f"scales {text!r} must be positive")
+    return scales
+
+
+def _add_test_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inference")
+    g.add_argument(
+        "--mode", choices=("whole", "slide"), help="whole image, or sliding windows (default: "
+        "slide, the official test: SegFormer windows 1024x1024 stride 768 at 1024x2048, HRNet "
+        "windows of the whole test size; both scaled to other sizes)",
+    )  # fmt: skip
+    g.add_argument(
+        "--scales", type=_scales, metavar="S,S,..",
+        help="test scales, averaged (default: 1.0; --aug-test for the official sets)",
+    )  # fmt: skip
+    g.add_argument("--flip", action="store_true", help="average with the flipped image")
+    g.add_argument(
+        "--aug-test", action="store_true",
+        help="each family's official multi-scale test with flip: SegFormer scales "
+        "0.5,0.75,1.0,1.25,1.5,1.75,2.0 (NVlabs tools/test.py), HRNet 0.5,...,1.75 (its README)",
+    )  # fmt: skip
+    g.add_argument("--size", type=size_hw, metavar="HxW", help="test size (default: the image's)")
+    g.add_argument("--window", type=size_hw, metavar="HxW", help="slide window at the test size")
+    g.add_argument("--stride", type=size_hw, metavar="HxW", help="slide stride at the test size")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    g.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
+    g.add_argument(
+        "--no-optimize", action="store_true",
+        help="run the eager model instead of prepare_for_inference's rewrite (which gives the "
+        "same logits, faster)",
+    )  # fmt: skip
+
+
+def _inference_settings(args: argparse.Namespace) -> Any:
+    """The one InferenceSettings value the inference options describe."""
+    from segcompare.evaluate import InferenceSettings
+    from segcompare.utils import SegcompareError
+
+    check_model_size(args.size, "--size")
+    check_model_size(args.window, "--window")
+    if args.aug_test and (args.scales or args.flip):
+        raise SegcompareError("--aug-test sets each family's own scales and flip: drop --scales "
+                              "and --flip, or drop --aug-test")
+    return InferenceSettings(
+        mode=args.mode or InferenceSettings.mode, scales=tuple(args.scales or (1.0,)),
+        flip=args.flip, aug_test=args.aug_test,
+        size_hw=args.size, window_hw=args.window, stride_hw=args.stride, device=args.device,
+        amp=args.amp, optimize=not args.no_optimize,
+    )  # fmt: skip
+
+
+def _model_list(names: Sequence[str], weights: Sequence[str]) -> list[tuple[Any, Any]]:
+    """Repeated --model / --weights -> (name or None, weights or None) pairs, checked."""
+    from segcompare.utils import SegcompareError
+
+    if not names and not weights:
+        raise SegcompareError("name at least one model: --model NAME --weights W")
+    if names and weights and len(names) != len(weights):
+        raise SegcompareError(
+            f"{len(names)} --model but {len(weights)} --weights: give one --weights per --model"
+        )
+    model_names(names)
+    count = max(len(names), len(weights))
+    return list(zip(names or [None] * count, weights or [None] * count))
+
+
+def _predictor(settings: Any, name: Optional[str], weights: Optional[str]) -> Any:
+    """Build the model (weights through build_model) and wrap it in a Predictor."""
+    import dataclasses
+    import logging
+
+    import torch
+
+    from segcompare.infer import Predictor
+    from segcompare.models import build_model, family_of
+    from segcompare.models.save import num_classes_of
+    from segcompare.stats import check_forward_memory
+    from segcompare.utils import SegcompareError, select_device
+
+    if name is None and weights is None:
+        raise SegcompareError("name a model: --model NAME and/or --weights W")
+    torch.manual_seed(0)  # without weights: the same random model every run
+    model = build_model(name, weights=weights)
+    if settings.size_hw and select_device(settings.device).type == "cpu":
+        family = dataclasses.replace(settings, family=family_of(model))
+        hw = family.model_input_hw(settings.size_hw, largest=True)
+        check_forward_memory(model.variant, hw, 1, num_classes_of(model), **model.settings)
+    if weights is None:
+        logging.getLogger("segcompare").warning(
+            "no --weights for %s: random weights (seed 0), the predictions mean nothing", name
+        )
+    return Predictor(model, settings)

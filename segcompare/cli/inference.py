@@ -1,0 +1,241 @@
+"""`segcompare eval | predict | video | compare`: running models on images."""
+
+from __future__ import annotations
+
+import argparse
+
+from segcompare.cli.args import _add_test_options, _inference_settings, _model_list, _predictor
+
+
+# --- segcompare eval ---------------------------------------------------------------------------
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="Cityscapes metrics (mIoU, iIoU, categories) of a model or of prediction PNGs",
+        description="Score a model on a split, or score existing labelIds prediction PNGs "
+        "(--pred-dir, from any tool) the same way. The figures equal cityscapesscripts'.",
+    )
+    p.add_argument("--model", metavar="NAME", help="model name (default: read from --weights)")
+    p.add_argument("--weights", metavar="W", help="checkpoint, model folder or hf://owner/name")
+    p.add_argument(
+        "--pred-dir", metavar="DIR", help="score the labelIds PNGs in DIR instead of a model "
+        "(file names contain <city>_<seq>_<frame>)",
+    )  # fmt: skip
+    p.add_argument("--data", required=True, metavar="ROOT", help="Cityscapes root folder")
+    p.add_argument("--split", default="val", help="split (default val)")
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="images per batch (1)")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="loader processes (2)")
+    p.add_argument("--json", metavar="F", help="write the results to this JSON file")
+    p.add_argument("--save-pred", metavar="DIR", help="also write the predictions (labelIds PNGs)")
+    _add_test_options(p)
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from segcompare.evaluate import run_eval
+    from segcompare.metrics import format_results, write_results
+    from segcompare.utils import SegcompareError, init_distributed
+
+    if args.pred_dir and (args.model or args.weights):
+        raise SegcompareError("--pred-dir scores existing files: drop --model/--weights")
+    if not (args.pred_dir or args.model or args.weights):
+        raise SegcompareError(
+            "name a model (--model NAME and/or --weights W), or score saved labelIds PNGs with "
+            "--pred-dir DIR"
+        )
+    rank, _ = init_distributed()  # under torchrun: each process scores its share of the images
+    if args.pred_dir:
+        results = run_eval(args.data, args.split, pred_dir=args.pred_dir, batch_size=args.batch,
+                           workers=args.workers, save_pred_dir=args.save_pred)
+    else:
+        predictor = _predictor(_inference_settings(args), args.model, args.weights)
+        meta = predictor.describe()
+        meta = {"model": meta.pop("model"), "weights": args.weights, **meta}
+        results = run_eval(args.data, args.split, scores=predictor.scores, batch_size=args.batch,
+                           workers=args.workers, save_pred_dir=args.save_pred, meta=meta)
+    if rank != 0:
+        return 0  # rank 0 holds the summed counts too, and reports
+    print(format_results(results))
+    for p in results["processes"] if results["world_size"] > 1 else []:
+        print(f"process {p['rank']}: {p['images']} images in {p['seconds']:.1f} s "
+              f"({p['images_per_s'] or 0:.2f}/s)")
+    seconds = results["seconds"]
+    print(f"{results['num_images']} images in {seconds:.1f} s ({results['images_per_s']:.2f}/s) "
+          f"on {results['world_size']} process(es)")
+    if args.json:
+        write_results(results, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+# --- segcompare predict ------------------------------------------------------------------------
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="segment images and write labelIds / trainIds / colour / overlay PNGs or logits",
+        description="Segment image files, folders (recursively) or glob patterns and write one "
+        "file per image under --out, named after it. labelid PNGs are what the Cityscapes test "
+        "server takes; logits are float16 C×H×W .npy.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
+    p.add_argument("--model", metavar="NAME", help="model name (default: read from --weights)")
+    p.add_argument("--weights", metavar="W", help="checkpoint, model folder or hf://owner/name")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--format", default="labelid",
+        choices=("trainid", "labelid", "color", "overlay", "logits"), help="(default labelid)",
+    )  # fmt: skip
+    _add_test_options(p)
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from segcompare.infer import predict_files
+    from segcompare.utils import init_distributed
+
+    rank, world = init_distributed()  # under torchrun: each process writes its share
+    predictor = _predictor(_inference_settings(args), args.model, args.weights)
+    written = predict_files(predictor, args.inputs, args.out, args.format)
+    count = len(written)
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        total = torch.tensor([count])
+        dist.all_reduce(total)  # also waits until every process has written its files
+        count = int(total.item())
+    if rank == 0:
+        print(f"wrote {count} {args.format} file(s) to {args.out}")
+    return 0
+
+
+# --- segcompare video --------------------------------------------------------------------------
+def _add_video(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "video",
+        help="side-by-side video (GIF or MP4) of one or more models on a frame sequence",
+        description="Run every --model on each frame and write input | model 1 | model 2 ... "
+        "side by side, each panel titled with the model and its latency, with a class legend. "
+        "Give --weights once per --model, in the same order. Frames: a folder of images "
+        "(e.g. leftImg8bit/demoVideo/stuttgart_00) or a video file (needs the video extra).",
+    )
+    p.add_argument(
+        "source", metavar="FRAMES_DIR_OR_VIDEO", help="a folder of frames or a video file"
+    )
+    p.add_argument("--model", action="append", default=[], metavar="NAME", help="(repeatable)")
+    p.add_argument("--weights", action="append", default=[], metavar="W", help="(repeatable)")
+    p.add_argument("--out", required=True, metavar="F", help="F.gif, or F.mp4 (the video extra)")
+    p.add_argument("--fps", type=float, default=17.0, help="frames per second (17, Cityscapes')")
+    p.add_argument("--every", type=int, default=1, metavar="K", help="use every K-th frame (1)")
+    p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    p.add_argument(
+        "--max-width", type=int, default=1024, metavar="PX",
+        help="draw the panels smaller when all of them together are wider (1024; 0: never); "
+        "the models still run at the frame size or --size",
+    )  # fmt: skip
+    _add_test_options(p)
+    p.set_defaults(func=_run_video)
+
+
+def _run_video(args: argparse.Namespace) -> int:
+    from segcompare.infer import render_video
+    from segcompare.utils import SegcompareError
+
+    models = _model_list(args.model, args.weights)
+    if args.fps <= 0 or (args.max_frames is not None and args.max_frames < 1):
+        raise SegcompareError("--fps must be positive and --max-frames at least 1")
+    if args.max_width < 0:
+        raise SegcompareError("--max-width must be 0 (never shrink) or a width in pixels")
+    settings = _inference_settings(args)
+    predictors = [_predictor(settings, n, w) for n, w in models]
+    # --size is the test size; the panels are drawn at it, or smaller to fit --max-width
+    frames = render_video(
+        predictors, args.source, args.out, args.fps, args.size, args.every, args.max_frames,
+        max_width=args.max_width or None,
+    )
+    print(f"wrote {args.out}: {frames} frames, {len(predictors)} model(s)")
+    return 0
+
+
+# --- segcompare compare ------------------------------------------------------------------------
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="evaluate, count and time several models; write metrics.json and an HTML report",
+        description="Run evaluation, stats and bench for each --model and write into --out: "
+        "metrics.json, report.md, a self-contained report.html and the plots as PNG files. "
+        "Give --weights once per --model, in the same order (or only --weights: the model "
+        "names come from the files).",
+    )
+    p.add_argument("--model", action="append", default=[], metavar="NAME", help="(repeatable)")
+    p.add_argument("--weights", action="append", default=[], metavar="W", help="(repeatable)")
+    p.add_argument("--data", required=True, metavar="ROOT", help="Cityscapes root folder")
+    p.add_argument("--split", default="val", help="split (default val)")
+    p.add_argument("--out", default="compare", metavar="DIR", help="report folder (compare)")
+    p.add_argument(
+        "--images", type=int, default=4, metavar="K", help="hardest images shown (4; 0: none)"
+    )
+    p.add_argument(
+        "--corrupt", metavar="LIST", default="",
+        help="also mIoU under corruptions at 3 severities: noise,blur,jpeg,brightness (or all)",
+    )  # fmt: skip
+    p.add_argument("--max-images", type=int, metavar="N", help="score only the first N images")
+    p.add_argument(
+        "--corrupt-images", type=int, metavar="N", help="corruptions on the first N images only"
+    )
+    p.add_argument("--bench-iters", type=int, default=3, metavar="N", help="timed runs (3)")
+    p.add_argument("--bench-warmup", type=int, default=1, metavar="N", help="warm-up runs (1)")
+    p.add_argument(
+        "--boundary-frac", type=float, default=None, metavar="F",
+        help="Boundary IoU band as a fraction of the image diagonal (0.005; the paper: 0.02)",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint", choices=("final", "best"), default="final",
+        help="for a training run folder given as --weights: its final weights (default, what "
+        "the official tests evaluate) or best.safetensors (best val mIoU: optimistic on val)",
+    )  # fmt: skip
+    _add_test_options(p)
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    import logging
+
+    from segcompare.compare import CompareSpec, run_compare
+    from segcompare.data.corrupt import parse_corruptions
+    from segcompare.metrics import BOUNDARY_FRAC
+    from segcompare.utils import SegcompareError, torchrun_rank_world
+
+    rank, world = torchrun_rank_world()
+    if world > 1:  # its latencies, per-image figures and plots are one process's measurements
+        if rank != 0:
+            return 1  # every process fails alike; rank 0 prints the one line
+        raise SegcompareError(
+            f"compare runs in one process, not under torchrun (WORLD_SIZE={world}); for the "
+            "figures on several processes run `torchrun ... -m segcompare eval` per model"
+        )
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notices
+    models = _model_list(args.model, args.weights)
+    for flag in ("max_images", "corrupt_images"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SegcompareError(f"--{flag.replace('_', '-')} must be at least 1")
+    frac = BOUNDARY_FRAC if args.boundary_frac is None else args.boundary_frac
+    if not 0 < frac < 1:
+        raise SegcompareError(f"--boundary-frac must be in (0, 1), got {frac}")
+    doc = run_compare(CompareSpec(
+        models, args.data, args.split, args.out, images=args.images,
+        corruptions=parse_corruptions(args.corrupt), inference=_inference_settings(args),
+        max_images=args.max_images, corrupt_images=args.corrupt_images,
+        bench_iters=args.bench_iters, bench_warmup=args.bench_warmup, boundary_frac=frac,
+        checkpoint=args.checkpoint,
+    ))  # fmt: skip
+    print(f"{'model':<24}{'mIoU':>7}{'B-IoU':>7}{'GMACs':>10}{'ms':>9}")
+    for m in doc["models"]:
+        print(
+            f"{m['label']:<24}{100 * m['miou']:>7.1f}{100 * m['boundary_iou']:>7.1f}"
+            f"{m['gmacs']:>10.4g}{m['latency_ms']:>9.1f}"
+        )
+    print(f"wrote {args.out}/report.html, report.md, metrics.json")
+    return 0

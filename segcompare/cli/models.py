@@ -1,0 +1,286 @@
+"""`segcompare models | stats | bench | train | convert | export`: the models themselves."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from segcompare.cli.args import at_least, check_model_size, model_names, size_hw
+
+
+# --- segcompare models -------------------------------------------------------------------------
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "models", help="list the model names with their parameter counts",
+        description="List the 11 variants (SegFormer-B0..B5, HRNetV2-W18-Small-v1/v2, W18, W32, "
+        "W48) with their parameter counts, counted on the meta device (nothing is allocated).",
+    )  # fmt: skip
+    p.add_argument(
+        "--num-classes", type=at_least(1), default=19, metavar="K", help="classes of the head (19)"
+    )
+    p.set_defaults(func=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    import torch
+
+    from segcompare.models import build_model, count_parameters, list_models
+
+    print(f"{'model':<22}{'parameters':>14}")
+    for name in list_models():
+        with torch.device("meta"):
+            model = build_model(name, num_classes=args.num_classes)
+        print(f"{name:<22}{count_parameters(model):>14,}")
+    return 0
+
+
+# --- segcompare stats --------------------------------------------------------------------------
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stats", help="parameters, GMACs, layer counts, depth and activation memory of models",
+        description="Count parameters, multiply-adds (attention included), layers, depth and "
+        "activation memory of each model at an input size, on the meta device: nothing is "
+        "allocated or timed (for timings: segcompare bench).",
+    )  # fmt: skip
+    p.add_argument("names", nargs="*", metavar="NAME", help="model names (default: all)")
+    p.add_argument(
+        "--size", type=size_hw, default=(1024, 2048), metavar="HxW", help="input HxW (1024x2048)"
+    )
+    p.add_argument(
+        "--num-classes", type=at_least(1), default=19, metavar="K", help="classes of the head (19)"
+    )
+    p.add_argument("--json", metavar="F", help="also write the figures to this JSON file")
+    p.set_defaults(func=_run_stats)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    from tqdm import tqdm
+
+    from segcompare.stats import format_stats_table, model_stats
+    from segcompare.utils import atomic_write_text
+
+    names = model_names(args.names)
+    check_model_size(args.size, "--size")
+    rows = [
+        model_stats(n, args.size, args.num_classes) for n in tqdm(names, desc="stats", leave=False)
+    ]
+    meta = {"torch": torch.__version__, "device": "meta (counted, not timed)"}
+    if args.json:
+        doc = {"models": rows, "size": list(args.size), "meta": meta}
+        atomic_write_text(args.json, json.dumps(doc, indent=2) + "\n")
+    print(format_stats_table(rows, args.size))
+    return 0
+
+
+# --- segcompare bench --------------------------------------------------------------------------
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="latency, throughput and memory, models side by side",
+        description="Time untrained models (random weights: the speed does not depend on them) "
+        "interleaved in one process after warm-up, through prepare_for_inference unless "
+        "--no-optimize; memory is the peak of the tensors one forward pass creates.",
+    )  # fmt: skip
+    p.add_argument("names", nargs="+", metavar="NAME", help="model names")
+    p.add_argument(
+        "--size", type=size_hw, default=(1024, 2048), metavar="HxW", help="input HxW (1024x2048)"
+    )
+    p.add_argument(
+        "--batch", type=at_least(1), default=1, metavar="N", help="images per forward (1)"
+    )
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default cpu)")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="(default fp32)"
+    )
+    p.add_argument(
+        "--threads", type=at_least(1), default=None, help="CPU threads (default: torch's)"
+    )
+    p.add_argument(
+        "--warmup", type=at_least(0), default=2, metavar="N", help="untimed runs first (2)"
+    )
+    p.add_argument(
+        "--iters", type=at_least(1), default=5, metavar="N", help="timed runs per model (5)"
+    )
+    p.add_argument(
+        "--num-classes", type=at_least(1), default=19, metavar="K", help="classes of the head (19)"
+    )
+    p.add_argument("--no-optimize", action="store_true", help="time the plain eager models")
+    p.add_argument(
+        "--reference", action="store_true",
+        help="add each model's reference as a row: transformers' SegFormer with the same weights, "
+        "or for HRNet the eager model (it equals the official code)",
+    )
+    p.add_argument("--json", metavar="F", help="also write the figures to this JSON file")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from segcompare import bench
+    from segcompare.utils import atomic_write_text
+
+    names = model_names(args.names)
+    check_model_size(args.size, "--size")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, meta = bench.bench_models(
+        names, args.size, args.batch, args.device, args.dtype, args.warmup, args.iters,
+        args.num_classes, optimize=not args.no_optimize, reference=args.reference,
+    )  # fmt: skip
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"models": rows, "meta": meta}, indent=2) + "\n")
+    print(bench.format_table(rows, meta))
+    return 0
+
+
+# --- segcompare train --------------------------------------------------------------------------
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from a recipe in configs/ (under torchrun for several processes)",
+        description="Train a model from a YAML recipe. Several processes: "
+        "torchrun --nproc-per-node N -m segcompare train CONFIG ...",
+    )
+    p.add_argument(
+        "config", metavar="CONFIG", help="a recipe, e.g. configs/synthcity_segformer_b0.yaml"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, value in YAML (repeatable): --set data.crop_size=[128,128]",
+    )
+    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<config name>)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in the run folder"
+    )
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from segcompare.config import load_config
+    from segcompare.train import summary_line, train
+    from segcompare.utils import SegcompareError
+
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun; only rank 0 talks
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    try:
+        cfg = load_config(args.config, args.set)
+        out = args.out or str(Path("runs") / Path(args.config).stem)
+        summary = train(cfg, out, resume=args.resume)
+    except SegcompareError:
+        if rank != 0:
+            return 1  # every process fails alike; rank 0 prints the one line
+        raise
+    if rank == 0:
+        print(summary_line(summary))
+    return 0
+
+
+# --- segcompare convert ------------------------------------------------------------------------
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a checkpoint (official, HuggingFace, mmseg, ...) to ours or to HuggingFace",
+        description="Convert any supported checkpoint (file, HuggingFace directory or hub id "
+        "hf://owner/name; the "
+        "format is read from its keys) to our safetensors with metadata (DST ending in "
+        ".safetensors) or to a HuggingFace directory: config.json + model.safetensors (any other "
+        "DST; SegFormer only).",
+    )
+    p.add_argument("src", metavar="SRC", help="checkpoint, HuggingFace folder or hf://owner/name")
+    p.add_argument("dst", metavar="DST", help="out.safetensors, or a directory for HuggingFace")
+    p.add_argument("--model", metavar="NAME", help="variant (default: read from SRC's keys)")
+    p.add_argument(
+        "--num-classes",
+        type=at_least(1),
+        metavar="K",
+        help="classes (default: SRC's; another K keeps all but the classifier, initialised)",
+    )
+    p.add_argument(
+        "--backbone-only",
+        action="store_true",
+        help="load only the backbone, the head stays initialised (mmseg SegFormer files need it)",
+    )
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    import logging
+
+    from segcompare.models.save import convert_checkpoint
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    print(
+        convert_checkpoint(
+            args.src, args.dst, args.model, args.num_classes, backbone_only=args.backbone_only
+        )
+    )
+    return 0
+
+
+# --- segcompare export ------------------------------------------------------------------------
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a model (prepared for inference) to ONNX",
+        description="Write the model, with prepare_for_inference's rewrites, as an ONNX graph: "
+        "input `images` Nx3xHxW normalised, output `logits` NxCx(H/4)x(W/4). Checked with "
+        "onnxruntime against PyTorch when it is installed (pip install segcompare[onnx]).",
+    )
+    p.add_argument("out", metavar="OUT", help="the .onnx file to write")
+    p.add_argument("--model", metavar="NAME", help="model name (default: read from --weights)")
+    p.add_argument("--weights", metavar="W", help="checkpoint, model folder or hf://owner/name")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="(default onnx)")
+    p.add_argument(
+        "--size", type=size_hw, default=(1024, 2048), metavar="HxW",
+        help="input size the graph is traced at (default 1024x2048)",
+    )  # fmt: skip
+    p.add_argument(
+        "--batch", type=at_least(1), default=1, metavar="N", help="traced batch size (1)"
+    )
+    p.add_argument("--dynamic", action="store_true", help="batch, height and width left free")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+
+    from segcompare.export import check_onnx, check_opset, export_onnx
+    from segcompare.models import build_model
+    from segcompare.models.save import num_classes_of
+    from segcompare.stats import check_forward_memory
+    from segcompare.utils import SegcompareError
+
+    if args.model is None and args.weights is None:
+        raise SegcompareError("name a model: --model NAME and/or --weights W")
+    check_model_size(args.size, "--size")
+    check_opset(args.opset)
+    torch.manual_seed(0)
+    model = build_model(args.model, weights=args.weights).eval()
+    check_forward_memory(
+        model.variant, args.size, args.batch, num_classes_of(model), **model.settings
+    )
+    if args.weights is None:
+        logging.getLogger("segcompare").warning(
+            "no --weights for %s: random weights (seed 0)", args.model
+        )
+    path = export_onnx(model, args.out, args.size, args.dynamic, args.batch, args.opset)
+    size_mb = path.stat().st_size / 2**20
+    print(
+        f"wrote {path} ({size_mb:.1f} MB, {model.variant}, input {args.batch}x3x"
+        f"{args.size[0]}x{args.size[1]}{', dynamic N/H/W' if args.dynamic else ''})"
+    )
+    diff = check_onnx(path, model, args.size, args.batch)
+    if diff is not None:
+        print(f"onnxruntime vs PyTorch: max |logit difference| {diff:.2e}")
+    return 0
