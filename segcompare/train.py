@@ -526,6 +526,30 @@ def _init_process_group(backend: str, restarts: int) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
+def _setup_notes(
+    cfg: Config, world: int, per_process: int, device: torch.device, restarts: int
+) -> List[str]:
+    """What the run's first log record says about how it is set up."""
+    tc = cfg.train
+    notes = [
+        f"total batch {tc.batch_size} = {world} process(es) x {per_process} image(s); "
+        f"lr {cfg.optim.lr:g} is for the total batch and is not rescaled"
+    ]
+    if tc.loss == "ohem" and per_process != tc.ohem_min_kept_images:
+        notes.append(
+            f"OHEM min_kept {tc.ohem_min_kept} is for {tc.ohem_min_kept_images} image(s) "
+            f"per process: {ohem_min_kept_for(cfg, per_process)} for this run's {per_process}"
+        )
+    if world > 1 and device.type != "cuda":
+        notes.append("SyncBatchNorm needs GPUs: on the CPU each process normalises with its "
+                     "own batch statistics")
+    if restarts:
+        notes.append(f"torchrun restart {restarts} (TORCHELASTIC_RESTART_COUNT) of at most "
+                     f"{os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}: a process of the "
+                     "group had died; continuing from the last checkpoint")
+    return notes
+
+
 def train(
     cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False, bar_position: int = 0
 ) -> dict:
@@ -579,21 +603,10 @@ def train(
             # its buckets and warns every step about a cost that is negligible here
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
         _set_determinism(tc.deterministic, device)
-        notes = [
-            f"total batch {tc.batch_size} = {world} process(es) x {per_process} image(s); "
-            f"lr {oc.lr:g} is for the total batch and is not rescaled"
-        ]
+        notes = _setup_notes(cfg, world, per_process, device, restarts)
         min_kept = ohem_min_kept_for(cfg, per_process)
-        if tc.loss == "ohem" and per_process != tc.ohem_min_kept_images:
-            notes.append(
-                f"OHEM min_kept {tc.ohem_min_kept} is for {tc.ohem_min_kept_images} image(s) "
-                f"per process: {min_kept} for this run's {per_process}"
-            )
         if ddp and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # both papers train with SyncBN
-        elif ddp:
-            notes.append("SyncBatchNorm needs GPUs: on the CPU each process normalises with its "
-                         "own batch statistics")
         model.to(device)
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)  # off: None
         if amp_dtype is torch.bfloat16 and device.type == "cpu":
@@ -608,10 +621,6 @@ def train(
         # each process draws its own dropout / drop-path masks
         torch.manual_seed(int(np.random.SeedSequence([tc.seed, rank]).generate_state(1)[0]))
         start_iter = 0
-        if restarts:
-            notes.append(f"torchrun restart {restarts} (TORCHELASTIC_RESTART_COUNT) of at most "
-                         f"{os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}: a process of the "
-                         "group had died; continuing from the last checkpoint")
         if checkpoint is not None:
             start_iter = _resume(run, checkpoint, checkpoint_path, notes)
         elif resume:

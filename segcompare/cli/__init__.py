@@ -86,6 +86,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"segcompare {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group that eval or predict joined: a process that exits
+    with gloo's threads still running can abort ("terminate called without an active
+    exception") after its work is done."""
+    dist = sys.modules.get("torch.distributed")  # loaded only if a command used it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
