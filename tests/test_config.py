@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_configs import TINY_SEGFORMER
-from tiny_configs import write_yaml as _write
+from helpers import TINY_SEGFORMER
+from helpers import write_yaml as _write
 
 from segcompare.config import load_config
 from segcompare.utils import SegcompareError

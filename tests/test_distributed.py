@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import assert_same_state, model_state
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -220,16 +221,6 @@ def _config(tmp_path: Path, root: Path, **train: object) -> Path:
     return path
 
 
-def _model_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
-def _assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
-
-
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = TIMEOUT_S) -> None:
     deadline = time.time() + timeout
     while not path.exists() and proc.poll() is None and time.time() < deadline:
@@ -315,8 +306,8 @@ def test_elastic_restart_ends_with_the_uninterrupted_weights(
     assert any("resumed from" in note for note in start[-1]["notes"])  # not from scratch
     rc, _, stderr = _finish(whole)
     assert rc == 0, stderr[-3000:]
-    _assert_same_state(_model_state(tmp_path / "whole" / "checkpoints" / "iter_16.pt"),
-                       _model_state(tmp_path / "killed" / "checkpoints" / "iter_16.pt"))
+    assert_same_state(model_state(tmp_path / "whole" / "checkpoints" / "iter_16.pt"),
+                       model_state(tmp_path / "killed" / "checkpoints" / "iter_16.pt"))
 
 
 # --- 4. two nodes on localhost: the c10d rendezvous ----------------------------------------------

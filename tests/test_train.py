@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny_configs import TINY_SEGFORMER
-from tiny_configs import write_yaml as _write
+from helpers import TINY_SEGFORMER, assert_same_state, model_state
+from helpers import write_yaml as _write
 
 from segcompare.config import OptimConfig, config_from_dict, load_config
 from segcompare.losses import cross_entropy, ohem_cross_entropy
@@ -201,16 +201,6 @@ def _run_group(cmd: list, timeout: float = 300) -> tuple:
     return proc.returncode, stderr
 
 
-def _model_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
-def _assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
-
-
 def _assert_tensorboard_scalars(tb: Path, losses: list) -> None:
     """The event file, read by tensorboard's own reader, holds the log's scalars."""
     try:
@@ -247,7 +237,7 @@ def test_loss_decreases_and_run_folder(tmp_path: Path, synth_root: Path, one_thr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_20.pt", "iter_30.pt"]
     # final.safetensors is our format: build_model rebuilds the trained model from it alone
     final = build_model(weights=out / "final.safetensors")
-    _assert_same_state(final.state_dict(), _model_state(out / "checkpoints" / "iter_30.pt"))
+    assert_same_state(final.state_dict(), model_state(out / "checkpoints" / "iter_30.pt"))
     assert (out / "best.safetensors").is_file()
     _assert_tensorboard_scalars(out / "tb", losses)
     # --resume refuses a changed recipe, naming the key; a finished run resumes to its end
@@ -325,8 +315,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path: Path, synth_root: Path) -> N
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
     assert whole.wait() == 0
-    _assert_same_state(_model_state(tmp_path / "whole" / "checkpoints" / "iter_40.pt"),
-                       _model_state(tmp_path / "killed" / "checkpoints" / "iter_40.pt"))
+    assert_same_state(model_state(tmp_path / "whole" / "checkpoints" / "iter_40.pt"),
+                       model_state(tmp_path / "killed" / "checkpoints" / "iter_40.pt"))
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path: Path, synth_root: Path) -> None:
@@ -382,8 +372,8 @@ def test_torchrun_two_processes_agree(tmp_path: Path, synth_root: Path) -> None:
     assert returncode == 0, stderr[-3000:]
     rank0 = torch.load(out / "rank0.pt", weights_only=True)
     rank1 = torch.load(out / "rank1.pt", weights_only=True)
-    _assert_same_state(rank0, rank1)
-    _assert_same_state(rank0, _model_state(out / "checkpoints" / "iter_6.pt"))
+    assert_same_state(rank0, rank1)
+    assert_same_state(rank0, model_state(out / "checkpoints" / "iter_6.pt"))
     import json
 
     start = json.loads((out / "log.jsonl").read_text().splitlines()[0])
