@@ -26,8 +26,8 @@ from segcompare.utils import SegcompareError
 class ModelConfig:
     name: str = ""  # a name of `segcompare models`, e.g. segformer-b0, hrnet-w48
     num_classes: int = 19
-    # ImageNet weights for the backbone (a path or hub id the Checkpoints loader accepts); None:
-    # random init.
+    # ImageNet weights for the backbone: a file or folder the checkpoint loader reads, or a hub
+    # id written hf://owner/name; None: random init.
     pretrained: Optional[str] = None
     # keyword settings of the variant, passed to build_model (drop_path_rate, depths, ...)
     overrides: Dict[str, Any] = field(default_factory=dict)
