@@ -36,9 +36,6 @@ log = logging.getLogger(__name__)
 Model = Callable[[torch.Tensor], torch.Tensor]  # N×3×H×W normalised -> N×C×h×w logits
 
 # Each family's multi-scale test (`aug_test`, `--aug-test`): its scales and flip, cited there.
-MULTI_SCALES = {name: (f.test.scales, f.test.flip) for name, f in FAMILIES.items()}
-
-
 @dataclass(frozen=True)
 class InferenceSettings:
     """How to run a model at test time: one value, built once (by the CLI from its options) and
@@ -90,8 +87,8 @@ class InferenceSettings:
         """These settings with `aug_test` applied: the family's official scales and flip."""
         if not self.aug_test:
             return self
-        scales, flip = MULTI_SCALES[self._family()]
-        return replace(self, scales=scales, flip=flip)
+        test = FAMILIES[self._family()].test
+        return replace(self, scales=test.scales, flip=test.flip)
 
     def describe(self) -> dict[str, Any]:
         """The settings as JSON-ready values (what eval's and compare's metadata record)."""

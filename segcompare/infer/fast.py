@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcompare.models import hrnet, segformer
-from segcompare.models.precision import bf16_conv_is_wrong, guard_bf16
+from segcompare.models.precision import bf16_conv_is_wrong, guard_bf16, report_float32
 
 log = logging.getLogger(__name__)
 
@@ -485,12 +485,7 @@ def _to_bf16_guarded(net: nn.Module, channels_last: bool) -> list[str]:
     for name, (weight, bias) in kept.items():
         wrong[name].weight = _frozen(weight)
         wrong[name].bias = None if bias is None else _frozen(bias.float())
-    if wrong:
-        log.warning(
-            "bf16 self-check: oneDNN computes %d conv layer(s) wrongly in bfloat16 on this CPU; "
-            "they run in float32 (%s)", len(wrong), ", ".join(list(wrong)[:4]) +
-            (", ..." if len(wrong) > 4 else ""),
-        )  # fmt: skip
+    report_float32(list(wrong))
     return list(wrong)
 
 

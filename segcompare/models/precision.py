@@ -102,10 +102,15 @@ def guard_bf16(model: nn.Module, what: str = "") -> list[str]:
             if bf16_is_wrong(module):
                 module.__class__ = Float32Conv2d
                 wrong.append(name)
-    if wrong:
+    report_float32(wrong, what)
+    return wrong
+
+
+def report_float32(names: Sequence[str], what: str = "") -> None:
+    """The one warning that layers `names` of `what` run in float32 (none when there are none)."""
+    if names:
         log.warning(
             "bf16 self-check%s: oneDNN computes %d conv layer(s) wrongly in bfloat16 on this CPU; "
-            "they run in float32 (%s)", f" of {what}" if what else "", len(wrong),
-            ", ".join(wrong[:4]) + (", ..." if len(wrong) > 4 else ""),
+            "they run in float32 (%s)", f" of {what}" if what else "", len(names),
+            ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""),
         )  # fmt: skip
-    return wrong
