@@ -63,7 +63,7 @@ from segcompare.run_folder import (
     rng_states,
     set_rng_states,
 )
-from segcompare.utils import SegcompareError, atomic_path, atomic_write_text
+from segcompare.utils import SegcompareError, atomic_path, atomic_write_text, torchrun_rank_world
 
 log = logging.getLogger(__name__)
 
@@ -569,8 +569,7 @@ def train(
     tc, oc = cfg.train, cfg.optim
 
     # -- processes: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK ----------------------------------
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = torchrun_rank_world()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     ddp, master = world > 1, rank == 0
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")

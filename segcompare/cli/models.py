@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from segcompare.cli.args import at_least, check_model_size, model_names, size_hw
 
@@ -166,9 +165,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from segcompare.config import load_config
     from segcompare.train import summary_line, train
-    from segcompare.utils import SegcompareError
+    from segcompare.utils import SegcompareError, torchrun_rank_world
 
-    rank = int(os.environ.get("RANK", "0"))  # set by torchrun; only rank 0 talks
+    rank, _ = torchrun_rank_world()  # only rank 0 talks
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     try:
         cfg = load_config(args.config, args.set)
