@@ -120,7 +120,8 @@ def side_by_side(runs: int) -> bool:
     (the cores this process may use); not on a GPU, which one run already fills."""
     import torch
 
-    return runs > 1 and len(os.sched_getaffinity(0)) >= runs and not torch.cuda.is_available()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return runs > 1 and (cores or 1) >= runs and not torch.cuda.is_available()
 
 
 def train_models(
