@@ -347,3 +347,43 @@ def test_block_equals_its_eager_twin(case, path, tiny, monkeypatch):
         # fp32 rounding only: ~1e-6 of the magnitude here; 1e-4 of it still catches a LayerNorm
         # scaled by 1.001 or one term of a fusion sum left out
         assert (o - r).abs().max().item() <= 1e-4 * max(1.0, r.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# BranchSum: each head term computed high (upsample, then the conv) or low (the conv, then
+# upsample). The tiny models above take every term high, the real variants mix both.
+
+
+@pytest.mark.parametrize("high", [[], [1], [2], [1, 2], [1, 2, 3]], ids=str)
+@pytest.mark.parametrize("path", ["onednn", "plain"])
+def test_branch_sum_equals_the_conv_over_the_concatenation(high, path, monkeypatch):
+    if path == "plain":
+        monkeypatch.setattr(fast, "_ONEDNN", False)
+    channels, d = [4, 8, 16, 32], 24
+    xs = _branch_maps(channels)
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(d, sum(channels), 1, 1, generator=g, dtype=torch.float64) / 8
+    b = torch.randn(d, generator=g, dtype=torch.float64)
+    size = xs[0].shape[-2:]
+    ups = [xs[0]] + [F.interpolate(x, size, mode="bilinear", align_corners=False) for x in xs[1:]]
+    ref = F.relu(F.conv2d(torch.cat(ups, 1).double(), w, b))
+    module = _twin(fast.BranchSum(torch.split(w.float(), channels, dim=1), b.float(), high=high))
+    assert module.high == high and module.low == [j for j in (1, 2, 3) if j not in high]
+    with torch.inference_mode():
+        out = module([x.clone() for x in xs])
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "channels, d, high",
+    [
+        ((18, 36, 72, 144), 270, [1, 2]),  # HRNet-W18 (and both Small variants)
+        ((48, 96, 192, 384), 720, [1]),  # HRNet-W48
+        ((32, 64, 160, 256), 256, [1]),  # SegFormer-B0 (each term is decoder_dim wide)
+        ((64, 128, 320, 512), 768, [1]),  # SegFormer-B2..B5
+    ],
+)
+def test_branch_sum_takes_narrow_near_terms_high(channels, d, high):
+    """The cost rule of BranchSum's docstring on the real widths (a decision, not a timing)."""
+    slices = [torch.zeros(d, c, 1, 1) for c in channels]
+    assert fast.BranchSum(slices, torch.zeros(d)).high == high
