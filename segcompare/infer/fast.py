@@ -263,9 +263,12 @@ class FastHRModule(nn.Module):
     """hrnet.HighResolutionModule: parallel branches, then the multi-resolution fusion.
 
     Branch i receives x_i + Σ_{j>i} up(conv1×1_ij(x_j)) + Σ_{j<i} down_ij(x_j), then ReLU. The
-    upsampled terms are summed first; each stride-2 chain's last conv then adds the running sum
-    inside its kernel, the last one also applying the ReLU, so no separate add or ReLU pass
-    remains for i > 0.
+    sums are taken in place, in the branch maps themselves: first every 1×1 conv reads the
+    branch it needs (at its low resolution), then the targets are summed from the last to the
+    first, so a stride-2 chain still reads x_j before branch j is summed into. The upsampled
+    terms are added first; each chain's last conv then adds the running sum inside its kernel,
+    the last one also applying the ReLU, so no separate add or ReLU pass remains for i > 0 (and
+    branch 0's last addition applies the ReLU in the same pass).
     """
 
     def __init__(self, module: hrnet.HighResolutionModule):
@@ -290,26 +293,28 @@ class FastHRModule(nn.Module):
         self.fuse_layers = nn.ModuleList(fuse)
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        # the branch outputs are this module's own tensors: the fusion sums into them
         xs = [branch(x) for branch, x in zip(self.branches, xs)]
         n = len(xs)
-        fused = []
-        for i, paths in enumerate(self.fuse_layers):
-            acc = xs[i]
-            for j in range(i + 1, n):  # lower resolutions: 1×1 conv there, then upsample
-                up = hrnet.resize_to(paths[j](xs[j]), xs[i])
-                if i == 0 and j == n - 1:  # the last term of branch 0: add and ReLU, one pass
-                    acc = _add_relu_(up, acc) if acc is xs[i] else _add_relu_(acc, up)
-                else:
-                    acc = acc + up if acc is xs[i] else acc.add_(up)
-            for j in range(i):  # higher resolutions: stride-2 chains; the last conv adds acc
+        if n == 1:
+            return [F.relu(xs[0])]
+        # lower resolutions: each 1×1 conv at its branch's resolution, before any sum
+        low = [
+            [paths[j](xs[j]) for j in range(i + 1, n)] for i, paths in enumerate(self.fuse_layers)
+        ]
+        fused: list[torch.Tensor] = [xs[0]] * n
+        for i in reversed(range(n)):
+            paths, acc = self.fuse_layers[i], xs[i]
+            for j, y in enumerate(low[i], start=i + 1):  # then upsampled and added
+                up = hrnet.resize_to(y, acc)
+                acc = _add_relu_(acc, up) if i == 0 and j == n - 1 else acc.add_(up)
+            for j in range(i):  # higher resolutions (not summed into yet): stride-2 chains
                 chain = paths[j]
                 y = xs[j]
                 for conv in chain[:-1]:
                     y = conv(y)
-                acc = chain[-1](y, acc, inplace=acc is not xs[i])
-            if i == 0 and n == 1:
-                acc = F.relu(acc)
-            fused.append(acc)
+                acc = chain[-1](y, acc, inplace=True)  # the last conv adds acc in its kernel
+            fused[i] = acc
         return fused
 
 
