@@ -16,7 +16,8 @@ Ours is `prepare_for_inference(model)` (segcompare/infer/fast.py), fp32, on one 
 - **The floor**: the model's MACs at the rate this CPU reaches in one large fp32 matmul
   (4096², measured here, in the same process): what a perfect implementation could approach.
 
-The forward itself is timed without hooks or profiler (median of --runs after --warmup).
+The forward itself is timed without hooks or profiler (median of --runs, after --warmup and
+the hooked runs).
 Rows are merged into benchmarks/results/profile_cpu.json by (model, size).
 """
 
@@ -152,12 +153,12 @@ def main() -> int:
     with torch.inference_mode():
         for _ in range(args.warmup):
             model(x)
+        runs = hooked_runs(model, x, args.runs)
         times = []
         for _ in range(args.runs):
             t0 = time.perf_counter()
             model(x)
             times.append(time.perf_counter() - t0)
-        runs = hooked_runs(model, x, args.runs)
         ops = other_ops(model, x)
         rate = matmul_gmacs()
     forward_ms = statistics.median(times) * 1000

@@ -320,9 +320,10 @@ class FastHRModule(nn.Module):
 
 class FastHRNetHead(nn.Module):
     """HRNet's `last_layer` (1×1 conv-BN-ReLU over the concatenated branches, then the classifier)
-    with the first conv split per branch and applied at the branch's own resolution:
-    relu(W_0·x_0 + b + Σ_{j>0} up(W_j·x_j)). The concatenation is never built; the conv's MACs
-    at 1/4 resolution drop from D·D to C_0·D per pixel (D = ΣC_j: 270 for W18, 720 for W48).
+    with the first conv split per branch (`BranchSum`): relu(W_0·x_0 + b + Σ_{j>0} W_j·up(x_j)),
+    the wide, far terms applied at their branch's own resolution before upsampling. The whole
+    concatenation is never built; for W18 the conv's MACs at 1/4 resolution drop from D·D to
+    (18 + 36 + 72)·D per pixel (D = ΣC_j: 270 for W18, 720 for W48).
     """
 
     def __init__(self, last_layer: nn.Sequential, channels: Sequence[int]):
@@ -456,9 +457,10 @@ class FastStage(nn.Module):
 
 class FastSegFormerHead(nn.Module):
     """The all-MLP decoder with `linear_c{s}` and its slice of `linear_fuse` (BN folded) merged
-    into one D×C_s linear per stage, applied at the stage's resolution and then upsampled:
-    relu(A_1·x_1 + b + Σ_{s>1} up(A_s·x_s)), then `linear_pred`. The 4D·D MACs per pixel of
-    the fuse conv at 1/4 resolution become C_1·D there (B0: 1024·256 -> 32·256).
+    into one D×C_s linear per stage: relu(A_1·x_1 + b + Σ_{s>1} A_s·up(x_s)), then
+    `linear_pred`, summed by `BranchSum` (stage 2 upsampled first, stages 3 and 4 applied at their
+    own resolution). The 4D·D MACs per pixel of the fuse conv at 1/4 resolution become
+    (C_1 + C_2)·D there (B0: 1024·256 -> 96·256).
     """
 
     def __init__(self, head: segformer.AllMLPHead):
