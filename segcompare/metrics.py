@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 from segcompare.data.labels import (
     CATEGORY_NAMES,
-    CLASS_NAMES,
     IGNORE_INDEX,
     LABELS,
     NUM_CLASSES,
     TRAIN_LABELS,
+    class_names,
 )
 from segcompare.utils import PathLike, SegcompareError, atomic_write_text
 
@@ -277,7 +277,7 @@ class ConfusionMatrix:
         """
         mat = self.mat.cpu().numpy().astype(np.int64)
         c = self.num_classes
-        names = CLASS_NAMES if self.cityscapes else tuple(f"class_{i}" for i in range(c))
+        names = class_names(c)  # Cityscapes' for 19 classes, else class_0, class_1, ...
         tp = np.diag(mat[:, :c])
         row = mat.sum(1)  # ground-truth pixels per class
         col = mat[:, :c].sum(0)  # pixels predicted as each class, over evaluated rows

@@ -59,42 +59,123 @@ def set_rng_states(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def lock_run_folder(out: Path) -> Any:
+class RunLock:
+    """The lock a run holds on its folder (`lock_run_folder`) and what taking it created."""
+
+    def __init__(self, file: Any, out: Path, created_lock: bool, created_dirs: List[Path]):
+        self.file = file  # the open OUT/.lock: the flock lives as long as it is open
+        self.out = out
+        self.created_lock = created_lock  # OUT/.lock did not exist before this run
+        self.created_dirs = created_dirs  # OUT and its parents that did not exist, deepest first
+
+    def close(self) -> None:
+        """Release the lock (the file stays: it names the last holder)."""
+        self.file.close()
+
+    def discard(self) -> None:
+        """Release the lock and take back what taking it created, for a run that stops before it
+        wrote anything: OUT/.lock if this run created it, then the folders it created, deepest
+        first, each only while empty. Nothing else is touched, so a folder that existed before,
+        or that now holds anything but what this run created, stays as it is. The lock file is
+        removed while still held: a run waiting for it then finds it gone and takes a new one
+        (`lock_run_folder` checks that the file it locked is still OUT/.lock)."""
+        if self.file.closed:
+            return
+        try:
+            if self.created_lock:
+                (self.out / RUN_LOCK_NAME).unlink(missing_ok=True)
+        except OSError as err:
+            log.warning("could not remove %s: %s", self.out / RUN_LOCK_NAME, err.strerror)
+        finally:
+            self.file.close()
+        _remove_empty(self.created_dirs)
+
+
+def _missing_folders(out: Path) -> List[Path]:
+    """OUT and those of its parents that do not exist, deepest first."""
+    missing = []
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _open_lock_file(out: Path) -> Tuple[Any, bool]:
+    """(OUT/.lock open unbuffered for reading and writing, whether it was created here); OUT is
+    made first. OSError as the system says."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RUN_LOCK_NAME
+    try:  # unbuffered: a failed write fails here, not again at close
+        return open(path, "x+b", buffering=0), True  # noqa: SIM115 (held for the run)
+    except FileExistsError:
+        return open(path, "a+b", buffering=0), False  # noqa: SIM115 (held for the run)
+
+
+def _remove_empty(folders: List[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # only an empty folder
+        except OSError:
+            break  # not empty (or not ours to remove): neither are its parents
+
+
+def _is_current(lock: Any, path: Path) -> bool:
+    """Whether the open file `lock` is still the file at `path` (a failed run that created the
+    lock removes it: a lock on the removed file would guard nothing)."""
+    try:
+        here, there = os.fstat(lock.fileno()), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def lock_run_folder(out: Path) -> RunLock:
     """Take the run folder for this run: an exclusive `flock` on OUT/.lock, held (open) until the
     run ends, so a second run into the same folder stops at once, naming the holder's PID. The
     kernel drops the lock when its process ends, however it ends, so with the lock held the
-    temporaries (`.*.tmp`) left in the folder are a dead process's: they are removed."""
+    temporaries (`.*.tmp`) left in the folder are a dead process's: they are removed. A run that
+    fails before its first output calls `RunLock.discard` to leave no folder of its own behind."""
     import fcntl
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        # unbuffered: a failed write fails here, not again at close
-        lock = open(out / RUN_LOCK_NAME, "a+b", buffering=0)  # noqa: SIM115 (held for the run)
-    except OSError as err:
-        raise SegcompareError(f"{out}: cannot use as the run folder: {err.strerror}") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        holder = lock.read().decode(errors="replace").strip() or "unknown"
+    for _ in range(10):  # a lock file removed by a failed run between our open and flock: again
+        created_dirs = _missing_folders(out)
+        try:
+            lock, created = _open_lock_file(out)
+        except FileNotFoundError:
+            continue  # the folder removed by a failed run between our mkdir and open
+        except OSError as err:
+            _remove_empty(created_dirs)
+            raise SegcompareError(f"{out}: cannot use as the run folder: {err.strerror}") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().decode(errors="replace").strip() or "unknown"
+            lock.close()
+            raise SegcompareError(
+                f"{out} is in use by another run (PID {holder}, lock {out / RUN_LOCK_NAME}); "
+                "wait for it to end or choose another --out"
+            ) from None
+        if _is_current(lock, out / RUN_LOCK_NAME):
+            break
         lock.close()
-        raise SegcompareError(
-            f"{out} is in use by another run (PID {holder}, lock {out / RUN_LOCK_NAME}); wait "
-            "for it to end or choose another --out"
-        ) from None
+    else:
+        raise SegcompareError(f"{out}: cannot use as the run folder: its lock file keeps vanishing")
     try:
         lock.seek(0)
         lock.truncate()
         lock.write(f"{os.getpid()}\n".encode())
     except OSError as err:
-        lock.close()
+        RunLock(lock, out, created, created_dirs).discard()
         raise SegcompareError(f"{out}: cannot use as the run folder: {err.strerror}") from None
     stale = [*out.glob(".*.tmp"), *(out / "checkpoints").glob(".*.tmp")]
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
         log.info("removed %d temporary file(s) of an interrupted run from %s", len(stale), out)
-    return lock
+    return RunLock(lock, out, created, created_dirs)
 
 
 def last_checkpoint(out: Path, cfg: Config, resume: bool) -> Tuple[Optional[Path], Optional[dict]]:

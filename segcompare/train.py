@@ -24,7 +24,8 @@ Run folder `OUT/`: `config.yaml` (the resolved config), `log.jsonl` (one JSON ob
 and per validation), `checkpoints/iter_N.pt` (everything needed to continue bit-identically),
 `best.safetensors` (best val mIoU), `final.safetensors`, and TensorBoard events in `tb/` when
 tensorboard is installed (the `tensorboard` extra; the log says whether it is on). Only rank 0
-writes.
+writes. A run that fails before it writes config.yaml takes back what taking the folder created
+(`RunLock.discard`: `.lock`, and the folder while empty); a folder that was there stays as it was.
 
 Stopping: SIGINT, SIGTERM or SIGUSR1 (SLURM's warning before a time limit) to any process, or
 to its whole process group (data workers ignore them): all processes stop after the same
@@ -577,6 +578,7 @@ def train(
         torch.cuda.set_device(device)
     threads_before = torch.get_num_threads()  # restored at the end: train() is also a library call
     run_lock = None  # rank 0's lock on the run folder, held until the run ends
+    writing = False  # whether rank 0 has begun to write the run's files (config.yaml on)
     try:
         if device.type == "cpu" and tc.threads:
             torch.set_num_threads(tc.threads)
@@ -634,6 +636,7 @@ def train(
         # -- data and the run folder (rank 0 writes) -----------------------------------------------
         loader, val_loader = _loaders(run, train_set, val_set, per_process)
         run.iters_per_epoch = loader.sampler.num_samples // per_process
+        writing = True  # from here on a failed run leaves its folder as it is
         _open_run_folder(run, start_iter, per_process, notes)
 
         # -- the loop ------------------------------------------------------------------------------
@@ -707,6 +710,12 @@ def train(
             dist.barrier()
             dist.destroy_process_group()
         return summary
+    except BaseException:
+        if run_lock is not None and not writing:
+            # stopped before its first output (a bad value, file or model found after the lock):
+            # no folder of its own left holding only .lock; a folder that was there stays as it was
+            run_lock.discard()
+        raise
     finally:
         torch.set_num_threads(threads_before)
         if run_lock is not None:

@@ -8,7 +8,7 @@ from PIL import Image
 
 from segcompare.data.labels import PALETTE, TRAIN_ID_TO_ID
 from segcompare.evaluate import InferenceSettings
-from segcompare.infer import Predictor, predict_files, render_video
+from segcompare.infer import Predictor, predict_files, render_prediction, render_video
 from segcompare.utils import SegcompareError
 
 MEAN = np.array([123.675, 116.28, 103.53])
@@ -276,3 +276,173 @@ def test_video_draws_boundaries_and_shrinks_to_max_width(tmp_path):
     white = np.abs(row - BOUNDARY_RGB).max(axis=1) <= 12
     assert white.sum() == 1 and 8 < np.flatnonzero(white)[0] < 24  # one boundary, mid-panel
     assert np.abs(row[4] - (0.5 * np.array([255, 40, 0]) + 0.5 * PALETTE[18])).max() <= 12
+
+
+# --- models of another class count than Cityscapes' 19 --------------------------------------------
+class KNet(torch.nn.Module):
+    """RedNet with `k` classes: a red pixel is class k - 1, a pixel without red class 0."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.register_buffer("w", torch.linspace(-1, 1, k).view(1, k, 1, 1))
+
+    def forward(self, x):
+        return F.avg_pool2d(x[:, :1], 4, ceil_mode=True) * self.w
+
+
+def _tiny(k):
+    from segcompare.models import build_model
+
+    torch.manual_seed(0)
+    tiny = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 40, 64), decoder_dim=32)
+    return build_model("segformer-b0", num_classes=k, **tiny)
+
+
+def test_predictor_knows_the_class_count():
+    assert Predictor(_tiny(5), WHOLE).num_classes == 5  # a segcompare model: from its classifier
+    predictor = Predictor(KNet(25), WHOLE)  # any other module: from its first call
+    assert predictor.num_classes is None
+    predictor.predict(_half_red())
+    assert predictor.num_classes == 25
+
+
+@pytest.mark.parametrize("fmt", ["color", "overlay", "trainid"])
+def test_predict_files_of_25_classes_use_their_own_colours(tmp_path, fmt):
+    from segcompare.data.labels import palette
+
+    image = _half_red()
+    Image.fromarray(image).save(tmp_path / "a.png")
+    (written,) = predict_files(
+        Predictor(KNet(25), WHOLE), [str(tmp_path / "a.png")], tmp_path / "out", fmt, False
+    )
+    result = np.asarray(Image.open(written))
+    left, right = result[4:28, 4:28], result[4:28, 36:60]  # class 24 | class 0
+    colours = palette(25)
+    assert colours[24].any() and colours[24].tolist() not in PALETTE.tolist()
+    expected = {
+        "trainid": (24, 0),
+        "color": (colours[24], colours[0]),
+        "overlay": (
+            np.round(0.5 * image[8, 8] + 0.5 * colours[24]),
+            np.round(0.5 * image[8, 40] + 0.5 * colours[0]),
+        ),
+    }[fmt]
+    assert (left == expected[0]).all() and (right == expected[1]).all()
+
+
+def test_label_ids_are_refused_for_a_model_of_another_class_count(tmp_path):
+    Image.fromarray(_half_red()).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    # a segcompare model: refused before any input is read (the missing one is not named)
+    with pytest.raises(SegcompareError, match="5 classes: use --format trainid"):
+        predict_files(Predictor(_tiny(5), WHOLE), [str(tmp_path / "none*.png")], out)
+    # another module: at its first image, before anything is written
+    with pytest.raises(SegcompareError, match="25 classes: use --format trainid"):
+        predict_files(Predictor(KNet(25), WHOLE), [str(tmp_path / "a.png")], out, progress=False)
+    assert not out.exists()
+    with pytest.raises(SegcompareError, match="25 classes"):
+        render_prediction(np.zeros((2, 2), np.uint8), np.zeros((2, 2, 3), np.uint8), "labelid", 25)
+
+
+def test_predict_refuses_more_classes_than_8_bit_train_ids_hold():
+    with pytest.raises(SegcompareError, match="256 classes.*predict_scores"):
+        Predictor(KNet(256), WHOLE).predict(_half_red())
+    assert Predictor(KNet(255), WHOLE).predict(_half_red())[8, 8] == 254
+
+
+def test_legend_shows_the_classes_of_the_model(monkeypatch):
+    from PIL import ImageDraw
+
+    from segcompare.data.labels import CLASS_NAMES, palette
+    from segcompare.infer.video import legend
+
+    written = []
+    draw_text = ImageDraw.ImageDraw.text
+
+    def text(self, xy, string, *args, **kwargs):  # Pillow's own drawing, the names recorded
+        written.append(string)
+        return draw_text(self, xy, string, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", text)
+    legend(600, 18, 19)
+    assert written == list(CLASS_NAMES)
+    written.clear()
+    legend(600, 18, 25)
+    assert written == [f"class_{i}" for i in range(25)]
+    monkeypatch.undo()
+
+    for k in (19, 5, 25):
+        strip = legend(600, 18, k).reshape(-1, 3)
+        shown = {tuple(c) for c in np.unique(strip, axis=0).tolist()}
+        assert all(tuple(c) in shown for c in palette(k)[:k].tolist())  # every class's swatch
+    # 25 names need more rows than 19, and a 5-class legend shows no Cityscapes colour (but
+    # its greys: the text is antialiased)
+    assert legend(600, 18, 25).shape[0] > legend(600, 18, 19).shape[0]
+    five = {tuple(c) for c in np.unique(legend(600, 18, 5).reshape(-1, 3), axis=0).tolist()}
+    assert not five & {tuple(c) for c in PALETTE.tolist() if len(set(c)) > 1}
+
+
+def test_video_of_a_25_class_model_draws_its_colours(tmp_path):
+    from segcompare.data.labels import palette
+
+    frames = _frames(tmp_path / "stuttgart_00", n=1)
+    out = tmp_path / "v.gif"
+    render_video([Predictor(KNet(25), WHOLE)], frames, out, progress=False)
+    with Image.open(out) as gif:
+        frame = np.asarray(gif.convert("RGB")).astype(int)
+    title_h = 14
+    expected = 0.5 * np.array([255, 40, 0]) + 0.5 * palette(25)[24]  # class 24 over red
+    assert np.abs(frame[title_h + 16, 64 + 8] - expected).max() <= 12
+
+
+def test_video_refuses_models_of_different_class_counts(tmp_path):
+    frames = _frames(tmp_path / "f", n=1)
+    out = tmp_path / "v.gif"
+    # segcompare models: before any frame is read (the missing source is not named)
+    with pytest.raises(SegcompareError, match="different numbers of classes.*5.*19"):
+        render_video([Predictor(_tiny(5), WHOLE), Predictor(_tiny(19), WHOLE)],
+                     tmp_path / "missing", out, progress=False)
+    # other modules: after their first call, before anything is written
+    with pytest.raises(SegcompareError, match="different numbers of classes"):
+        render_video([Predictor(KNet(25), WHOLE), Predictor(RedNet(), WHOLE)], frames, out,
+                     progress=False)
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("extra", [[], ["--format", "labelid"]], ids=["default", "labelid"])
+def test_predict_cli_refuses_label_ids_of_5_classes_in_one_line(synth, tmp_path, capsys, extra):
+    from segcompare.models.save import save_weights
+
+    weights = tmp_path / "k5.safetensors"
+    save_weights(_tiny(5), weights)
+    rc, _, err = _cli(
+        capsys, "predict", "--weights", weights, synth / "city" / "leftImg8bit" / "val",
+        "--out", tmp_path / "out", "--device", "cpu", *extra,
+    )  # fmt: skip
+    assert rc != 0 and "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("segcompare predict: error: --format labelid")
+    assert "5 classes" in line and "--format trainid" in line
+    assert not (tmp_path / "out").exists()
+    rc, out, _ = _cli(
+        capsys, "predict", "--weights", weights, synth / "city" / "leftImg8bit" / "val",
+        "--out", tmp_path / "out", "--device", "cpu", "--mode", "whole", "--format", "trainid",
+    )  # fmt: skip
+    assert rc == 0 and "wrote 2 trainid file(s)" in out
+    ids = np.concatenate([np.asarray(Image.open(p)).ravel() for p in tmp_path.glob("out/*/*")])
+    assert ids.max() < 5
+
+
+def test_compare_cli_refuses_a_5_class_model_before_any_step(synth, tmp_path, capsys):
+    from segcompare.models.save import save_weights
+
+    weights = tmp_path / "k5.safetensors"
+    save_weights(_tiny(5), weights)
+    rc, _, err = _cli(
+        capsys, "compare", "--weights", synth / "b0.safetensors", "--weights", weights,
+        "--data", synth / "city", "--out", tmp_path / "cmp", "--device", "cpu",
+    )  # fmt: skip
+    assert rc != 0 and "Traceback" not in err
+    (line,) = [ln for ln in err.strip().splitlines() if "error:" in ln]
+    assert "k5.safetensors" in line and "5 classes" in line
+    assert not (tmp_path / "cmp").exists()

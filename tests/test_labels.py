@@ -1,6 +1,8 @@
+import numpy as np
 import pytest
 
 from segcompare.data import labels as L
+from segcompare.utils import SegcompareError
 
 
 def test_labels_equal_cityscapesscripts():
@@ -20,3 +22,49 @@ def test_train_classes():
     assert L.ID_TO_TRAIN_ID[7] == 0 and L.ID_TO_TRAIN_ID[33] == 18 and L.ID_TO_TRAIN_ID[0] == 255
     assert L.ID_TO_TRAIN_ID[29] == 255  # caravan: not a train class
     assert L.TRAIN_ID_TO_ID[13] == 26
+
+
+def test_palette_of_19_classes_is_the_official_one_bit_for_bit():
+    cs = pytest.importorskip("cityscapesscripts.helpers.labels")
+    official = sorted((lb.trainId, lb.color) for lb in cs.labels if 0 <= lb.trainId < 255)
+    table = L.palette(19)
+    assert table.dtype == np.uint8 and table.shape == (256, 3)
+    assert table[:19].tolist() == [list(color) for _, color in official]
+    assert not table[19:].any()  # no class there, and 255 (ignore) black
+    ids = np.array([[0, 18, 255], [7, 13, 1]], dtype=np.uint8)
+    assert np.array_equal(L.colorize(ids), L.colorize(ids, 19))
+    assert L.colorize(ids).tolist() == [
+        [[128, 64, 128], [119, 11, 32], [0, 0, 0]], [[220, 220, 0], [0, 0, 142], [244, 35, 232]]
+    ]
+    assert L.class_names(19) == L.CLASS_NAMES
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 18, 20, 25, 255])
+def test_palette_of_other_counts_has_k_distinct_colours_none_black(k):
+    table = L.palette(k)
+    assert table.dtype == np.uint8 and table.shape == (256, 3)
+    colours = {tuple(c) for c in table[:k].tolist()}
+    assert len(colours) == k and (0, 0, 0) not in colours
+    assert not table[k:].any()  # ids the model has no class for, and 255 (ignore), are black
+    assert np.array_equal(table[: min(k, 5)], L.palette(5)[: min(k, 5)])  # a prefix of one map
+    assert L.class_names(k) == tuple(f"class_{i}" for i in range(k))
+
+
+def test_palette_is_the_bit_interleaving_map_from_colour_1():
+    # PASCAL VOC's colour map (bits of the index spread over the channels' high bits), skipping
+    # its colour 0 (black): class 0 is VOC colour 1
+    assert L.palette(25)[:9].tolist() == [
+        [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128], [0, 128, 128],
+        [128, 128, 128], [64, 0, 0], [192, 0, 0],
+    ]
+    ids = np.arange(19, 26, dtype=np.uint8)
+    ids[-1] = 255
+    colours = L.colorize(ids, 25)
+    assert colours[:-1].any(axis=1).all() and not colours[-1].any()  # 19..24 coloured, 255 black
+    assert L.colorize(np.array([3]), 5).tolist() != L.colorize(np.array([3])).tolist()
+
+
+@pytest.mark.parametrize("k", [0, 256, 1000, 2.0, True])
+def test_palette_refuses_counts_without_colours(k):
+    with pytest.raises(SegcompareError, match="num_classes"):
+        L.palette(k)

@@ -152,7 +152,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, value in YAML (repeatable): --set data.crop_size=[128,128]",
     )
-    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<config name>)")
+    p.add_argument(
+        "--out", metavar="DIR", help="run folder (default: runs/<config name>); a run that fails "
+        "before its first output removes the folder if it made it, and its .lock",
+    )  # fmt: skip
     p.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in the run folder"
     )

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from segcompare.data.corrupt import SEVERITIES, corrupt
+from segcompare.data.labels import NUM_CLASSES
 from segcompare.evaluate import InferenceSettings
 from segcompare.metrics import BoundaryIoU, image_miou
 from segcompare.utils import PathLike, SegcompareError
@@ -126,6 +127,7 @@ def build_runs(
     a `Predictor` with `inference`. Weights None: random weights, seed 0, as `segcompare eval`."""
     from segcompare.infer import Predictor
     from segcompare.models import build_model
+    from segcompare.models.save import num_classes_of
 
     resolved = []
     for name, weights in models:
@@ -133,6 +135,12 @@ def build_runs(
             raise SegcompareError("each model needs a name or weights (or both)")
         torch.manual_seed(0)  # without weights: the random model `segcompare eval` builds
         model = build_model(name, weights=weights)
+        classes = num_classes_of(model)
+        if classes != NUM_CLASSES:  # evaluate_model would refuse it, after the models before it
+            raise SegcompareError(
+                f"{weights or name}: the model predicts {classes} classes; the comparison scores "
+                f"the {NUM_CLASSES} Cityscapes train classes: compare {NUM_CLASSES}-class models"
+            )
         if weights is None:
             log.warning("no weights for %s: random weights (seed 0); figures mean nothing", name)
         resolved.append((model.variant, None if weights is None else str(weights), model))

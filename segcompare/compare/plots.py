@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from segcompare.data.corrupt import SEVERITIES
-from segcompare.data.labels import CLASS_NAMES, IGNORE_INDEX, colorize
+from segcompare.data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, colorize
 from segcompare.utils import atomic_path
 
 if TYPE_CHECKING:
@@ -256,8 +256,13 @@ def plot_hardest(
         sample = sample0 if row == 0 else raw_dataset[index]
         image, label = sample["image"], sample["label"]
         preds = [run.predictor.predict(image) for run in runs]
-        panels = [_thumb(image, width, False), _thumb(colorize(label), width, True)]
-        panels += [_thumb(colorize(p), width, True) for p in preds]
+        # The label in the Cityscapes palette; each prediction in its model's (`palette`: the
+        # same for the 19-class models compare scores).
+        panels = [_thumb(image, width, False), _thumb(colorize(label, NUM_CLASSES), width, True)]
+        panels += [
+            _thumb(colorize(p, run.predictor.num_classes), width, True)
+            for p, run in zip(preds, runs)
+        ]
         panels.append(_thumb(disagreement_map(image, label, preds, colors), width, True))
         titles = [sample["name"], "ground truth"]
         titles += [f"{run.label}: {100 * run.image_miou[index]:.1f}% mIoU" for run in runs]

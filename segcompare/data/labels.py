@@ -1,4 +1,6 @@
-"""The Cityscapes label table: the one place for the 35 labels, the 19 train classes, the palette.
+"""The Cityscapes label table: the one place for the 35 labels, the 19 train classes, the palette;
+and the colours and names of a model's classes (`palette`, `class_names`, `colorize`): Cityscapes'
+for a 19-class model, generic ones for any other class count.
 
 The values equal `cityscapesscripts.helpers.labels` (tests/test_labels.py compares them), but the
 package does not need cityscapesscripts at run time.
@@ -9,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from segcompare.utils import SegcompareError
 
 IGNORE_INDEX = 255
 NUM_CLASSES = 19
@@ -102,6 +106,53 @@ for _lb in LABELS:
 VALID_LABEL_IDS = frozenset(lb.id for lb in LABELS if lb.id >= 0)
 
 
-def colorize(train_ids: np.ndarray) -> np.ndarray:
-    """H×W train ids (255 = ignore) -> H×W×3 uint8 RGB in the official palette."""
-    return PALETTE_256[train_ids]
+# The most classes an 8-bit prediction holds: train id 255 is ignore.
+MAX_CLASSES = IGNORE_INDEX
+
+
+def _check_class_count(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise SegcompareError(f"num_classes must be an integer, got {num_classes!r}")
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise SegcompareError(
+            f"num_classes {num_classes}: colours and 8-bit train ids exist for 1 to "
+            f"{MAX_CLASSES} classes ({IGNORE_INDEX} is ignore)"
+        )
+
+
+def _bit_interleaved(index: int) -> tuple[int, int, int]:
+    """The colour of `index` in PASCAL VOC's colour map: its bits 0, 3, 6 make red's bits 7, 6, 5,
+    bits 1, 4, 7 green's, bits 2, 5 blue's. Distinct indices get distinct colours; 0 is black."""
+    rgb = [0, 0, 0]
+    for shift in range(8):
+        for channel in range(3):
+            rgb[channel] |= ((index >> (3 * shift + channel)) & 1) << (7 - shift)
+    return (rgb[0], rgb[1], rgb[2])
+
+
+def palette(num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Train id -> RGB for a model of `num_classes` classes: 256×3 uint8, black at 255 (ignore)
+    and at ids the model has no class for. 19 classes: the official Cityscapes palette (the
+    Cityscapes train classes); any other count: `num_classes` distinct colours of the
+    bit-interleaving colour map (PASCAL VOC's, from its colour 1: none is black)."""
+    _check_class_count(num_classes)
+    if num_classes == NUM_CLASSES:
+        return PALETTE_256.copy()
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[:num_classes] = [_bit_interleaved(i + 1) for i in range(num_classes)]
+    return table
+
+
+def class_names(num_classes: int = NUM_CLASSES) -> tuple[str, ...]:
+    """The names of a model's classes: Cityscapes' 19 train classes for a 19-class model, else
+    class_0, class_1, ... (the names the metrics and saved checkpoints give them)."""
+    if num_classes == NUM_CLASSES:
+        return CLASS_NAMES
+    return tuple(f"class_{i}" for i in range(num_classes))
+
+
+def colorize(train_ids: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """H×W train ids (255 = ignore) -> H×W×3 uint8 RGB in `palette(num_classes)`: the official
+    Cityscapes palette for 19 classes (the default), distinct generic colours otherwise."""
+    table = PALETTE_256 if num_classes == NUM_CLASSES else palette(num_classes)
+    return table[train_ids]

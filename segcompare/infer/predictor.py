@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from segcompare.data.images import ACCEPTED, pil_to_rgb8, to_rgb8
-from segcompare.data.labels import TRAIN_ID_TO_ID, colorize
+from segcompare.data.labels import MAX_CLASSES, NUM_CLASSES, TRAIN_ID_TO_ID, colorize
 from segcompare.evaluate import InferenceSettings, inference
 from segcompare.infer.fast import prepare_for_inference
 from segcompare.models.precision import guard_bf16
@@ -62,6 +62,9 @@ class Predictor:
         self.device = select_device(settings.device)
         self.model = model.to(self.device).eval()
         self.name = getattr(model, "variant", type(model).__name__)
+        # The classes the model predicts: its classifier's outputs for a segcompare model; for
+        # another module, what its first call returns (None until then).
+        self.num_classes: Optional[int] = _num_classes(model)
         self.variant: Optional[str] = getattr(model, "variant", None)
         self.settings = dataclasses.replace(
             settings, family=settings.family or _family(model)
@@ -101,7 +104,9 @@ class Predictor:
                 f"the model input (an image of {images.shape[-2]}x{images.shape[-1]}, test "
                 f"size, scales and window as set)",
             )
-        return inference(self.run_model, images.to(self.device), self.settings, out_hw)
+        scores = inference(self.run_model, images.to(self.device), self.settings, out_hw)
+        self.num_classes = int(scores.shape[1])
+        return scores
 
     def predict_scores(self, image: Union[np.ndarray, PathLike]) -> torch.Tensor:
         """One image -> C×H×W float32 scores on the CPU. `image`: a path, or an H×W×3 uint8 RGB
@@ -112,11 +117,17 @@ class Predictor:
         return self.scores(normalize(_image_rgb8(image, "predict_scores"))[None])[0].cpu()
 
     def predict(self, image: Union[np.ndarray, PathLike]) -> np.ndarray:
-        """One image (as `predict_scores` takes) -> H×W uint8 train ids."""
+        """One image (as `predict_scores` takes) -> H×W uint8 train ids (a model of at most
+        255 classes: 255 is ignore)."""
         from segcompare.data.transforms import normalize
 
-        pred = self.scores(normalize(_image_rgb8(image, "predict"))[None]).argmax(1)[0]
-        return pred.to(torch.uint8).cpu().numpy()
+        scores = self.scores(normalize(_image_rgb8(image, "predict"))[None])
+        if scores.shape[1] > MAX_CLASSES:  # uint8 would wrap class 256 to 0 and call 255 ignore
+            raise SegcompareError(
+                f"{self.name} predicts {scores.shape[1]} classes; 8-bit train ids hold at most "
+                f"{MAX_CLASSES}: use Predictor.predict_scores (or --format logits)"
+            )
+        return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
 
 def _image_rgb8(image: Any, method: str) -> np.ndarray:
@@ -140,6 +151,15 @@ def _image_rgb8(image: Any, method: str) -> np.ndarray:
             "(image.transpose(1, 2, 0))"
         )
     return to_rgb8(image, f"{what}: image")
+
+
+def _num_classes(model: torch.nn.Module) -> Optional[int]:
+    from segcompare.models.save import num_classes_of
+
+    try:
+        return num_classes_of(model)
+    except (TypeError, SegcompareError):  # not a segcompare model: known after its first call
+        return None
 
 
 def _family(model: torch.nn.Module) -> str:
@@ -184,18 +204,38 @@ def collect_inputs(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
     return list(dict.fromkeys(pairs))
 
 
-def render_prediction(train_ids: np.ndarray, image: np.ndarray, fmt: str) -> np.ndarray:
-    """H×W train ids -> the array written for `fmt` (trainid | labelid | color | overlay)."""
+def check_format(fmt: str, num_classes: Optional[int]) -> None:
+    """SegcompareError for a format that cannot be written for a model of `num_classes` classes
+    (None: not known yet): labelid maps train ids through the Cityscapes table, which is right
+    only for the 19 Cityscapes train classes."""
+    if fmt not in FORMATS:
+        raise SegcompareError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if fmt == "labelid" and num_classes is not None and num_classes != NUM_CLASSES:
+        raise SegcompareError(
+            f"--format labelid maps the 19 Cityscapes train classes to Cityscapes label ids; "
+            f"this model predicts {num_classes} classes: use --format trainid (or color, "
+            "overlay, logits)"
+        )
+
+
+def render_prediction(
+    train_ids: np.ndarray, image: np.ndarray, fmt: str, num_classes: int = NUM_CLASSES
+) -> np.ndarray:
+    """H×W train ids of a model of `num_classes` classes -> the array written for `fmt`
+    (trainid | labelid | color | overlay). Colours: `segcompare.data.labels.palette`, Cityscapes'
+    for 19 classes; labelid only for 19 classes (`check_format`)."""
+    check_format(fmt, num_classes)
     if fmt == "trainid":
         return train_ids
     if fmt == "labelid":
         return TRAIN_ID_TO_ID[train_ids]
     if fmt == "color":
-        return colorize(train_ids)
+        return colorize(train_ids, num_classes)
     if fmt == "overlay":
-        blended = (1 - OVERLAY_OPACITY) * image + OVERLAY_OPACITY * colorize(train_ids)
+        colors = colorize(train_ids, num_classes)
+        blended = (1 - OVERLAY_OPACITY) * image + OVERLAY_OPACITY * colors
         return blended.round().astype(np.uint8)
-    raise SegcompareError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    raise SegcompareError(f"format {fmt!r} is not an image")
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
@@ -211,13 +251,13 @@ def predict_files(
     progress: bool = True,
 ) -> list[Path]:
     """Segment every input image and write one file per image under `out_dir`: a PNG named after
-    the image (labelid PNGs are what the Cityscapes server takes), or for 'logits' the float16
-    C×H×W scores as .npy. Under torch.distributed (torchrun) each process segments and writes
-    its consecutive share of the images (`segcompare.utils.shard`) and returns those paths."""
+    the image (labelid PNGs are what the Cityscapes server takes; only for a 19-class model), or
+    for 'logits' the float16 C×H×W scores as .npy. Under torch.distributed (torchrun) each
+    process segments and writes its consecutive share of the images (`segcompare.utils.shard`)
+    and returns those paths."""
     from tqdm import tqdm
 
-    if fmt not in FORMATS:
-        raise SegcompareError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    check_format(fmt, predictor.num_classes)  # known here for a segcompare model
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise SegcompareError(f"--out {out_dir}: exists and is not a folder")
     pairs = collect_inputs(inputs)
@@ -231,6 +271,8 @@ def predict_files(
             with atomic_path(out) as tmp, open(tmp, "wb") as f:
                 np.save(f, scores)
         else:
-            _save_png(out, render_prediction(predictor.predict(image), image, fmt))
+            train_ids = predictor.predict(image)
+            assert predictor.num_classes is not None  # set by its first call
+            _save_png(out, render_prediction(train_ids, image, fmt, predictor.num_classes))
         written.append(out)
     return written

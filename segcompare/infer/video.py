@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from segcompare.data.images import to_rgb8
-from segcompare.data.labels import CLASS_NAMES, PALETTE
+from segcompare.data.labels import NUM_CLASSES, class_names, palette
 from segcompare.infer.predictor import IMAGE_SUFFIXES, Predictor, load_image, render_prediction
 from segcompare.utils import PathLike, SegcompareError, atomic_path, synchronize
 
@@ -107,32 +107,37 @@ def class_boundaries(train_ids: np.ndarray) -> np.ndarray:
     return edges
 
 
-def overlay_panel(frame: np.ndarray, train_ids: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """The overlay (official palette at 50 %) at display size `hw`, class boundaries drawn."""
+def overlay_panel(
+    frame: np.ndarray, train_ids: np.ndarray, hw: tuple[int, int], num_classes: int = NUM_CLASSES
+) -> np.ndarray:
+    """The overlay at 50 % (`palette(num_classes)`: the official one for 19 classes) at display
+    size `hw`, class boundaries drawn."""
     if frame.shape[:2] != tuple(hw):
         frame = np.asarray(Image.fromarray(frame).resize(hw[::-1], Image.BILINEAR))
         train_ids = np.asarray(Image.fromarray(train_ids).resize(hw[::-1], Image.NEAREST))
-    panel = render_prediction(train_ids, frame, "overlay")
+    panel = render_prediction(train_ids, frame, "overlay", num_classes)
     panel[class_boundaries(train_ids)] = BOUNDARY_RGB
     return panel
 
 
-def legend(width: int, row_h: int = 18) -> np.ndarray:
-    """The 19 classes as colour swatches (twice as wide as high) with names, in rows that fit
-    `width` pixels."""
+def legend(width: int, row_h: int = 18, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """The classes of a `num_classes`-class model (`class_names`, `palette`: Cityscapes' 19 by
+    default) as colour swatches (twice as wide as high) with names, in rows that fit `width`
+    pixels."""
     from PIL import ImageDraw
 
+    names, colors = class_names(num_classes), palette(num_classes)
     font = _font(max(8, row_h * 2 // 3))
     swatch_w = 2 * row_h
-    entry_w = max(font.getbbox(name)[2] for name in CLASS_NAMES) + swatch_w + 12
+    entry_w = max(font.getbbox(name)[2] for name in names) + swatch_w + 12
     per_row = max(1, width // entry_w)
-    rows = -(-len(CLASS_NAMES) // per_row)
+    rows = -(-len(names) // per_row)
     im = Image.new("RGB", (width, rows * row_h + 4), (24, 24, 24))
     draw = ImageDraw.Draw(im)
-    for i, name in enumerate(CLASS_NAMES):
+    for i, name in enumerate(names):
         x, y = (i % per_row) * entry_w + 6, (i // per_row) * row_h + 2
         draw.rectangle(
-            (x, y + 2, x + swatch_w - 4, y + row_h - 3), fill=tuple(int(v) for v in PALETTE[i]),
+            (x, y + 2, x + swatch_w - 4, y + row_h - 3), fill=tuple(int(v) for v in colors[i]),
             outline=(230, 230, 230),
         )  # fmt: skip
         draw.text(
@@ -206,9 +211,11 @@ def render_video(
         _need_ffmpeg(f"writing {out}")
     if not predictors:
         raise SegcompareError("no models to run")
+    _class_count(predictors)  # models of different class counts: refused before any frame
 
     frames = iter_frames(source, every, max_frames)
     count = 0
+    num_classes = NUM_CLASSES
     legend_strip: Optional[np.ndarray] = None
     with atomic_path(out) as tmp:
         writer: Any = None
@@ -222,17 +229,19 @@ def render_video(
                 if count == 0:  # one untimed pass each: the first call pays one-time costs
                     for predictor in predictors:
                         predictor.predict(frame)
+                    num_classes = _class_count(predictors)  # every count known now
                 for predictor in predictors:
                     synchronize(predictor.device)
                     start = time.perf_counter()
                     train_ids = predictor.predict(frame)
                     latency_ms = 1000 * (time.perf_counter() - start)
-                    overlays.append(
-                        (predictor.name, overlay_panel(frame, train_ids, panel_hw), latency_ms)
-                    )
+                    panel = overlay_panel(frame, train_ids, panel_hw, num_classes)
+                    overlays.append((predictor.name, panel, latency_ms))
                 title_h = max(14, panel_hw[0] // 16)
                 if legend_strip is None:
-                    legend_strip = legend(panel_hw[1] * (len(predictors) + 1), max(16, title_h))
+                    legend_strip = legend(
+                        panel_hw[1] * (len(predictors) + 1), max(16, title_h), num_classes
+                    )
                 if frame.shape[:2] != panel_hw:
                     shown = Image.fromarray(frame).resize(panel_hw[::-1], Image.BILINEAR)
                     frame = np.asarray(shown)
@@ -247,6 +256,19 @@ def render_video(
         if count == 0:
             raise SegcompareError(f"no frames read from {source}")
     return count
+
+
+def _class_count(predictors: Sequence[Predictor]) -> int:
+    """The class count the models share (the one legend names their classes); SegcompareError
+    when they differ. A count not known yet (a module's before its first call) counts as 19."""
+    known = [(p.name, p.num_classes) for p in predictors if p.num_classes is not None]
+    if len({k for _, k in known}) > 1:
+        found = ", ".join(f"{name}: {k}" for name, k in known)
+        raise SegcompareError(
+            f"the models predict different numbers of classes ({found}); one legend cannot "
+            "name the classes of all: render them in separate videos"
+        )
+    return known[0][1] if known else NUM_CLASSES
 
 
 def _panel_hw(hw: tuple[int, int], panels: int, max_width: Optional[int]) -> tuple[int, int]:

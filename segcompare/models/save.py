@@ -16,7 +16,8 @@ from typing import Any, Optional
 from torch import nn
 
 from segcompare import __version__
-from segcompare.data.labels import CLASS_NAMES
+from segcompare.data.labels import NUM_CLASSES
+from segcompare.data.labels import class_names as default_class_names
 from segcompare.models import convert
 from segcompare.models.checkpoint import (
     OUR_FORMAT_TAG,
@@ -47,8 +48,7 @@ def num_classes_of(model: nn.Module) -> int:
 def _class_names(model: nn.Module, class_names: Optional[list[str]]) -> list[str]:
     num_classes = num_classes_of(model)
     if class_names is None:
-        class_names = list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else None
-        class_names = class_names or [f"class_{i}" for i in range(num_classes)]
+        class_names = list(default_class_names(num_classes))
     if len(class_names) != num_classes:
         raise SegcompareError(
             f"{len(class_names)} class names for a model with {num_classes} classes"
@@ -208,7 +208,7 @@ def convert_checkpoint(
         raise SegcompareError(
             f"{src}: its keys match no variant; name one with --model ({', '.join(list_models())})"
         )
-    classes = num_classes or spec.num_classes or len(CLASS_NAMES)
+    classes = num_classes or spec.num_classes or NUM_CLASSES
     model = create(name, num_classes=classes, **spec.settings)
     fmt = load_weights(model, spec.checkpoint, backbone_only=backbone_only, num_classes=num_classes)
     names = spec.class_names if spec.class_names and len(spec.class_names) == classes else None

@@ -353,6 +353,74 @@ def test_a_second_run_into_the_same_folder_stops_naming_the_holder(cli, tiny_dat
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def _snapshot(folder: Path) -> dict:
+    """Every path under `folder` (relative) -> its bytes, or None for a folder."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes()
+            for p in sorted(folder.rglob("*"))}  # fmt: skip
+
+
+def test_a_run_failing_after_the_lock_leaves_no_folder_it_created(cli, tiny_data, tmp_path):
+    # model.pretrained is read after the run folder is locked: a missing file fails there
+    out = tmp_path / "runs" / "new"  # its parent is new too
+    missing = tmp_path / "missing.safetensors"
+    rc, _, err = cli("train", _train_config(tmp_path, tiny_data), "--out", out,
+                     "--set", f"model.pretrained={missing}")
+    assert_one_line_error(rc, err, str(missing), allow_log=True)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("lock_before", [False, True], ids=["user-folder", "with-a-lock-file"])
+def test_a_run_failing_after_the_lock_leaves_a_folder_that_was_there_as_it_was(
+    cli, tiny_data, tmp_path, lock_before
+):
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("the user's")
+    if lock_before:  # an earlier run's lock file: not this run's to remove
+        (out / ".lock").write_text("12345\n")
+    before = _snapshot(out)
+    missing = tmp_path / "missing.safetensors"
+    rc, _, err = cli("train", _train_config(tmp_path, tiny_data), "--out", out,
+                     "--set", f"model.pretrained={missing}")
+    assert_one_line_error(rc, err, str(missing), allow_log=True)
+    after = _snapshot(out)
+    if lock_before:  # it names the last holder, this run
+        assert after.pop(".lock") == f"{os.getpid()}\n".encode()
+        before.pop(".lock")
+    assert after == before
+
+
+def test_a_failed_resume_leaves_the_run_as_it_was(cli, two_runs, tiny_data, tmp_path):
+    out = _copy_run(two_runs[0], tmp_path / "run")
+    before = _snapshot(out)
+    rc, _, err = cli("train", _train_config(tmp_path, tiny_data), "--out", out, "--resume",
+                     "--set", "optim.lr=0.5")
+    assert_one_line_error(rc, err, "optim.lr", allow_log=True)
+    after = _snapshot(out)
+    assert after.pop(".lock") == f"{os.getpid()}\n".encode()
+    before.pop(".lock")
+    assert after == before
+
+
+def test_a_lock_on_a_removed_lock_file_is_not_taken(tmp_path):
+    from segcompare.run_folder import RUN_LOCK_NAME, _is_current, lock_run_folder
+
+    out = tmp_path / "run"
+    first = lock_run_folder(out)
+    waiting = open(out / RUN_LOCK_NAME, "a+b")  # another run opened it, not yet locked
+    try:
+        first.discard()  # a run that failed: its lock file and folder go
+        assert not out.exists()
+        fcntl.flock(waiting, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a lock on the removed file ...
+        assert not _is_current(waiting, out / RUN_LOCK_NAME)  # ... which lock_run_folder sees
+    finally:
+        waiting.close()
+    second = lock_run_folder(out)  # and takes the lock on a new file
+    assert _is_current(second.file, out / RUN_LOCK_NAME)
+    second.close()
+    assert (out / RUN_LOCK_NAME).read_text() == f"{os.getpid()}\n"
+
+
 def _copy_run(src: Path, dst: Path) -> Path:
     import shutil
 
