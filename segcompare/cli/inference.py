@@ -84,9 +84,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--format", default="labelid",
         choices=("trainid", "labelid", "color", "overlay", "logits"),
-        help="(default labelid: Cityscapes label ids, for a 19-class model only; a model of "
-        "another class count: trainid). color and overlay use the Cityscapes palette for 19 "
-        "classes, distinct generic colours for any other count",
+        help="(default labelid: Cityscapes label ids, written for a 19-class model only; give "
+        "trainid for a model of another class count). color and overlay use the Cityscapes "
+        "palette for 19 classes, distinct generic colours for any other count",
     )  # fmt: skip
     _add_test_options(p)
     p.set_defaults(func=_run_predict)
