@@ -386,3 +386,23 @@ def test_markdown_and_html_escape_what_comes_from_file_names(tmp_path):
     assert "](confusion_a%20b.png)" in md and "\\[x\\]" in md
     page = render_html(label, sections, tmp_path)
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
+def test_mixed_precision_is_reported_against_float32(report):
+    """With amp, each model is scored again in float32: that figure equals the float32 compare's
+    (the fixture's), and the report gives the change. The bf16 figures themselves are not
+    checked: they differ between CPUs."""
+    name, weights = "hrnet-w18-small-v1", report["weights"]["hrnet-w18-small-v1"]
+    out = report["root"] / "report_amp"
+    doc = compare.run_compare(compare.CompareSpec(
+        [(name, weights)], report["root"] / "data", "val", out, images=0, bench_iters=1,
+        bench_warmup=0, inference=InferenceSettings(device="cpu", amp=True), progress=False,
+    ))  # fmt: skip
+    fp32 = next(m for m in report["doc"]["models"] if m["name"] == name)
+    entry = doc["models"][0]
+    assert entry["miou_fp32"] == fp32["miou"]
+    assert entry["amp_miou_change"] == entry["miou"] - fp32["miou"]
+    text = (out / "report.md").read_text()
+    assert "fp32 mIoU" in text and "mixed precision" in text
+    assert "fp32 mIoU" not in (report["out"] / "report.md").read_text()
+    assert fp32["miou_fp32"] is None and fp32["amp_miou_change"] is None

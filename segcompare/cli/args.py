@@ -89,7 +89,11 @@ def _add_test_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=size_hw, metavar="HxW", help="slide window at the test size")
     g.add_argument("--stride", type=size_hw, metavar="HxW", help="slide stride at the test size")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
-    g.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
+    g.add_argument(
+        "--amp", action="store_true",
+        help="mixed precision: bfloat16 on the CPU, float16 on a GPU (compare also scores each "
+        "model in float32 and reports the mIoU change)",
+    )  # fmt: skip
     g.add_argument(
         "--no-optimize", action="store_true",
         help="run the eager model instead of prepare_for_inference's rewrite (which gives the "

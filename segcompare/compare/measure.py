@@ -102,6 +102,7 @@ class ModelRun:
     stats: dict[str, Any] = field(default_factory=dict)
     bench: dict[str, Any] = field(default_factory=dict)
     robustness: dict[str, Any] = field(default_factory=dict)
+    fp32: dict[str, Any] = field(default_factory=dict)  # with --amp: the float32 scores
 
 
 def _labels(models: Sequence[tuple[str, Optional[str]]]) -> list[str]:
@@ -180,6 +181,28 @@ def evaluate_run(
         run.predictor.scores, dataset, progress=progress and bar is None, on_batch=on_batch
     )
     run.confusion = cm.mat[:, : cm.num_classes].cpu().numpy()
+
+
+def evaluate_fp32(run: ModelRun, dataset: Any, progress: bool = True, bar: Any = None) -> None:
+    """With mixed precision (`InferenceSettings.amp`): score the same model again in float32,
+    otherwise the same way, so the report can say what mixed precision changed
+    (`ModelRun.fp32`: the float32 mIoU and category mIoU)."""
+    import dataclasses
+
+    from segcompare.evaluate import evaluate_model
+    from segcompare.infer import Predictor
+
+    settings = dataclasses.replace(run.predictor.settings, amp=False)
+    predictor = Predictor(run.predictor.model, settings)
+
+    def on_batch(pred: torch.Tensor, labels: torch.Tensor, batch: dict[str, Any]) -> None:
+        if bar is not None:
+            bar.update(pred.shape[0])
+
+    results = evaluate_model(
+        predictor.scores, dataset, progress=progress and bar is None, on_batch=on_batch
+    )
+    run.fp32 = {"miou": results["miou"], "category_miou": results["category_miou"]}
 
 
 def evaluate_corruptions(

@@ -187,6 +187,9 @@ def model_entry(run: ModelRun) -> dict[str, Any]:
         "images_per_s": run.bench.get("images_per_s"),
         "memory_mb": run.bench.get("memory_mb"),
         "robustness": run.robustness,
+        # with mixed precision: the same model scored in float32, and what mixed precision changed
+        "miou_fp32": run.fp32.get("miou"),
+        "amp_miou_change": r["miou"] - run.fp32["miou"] if run.fp32 else None,
     }
 
 
@@ -219,7 +222,7 @@ _SUMMARY_HEADER = ["model", "mIoU", "iIoU", "cat. mIoU", "pixel acc.", "Boundary
                    "params (M)", "GMACs", "latency ms", "images/s", "memory MB"]  # fmt: skip
 
 
-def _summary_row(run: ModelRun, robustness: bool) -> list[str]:
+def _summary_row(run: ModelRun, robustness: bool, fp32: bool = False) -> list[str]:
     r = run.results
     row = [
         run.label, _pct(r["miou"]), _pct(r["miiou"]), _pct(r["category_miou"]),
@@ -231,6 +234,8 @@ def _summary_row(run: ModelRun, robustness: bool) -> list[str]:
     if robustness:
         rb = run.robustness
         row += [_pct(rb.get("mean_miou")), _num(rb.get("relative_miou"), ".2f")]
+    if fp32:
+        row += [_pct(run.fp32.get("miou")), _num(100 * (r["miou"] - run.fp32["miou"]), "+.2f")]
     return row
 
 
@@ -241,20 +246,24 @@ def summary_section(runs: Sequence[ModelRun], doc: dict[str, Any]) -> Section:
     bench_meta = meta.get("bench", {})
     robustness = any(run.robustness for run in runs)
     header = _SUMMARY_HEADER + (["corrupted mIoU", "rel. robustness"] if robustness else [])
-    rows = [_summary_row(run, robustness) for run in runs]
-    return Section(
-        "Summary",
-        [
-            f"{doc['num_images']} images of {doc['data']} ({doc['split']}), {h}x{w} (H×W), "
-            f"evaluated on {meta['device']} with {describe_inference(meta['inference'])}. IoU "
-            "figures in %, as cityscapesscripts computes them (the same code as "
-            f"`segcompare eval`). GMACs and latency are for one forward pass at {h}x{w}, batch 1 "
-            f"({bench_meta.get('iters')} timed runs after {bench_meta.get('warmup')} warm-up, "
-            f"median; {bench_meta.get('gpu') or bench_meta.get('cpu')}, "
-            f"{bench_meta.get('threads')} threads).",
-        ],
-        (header, rows),
+    fp32 = all(run.fp32 for run in runs)
+    header += ["fp32 mIoU", "mixed − fp32 (points)"] if fp32 else []
+    rows = [_summary_row(run, robustness, fp32) for run in runs]
+    text = (
+        f"{doc['num_images']} images of {doc['data']} ({doc['split']}), {h}x{w} (H×W), "
+        f"evaluated on {meta['device']} with {describe_inference(meta['inference'])}. IoU "
+        "figures in %, as cityscapesscripts computes them (the same code as "
+        f"`segcompare eval`). GMACs and latency are for one forward pass at {h}x{w}, batch 1 "
+        f"({bench_meta.get('iters')} timed runs after {bench_meta.get('warmup')} warm-up, "
+        f"median; {bench_meta.get('gpu') or bench_meta.get('cpu')}, "
+        f"{bench_meta.get('threads')} threads)."
     )  # fmt: skip
+    if fp32:
+        text += (
+            " Every model was also scored in float32, otherwise the same way: 'fp32 mIoU', and "
+            "what mixed precision changed, in points of mIoU."
+        )
+    return Section("Summary", [text], (header, rows))
 
 
 def cost_section(files: dict[str, Any]) -> Section:

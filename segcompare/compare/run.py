@@ -14,6 +14,7 @@ from segcompare.compare.measure import (
     build_runs,
     compare_datasets,
     evaluate_corruptions,
+    evaluate_fp32,
     evaluate_run,
     hardest_images,
     measure_speed,
@@ -102,6 +103,11 @@ def run_compare(spec: CompareSpec) -> dict[str, Any]:
         with tqdm(total=len(dataset), desc=f"eval {run.label}", unit="img",
                   disable=not spec.progress) as bar:
             evaluate_run(run, dataset, d, spec.progress, bar)
+    if spec.inference.amp:  # what mixed precision changed: each model again in float32
+        for run in runs:
+            with tqdm(total=len(dataset), desc=f"eval fp32 {run.label}", unit="img",
+                      disable=not spec.progress) as bar:
+                evaluate_fp32(run, dataset, spec.progress, bar)
     measure_stats(runs, eval_hw, spec.progress)
     bench_meta = measure_speed(runs, eval_hw, spec.inference.amp, spec.bench_iters,
                                spec.bench_warmup, spec.progress)  # fmt: skip
