@@ -119,6 +119,17 @@ def _inference_settings(args: argparse.Namespace) -> Any:
     )  # fmt: skip
 
 
+def _add_model_options(p: argparse.ArgumentParser, repeatable: bool = False) -> None:
+    """--model NAME and --weights W: one model (`_predictor`) or, `repeatable`, one per --model
+    (`_model_list`)."""
+    if repeatable:
+        p.add_argument("--model", action="append", default=[], metavar="NAME", help="(repeatable)")
+        p.add_argument("--weights", action="append", default=[], metavar="W", help="(repeatable)")
+        return
+    p.add_argument("--model", metavar="NAME", help="model name (default: read from --weights)")
+    p.add_argument("--weights", metavar="W", help="checkpoint, model folder or hf://owner/name")
+
+
 def _model_list(names: Sequence[str], weights: Sequence[str]) -> list[tuple[Any, Any]]:
     """Repeated --model / --weights -> (name or None, weights or None) pairs, checked."""
     from segcompare.utils import SegcompareError

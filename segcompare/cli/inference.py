@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from segcompare.cli.args import _add_test_options, _inference_settings, _model_list, _predictor
+from segcompare.cli.args import (
+    _add_model_options,
+    _add_test_options,
+    _inference_settings,
+    _model_list,
+    _predictor,
+)
 
 
 # --- segcompare eval ---------------------------------------------------------------------------
@@ -15,8 +21,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         description="Score a model on a split, or score existing labelIds prediction PNGs "
         "(--pred-dir, from any tool) the same way. The figures equal cityscapesscripts'.",
     )
-    p.add_argument("--model", metavar="NAME", help="model name (default: read from --weights)")
-    p.add_argument("--weights", metavar="W", help="checkpoint, model folder or hf://owner/name")
+    _add_model_options(p)
     p.add_argument(
         "--pred-dir", metavar="DIR", help="score the labelIds PNGs in DIR instead of a model "
         "(file names contain <city>_<seq>_<frame>)",
@@ -78,8 +83,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "server takes; logits are float16 C×H×W .npy.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
-    p.add_argument("--model", metavar="NAME", help="model name (default: read from --weights)")
-    p.add_argument("--weights", metavar="W", help="checkpoint, model folder or hf://owner/name")
+    _add_model_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument(
         "--format", default="labelid",
@@ -125,8 +129,7 @@ def _add_video(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "source", metavar="FRAMES_DIR_OR_VIDEO", help="a folder of frames or a video file"
     )
-    p.add_argument("--model", action="append", default=[], metavar="NAME", help="(repeatable)")
-    p.add_argument("--weights", action="append", default=[], metavar="W", help="(repeatable)")
+    _add_model_options(p, repeatable=True)
     p.add_argument("--out", required=True, metavar="F", help="F.gif, or F.mp4 (the video extra)")
     p.add_argument("--fps", type=float, default=17.0, help="frames per second (17, Cityscapes')")
     p.add_argument("--every", type=int, default=1, metavar="K", help="use every K-th frame (1)")
@@ -170,8 +173,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "Give --weights once per --model, in the same order (or only --weights: the model "
         "names come from the files).",
     )
-    p.add_argument("--model", action="append", default=[], metavar="NAME", help="(repeatable)")
-    p.add_argument("--weights", action="append", default=[], metavar="W", help="(repeatable)")
+    _add_model_options(p, repeatable=True)
     p.add_argument("--data", required=True, metavar="ROOT", help="Cityscapes root folder")
     p.add_argument("--split", default="val", help="split (default val)")
     p.add_argument("--out", default="compare", metavar="DIR", help="report folder (compare)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from segcompare.cli.args import at_least, check_model_size, model_names, size_hw
+from segcompare.cli.args import _add_model_options, at_least, check_model_size, model_names, size_hw
 
 
 # --- segcompare models -------------------------------------------------------------------------
@@ -237,8 +237,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "onnxruntime against PyTorch when it is installed (pip install segcompare[onnx]).",
     )
     p.add_argument("out", metavar="OUT", help="the .onnx file to write")
-    p.add_argument("--model", metavar="NAME", help="model name (default: read from --weights)")
-    p.add_argument("--weights", metavar="W", help="checkpoint, model folder or hf://owner/name")
+    _add_model_options(p)
     p.add_argument("--format", choices=("onnx",), default="onnx", help="(default onnx)")
     p.add_argument(
         "--size", type=size_hw, default=(1024, 2048), metavar="HxW",
