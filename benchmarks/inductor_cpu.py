@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shutil
 import statistics
@@ -69,12 +68,11 @@ import torch._inductor.config  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from inference_cpu import agreement, trained_like  # noqa: E402
+from inference_cpu import agreement, trained_like, write_rows  # noqa: E402
 
 from segcompare import bench  # noqa: E402
 from segcompare.infer.fast import prepare_for_inference, tune_cpu_allocator  # noqa: E402
 from segcompare.models import build_model  # noqa: E402
-from segcompare.utils import atomic_write_text  # noqa: E402
 
 
 def compiled(model: torch.nn.Module, x: torch.Tensor) -> tuple[Callable, float]:
@@ -209,11 +207,7 @@ def main() -> int:
         inductor_freezing=True,
         cold_cache=not ARGS.cache_dir,
     )
-    out = Path(ARGS.out)
-    old = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    keep = {(r["model"], r["size"], r["batch"]) for r in rows}
-    merged = [r for r in old["rows"] if (r["model"], r["size"], r["batch"]) not in keep] + rows
-    atomic_write_text(out, json.dumps({"meta": meta, "rows": merged}, indent=1) + "\n")
+    write_rows(Path(ARGS.out), meta, rows)
     print(table(rows))
     print(
         f"\n{meta['cpu']}, {ARGS.threads} threads, torch {meta['torch']}, THP {meta['thp']}, "

@@ -140,6 +140,17 @@ def run_case(name: str, h: int, w: int, batch: int) -> dict:
     return row
 
 
+def write_rows(
+    path: Path, meta: dict, rows: list[dict], keys: tuple[str, ...] = ("model", "size", "batch")
+) -> None:
+    """Write {"meta", "rows"} to the JSON file `path` (atomically): `rows`, after the rows already
+    there that none of them replaces (same values of `keys`), so subsets can be rerun."""
+    old = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    new = {tuple(r[k] for k in keys) for r in rows}
+    kept = [r for r in old["rows"] if tuple(r[k] for k in keys) not in new]
+    atomic_write_text(path, json.dumps({"meta": meta, "rows": kept + rows}, indent=1) + "\n")
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| model | input | ours ms | reference | reference ms | ratio | ratio p10 | target |"
@@ -185,11 +196,7 @@ def main() -> int:
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     meta = bench.machine_info(torch.device("cpu"), ARGS.threads, "fp32")
     meta.update(thp=not ARGS.no_thp, tuned_malloc=tuned, warmup=ARGS.warmup, iters=ARGS.iters)
-    out = Path(ARGS.out)
-    old = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    keep = {(r["model"], r["size"], r["batch"]) for r in rows}
-    merged = [r for r in old["rows"] if (r["model"], r["size"], r["batch"]) not in keep] + rows
-    atomic_write_text(out, json.dumps({"meta": meta, "rows": merged}, indent=1) + "\n")
+    write_rows(Path(ARGS.out), meta, rows)
     print(table(rows))
     print(
         f"\n{meta['cpu']}, {ARGS.threads} threads, torch {meta['torch']}, THP {meta['thp']}, "

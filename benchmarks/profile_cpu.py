@@ -24,7 +24,6 @@ Rows are merged into benchmarks/results/profile_cpu.json by (model, size).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -54,12 +53,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from inference_cpu import trained_like  # noqa: E402
+from inference_cpu import trained_like, write_rows  # noqa: E402
 
 from segcompare import bench  # noqa: E402
 from segcompare.infer.fast import FusedConv, prepare_for_inference, tune_cpu_allocator  # noqa: E402
 from segcompare.models import build_model  # noqa: E402
-from segcompare.utils import atomic_write_text  # noqa: E402
 
 CONV_OPS = ("mkldnn::_convolution_pointwise", "mkldnn::_convolution_pointwise_")
 
@@ -75,7 +73,7 @@ def matmul_gmacs() -> float:
     return 4096**3 / best / 1e9
 
 
-def geometry(conv: FusedConv, x: torch.Tensor, out: torch.Tensor, residual: bool) -> tuple:
+def geometry(conv: FusedConv, out: torch.Tensor, residual: bool) -> tuple:
     o, i, kh, kw = conv.weight.shape
     return (
         f"{kh}x{kw}",
@@ -101,7 +99,7 @@ def hooked_runs(model: torch.nn.Module, x: torch.Tensor, runs: int) -> list[dict
         dt = time.perf_counter() - starts.pop(id(module))
         x_in = args[0]
         residual = len(args) > 1 and args[1] is not None or kwargs.get("residual") is not None
-        key = geometry(module, x_in, out, residual)
+        key = geometry(module, out, residual)
         o, i, kh, kw = module.weight.shape
         macs = out.numel() // out.shape[1] * o * i * kh * kw
         size = out.element_size()
@@ -197,10 +195,7 @@ def main() -> int:
     }
     print(report(row, args.top))
     meta = bench.machine_info(torch.device("cpu"), args.threads, "fp32")
-    out = Path(args.out)
-    old = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    kept = [r for r in old["rows"] if (r["model"], r["size"]) != (row["model"], row["size"])]
-    atomic_write_text(out, json.dumps({"meta": meta, "rows": kept + [row]}, indent=1) + "\n")
+    write_rows(Path(args.out), meta, [row], keys=("model", "size"))
     print(f"\n{meta['cpu']}, {args.threads} threads, torch {meta['torch']}, {row['date']}")
     return 0
 
