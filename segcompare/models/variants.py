@@ -92,7 +92,7 @@ HRNET = Family(
     model_class=hrnet.HRNet,
     variants=hrnet.VARIANTS,
     head_prefix="last_layer.",
-    classifier_prefix="last_layer.3.",
+    classifier_prefix=f"last_layer.{hrnet.HEAD_CLS}.",
     reference="eager",
     # HRNet/HRNet-Semantic-Segmentation (HRNet-OCR branch, 0bbb2880): tools/test.py sets the
     # crop size to TEST.IMAGE_SIZE (1024×2048); lib/datasets/cityscapes.py multi_scale_inference
