@@ -141,6 +141,12 @@ def shipped_recipe(name: str) -> Path:
     return path
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """Every recipe that ships with segcompare: {name without .yaml: path}."""
+    folder = shipped_recipe("synthcity_segformer_b0.yaml").parent  # the demo's: always shipped
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
 def load_config(path: Union[str, os.PathLike], overrides: Sequence[str] = ()) -> Config:
     """Read a recipe, apply `a.b=value` overrides (values parsed as YAML), validate it."""
     path = Path(path)

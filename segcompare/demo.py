@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from segcompare.config import shipped_recipe
+from segcompare.run_folder import run_weights
 from segcompare.utils import PathLike, SegcompareError, atomic_write_text, make_dirs
 
 log = logging.getLogger(__name__)
@@ -198,10 +199,10 @@ def run_demo(
         data_root = Path(data)
         if not data_root.is_dir():
             raise SegcompareError(f"--data {data_root}: no such directory")
-        model_weights = [Path(w) for w in weights]
-        for w in model_weights:
-            if not w.exists():
+        for w in weights:
+            if not Path(w).exists():
                 raise SegcompareError(f"--weights {w}: no such file")
+        model_weights = [run_weights(w) for w in weights]  # a run folder: its final weights
         frames = data_root / "leftImg8bit" / "demoVideo" / "stuttgart_00"
         if not frames.is_dir():
             frames = data_root / "leftImg8bit_demoVideo" / "stuttgart_00"
@@ -227,7 +228,7 @@ def run_demo(
         doc = run_compare(CompareSpec(
             [(None, w) for w in model_weights], data_root, "val", out,
             images=plan.hardest, corruptions=plan.corrupt, corrupt_images=plan.corrupt_images,
-            bench_iters=plan.bench_iters, progress=progress,
+            bench_iters=plan.bench_iters, progress=progress, overwrite=True,
         ))  # fmt: skip
     video = render_demo_video(model_weights, frames, out / "side_by_side.gif", plan, progress)
     doc["files"] = {

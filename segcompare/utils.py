@@ -4,10 +4,13 @@ device and waiting for it. torch is imported only by the functions that need it 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Union
 
 if TYPE_CHECKING:
     import torch
@@ -57,27 +60,111 @@ def make_dirs(path: PathLike) -> Path:
     return path
 
 
+# --- the one output rule -----------------------------------------------------------------------
+# Every path a command writes passes `check_output` (a file) or `output_folder` (a folder) at the
+# command's edge, and every byte goes through `atomic_path` (a file) or `temporary_folder`.
+# A temporary is named `.<stem>.tmp-<pid>-<8 random><suffix>` beside its target: it keeps the final
+# suffix (writers such as ffmpeg choose the format by it), is hidden, and names the process that
+# writes it, so a later run removes the temporaries of a process that is gone (a killed write).
+_TEMP_RE = re.compile(r"^\.(?P<stem>.+)\.tmp-(?P<pid>\d+)-[a-z0-9_]{8}(?P<suffix>\.[^.]*)?$")
+_CLEANED: set = set()  # folders whose stale temporaries this process has removed already
+
+
+def is_temporary(path: PathLike) -> bool:
+    """Whether `path` is named like a temporary of ours (`atomic_path`, `temporary_folder`)."""
+    return _TEMP_RE.match(Path(path).name) is not None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def clean_stale_temporaries(folder: PathLike) -> list[Path]:
+    """Remove the temporaries in `folder` whose writing process is gone (killed mid-write); once
+    per folder and process. Returns what was removed."""
+    folder = Path(folder)
+    key = str(folder.resolve())
+    if key in _CLEANED:
+        return []
+    _CLEANED.add(key)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_RE.match(entry.name)
+        if match is None or _alive(int(match["pid"])):
+            continue
+        path = Path(entry.path)
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _temporary_name(path: Path) -> tuple[str, str]:
+    """(prefix, suffix) of a temporary for `path`: `.<stem>.tmp-<pid>-` and its suffix."""
+    return f".{path.stem}.tmp-{os.getpid()}-", path.suffix
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def temporary_folder(path: PathLike) -> Path:
+    """A new empty folder beside `path`, named as our temporaries are (a later run removes it if
+    this process is killed), with a plain folder's mode; the caller renames or removes it."""
+    path = Path(path)
+    make_dirs(path.parent)
+    clean_stale_temporaries(path.parent)
+    prefix, suffix = _temporary_name(path)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent))
+    except OSError as err:
+        raise write_error(path.parent, err) from None
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's folder is private
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, on failure remove it.
 
     Every file the tool writes goes through here, so an interrupted run never leaves a
-    half-written file under the final name. A write that fails (read-only file system, disk
-    full, a folder in the way) is a SegcompareError naming `path` and the OS's reason.
+    half-written file under the final name. The temporary keeps `path`'s suffix. A write that
+    fails (read-only file system, disk full, a folder in the way) is a SegcompareError naming
+    `path` and the OS's reason. Whether `path` may be written at all is `check_output`'s question,
+    asked at the command's edge.
     """
     path = Path(path)
+    if not str(path) or path.name in ("", ".", ".."):
+        raise SegcompareError(f"{str(path)!r}: not a file name")
     make_dirs(path.parent)
     if path.is_dir():
         raise SegcompareError(f"{path}: is a folder; a file of that name cannot be written")
+    clean_stale_temporaries(path.parent)
+    prefix, suffix = _temporary_name(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
         os.close(fd)
     except OSError as err:
         raise write_error(path, err) from None
     # mkstemp makes the file private (0600); give it the mode a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~_umask())
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -90,6 +177,246 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+    for folder in _OPEN_FOLDERS:
+        folder.record(path)
+
+
+def _resolved(path: PathLike) -> Path:
+    return Path(os.path.abspath(path)).resolve()
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(
+    path: Optional[PathLike],
+    what: str,
+    inputs: Iterable[Optional[PathLike]] = (),
+    overwrite: bool = False,
+    folder: bool = False,
+) -> Path:
+    """The one rule for a path a command writes (`what` names it for the user: "--json", ...):
+    not empty; not one of the command's `inputs` (files, or folders it reads from: a `folder`
+    output may not lie inside one either); and a file that exists is replaced only with
+    `overwrite`. Returns the path; SegcompareError otherwise, before anything is written."""
+    if path is None or not str(path).strip():
+        raise SegcompareError(f"{what}: an empty path; name the {'folder' if folder else 'file'}")
+    out = Path(path)
+    real = _resolved(out)
+    for item in inputs:
+        if item is None or not str(item).strip() or str(item).startswith("hf://"):
+            continue
+        src = _resolved(item)
+        inside = src.is_dir() and (src == real or src in real.parents)
+        if _same(real, src) or (folder and inside):
+            where = "is" if _same(real, src) else "lies inside"
+            raise SegcompareError(
+                f"{what} {out} {where} the input {item}; write the output elsewhere"
+            )
+    if folder:
+        if out.exists() and not out.is_dir():
+            raise SegcompareError(f"{what} {out}: exists and is not a folder")
+        return out
+    if out.is_dir():
+        raise SegcompareError(f"{what} {out}: is a folder; name a file")
+    if out.exists() and not overwrite:
+        raise SegcompareError(f"{what} {out}: exists; give --overwrite to replace it")
+    return out
+
+
+OUTPUTS_NAME = ".segcompare-outputs"  # in an output folder: the files its last run wrote
+FOLDER_LOCK_NAME = ".segcompare.lock"  # in an output folder: held (flock) while a command writes
+
+
+class OutputFolder:
+    """An output folder held by one command (`output_folder`): the files written into it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.real = _resolved(root)
+        self.written: set = set()  # relative paths
+
+    def record(self, path: Path) -> None:
+        real = _resolved(path)
+        if self.real in real.parents:
+            self.written.add(real.relative_to(self.real).as_posix())
+
+    def previous(self) -> list[str]:
+        """The files of the last run into this folder that are still there."""
+        try:
+            names = json.loads((self.root / OUTPUTS_NAME).read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+        found = []
+        for name in names:
+            path = self.root / str(name)
+            if ".." not in Path(str(name)).parts and path.is_file():
+                found.append(str(name))
+        return found
+
+
+_OPEN_FOLDERS: list = []
+
+
+def _lock_folder(root: Path) -> Any:
+    """An exclusive, non-blocking flock on ROOT/.segcompare.lock (its PID written in it); the
+    open file holds it. SegcompareError naming the holder when another process has it."""
+    import fcntl
+
+    for _ in range(10):  # a lock file its holder removed between our open and our flock: again
+        path = root / FOLDER_LOCK_NAME
+        try:
+            lock = open(path, "a+b", buffering=0)  # held open: the lock lives with it
+        except OSError as err:
+            raise write_error(path, err) from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().decode(errors="replace").strip() or "unknown"
+            lock.close()
+            raise SegcompareError(
+                f"{root}: another segcompare process (PID {holder}) is writing into it; wait for "
+                "it, or choose another folder"
+            ) from None
+        if _inode_is(lock, path):  # still the file at ROOT/.segcompare.lock
+            lock.truncate(0)
+            lock.write(f"{os.getpid()}\n".encode())
+            return lock
+        lock.close()
+    raise SegcompareError(f"{root}: cannot lock: its lock file keeps vanishing")
+
+
+def _inode_is(file: Any, path: Path) -> bool:
+    try:
+        here, there = os.fstat(file.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+@contextlib.contextmanager
+def output_folder(
+    path: Optional[PathLike],
+    what: str,
+    inputs: Iterable[Optional[PathLike]] = (),
+    overwrite: bool = False,
+    names: Iterable[str] = (),
+) -> Iterator[OutputFolder]:
+    """Hold an output folder while a command writes into it (`check_output`'s rule for a folder).
+
+    - Locked (flock on ROOT/.segcompare.lock, removed at the end): a second command writing into
+      the same folder is refused instead of mixing its files with ours.
+    - The files of the last run (listed in ROOT/.segcompare-outputs) are replaced only with
+      `overwrite`, and then removed first, so a reused folder holds this run's files only.
+      `names` (relative paths this run will write) that exist are refused alike without
+      `overwrite`. Other files in the folder are never touched.
+    - On success the list of this run's files (every `atomic_path` under ROOT, and `names`) is
+      written; on failure the files this run wrote are removed, and the folder if it made it.
+    """
+    names = [str(n) for n in names]
+    root = check_output(path, what, inputs, overwrite, folder=True)
+    rank, world = _process_group()
+    if world > 1:  # under torchrun rank 0 holds the folder; the others wait until it has
+        with contextlib.ExitStack() as stack:
+            with _rank0_first(rank, root):
+                held = _hold_folder(root, what, overwrite, names) if rank == 0 else None
+                folder = stack.enter_context(held) if held else OutputFolder(root)
+            yield folder
+        return
+    with _hold_folder(root, what, overwrite, names) as folder:
+        yield folder
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed's group when one is initialised, else (0, 1)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def _rank0_first(rank: int, root: Path) -> Iterator[None]:
+    """Rank 0 runs the block, then every rank learns whether it failed (no rank waits forever
+    for a rank 0 that refused the folder)."""
+    import torch
+    import torch.distributed as dist
+
+    failed = 0
+    try:
+        yield
+    except SegcompareError:
+        failed = 1
+        raise
+    finally:
+        flag = torch.tensor([failed])
+        dist.all_reduce(flag)
+        if rank != 0 and flag.item():
+            raise SegcompareError(f"{root}: refused as the output folder (see process 0)")
+
+
+@contextlib.contextmanager
+def _hold_folder(root: Path, what: str, overwrite: bool, names: list) -> Iterator[OutputFolder]:
+    created = not root.exists()
+    make_dirs(root)
+    lock = _lock_folder(root)
+    folder = OutputFolder(root)
+    ok = False
+    try:
+        clean_stale_temporaries(root)
+        old = folder.previous()
+        clash = old + [n for n in names if n not in old and (root / n).exists()]
+        if clash and not overwrite:
+            raise SegcompareError(
+                f"{what} {root}: holds {root / clash[0]}"
+                + (f" and {len(clash) - 1} more file(s)" if len(clash) > 1 else "")
+                + "; give --overwrite to replace them, or choose another folder"
+            )
+        for name in old:
+            with contextlib.suppress(OSError):
+                (root / name).unlink()
+        _remove_empty_dirs(root, {str(Path(n).parent) for n in old})
+        _OPEN_FOLDERS.append(folder)
+        try:
+            yield folder
+        finally:
+            _OPEN_FOLDERS.remove(folder)
+        ok = True
+        files = sorted(folder.written | {n for n in names if (root / n).is_file()})
+        atomic_write_text(root / OUTPUTS_NAME, json.dumps({"files": files}, indent=1) + "\n")
+    finally:
+        if not ok:
+            for name in folder.written:
+                with contextlib.suppress(OSError):
+                    (root / name).unlink()
+            _remove_empty_dirs(root, {str(Path(n).parent) for n in folder.written})
+        with contextlib.suppress(OSError):
+            (root / FOLDER_LOCK_NAME).unlink()
+        lock.close()
+        if not ok and created:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # only if empty
+
+
+def _remove_empty_dirs(root: Path, rel_dirs: Iterable[str]) -> None:
+    """Remove the sub-folders `rel_dirs` of `root` (and their parents below root) while empty."""
+    for rel in sorted(rel_dirs, key=lambda r: -len(Path(r).parts)):
+        path = root / rel
+        while path != root and root in path.parents:
+            try:
+                path.rmdir()
+            except OSError:
+                break
+            path = path.parent
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:

@@ -120,20 +120,66 @@ def _inference_settings(args: argparse.Namespace) -> Any:
 
 
 def _add_model_options(p: argparse.ArgumentParser, repeatable: bool = False) -> None:
-    """--model NAME and --weights W: one model (`_predictor`) or, `repeatable`, one per --model
-    (`_model_list`)."""
+    """--model NAME, --weights W and --checkpoint: one model (`_predictor`) or, `repeatable`,
+    several (`_model_list`): each flag repeated or comma-separated, `A,B` always two models."""
     if repeatable:
-        p.add_argument("--model", action="append", default=[], metavar="NAME", help="(repeatable)")
-        p.add_argument("--weights", action="append", default=[], metavar="W", help="(repeatable)")
-        return
-    p.add_argument("--model", metavar="NAME", help="model name (default: read from --weights)")
-    p.add_argument("--weights", metavar="W", help="checkpoint, model folder or hf://owner/name")
+        p.add_argument("--model", action="append", default=[], metavar="NAME",
+                       help="(repeatable, or NAME,NAME)")
+        p.add_argument("--weights", action="append", default=[], metavar="W",
+                       help="checkpoint, training run folder, model folder or hf://owner/name "
+                       "(repeatable, or W,W)")
+    else:
+        p.add_argument("--model", metavar="NAME", help="model name (default: read from --weights)")
+        p.add_argument("--weights", metavar="W",
+                       help="checkpoint, training run folder, model folder or hf://owner/name")
+    _add_checkpoint_option(p)
+
+
+def _add_checkpoint_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint", choices=("final", "best"), default="final",
+        help="for a training run folder given as --weights: its final weights (default, what "
+        "the official tests evaluate) or best.safetensors (best val mIoU: optimistic on val)",
+    )  # fmt: skip
+
+
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (in an --out folder: the last run's)")
+
+
+def split_list(values: Sequence[str]) -> list[str]:
+    """Repeated and comma-separated values -> one list: ['a,b', 'c'] -> ['a', 'b', 'c']."""
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def one_model(value: Optional[str], flag: str) -> Optional[str]:
+    """A single --model / --weights: `A,B` names two models, which this command cannot take."""
+    if value is not None and "," in value:
+        from segcompare.utils import SegcompareError
+
+        raise SegcompareError(
+            f"{flag} {value!r} names {len(split_list([value]))} models; this command runs one "
+            "(compare and video take several)"
+        )
+    return value
+
+
+def run_weights_of(weights: Optional[str], checkpoint: str = "final") -> Optional[str]:
+    """A training run folder -> its final (or `checkpoint`) weights file; anything else as it is."""
+    if weights is None or weights.startswith("hf://"):
+        return weights
+    from segcompare.run_folder import run_weights
+
+    return str(run_weights(weights, checkpoint))
 
 
 def _model_list(names: Sequence[str], weights: Sequence[str]) -> list[tuple[Any, Any]]:
-    """Repeated --model / --weights -> (name or None, weights or None) pairs, checked."""
+    """Repeated or comma-separated --model / --weights -> (name or None, weights or None) pairs,
+    checked."""
     from segcompare.utils import SegcompareError
 
+    names, weights = split_list(names), split_list(weights)
     if not names and not weights:
         raise SegcompareError("name at least one model: --model NAME --weights W")
     if names and weights and len(names) != len(weights):
@@ -145,8 +191,11 @@ def _model_list(names: Sequence[str], weights: Sequence[str]) -> list[tuple[Any,
     return list(zip(names or [None] * count, weights or [None] * count))
 
 
-def _predictor(settings: Any, name: Optional[str], weights: Optional[str]) -> Any:
-    """Build the model (weights through build_model) and wrap it in a Predictor."""
+def _predictor(
+    settings: Any, name: Optional[str], weights: Optional[str], checkpoint: str = "final"
+) -> Any:
+    """Build the model (weights through build_model; a training run folder's `checkpoint`
+    weights) and wrap it in a Predictor."""
     import dataclasses
     import logging
 
@@ -161,7 +210,7 @@ def _predictor(settings: Any, name: Optional[str], weights: Optional[str]) -> An
     if name is None and weights is None:
         raise SegcompareError("name a model: --model NAME and/or --weights W")
     torch.manual_seed(0)  # without weights: the same random model every run
-    model = build_model(name, weights=weights)
+    model = build_model(name, weights=run_weights_of(weights, checkpoint))
     if settings.size_hw and select_device(settings.device).type == "cpu":
         family = dataclasses.replace(settings, family=family_of(model))
         hw = family.model_input_hw(settings.size_hw, largest=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from segcompare.cli.args import at_least
+from segcompare.cli.args import at_least, split_list
 
 
 # --- segcompare data check | prepare | synth ---------------------------------------------------
@@ -135,7 +135,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny sizes and few iterations (a test)")
     p.add_argument("--cache", help="where the synthetic data set is kept (~/.cache/segcompare)")
     p.add_argument("--data", help="a real Cityscapes root: compare --weights on it, no training")
-    p.add_argument("--weights", help="comma-separated checkpoints to compare with --data")
+    p.add_argument(
+        "--weights", action="append", default=[], metavar="W",
+        help="the checkpoints (or run folders) to compare with --data: --weights A --weights B, "
+        "or A,B",
+    )  # fmt: skip
     p.set_defaults(func=_run_demo)
 
 
@@ -148,7 +152,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notices
     start = time.time()
-    weights = [w for w in (args.weights or "").split(",") if w]
+    weights = split_list(args.weights)
     doc = run_demo(
         args.out, fresh=args.fresh, tiny=args.tiny, data=args.data, weights=weights,
         cache=args.cache,

@@ -6,10 +6,13 @@ import argparse
 
 from segcompare.cli.args import (
     _add_model_options,
+    _add_overwrite,
     _add_test_options,
     _inference_settings,
     _model_list,
     _predictor,
+    one_model,
+    run_weights_of,
 )
 
 
@@ -32,14 +35,17 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, metavar="N", help="loader processes (2)")
     p.add_argument("--json", metavar="F", help="write the results to this JSON file")
     p.add_argument("--save-pred", metavar="DIR", help="also write the predictions (labelIds PNGs)")
+    _add_overwrite(p)
     _add_test_options(p)
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    import contextlib
+
     from segcompare.evaluate import run_eval
     from segcompare.metrics import format_results, write_results
-    from segcompare.utils import SegcompareError, init_distributed
+    from segcompare.utils import SegcompareError, check_output, init_distributed, output_folder
 
     if args.pred_dir and (args.model or args.weights):
         raise SegcompareError("--pred-dir scores existing files: drop --model/--weights")
@@ -48,16 +54,28 @@ def _run_eval(args: argparse.Namespace) -> int:
             "name a model (--model NAME and/or --weights W), or score saved labelIds PNGs with "
             "--pred-dir DIR"
         )
+    model = one_model(args.model, "--model")
+    weights = run_weights_of(one_model(args.weights, "--weights"), args.checkpoint)
+    inputs = (args.data, args.pred_dir, weights)  # no output may be written over one of them
+    if args.json is not None:
+        check_output(args.json, "--json", inputs, args.overwrite)
     rank, _ = init_distributed()  # under torchrun: each process scores its share of the images
-    if args.pred_dir:
-        results = run_eval(args.data, args.split, pred_dir=args.pred_dir, batch_size=args.batch,
-                           workers=args.workers, save_pred_dir=args.save_pred)
-    else:
-        predictor = _predictor(_inference_settings(args), args.model, args.weights)
-        meta = predictor.describe()
-        meta = {"model": meta.pop("model"), "weights": args.weights, **meta}
-        results = run_eval(args.data, args.split, scores=predictor.scores, batch_size=args.batch,
-                           workers=args.workers, save_pred_dir=args.save_pred, meta=meta)
+    with contextlib.ExitStack() as stack:
+        if args.save_pred is not None:
+            stack.enter_context(
+                output_folder(args.save_pred, "--save-pred", inputs, args.overwrite)
+            )
+        if args.pred_dir:
+            results = run_eval(args.data, args.split, pred_dir=args.pred_dir,
+                               batch_size=args.batch, workers=args.workers,
+                               save_pred_dir=args.save_pred)
+        else:
+            predictor = _predictor(_inference_settings(args), model, weights)
+            meta = predictor.describe()
+            meta = {"model": meta.pop("model"), "weights": weights, **meta}
+            results = run_eval(args.data, args.split, scores=predictor.scores,
+                               batch_size=args.batch, workers=args.workers,
+                               save_pred_dir=args.save_pred, meta=meta)
     if rank != 0:
         return 0  # rank 0 holds the summed counts too, and reports
     print(format_results(results))
@@ -92,6 +110,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "trainid for a model of another class count). color and overlay use the Cityscapes "
         "palette for 19 classes, distinct generic colours for any other count",
     )  # fmt: skip
+    _add_overwrite(p)
     _add_test_options(p)
     p.set_defaults(func=_run_predict)
 
@@ -101,8 +120,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     from segcompare.utils import init_distributed
 
     rank, world = init_distributed()  # under torchrun: each process writes its share
-    predictor = _predictor(_inference_settings(args), args.model, args.weights)
-    written = predict_files(predictor, args.inputs, args.out, args.format)
+    model, weights = one_model(args.model, "--model"), one_model(args.weights, "--weights")
+    predictor = _predictor(_inference_settings(args), model, weights, args.checkpoint)
+    written = predict_files(predictor, args.inputs, args.out, args.format, overwrite=args.overwrite)
     count = len(written)
     if world > 1:
         import torch
@@ -139,21 +159,24 @@ def _add_video(sub: argparse._SubParsersAction) -> None:
         help="draw the panels smaller when all of them together are wider (1024; 0: never); "
         "the models still run at the frame size or --size",
     )  # fmt: skip
+    _add_overwrite(p)
     _add_test_options(p)
     p.set_defaults(func=_run_video)
 
 
 def _run_video(args: argparse.Namespace) -> int:
     from segcompare.infer import render_video
-    from segcompare.utils import SegcompareError
+    from segcompare.utils import SegcompareError, check_output
 
     models = _model_list(args.model, args.weights)
+    models = [(n, run_weights_of(w, args.checkpoint)) for n, w in models]
+    check_output(args.out, "--out", [args.source, *(w for _, w in models)], args.overwrite)
     if args.fps <= 0 or (args.max_frames is not None and args.max_frames < 1):
         raise SegcompareError("--fps must be positive and --max-frames at least 1")
     if args.max_width < 0:
         raise SegcompareError("--max-width must be 0 (never shrink) or a width in pixels")
     settings = _inference_settings(args)
-    predictors = [_predictor(settings, n, w) for n, w in models]
+    predictors = [_predictor(settings, n, w) for n, w in models]  # run folders resolved above
     # --size is the test size; the panels are drawn at it, or smaller to fit --max-width
     frames = render_video(
         predictors, args.source, args.out, args.fps, args.size, args.every, args.max_frames,
@@ -194,11 +217,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "--boundary-frac", type=float, default=None, metavar="F",
         help="Boundary IoU band as a fraction of the image diagonal (0.005; the paper: 0.02)",
     )  # fmt: skip
-    p.add_argument(
-        "--checkpoint", choices=("final", "best"), default="final",
-        help="for a training run folder given as --weights: its final weights (default, what "
-        "the official tests evaluate) or best.safetensors (best val mIoU: optimistic on val)",
-    )  # fmt: skip
+    _add_overwrite(p)
     _add_test_options(p)
     p.set_defaults(func=_run_compare)
 
@@ -234,7 +253,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         corruptions=parse_corruptions(args.corrupt), inference=_inference_settings(args),
         max_images=args.max_images, corrupt_images=args.corrupt_images,
         bench_iters=args.bench_iters, bench_warmup=args.bench_warmup, boundary_frac=frac,
-        checkpoint=args.checkpoint,
+        checkpoint=args.checkpoint, overwrite=args.overwrite,
     ))  # fmt: skip
     print(f"{'model':<24}{'mIoU':>7}{'B-IoU':>7}{'GMACs':>10}{'ms':>9}")
     for m in doc["models"]:

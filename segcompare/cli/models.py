@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from segcompare.cli.args import _add_model_options, at_least, check_model_size, model_names, size_hw
+from segcompare.cli.args import (
+    _add_model_options,
+    _add_overwrite,
+    at_least,
+    check_model_size,
+    model_names,
+    one_model,
+    run_weights_of,
+    size_hw,
+)
 
 
 # --- segcompare models -------------------------------------------------------------------------
@@ -49,6 +59,7 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
         "--num-classes", type=at_least(1), default=19, metavar="K", help="classes of the head (19)"
     )
     p.add_argument("--json", metavar="F", help="also write the figures to this JSON file")
+    _add_overwrite(p)
     p.set_defaults(func=_run_stats)
 
 
@@ -59,9 +70,11 @@ def _run_stats(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from segcompare.stats import format_stats_table, model_stats
-    from segcompare.utils import atomic_write_text
+    from segcompare.utils import atomic_write_text, check_output
 
     names = model_names(args.names)
+    if args.json is not None:
+        check_output(args.json, "--json", (), args.overwrite)
     check_model_size(args.size, "--size")
     rows = [
         model_stats(n, args.size, args.num_classes) for n in tqdm(names, desc="stats", leave=False)
@@ -112,6 +125,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "or for HRNet the eager model (it equals the official code)",
     )
     p.add_argument("--json", metavar="F", help="also write the figures to this JSON file")
+    _add_overwrite(p)
     p.set_defaults(func=_run_bench)
 
 
@@ -121,9 +135,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from segcompare import bench
-    from segcompare.utils import atomic_write_text
+    from segcompare.utils import atomic_write_text, check_output
 
     names = model_names(args.names)
+    if args.json is not None:
+        check_output(args.json, "--json", (), args.overwrite)
     check_model_size(args.size, "--size")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,8 +162,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "torchrun --nproc-per-node N -m segcompare train CONFIG ...",
     )
     p.add_argument(
-        "config", metavar="CONFIG", help="a recipe, e.g. configs/synthcity_segformer_b0.yaml"
-    )
+        "config", metavar="CONFIG", nargs="?",
+        help="a recipe file, or the name of a packaged one (segcompare train --list), e.g. "
+        "synthcity_segformer_b0; a local file of that name wins",
+    )  # fmt: skip
+    p.add_argument("--list", action="store_true", help="list the packaged recipes and exit")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, value in YAML (repeatable): --set data.crop_size=[128,128]",
@@ -166,15 +185,24 @@ def _run_train(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from segcompare.config import load_config
+    from segcompare.config import load_config, shipped_recipes
     from segcompare.train import summary_line, train
-    from segcompare.utils import SegcompareError, torchrun_rank_world
+    from segcompare.utils import SegcompareError, check_output, torchrun_rank_world
 
     rank, _ = torchrun_rank_world()  # only rank 0 talks
+    if args.list:
+        for name, path in shipped_recipes().items():
+            print(f"{name:<44}{_recipe_title(path)}")
+        return 0
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     try:
-        cfg = load_config(args.config, args.set)
-        out = args.out or str(Path("runs") / Path(args.config).stem)
+        if args.config is None:
+            raise SegcompareError("name a recipe (a file, or one of `segcompare train --list`)")
+        recipe = resolve_recipe(args.config)
+        if args.out is not None:
+            check_output(args.out, "--out", (recipe,), overwrite=True, folder=True)
+        cfg = load_config(recipe, args.set)
+        out = args.out or str(Path("runs") / recipe.stem)
         summary = train(cfg, out, resume=args.resume)
     except SegcompareError:
         if rank != 0:
@@ -183,6 +211,47 @@ def _run_train(args: argparse.Namespace) -> int:
     if rank == 0:
         print(summary_line(summary))
     return 0
+
+
+def resolve_recipe(text: str) -> Any:
+    """A recipe argument -> its file: a local file (also NAME.yaml for a bare NAME) wins, and says
+    so when a packaged recipe has that name; else the packaged recipe of that name (a bare name,
+    NAME.yaml or configs/NAME.yaml outside a checkout); else a SegcompareError naming both."""
+    import logging
+    import os
+    from pathlib import Path
+
+    from segcompare.config import shipped_recipes
+    from segcompare.utils import SegcompareError
+
+    log = logging.getLogger("segcompare")
+    if not text.strip():
+        raise SegcompareError("recipe: an empty name; give a file or a packaged recipe's name")
+    path = Path(text)
+    name = path.name.removesuffix(".yaml")
+    shipped = shipped_recipes()
+    local = next((p for p in (path, path.with_name(path.name + ".yaml")) if p.is_file()), None)
+    if local is not None:
+        if name in shipped and not os.path.samefile(local, shipped[name]):
+            log.info("recipe: using the local file %s, not the packaged %s of the same name",
+                     local, name)
+        return local
+    if name in shipped and len(path.parts) <= (2 if path.parent.name == "configs" else 1):
+        log.info("recipe: %s is not a file here; using the packaged recipe %s", text, name)
+        return shipped[name]
+    raise SegcompareError(
+        f"recipe {text}: no such file, and no packaged recipe of that name (segcompare train "
+        "--list names them)"
+    )
+
+
+def _recipe_title(path: Any) -> str:
+    """A recipe's first comment line, shortened: what it is."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("# ").split(":")[0]
+            return title if len(title) <= 70 else title[:67] + "..."
+    return ""
 
 
 # --- segcompare convert ------------------------------------------------------------------------
@@ -210,20 +279,30 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="load only the backbone, the head stays initialised (mmseg SegFormer files need it)",
     )
+    _add_overwrite(p)
     p.set_defaults(func=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
+    import contextlib
     import logging
 
-    from segcompare.models.save import convert_checkpoint
+    from segcompare.models.save import HF_FILES, convert_checkpoint
+    from segcompare.utils import SegcompareError, check_output, output_folder
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    print(
-        convert_checkpoint(
+    if not args.src.strip():
+        raise SegcompareError("SRC: an empty path; name the checkpoint")
+    if args.dst.endswith(".safetensors"):
+        check_output(args.dst, "DST", [args.src], args.overwrite)
+        held = contextlib.nullcontext()
+    else:  # a HuggingFace directory: its three files
+        held = output_folder(args.dst, "DST", [args.src], args.overwrite, HF_FILES)
+    with held:
+        summary = convert_checkpoint(
             args.src, args.dst, args.model, args.num_classes, backbone_only=args.backbone_only
         )
-    )
+    print(summary)
     return 0
 
 
@@ -248,6 +327,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dynamic", action="store_true", help="batch, height and width left free")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    _add_overwrite(p)
     p.set_defaults(func=_run_export)
 
 
@@ -260,21 +340,22 @@ def _run_export(args: argparse.Namespace) -> int:
     from segcompare.models import build_model
     from segcompare.models.save import num_classes_of
     from segcompare.stats import check_forward_memory
-    from segcompare.utils import SegcompareError
+    from segcompare.utils import SegcompareError, check_output
 
-    if args.model is None and args.weights is None:
+    name = one_model(args.model, "--model")
+    weights = run_weights_of(one_model(args.weights, "--weights"), args.checkpoint)
+    if name is None and weights is None:
         raise SegcompareError("name a model: --model NAME and/or --weights W")
+    check_output(args.out, "OUT", [weights], args.overwrite)
     check_model_size(args.size, "--size")
     check_opset(args.opset)
     torch.manual_seed(0)
-    model = build_model(args.model, weights=args.weights).eval()
+    model = build_model(name, weights=weights).eval()
     check_forward_memory(
         model.variant, args.size, args.batch, num_classes_of(model), **model.settings
     )
-    if args.weights is None:
-        logging.getLogger("segcompare").warning(
-            "no --weights for %s: random weights (seed 0)", args.model
-        )
+    if weights is None:
+        logging.getLogger("segcompare").warning("no --weights for %s: random weights", name)
     path = export_onnx(model, args.out, args.size, args.dynamic, args.batch, args.opset)
     size_mb = path.stat().st_size / 2**20
     print(

@@ -26,7 +26,7 @@ from segcompare.data.corrupt import CORRUPTION_LEVELS, CORRUPTIONS, SEVERITIES
 from segcompare.evaluate import InferenceSettings
 from segcompare.metrics import BOUNDARY_FRAC, boundary_width, results_to_json
 from segcompare.run_folder import run_weights
-from segcompare.utils import PathLike, SegcompareError, atomic_write_text, make_dirs
+from segcompare.utils import PathLike, SegcompareError, atomic_write_text, output_folder
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class CompareSpec:
     progress: show progress bars.
     checkpoint: which weights of a training run folder given as weights: 'final' (what the
         official tests evaluate) or 'best' (best val mIoU: chosen on val, so optimistic there).
+    overwrite: replace an earlier report in out_dir (all of its files; without it, refused).
     """
 
     models: tuple[tuple[Optional[str], Optional[PathLike]], ...]
@@ -64,6 +65,7 @@ class CompareSpec:
     boundary_frac: float = BOUNDARY_FRAC
     progress: bool = True
     checkpoint: str = "final"
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         # Lists are welcome; a frozen value holds tuples.
@@ -84,19 +86,27 @@ def run_compare(spec: CompareSpec) -> dict[str, Any]:
     """Evaluate, count and time every model of `spec` and write into `spec.out_dir`:
     metrics.json, report.md and report.html, and the plots as PNG files. Returns the
     metrics.json document."""
+    out = Path(spec.out_dir) if str(spec.out_dir).strip() else spec.out_dir
+    # a training run folder -> its final (or best) weights file, which the report names
+    models = [(name, w and run_weights(w, spec.checkpoint)) for name, w in spec.models]
+    inputs = [spec.data_root, *(w for _, w in models)]
+    # locked while written; an earlier report here is replaced (all of it) only with overwrite
+    with output_folder(out, "--out", inputs, spec.overwrite, REPORT_FILES):
+        return _compare(spec, Path(out), models)
+
+
+REPORT_FILES = ("report.html", "report.md", "metrics.json")
+
+
+def _compare(spec: CompareSpec, out: Path, models: list) -> dict[str, Any]:
     from tqdm import tqdm
 
-    out = Path(spec.out_dir)
-    if out.exists() and not out.is_dir():
-        raise SegcompareError(f"{out}: exists and is not a directory")
     dataset, raw, corrupt_set = compare_datasets(
         spec.data_root, spec.split, spec.max_images, spec.corrupt_images
     )
     label_hw = tuple(raw[0]["label"].shape)  # predictions are scored at the label size
     eval_hw = spec.inference.size_hw or label_hw  # the size the models run at
     d = boundary_width(label_hw, spec.boundary_frac)
-    # a training run folder -> its final (or best) weights file, which the report names
-    models = [(name, w and run_weights(w, spec.checkpoint)) for name, w in spec.models]
     runs = build_runs(models, spec.inference)
 
     for run in runs:
@@ -115,7 +125,6 @@ def run_compare(spec: CompareSpec) -> dict[str, Any]:
     evaluate_corruptions(runs, corrupt_set, spec.corruptions, subset, spec.progress)
     hardest = hardest_images(runs, spec.images)
 
-    make_dirs(out)
     meta = _meta(spec, runs, eval_hw, d, bench_meta, len(corrupt_set))
     doc: dict[str, Any] = {
         "models": [model_entry(run) for run in runs],

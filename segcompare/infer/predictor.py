@@ -26,7 +26,16 @@ from segcompare.evaluate import InferenceSettings, inference
 from segcompare.infer.fast import prepare_for_inference
 from segcompare.models.precision import guard_bf16
 from segcompare.models.variants import check_input_hw
-from segcompare.utils import PathLike, SegcompareError, atomic_path, select_device, shard
+from segcompare.utils import (
+    PathLike,
+    SegcompareError,
+    atomic_path,
+    check_output,
+    is_temporary,
+    output_folder,
+    select_device,
+    shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +159,9 @@ def _image_rgb8(image: Any, method: str) -> np.ndarray:
             f"{what}: shape {image.shape} looks like C×H×W; it takes H×W×C "
             "(image.transpose(1, 2, 0))"
         )
-    return to_rgb8(image, f"{what}: image")
+    rgb = to_rgb8(image, f"{what}: image")
+    # np.asarray(PIL image) is read-only; torch.from_numpy of it warns ("not writable")
+    return rgb if rgb.flags.writeable else rgb.copy()
 
 
 def _num_classes(model: torch.nn.Module) -> Optional[int]:
@@ -186,7 +197,10 @@ def collect_inputs(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES and not is_temporary(p)
+            )  # fmt: skip
             pairs += [(p, p.relative_to(path).with_suffix("")) for p in found]
         elif path.is_file():
             found = [path]
@@ -249,30 +263,46 @@ def predict_files(
     out_dir: PathLike,
     fmt: str = "labelid",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Segment every input image and write one file per image under `out_dir`: a PNG named after
     the image (labelid PNGs are what the Cityscapes server takes; only for a 19-class model), or
-    for 'logits' the float16 C×H×W scores as .npy. Under torch.distributed (torchrun) each
-    process segments and writes its consecutive share of the images (`segcompare.utils.shard`)
-    and returns those paths."""
+    for 'logits' the float16 C×H×W scores as .npy. `out_dir` follows the output rule
+    (`segcompare.utils.output_folder`): never an input folder or inside one, no output over an
+    input image, existing outputs replaced only with `overwrite`. Under torch.distributed
+    (torchrun) each process segments and writes its consecutive share of the images
+    (`segcompare.utils.shard`) and returns those paths."""
     from tqdm import tqdm
 
     check_format(fmt, predictor.num_classes)  # known here for a segcompare model
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise SegcompareError(f"--out {out_dir}: exists and is not a folder")
+    folders = [i for i in inputs if Path(i).is_dir()]
+    check_output(out_dir, "--out", folders, overwrite, folder=True)  # before naming any output
     pairs = collect_inputs(inputs)
-    pairs = [pairs[i] for i in shard(len(pairs))]
+    suffix = ".npy" if fmt == "logits" else ".png"
+    names = [rel.with_name(rel.name + suffix).as_posix() for _, rel in pairs]
+    sources = {_real(src) for src, _ in pairs}
+    for name in names:
+        if _real(Path(out_dir) / name) in sources:
+            raise SegcompareError(
+                f"--out {out_dir}: the output {Path(out_dir) / name} would replace the input "
+                "image of that name; write into another folder"
+            )
     written = []
-    for src, rel in tqdm(pairs, desc="predict", unit="img", disable=not progress):
-        image = load_image(src)
-        out = Path(out_dir) / rel.with_name(rel.name + (".npy" if fmt == "logits" else ".png"))
-        if fmt == "logits":
-            scores = predictor.predict_scores(image).to(torch.float16).numpy()
-            with atomic_path(out) as tmp, open(tmp, "wb") as f:
-                np.save(f, scores)
-        else:
-            train_ids = predictor.predict(image)
-            assert predictor.num_classes is not None  # set by its first call
-            _save_png(out, render_prediction(train_ids, image, fmt, predictor.num_classes))
-        written.append(out)
+    with output_folder(out_dir, "--out", folders, overwrite, names):
+        for i in tqdm(shard(len(pairs)), desc="predict", unit="img", disable=not progress):
+            src, out = pairs[i][0], Path(out_dir) / names[i]
+            image = load_image(src)
+            if fmt == "logits":
+                scores = predictor.predict_scores(image).to(torch.float16).numpy()
+                with atomic_path(out) as tmp, open(tmp, "wb") as f:
+                    np.save(f, scores)
+            else:
+                train_ids = predictor.predict(image)
+                assert predictor.num_classes is not None  # set by its first call
+                _save_png(out, render_prediction(train_ids, image, fmt, predictor.num_classes))
+            written.append(out)
     return written
+
+
+def _real(path: PathLike) -> Path:
+    return Path(os.path.abspath(path)).resolve()

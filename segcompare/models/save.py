@@ -142,6 +142,7 @@ def hf_config(model: nn.Module, class_names: Optional[list[str]] = None) -> dict
 
 # What transformers' SegformerImageProcessor.from_pretrained and pipeline() read.
 HF_PREPROCESSOR_NAME = "preprocessor_config.json"
+HF_FILES = (WEIGHTS_NAME, HF_CONFIG_NAME, HF_PREPROCESSOR_NAME)  # what `export_hf` writes
 
 
 def hf_preprocessor_config() -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from segcompare.utils import (
     atomic_write_bytes,
     atomic_write_text,
     check_memory,
-    make_dirs,
+    temporary_folder,
     write_error,
 )
 
@@ -105,14 +104,7 @@ def make_synthetic_cityscapes(
     check_memory(h * w * BYTES_PER_PIXEL, f"a synthetic image of {h}x{w}")
     counts = {"train": int(train), "val": int(val), "test": int(test)}
     jobs = _sample_names(counts)
-    make_dirs(root.parent)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.synth-", dir=root.parent))
-    except OSError as err:
-        raise write_error(root.parent, err) from None
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the set's is a plain folder
+    tmp = temporary_folder(root)  # a killed run's is removed by the next one
     try:
         for split, city, name, i in tqdm(jobs, desc="synthesising", unit="image",
                                          disable=not progress):
