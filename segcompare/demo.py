@@ -23,8 +23,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from segcompare.config import shipped_recipe
-from segcompare.run_folder import run_weights
-from segcompare.utils import PathLike, SegcompareError, atomic_write_text, make_dirs
+from segcompare.run_folder import list_checkpoints, run_weights
+from segcompare.utils import (
+    PathLike,
+    SegcompareError,
+    atomic_write_text,
+    log_to_console,
+    make_dirs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +108,8 @@ def train_model(
         log.info("train: reusing %s", final)
         return final
     cfg = load_config(recipe, [f"data.root={data_root}", *plan.train_set, *overrides])
-    summary = train(cfg, run_dir, resume=True, bar_position=bar_position)
+    resume = bool(list_checkpoints(run_dir))  # continue an interrupted run; say nothing if none
+    summary = train(cfg, run_dir, resume=resume, bar_position=bar_position)
     log.info("%s", summary_line(summary))
     if not final.exists():  # stopped by a signal: train() saved a checkpoint and returned
         raise KeyboardInterrupt
@@ -158,7 +165,7 @@ def train_models(
 
 
 def _child_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_to_console(logging.INFO)
 
 
 def render_demo_video(
@@ -242,8 +249,15 @@ def run_demo(
 
 
 def _open_out(out: Path, fresh: bool) -> None:
-    """The demo's folder, emptied first with --fresh."""
+    """The demo's folder, emptied first with --fresh: only a folder that a demo made (or an
+    empty one), never a folder of other files given as --out by mistake."""
     if fresh and out.is_dir():
+        made_by_demo = (out / "demo.json").is_file() or (out / "runs").is_dir()
+        if any(out.iterdir()) and not made_by_demo:
+            raise SegcompareError(
+                f"--out {out}: --fresh deletes the folder, and this one holds files but no "
+                "demo.json or runs/ (it is no demo folder); choose another --out"
+            )
         shutil.rmtree(out)
     make_dirs(out)
 
@@ -266,21 +280,23 @@ def summary_table(doc: dict[str, Any]) -> str:
     at = f" at {size}" if size else ""
     device = meta.get("bench", {}).get("device", "")
     latency = f"{device.upper()} ms" if device else "latency ms"
+    # percent, as every table and plot of the report (metrics.json keeps fractions); robustness
+    # is a ratio (mIoU under corruptions over the clean mIoU)
     lines = [
-        "| model | mIoU | category mIoU | Boundary IoU | relative robustness | parameters | "
+        "| model | mIoU % | category mIoU % | Boundary IoU % | relative robustness | parameters | "
         f"GMACs{at} | {latency}{at} |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
-    def num(v: Any, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
+    def num(v: Any, fmt: str, scale: float = 1.0) -> str:
+        return "-" if v is None else format(scale * v, fmt)
 
     for m in doc["models"]:
         relative = (m.get("robustness") or {}).get("relative_miou")
         lines.append(
-            f"| {m['name']} | {m['miou']:.3f} | {m['category_miou']:.3f} | "
-            f"{num(m.get('boundary_iou'), '.3f')} | {num(relative, '.2f')} | "
-            f"{m['parameters']:,} | {m['gmacs']:.1f} | {num(m.get('latency_ms'), '.0f')} |"
+            f"| {m['name']} | {100 * m['miou']:.1f} | {100 * m['category_miou']:.1f} | "
+            f"{num(m.get('boundary_iou'), '.1f', 100)} | {num(relative, '.2f')} | "
+            f"{m['parameters']:,} | {m['gmacs']:.2f} | {num(m.get('latency_ms'), '.0f')} |"
         )
     bench = meta.get("bench", {})
     if bench.get("cpu") or bench.get("gpu"):  # where the times were measured, and when

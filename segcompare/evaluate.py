@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from segcompare.metrics import ConfusionMatrix, label_ids_to_pred
 from segcompare.models.variants import FAMILIES, OFFICIAL_TEST_HW
-from segcompare.utils import PathLike, SegcompareError, atomic_path, shard
+from segcompare.utils import PathLike, SegcompareError, atomic_path, shard, torchrun_rank_world
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,8 @@ def _batches(dataset: Any, batch_size: int, workers: int, desc: str, progress: b
         collate_fn=collate,
         persistent_workers=False,
     )
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+    rank, _ = torchrun_rank_world()  # under torchrun one bar, process 0's
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress or rank != 0):
         if "error" in batch:
             raise SegcompareError(batch["error"])
         yield batch

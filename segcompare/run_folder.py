@@ -69,8 +69,16 @@ class RunLock:
         self.created_dirs = created_dirs  # OUT and its parents that did not exist, deepest first
 
     def close(self) -> None:
-        """Release the lock (the file stays: it names the last holder)."""
-        self.file.close()
+        """Release the lock and remove OUT/.lock: a run that ended leaves no lock behind (removed
+        while still held, as in `discard`)."""
+        if self.file.closed:
+            return
+        try:
+            (self.out / RUN_LOCK_NAME).unlink(missing_ok=True)
+        except OSError as err:
+            log.warning("could not remove %s: %s", self.out / RUN_LOCK_NAME, err.strerror)
+        finally:
+            self.file.close()
 
     def discard(self) -> None:
         """Release the lock and take back what taking it created, for a run that stops before it

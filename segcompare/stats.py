@@ -229,7 +229,7 @@ def format_stats_table(rows: Sequence[dict], size: Sequence[int]) -> str:
         norms = sum(v for k, v in layers.items() if "Norm" in k)
         out.append(
             f"| {r['name']} | {r['parameters']:,} | {r['backbone_parameters']:,} | "
-            f"{r['gmacs']:.1f} | {r['gmacs_conv_linear']:.1f} | {r['depth']} | "
+            f"{r['gmacs']:.2f} | {r['gmacs_conv_linear']:.2f} | {r['depth']} | "
             f"{layers.get('Conv2d', 0)} | {layers.get('Linear', 0)} | {norms} | "
             f"{r['activation_mb']:.0f} |"
         )

@@ -461,7 +461,7 @@ def _validate(run: Run, loader: Any, done: int) -> float:
     if run.master:
         run.records.append({"iter": done, "val_mIoU": miou, "val_IoU": result["IoU"],
                             "val_time": time.time() - t0})
-        log.info("iter %d: val mIoU %.4f", done, miou)
+        log.info("%s iter %d: val mIoU %.4f", run.cfg.model.name, done, miou)
         if run.writer:
             run.writer.add_scalar("val/mIoU", miou, done)
     if run.best["mIoU"] is None or miou > run.best["mIoU"]:
@@ -697,7 +697,10 @@ def train(
             _save_weights(run, "final.safetensors")
         summary = {
             "summary": "stopped" if stop else "finished", "iter": done, "max_iters": tc.max_iters,
-            "minutes": minutes, "final_loss": last_loss, "val_mIoU": last_miou,
+            # log.jsonl's loss at this iteration (the mean since its previous line), if it has one
+            "minutes": minutes, "val_mIoU": last_miou, "final_loss": next(
+                (r["loss"] for r in reversed(run.records) if r.get("iter") == done and "loss" in r),
+                last_loss),
             "best_mIoU": run.best["mIoU"], "best_iter": run.best["iter"], "out": str(out),
             "model": cfg.model.name, "stopped_by": stop,
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -426,6 +427,24 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """A log line through tqdm.write: printed above this process's progress bars, not on them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # as logging's own handlers: a failed log line is not the run's error
+            self.handleError(record)
+
+
+def log_to_console(level: int = logging.INFO) -> None:
+    """The CLI's logging: one-line messages on stderr, written around the progress bars."""
+    logging.basicConfig(level=level, format="%(message)s", handlers=[_TqdmHandler()])
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notices
 
 
 def available_memory() -> int:

@@ -27,7 +27,7 @@ from segcompare.models.checkpoint import (
     read_checkpoint,
 )
 from segcompare.models.save import save_weights
-from segcompare.utils import SegcompareError
+from segcompare.utils import SegcompareError, is_temporary
 
 B0 = "segformer_b0"
 SMALL_V1 = "hrnet_w18_small_v1"
@@ -279,7 +279,7 @@ def test_ours_round_trip_rebuilds_from_the_file_alone(tmp_path, hrnet_state):
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         assert torch.equal(again.eval()(x), model.eval()(x))
-    assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary name
+    assert not [p for p in tmp_path.iterdir() if is_temporary(p)]  # through a temporary
 
 
 def test_ours_to_huggingface_to_transformers(tmp_path, b0_state):
@@ -443,19 +443,21 @@ def test_huggingface_export_runs_in_transformers_pipeline(tmp_path):
     save_weights(ours, tmp_path / "tiny.safetensors")
     assert cli.main(["convert", str(tmp_path / "tiny.safetensors"), str(tmp_path / "hf")]) == 0
     processor = transformers.SegformerImageProcessor.from_pretrained(tmp_path / "hf")
-    assert (processor.size["height"], processor.size["width"]) == (1024, 2048)
+    assert not processor.do_resize  # each image at its own size, as `segcompare predict`
     segment = transformers.pipeline("image-segmentation", model=str(tmp_path / "hf"))
-    # an image at the test size: transformers' PIL resize is then the identity, as ours
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (16, 32, 3), dtype=np.uint8).repeat(64, 0).repeat(64, 1)
-    hf_pred = np.full((1024, 2048), 255, np.uint8)
+    image = rng.integers(0, 256, (16, 32, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    hf_pred = np.full(image.shape[:2], 255, np.uint8)  # 128x256, the issue's size
     names = list(segment.model.config.id2label.values())
     for item in segment(Image.fromarray(image)):
         hf_pred[np.array(item["mask"]) > 0] = names.index(item["label"])
     assert names[0] == "road"
-    pred = Predictor(ours, InferenceSettings(mode="whole", device="cpu", optimize=False))
-    agree = (pred.predict(image) == hf_pred).mean()
-    assert agree > 0.999, agree
+    whole = Predictor(ours, InferenceSettings(mode="whole", device="cpu", optimize=False))
+    agree = (whole.predict(image) == hf_pred).mean()
+    assert agree > 0.999, agree  # transformers' LayerNorm eps 1e-5 vs 1e-6 moves a tie or two
+    # predict's default (sliding windows) differs where windows overlap: the README's figure
+    default = Predictor(ours, InferenceSettings(device="cpu"))
+    assert 0.85 < (default.predict(image) == hf_pred).mean() < 0.99  # measured 0.918
 
 
 @pytest.mark.parametrize("dst", ["b0.pt", "b0.pth", "b0.bin"])

@@ -15,6 +15,7 @@ from segcompare.data.cityscapes import (
 )
 from segcompare.data.synth import make_synthetic_cityscapes
 from segcompare.data.transforms import build_train_transform
+from segcompare.utils import is_temporary
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_prepare_equals_the_official_conversion(root):
     assert len(lines) == 4
     image, label = lines[0].split("\t")
     assert (root / image).exists() and label.endswith("_gtFine_labelTrainIds.png")
-    assert not list(root.rglob("*.tmp"))
+    assert not [p for p in root.rglob("*") if is_temporary(p)]
     # the dataset now reads the prepared files, with the same result
     ds = CityscapesDataset(root, "val")
     assert ds.samples[0][1].endswith("_labelTrainIds.png")

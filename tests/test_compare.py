@@ -22,7 +22,7 @@ from segcompare.compare import hardest_images
 from segcompare.data.corrupt import CORRUPTIONS, SEVERITIES, corrupt, parse_corruptions
 from segcompare.evaluate import InferenceSettings
 from segcompare.metrics import BoundaryIoU, boundary_band, boundary_iou, boundary_width, image_miou
-from segcompare.utils import SegcompareError
+from segcompare.utils import SegcompareError, is_temporary
 
 # --- Boundary IoU -------------------------------------------------------------------------------
 
@@ -222,7 +222,7 @@ def test_report_writes_every_file(report):
         "confusion_segformer-b0.png", "confusion_hrnet-w18-small-v1.png", "robustness.png",
     }  # fmt: skip
     assert names <= {p.name for p in out.iterdir()}
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in out.iterdir() if is_temporary(p)]
     for name in names:
         if name.endswith(".png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -99,3 +99,41 @@ def test_side_by_side_training_gives_the_same_bits_as_one_after_the_other(demo, 
         a, b = load_file(weights), load_file(alone)
         assert a.keys() == b.keys()
         assert all(a[k].equal(b[k]) for k in a), weights
+
+
+def test_make_figures_takes_every_figure_from_one_run(demo, tmp_path):
+    """docs/make_figures.py on the tiny demo: the figures, the README table and figures.json all
+    come from that run (into a temporary docs folder: no tiny-run figure lands in docs/)."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from segcompare.demo import summary_table
+
+    script = Path(__file__).resolve().parent.parent / "docs" / "make_figures.py"
+    spec = importlib.util.spec_from_file_location("make_figures", script)
+    make_figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_figures)
+    out, _ = demo
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- demo-table -->\nold table\n<!-- /demo-table -->\nafter\n")
+    docs = tmp_path / "docs"
+    assert make_figures.main([str(out), "--docs", str(docs), "--readme", str(readme),
+                              "--no-screenshot"]) == 0
+    per_class = (docs / "demo_per_class_iou.png").read_bytes()
+    assert per_class == (out / "per_class_iou.png").read_bytes()
+    with Image.open(docs / "demo_side_by_side.gif") as gif:
+        assert gif.n_frames == 1 and gif.size[0] == 3 * 128  # frame 0 of the tiny 3-frame drive
+    doc = json.loads((out / "metrics.json").read_text())
+    table = summary_table(doc)
+    assert readme.read_text() == (
+        f"before\n<!-- demo-table -->\n{table}\n<!-- /demo-table -->\nafter\n"
+    )
+    assert f"| segformer-b0 | {100 * doc['models'][0]['miou']:.1f} |" in table
+    record = json.loads((docs / "figures.json").read_text())
+    assert record["run"] == str(out.resolve()) and record["created"] == doc["meta"]["created"]
+    assert "NOT made from this run" in record["files"]["report.png"]
+    if not any(shutil.which(b) for b in make_figures.BROWSERS):  # no browser: one line, no file
+        assert make_figures.main([str(out), "--docs", str(tmp_path / "d2"), "--readme",
+                                  "none"]) == 1
+        assert not (tmp_path / "d2").exists()  # refused before anything was made

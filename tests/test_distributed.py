@@ -22,6 +22,8 @@ import torch
 import yaml
 from helpers import assert_same_state, model_state
 
+from segcompare.utils import is_temporary
+
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TIMEOUT_S = 180
@@ -142,7 +144,7 @@ def _assert_same_eval(out: Path, one_process: tuple[dict, Path]) -> dict:
     assert ours == sorted(p.relative_to(pred_dir) for p in pred_dir.rglob("*.png"))
     for rel in ours:
         assert (out / "pred" / rel).read_bytes() == (pred_dir / rel).read_bytes()
-    assert not list((out / "pred").rglob("*.tmp"))
+    assert not [p for p in (out / "pred").rglob("*") if is_temporary(p)]
     return results
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 from segcompare.data.labels import PALETTE, TRAIN_ID_TO_ID
 from segcompare.evaluate import InferenceSettings
 from segcompare.infer import Predictor, predict_files, render_prediction, render_video
-from segcompare.utils import SegcompareError
+from segcompare.utils import SegcompareError, is_temporary
 
 MEAN = np.array([123.675, 116.28, 103.53])
 STD = np.array([58.395, 57.12, 57.375])
@@ -102,7 +102,7 @@ def test_predict_files_writes_ids_and_names(tmp_path, fmt):
         ),
     }[fmt]
     assert (left == expected[0]).all() and (right == expected[1]).all()
-    assert not list(out.rglob("*.tmp"))
+    assert not [p for p in out.rglob("*") if is_temporary(p)]
 
 
 def test_predict_files_bad_inputs(tmp_path):
@@ -406,7 +406,7 @@ def test_video_refuses_models_of_different_class_counts(tmp_path):
     with pytest.raises(SegcompareError, match="different numbers of classes"):
         render_video([Predictor(KNet(25), WHOLE), Predictor(RedNet(), WHOLE)], frames, out,
                      progress=False)
-    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if is_temporary(p)]
 
 
 @pytest.mark.parametrize("extra", [[], ["--format", "labelid"]], ids=["default", "labelid"])

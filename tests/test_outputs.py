@@ -190,6 +190,9 @@ def test_predict_never_overwrites_its_inputs(synth, tmp_path, capsys):
     w = synth / "b0.safetensors"
     common = ("--device", "cpu", "--mode", "whole", "--format", "color")
     rc, out, err = _cli(capsys, "predict", images, "--weights", w, "--out", images, *common)
+    _one_line_error(rc, err, "predict", "is the input")
+    rc, out, err = _cli(capsys, "predict", images, "--weights", w, "--out", images / "pred",
+                        *common)  # fmt: skip
     _one_line_error(rc, err, "predict", "lies inside the input")
     flat = images / "frankfurt"
     rc, out, err = _cli(capsys, "predict", f"{flat}/*.png", "--weights", w, "--out", flat,

@@ -233,6 +233,8 @@ def test_loss_decreases_and_run_folder(tmp_path: Path, synth_root: Path, one_thr
     assert {"iter", "loss", "lr", "time_per_iter", "data_time", "memory_mb"} <= step.keys()
     assert [r["iter"] for r in records if "val_IoU" in r] == [15, 30]
     assert summary["iter"] == 30 and summary["val_mIoU"] is not None
+    assert summary["final_loss"] == losses[-1]  # the summary's final loss is log.jsonl's
+    assert not (out / ".lock").exists()  # a run that ended leaves no lock
     assert load_config(out / "config.yaml").train.max_iters == 30  # the resolved config
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_20.pt", "iter_30.pt"]
     # final.safetensors is our format: build_model rebuilds the trained model from it alone
@@ -248,6 +250,22 @@ def test_loss_decreases_and_run_folder(tmp_path: Path, synth_root: Path, one_thr
         train(changed, out, resume=True)
     again = train(cfg, out, resume=True)
     assert again["iter"] == 30 and again["final_loss"] == losses[-1]
+
+
+def test_demo_training_logs_name_the_model_and_no_resume_note(
+    tmp_path: Path, synth_root: Path, one_thread, caplog
+) -> None:
+    """The demo trains two models side by side: each val line names its model, and a fresh run
+    says nothing about --resume, which the user never gave."""
+    import logging
+
+    from segcompare.config import shipped_recipe
+    from segcompare.demo import TINY, train_model
+
+    with caplog.at_level(logging.INFO):
+        train_model(shipped_recipe("synthcity_segformer_b0.yaml"), synth_root, tmp_path / "r", TINY)
+    assert "segformer-b0 iter 4: val mIoU" in caplog.text
+    assert "--resume" not in caplog.text
 
 
 def test_hrnet_ohem_bf16_sgd_run(tmp_path: Path, synth_root: Path) -> None:

@@ -102,7 +102,9 @@ def _run_data_prepare(args: argparse.Namespace) -> int:
 
 def _run_data_synth(args: argparse.Namespace) -> int:
     from segcompare.data.synth import make_synthetic_cityscapes
-    from segcompare.utils import SegcompareError
+    from segcompare.utils import SegcompareError, check_output
+
+    check_output(args.out, "OUT", folder=True)  # not empty, not a file
 
     try:
         h, w = (int(v) for v in args.size.lower().split("x"))
@@ -148,9 +150,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     import time
 
     from segcompare.demo import run_demo, summary_table
+    from segcompare.utils import check_output, log_to_console
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notices
+    log_to_console(logging.INFO)
+    check_output(args.out, "--out", [args.data, *split_list(args.weights)], folder=True)
     start = time.time()
     weights = split_list(args.weights)
     doc = run_demo(

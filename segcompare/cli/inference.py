@@ -238,8 +238,9 @@ def _run_compare(args: argparse.Namespace) -> int:
             f"compare runs in one process, not under torchrun (WORLD_SIZE={world}); for the "
             "figures on several processes run `torchrun ... -m segcompare eval` per model"
         )
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notices
+    from segcompare.utils import log_to_console
+
+    log_to_console(logging.INFO)
     models = _model_list(args.model, args.weights)
     for flag in ("max_images", "corrupt_images"):
         value = getattr(args, flag)
@@ -255,11 +256,12 @@ def _run_compare(args: argparse.Namespace) -> int:
         bench_iters=args.bench_iters, bench_warmup=args.bench_warmup, boundary_frac=frac,
         checkpoint=args.checkpoint, overwrite=args.overwrite,
     ))  # fmt: skip
-    print(f"{'model':<24}{'mIoU':>7}{'B-IoU':>7}{'GMACs':>10}{'ms':>9}")
+    # tables in percent, GMACs with two decimals (metrics.json keeps fractions)
+    print(f"{'model':<24}{'mIoU %':>8}{'B-IoU %':>9}{'GMACs':>10}{'ms':>9}")
     for m in doc["models"]:
         print(
-            f"{m['label']:<24}{100 * m['miou']:>7.1f}{100 * m['boundary_iou']:>7.1f}"
-            f"{m['gmacs']:>10.4g}{m['latency_ms']:>9.1f}"
+            f"{m['label']:<24}{100 * m['miou']:>8.1f}{100 * m['boundary_iou']:>9.1f}"
+            f"{m['gmacs']:>10.2f}{m['latency_ms']:>9.1f}"
         )
     print(f"wrote {args.out}/report.html, report.md, metrics.json")
     return 0

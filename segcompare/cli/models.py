@@ -194,7 +194,9 @@ def _run_train(args: argparse.Namespace) -> int:
         for name, path in shipped_recipes().items():
             print(f"{name:<44}{_recipe_title(path)}")
         return 0
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    from segcompare.utils import log_to_console
+
+    log_to_console(logging.INFO if rank == 0 else logging.WARNING)
     try:
         if args.config is None:
             raise SegcompareError("name a recipe (a file, or one of `segcompare train --list`)")
@@ -288,9 +290,9 @@ def _run_convert(args: argparse.Namespace) -> int:
     import logging
 
     from segcompare.models.save import HF_FILES, convert_checkpoint
-    from segcompare.utils import SegcompareError, check_output, output_folder
+    from segcompare.utils import SegcompareError, check_output, log_to_console, output_folder
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log_to_console(logging.WARNING)
     if not args.src.strip():
         raise SegcompareError("SRC: an empty path; name the checkpoint")
     if args.dst.endswith(".safetensors"):

@@ -66,10 +66,10 @@ def plot_per_class(runs: Sequence[ModelRun], path: Path) -> Path:
     """Per-class IoU, one bar per model."""
     fig = _figure(12, 4.2)
     ax = fig.add_subplot()
-    series = [[run.results["per_class"][c]["iou"] for c in CLASS_NAMES] for run in runs]
+    series = [[100 * run.results["per_class"][c]["iou"] for c in CLASS_NAMES] for run in runs]
     _grouped_bars(ax, CLASS_NAMES, series, [r.label for r in runs], _colors(len(runs)))
-    ax.set_ylabel("IoU")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel("IoU (%)")  # plots and tables in percent, as the report's summary
+    ax.set_ylim(0, 100)
     ax.set_title("Per-class IoU")
     ax.legend(loc="upper right", fontsize=9)
     return _save(fig, path)
@@ -79,10 +79,10 @@ def plot_per_class_difference(runs: Sequence[ModelRun], path: Path) -> Path:
     """IoU of each model minus the first model's, per class: where each model wins."""
     fig = _figure(12, 4.2)
     ax = fig.add_subplot()
-    base = np.array([runs[0].results["per_class"][c]["iou"] for c in CLASS_NAMES])
+    base = np.array([100 * runs[0].results["per_class"][c]["iou"] for c in CLASS_NAMES])
     others = runs[1:]
     series = [
-        np.array([run.results["per_class"][c]["iou"] for c in CLASS_NAMES]) - base
+        np.array([100 * run.results["per_class"][c]["iou"] for c in CLASS_NAMES]) - base
         for run in others
     ]
     if len(others) == 1:  # two models: colour each bar by the winner
@@ -102,10 +102,10 @@ def plot_per_class_difference(runs: Sequence[ModelRun], path: Path) -> Path:
         _grouped_bars(ax, CLASS_NAMES, series, [r.label for r in others], _colors(len(runs))[1:])
         ax.legend(loc="upper right", fontsize=9)
     ax.axhline(0, color="black", linewidth=0.8)
-    lim = max(0.05, float(np.nanmax(np.abs(np.concatenate(series)))) * 1.15
-              if np.isfinite(np.concatenate(series)).any() else 0.05)
+    lim = max(5, float(np.nanmax(np.abs(np.concatenate(series)))) * 1.15
+              if np.isfinite(np.concatenate(series)).any() else 5)
     ax.set_ylim(-lim, lim)
-    ax.set_ylabel(f"IoU − IoU of {runs[0].label}")
+    ax.set_ylabel(f"IoU − IoU of {runs[0].label} (points)")
     ax.set_title(f"Per-class IoU difference against {runs[0].label} (above 0: that model wins)")
     return _save(fig, path)
 
@@ -149,10 +149,10 @@ def plot_boundary(runs: Sequence[ModelRun], d: int, path: Path) -> Path:
     left.legend(fontsize=8, loc="upper right")
     left.set_title("whole masks vs edges")
     left.grid(axis="y", alpha=0.3)
-    series = [r.boundary.per_class() for r in runs]
+    series = [100 * np.asarray(r.boundary.per_class()) for r in runs]
     _grouped_bars(right, CLASS_NAMES, series, [r.label for r in runs], colors)
-    right.set_ylim(0, 1)
-    right.set_ylabel("Boundary IoU")
+    right.set_ylim(0, 100)
+    right.set_ylabel("Boundary IoU (%)")
     right.set_title(f"Boundary IoU per class (band d = {d} px)")
     right.legend(loc="upper right", fontsize=9)
     return _save(fig, path)

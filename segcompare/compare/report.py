@@ -41,7 +41,7 @@ def _num(value: Optional[float], fmt: str) -> str:
 
 
 def _gmacs(value: Optional[float]) -> str:
-    return _num(value, ".3g" if value is not None and value < 10 else ".1f")
+    return _num(value, ".2f")  # GMACs with two decimals wherever they are printed
 
 
 def describe_inference(inference: dict[str, Any]) -> str:

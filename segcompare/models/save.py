@@ -147,13 +147,16 @@ HF_FILES = (WEIGHTS_NAME, HF_CONFIG_NAME, HF_PREPROCESSOR_NAME)  # what `export_
 
 def hf_preprocessor_config() -> dict[str, Any]:
     """The preprocessor_config.json of transformers' SegformerImageProcessor: our test
-    normalisation (data/transforms.py MEAN, STD on 0..255, i.e. /255 after its rescale) and the
-    Cityscapes test size (1024×2048, bilinear), labels as they are (no reduce_labels)."""
+    normalisation (data/transforms.py MEAN, STD on 0..255, i.e. /255 after its rescale), no
+    resize (`segcompare predict` runs each image at its own size; `size` says the Cityscapes
+    test size, for a user who turns do_resize on), labels as they are (no reduce_labels).
+    pipeline("image-segmentation") then equals `predict --mode whole`; predict's default,
+    sliding windows, differs where windows overlap (README, Checkpoints)."""
     from segcompare.data.transforms import MEAN, STD  # imports cv2: only when exporting
 
     return {
         "image_processor_type": "SegformerImageProcessor",
-        "do_resize": True,
+        "do_resize": False,
         "size": {"height": OFFICIAL_TEST_HW[0], "width": OFFICIAL_TEST_HW[1]},
         "resample": 2,  # PIL.Image.BILINEAR
         "do_rescale": True,
