@@ -392,7 +392,7 @@ def _hold_folder(root: Path, what: str, overwrite: bool, names: list) -> Iterato
         finally:
             _OPEN_FOLDERS.remove(folder)
         ok = True
-        files = sorted(folder.written | {n for n in names if (root / n).is_file()})
+        files = sorted(folder.written | set(names))  # names: other processes' files too
         atomic_write_text(root / OUTPUTS_NAME, json.dumps({"files": files}, indent=1) + "\n")
     finally:
         if not ok:

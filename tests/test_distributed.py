@@ -22,7 +22,7 @@ import torch
 import yaml
 from helpers import assert_same_state, model_state
 
-from segcompare.utils import is_temporary
+from segcompare.utils import OUTPUTS_NAME, is_temporary
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -190,9 +190,11 @@ def test_predict_two_processes_write_each_file_once(
     assert rc == 0, err[-3000:]
     assert out.strip().splitlines()[-1] == f"wrote {len(images)} trainid file(s) to {tmp_path}"
     written = sorted(tmp_path.rglob("*"))
-    assert [p.relative_to(tmp_path) for p in written if p.is_file()] == [
-        p.relative_to(folder) for p in images
-    ]
+    outputs = json.loads((tmp_path / OUTPUTS_NAME).read_text())["files"]  # both processes' files
+    assert [p.relative_to(tmp_path) for p in written if p.is_file()] == sorted(
+        [p.relative_to(folder) for p in images] + [Path(OUTPUTS_NAME)]
+    )
+    assert outputs == [p.relative_to(folder).as_posix() for p in images]
     predictor = Predictor(build_model(weights=weights), InferenceSettings(mode="whole"))
     for image in images:
         got = np.array(Image.open(tmp_path / image.relative_to(folder)))
