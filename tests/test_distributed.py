@@ -168,6 +168,8 @@ def test_eval_two_processes_equals_one(tmp_path: Path, one_process: tuple, synth
     assert out.count("pixel accuracy") == 1, out
     assert "process 0: 2 images" in out and "process 1: 3 images" in out
     assert "5 images in" in out and "on 2 process(es)" in out
+    # one progress bar, process 0's (2 images); process 1's (3 images) is not drawn
+    assert "| 2/2 [" in err and "/3 [" not in err, err[-2000:]
 
 
 def test_predict_two_processes_write_each_file_once(

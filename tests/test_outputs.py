@@ -343,3 +343,24 @@ def test_predict_on_a_read_only_array_warns_nothing(synth):
         warnings.simplefilter("error")
         ids = predictor.predict(array)
     assert np.array_equal(ids, predictor.predict(np.array(array)))
+
+
+def test_a_log_line_is_written_above_the_progress_bar_not_on_it():
+    """The CLI's console handler writes through tqdm.write: the bar is cleared first, so the
+    line starts at column 0 (a plain StreamHandler glues it to the bar: `T` / `ensorBoard: ..`)."""
+    import io
+
+    from tqdm import tqdm
+
+    from segcompare.utils import _TqdmHandler
+
+    stream = io.StringIO()
+    handler = _TqdmHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    with tqdm(total=4, file=stream, desc="train", ascii=True) as bar:
+        bar.update(1)
+        handler.emit(logging.makeLogRecord({"msg": "TensorBoard: scalars in runs/b0/tb"}))
+        bar.update(1)
+    before = stream.getvalue().split("TensorBoard:")[0]
+    assert before.endswith("\r"), repr(before[-40:])  # the bar was cleared: the line is its own
+    assert "TensorBoard: scalars in runs/b0/tb\n" in stream.getvalue()
