@@ -287,8 +287,14 @@ def _lock_folder(root: Path) -> Any:
                 "it, or choose another folder"
             ) from None
         if _inode_is(lock, path):  # still the file at ROOT/.segcompare.lock
-            lock.truncate(0)
-            lock.write(f"{os.getpid()}\n".encode())
+            try:
+                lock.truncate(0)
+                lock.write(f"{os.getpid()}\n".encode())
+            except OSError as err:  # a full disk: no lock file left behind
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                lock.close()
+                raise write_error(path, err) from None
             return lock
         lock.close()
     raise SegcompareError(f"{root}: cannot lock: its lock file keeps vanishing")
@@ -369,7 +375,13 @@ def _rank0_first(rank: int, root: Path) -> Iterator[None]:
 def _hold_folder(root: Path, what: str, overwrite: bool, names: list) -> Iterator[OutputFolder]:
     created = not root.exists()
     make_dirs(root)
-    lock = _lock_folder(root)
+    try:
+        lock = _lock_folder(root)
+    except SegcompareError:
+        if created:
+            with contextlib.suppress(OSError):
+                root.rmdir()
+        raise
     folder = OutputFolder(root)
     ok = False
     try:

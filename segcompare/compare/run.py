@@ -88,7 +88,10 @@ def run_compare(spec: CompareSpec) -> dict[str, Any]:
     metrics.json document."""
     out = Path(spec.out_dir) if str(spec.out_dir).strip() else spec.out_dir
     # a training run folder -> its final (or best) weights file, which the report names
-    models = [(name, w and run_weights(w, spec.checkpoint)) for name, w in spec.models]
+    models = [
+        (name, w if not w or str(w).startswith("hf://") else run_weights(w, spec.checkpoint))
+        for name, w in spec.models
+    ]  # (a hub id stays a string: Path() would fold its "//")
     inputs = [spec.data_root, *(w for _, w in models)]
     # locked while written; an earlier report here is replaced (all of it) only with overwrite
     with output_folder(out, "--out", inputs, spec.overwrite, REPORT_FILES):
