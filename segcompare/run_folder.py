@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from segcompare.config import Config, changed_keys, config_to_dict
-from segcompare.utils import SegcompareError
+from segcompare.utils import SegcompareError, is_temporary
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,9 @@ def lock_run_folder(out: Path) -> RunLock:
     except OSError as err:
         RunLock(lock, out, created, created_dirs).discard()
         raise SegcompareError(f"{out}: cannot use as the run folder: {err.strerror}") from None
-    stale = [*out.glob(".*.tmp"), *(out / "checkpoints").glob(".*.tmp")]
+    # with the lock held, every temporary here is a killed run's (`segcompare.utils.atomic_path`)
+    stale = [p for d in (out, out / "checkpoints") if d.is_dir() for p in d.iterdir()
+             if is_temporary(p)]
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:

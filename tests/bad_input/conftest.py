@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+from segcompare.utils import is_temporary
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -91,7 +93,7 @@ def assert_no_partial(path) -> None:
     """Nothing half-written: no temporaries under a folder, no file under a file's name."""
     path = Path(path)
     if path.is_dir():
-        leftovers = [p for p in path.rglob("*") if p.name.endswith(".tmp")]
+        leftovers = [p for p in path.rglob("*") if is_temporary(p)]
         assert not leftovers, f"temporaries left: {leftovers}"
     else:
         assert not path.exists(), f"{path} was written"

@@ -434,7 +434,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(cli, two_runs, tiny_d
     assert sorted(p.name for p in ckpts.iterdir()) == ["iter_1.pt", "iter_2.pt"]
     data = (ckpts / "iter_2.pt").read_bytes()
     (ckpts / "iter_2.pt").write_bytes(data[: len(data) // 2])  # truncated by a full disk
-    stale = ckpts / ".iter_2.pt.abc123.tmp"
+    stale = ckpts / ".iter_2.tmp-4194304-abc12345.pt"  # atomic_path's name (PID above pid_max)
     stale.write_bytes(b"")  # a SIGKILLed write's temporary
     (out / "final.safetensors").unlink()
     with caplog.at_level(logging.INFO):
