@@ -11,8 +11,14 @@ results.
 
 Boundary IoU (Cheng et al., "Boundary IoU: Improving Object-Centric Image Segmentation
 Evaluation", CVPR 2021): IoU restricted to the pixels within d of each class's contour, in the
-ground truth and in the prediction alike (`BoundaryIoU`). `image_miou` is the mIoU of one image,
-which ranks the comparison report's hardest images.
+ground truth and in the prediction alike (`BoundaryIoU`). `image_miou` is the mIoU of one image;
+`image_scores` gives every image's mIoU and pixel accuracy from its own confusion matrix
+(`ConfusionMatrix(per_image=True)`).
+
+Uncertainty: a paired bootstrap over images (`bootstrap_draws`, `bootstrap_scores`, `interval`,
+`pairwise_differences`). A resample's confusion matrix is the sum of its images' matrices, so
+mIoU, mean accuracy and per-class IoU are recomputed exactly on each, for every model on the
+same draws.
 """
 
 from __future__ import annotations

@@ -44,12 +44,17 @@ def _gmacs(value: Optional[float]) -> str:
     return _num(value, ".3g" if value is not None and value < 10 else ".1f")
 
 
+def _ci(ci: Optional[Sequence[Optional[float]]]) -> str:
+    """' (58.9–62.4)': a 95 % interval of fractions, in %; '' without one."""
+    if not ci or any(v is None or math.isnan(v) for v in ci):
+        return ""
+    return f" ({_pct(ci[0])}–{_pct(ci[1])})"
+
+
 def with_interval(value: Optional[float], ci: Optional[Sequence[float]]) -> str:
     """A fraction in % with its 95 % interval: '60.7 (58.9–62.4)'; just '60.7' without one."""
     text = _pct(value)
-    if ci and text != "-" and not any(v is None or math.isnan(v) for v in ci):
-        text += f" ({_pct(ci[0])}–{_pct(ci[1])})"
-    return text
+    return text if text == "-" else text + _ci(ci)
 
 
 def _spread(run: ModelRun) -> str:
@@ -284,8 +289,7 @@ def _summary_row(run: ModelRun, robustness: bool, fp32: bool = False) -> list[st
     r = run.results
     row = [
         run.label,
-        _pct(r["miou"]) + _spread(run) + with_interval(r["miou"], run.uncertainty.get("miou_ci"))
-        .removeprefix(_pct(r["miou"])),
+        _pct(r["miou"]) + _spread(run) + _ci(run.uncertainty.get("miou_ci")),
         with_interval(r["mean_acc"], run.uncertainty.get("mean_acc_ci")),
         _pct(r["miiou"]), _pct(r["category_miou"]),
         _pct(r["pixel_acc"]), _pct(run.boundary.mean()),
@@ -645,10 +649,7 @@ def miou_text(model: dict[str, Any]) -> str:
         mean = sum(seeds) / len(seeds)
         std = math.sqrt(sum((v - mean) ** 2 for v in seeds) / (len(seeds) - 1))
         text += f" ± {100 * std:.1f}"
-    ci = model.get("miou_ci")
-    if ci and None not in ci:
-        text += f" ({_pct(ci[0])}–{_pct(ci[1])})"
-    return text
+    return text + _ci(model.get("miou_ci"))
 
 
 def pairwise_lines(doc: dict[str, Any]) -> list[str]:
