@@ -615,3 +615,14 @@ def test_run_folders_bring_their_training_curves_and_cost(two_runs):
     assert "What training cost" in md and "(training_curves.png)" in md
     assert "| no training log |" not in md
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_refuses_runs_without_labels_and_a_negative_bootstrap(tmp_path, capsys):
+    code = main(["compare", "--runs", "a.safetensors,b.safetensors", "--data", str(tmp_path)])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 --runs but 0 --label" in err[0]
+    code = main(["compare", "--model", "segformer-b0", "--data", str(tmp_path), "--bootstrap",
+                 "-1"])  # fmt: skip
+    assert code == 1
+    assert "--bootstrap must be >= 0" in capsys.readouterr().err
