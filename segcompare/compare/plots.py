@@ -261,7 +261,7 @@ def plot_training(runs: Sequence[ModelRun], path: Path) -> Path:
         ax.set_title(name)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")  # the recipes' rates differ by orders (AdamW 6e-5, SGD 1e-2)
     axes[2].legend(fontsize=8)
     return _save(fig, path)
 

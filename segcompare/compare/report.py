@@ -341,6 +341,11 @@ def summary_section(runs: Sequence[ModelRun], doc: dict[str, Any]) -> Section:
     return Section("Summary", [text], (header, rows))
 
 
+# Below this many images a bootstrap interval is known to undercover (the resamples can only
+# repeat the few images there are); the verdict says so.
+SMALL_SAMPLE = 20
+
+
 def _lead(runs: Sequence[ModelRun], doc: dict[str, Any]) -> str:
     """The sentence on the most accurate model and whether its lead beats the noise."""
     order = sorted(runs, key=lambda run: -_finite(run.results["miou"]))
@@ -372,6 +377,11 @@ def _finite(value: Optional[float], worst: float = -math.inf) -> float:
 def verdict_section(runs: Sequence[ModelRun], doc: dict[str, Any]) -> Section:
     """A short paragraph written from the numbers: which model for what."""
     paragraphs = [_lead(runs, doc)]
+    if doc["num_images"] < SMALL_SAMPLE and doc.get("pairwise"):
+        paragraphs[0] += (
+            f" With only {doc['num_images']} images the bootstrap sees too little variety: its "
+            "intervals are too narrow, and a verdict here is weak evidence."
+        )
     if len(runs) > 1:
         def best(key: Any, lowest: bool = False) -> Optional[ModelRun]:
             scored = [(key(run), run) for run in runs]
@@ -398,7 +408,8 @@ def verdict_section(runs: Sequence[ModelRun], doc: dict[str, Any]) -> Section:
             facts.append(f"sharpest boundaries {sharp.label} ({_pct(sharp.boundary.mean())} "
                          "Boundary IoU)")
         if facts:
-            paragraphs.append("; ".join(facts).capitalize() + ".")
+            text = "; ".join(facts)
+            paragraphs.append(text[0].upper() + text[1:] + ".")
     front = doc.get("pareto_front") or []
     if front:
         paragraphs.append(
