@@ -305,7 +305,7 @@ DIFFERENT_TITLE = "Where the models differ most: largest spread of per-image mIo
 
 def plot_hardest(
     runs: Sequence[ModelRun], raw_dataset: Any, indices: Sequence[int], path: Path,
-    progress: bool = True, title: str = _HARDEST_TITLE,
+    progress: bool = True, heading: str = _HARDEST_TITLE,
 ) -> Path:
     """A row per image: image | ground truth | each model | where they disagree."""
     from matplotlib.patches import Patch
@@ -346,7 +346,7 @@ def plot_hardest(
     else:
         handles = [Patch(color=grey, label="wrong")]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=12)
-    fig.suptitle(title, fontsize=14)
+    fig.suptitle(heading, fontsize=14)
     return _save(fig, path, dpi)
 
 
