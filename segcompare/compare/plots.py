@@ -150,7 +150,9 @@ def plot_scatter(runs: Sequence[ModelRun], x_key: str, x_label: str, path: Path,
                    label=run.label, zorder=3)
         ci = run.uncertainty.get("miou_ci")
         if ci:
-            ax.errorbar([x], [y], yerr=[[y - 100 * ci[0]], [100 * ci[1] - y]], fmt="none",
+            # an interval of few images need not hold its point estimate: whiskers from 0
+            below, above = max(0.0, y - 100 * ci[0]), max(0.0, 100 * ci[1] - y)
+            ax.errorbar([x], [y], yerr=[[below], [above]], fmt="none",
                         ecolor=color, elinewidth=1, capsize=3, zorder=2)
         ax.annotate(run.label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=9)
     on_front = [(x, y) for run, x, y in zip(runs, xs, ys) if run.label in front]
