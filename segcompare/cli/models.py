@@ -179,8 +179,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--resume", action="store_true", help="continue from the last checkpoint in the run folder"
     )
     p.add_argument(
-        "--device", default="auto", help="auto, cpu or cuda (default auto: a GPU where there is "
-        "one; under torchrun, GPU LOCAL_RANK)",
+        "--device", default="auto", help="auto, cpu, cuda or mps (default auto: a GPU where "
+        "there is one; under torchrun, GPU LOCAL_RANK)",
     )  # fmt: skip
     p.set_defaults(func=_run_train)
 
