@@ -294,6 +294,7 @@ def _batches(dataset: Any, batch_size: int, workers: int, desc: str, progress: b
         num_workers=workers,
         collate_fn=collate,
         persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),  # batches go to the GPU without a staging copy
     )
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         if "error" in batch:

@@ -170,11 +170,12 @@ def activation_mb(model: nn.Module, size: Sequence[int] = DEFAULT_SIZE, batch: i
 
 
 def check_forward_memory(
-    name: str, size: Sequence[int], batch: int = 1, num_classes: int = 19, **overrides: Any
-) -> None:
+    name: str, size: Sequence[int], batch: int = 1, num_classes: int = 19, device: Any = None,
+    **overrides: Any,
+) -> None:  # fmt: skip
     """SegcompareError, before anything is allocated, when one inference forward of the variant
-    at batch×3×H×W needs more memory than is available (weights and the activation peak, as
-    counted on the meta device)."""
+    at batch×3×H×W needs more memory than is available on `device` (RAM, or a CUDA device's
+    free memory): weights and the activation peak, as counted on the meta device."""
     from segcompare.models import build_model
     from segcompare.utils import check_memory
 
@@ -182,7 +183,7 @@ def check_forward_memory(
         model = build_model(name, num_classes=num_classes, **overrides)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     need = weights + activation_mb(model, size, batch) * 2**20
-    check_memory(need, f"{name} at {batch}x3x{size[0]}x{size[1]}")
+    check_memory(need, f"{name} at {batch}x3x{size[0]}x{size[1]}", device)
 
 
 def backbone_parameters(model: nn.Module) -> int:
