@@ -73,7 +73,7 @@ class Sizes:
 GPU_SIZES = Sizes(
     synth=["--train", "16", "--val", "4", "--video", "8", "--size", "256x512"],
     train=["train.num_workers=4", "train.log_every=5", "train.eval_every=20",
-           "train.checkpoint_every=10"],
+           "train.checkpoint_every=10", "optim.warmup_iters=5"],
     iters=20, half=10, official_iters=12,
     official_crops={"segformer-b0": [1024, 1024], "hrnet-w18-small-v1": [512, 1024]},
     bench_size="1024x2048", bench_batches=[1, 8], warmup=3, timed=10, video_frames=8,
