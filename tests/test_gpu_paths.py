@@ -236,8 +236,8 @@ def test_compiled_training_equals_eager(tmp_path: Path, synth_root: Path, one_th
     eager = model_state(tmp_path / "eager" / "checkpoints" / "iter_3.pt")
     compiled = model_state(tmp_path / "compiled" / "checkpoints" / "iter_3.pt")
     assert eager.keys() == compiled.keys()
-    for key in eager:
-        assert torch.allclose(eager[key], compiled[key], rtol=1e-4, atol=1e-5), key
+    for key in eager:  # measured: 1.2e-7 at most (2026-12-04)
+        assert torch.allclose(eager[key], compiled[key], rtol=1e-5, atol=1e-6), key
 
 
 def test_sync_batchnorm_saves_and_loads_in_eval_mode(tmp_path: Path) -> None:
