@@ -193,6 +193,18 @@ def validate(
     return {"mIoU": cm.miou(), "IoU": [None if math.isnan(v) else v for v in cm.iou().tolist()]}
 
 
+def _forget_autotuning_peak(device: torch.device) -> None:
+    """cuDNN's autotuning (`cudnn.benchmark`) tries each new convolution shape with workspaces as
+    large as the free memory: on an H200 the first iteration of SegFormer-B0 at 1024x1024, batch
+    2, fp32 peaked at 132 GiB (gpu_smoke, 2026-12-04). That is no memory the run needs, so the
+    peak is started again after the first training iteration and the first validation, when the
+    shapes have been tuned; the cache the trials left is handed back first."""
+    if device.type == "cuda" and torch.backends.cudnn.benchmark:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def _memory_mb(device: torch.device) -> float:
     """`memory_mb` of log.jsonl: the peak memory this process has held on its device since it
     started, in MiB. CPU: the peak resident set size; CUDA: the peak the caching allocator
@@ -760,6 +772,7 @@ def train(
         last_loss = next((r["loss"] for r in reversed(run.records) if "loss" in r), math.nan)
         last_miou = next((r["val_mIoU"] for r in reversed(run.records) if "val_IoU" in r), None)
         stop, done = None, start_iter
+        validated = False
         t_loop = time.time()
         bar = tqdm(total=tc.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True,
                    desc=cfg.model.name, unit="it", position=bar_position)
@@ -796,6 +809,8 @@ def train(
                 last_loss = last_loss if read_loss is None else read_loss
                 if asked and stop is None:
                     stop = stop_request.signal or "a signal to another process"
+                if it == start_iter:
+                    _forget_autotuning_peak(device)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
                 if log_now:
@@ -803,6 +818,9 @@ def train(
                     window = {"loss": 0.0, "n": 0, "data_time": 0.0, "t0": time.time()}
                 if val_now:
                     last_miou = _validate(run, val_loader, done)
+                    if not validated:  # this process's first validation: its shapes are tuned
+                        _forget_autotuning_peak(device)
+                        validated = True
                 if save_now or stop:
                     _save_checkpoint(run, done)
                 if stop:
