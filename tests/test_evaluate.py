@@ -335,7 +335,9 @@ def test_eval_cli_equals_cityscapesscripts_and_pred_dir(synth, tmp_path, capsys,
     assert rc == 0 and "mean" in out and "3 images" in out
     ours = json.loads((tmp_path / "model.json").read_text())
     assert ours["model"] == "segformer-b0" and ours["mode"] == "slide" and ours["num_images"] == 3
-    assert set(ours["per_class"]["car"]) == {"iou", "iiou", "acc"}
+    assert set(ours["per_class"]["car"]) == {
+        "iou", "iiou", "acc", "dice", "fscore", "precision", "recall"
+    }
     assert all(v is None or 0 <= v <= 1 for v in (ours["miou"], ours["pixel_acc"]))
 
     # the saved predictions, scored by cityscapesscripts, give the same figures

@@ -173,8 +173,8 @@ def model_entry(run: ModelRun) -> dict[str, Any]:
         "label": run.label,  # unique display name: the name, plus the weights' stem if repeated
         "weights": run.weights,
         "miou": r["miou"],
-        "miiou": r["miiou"],
-        "category_miou": r["category_miou"],
+        "miiou": r.get("miiou"),
+        "category_miou": r.get("category_miou"),
         "pixel_acc": r["pixel_acc"],
         "boundary_iou": run.boundary.mean() if run.boundary else float("nan"),
         "per_class": r["per_class"],
@@ -225,7 +225,7 @@ _SUMMARY_HEADER = ["model", "mIoU", "iIoU", "cat. mIoU", "pixel acc.", "Boundary
 def _summary_row(run: ModelRun, robustness: bool, fp32: bool = False) -> list[str]:
     r = run.results
     row = [
-        run.label, _pct(r["miou"]), _pct(r["miiou"]), _pct(r["category_miou"]),
+        run.label, _pct(r["miou"]), _pct(r.get("miiou")), _pct(r.get("category_miou")),
         _pct(r["pixel_acc"]), _pct(run.boundary.mean()),
         _num(run.stats["parameters"] / 1e6, ".2f"), _gmacs(run.stats["gmacs"]),
         _num(run.bench.get("latency_ms"), ".1f"), _num(run.bench.get("images_per_s"), ".2f"),
