@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from segcompare.metrics import ConfusionMatrix, label_ids_to_pred
-from segcompare.models.variants import FAMILIES, OFFICIAL_TEST_HW
+from segcompare.models.variants import FAMILIES, OFFICIAL_TEST_HW, OfficialTest, TestResize
 from segcompare.utils import PathLike, SegcompareError, atomic_path, shard
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,11 @@ class InferenceSettings:
     optimize: run the model through `prepare_for_inference` (the same logits, faster; in
         bfloat16 / float16 with `amp`); False runs the eager model.
     aug_test: the family's official multi-scale test: its scales and flip (SegFormer 0.5-2.0,
-        HRNet 0.5-1.75, both with flip) replace `scales` and `flip` (`resolved`).
+        HRNet 0.5-1.75, both with flip, on Cityscapes) replace `scales` and `flip` (`resolved`).
+    dataset: whose official test recipe (`Family.test_for`) gives the default window, the
+        aug-test scales and, where the recipe has one (ADE20K), the resize of each image
+        (`TestResize`: SegFormer's AlignedResize, HRNet's 520 test). `official_settings` builds
+        the whole official test of a data set.
     """
 
     family: Optional[str] = None
@@ -68,6 +72,7 @@ class InferenceSettings:
     amp: bool = False
     optimize: bool = True
     aug_test: bool = False
+    dataset: str = "cityscapes"
 
     def __post_init__(self) -> None:
         if self.family is not None and self.family not in FAMILIES:
@@ -87,8 +92,16 @@ class InferenceSettings:
         """These settings with `aug_test` applied: the family's official scales and flip."""
         if not self.aug_test:
             return self
-        test = FAMILIES[self._family()].test
+        test = self.recipe()
         return replace(self, scales=test.scales, flip=test.flip)
+
+    def recipe(self) -> OfficialTest:
+        """The family's official test on this data set."""
+        return FAMILIES[self._family()].test_for(self.dataset)
+
+    def resize(self) -> Optional[TestResize]:
+        """The official resize of each image, unless a test size is given."""
+        return None if self.size_hw else self.recipe().resize
 
     def describe(self) -> dict[str, Any]:
         """The settings as JSON-ready values (what eval's and compare's metadata record)."""
@@ -100,13 +113,14 @@ class InferenceSettings:
             "mode": self.mode, "size": hw(self.size_hw), "scales": list(self.scales),
             "flip": self.flip, "amp": self.amp, "optimize": self.optimize,
             "window": hw(self.window_hw), "stride": hw(self.stride_hw), "aug_test": self.aug_test,
+            "dataset": self.dataset,
         }  # fmt: skip
 
     def windows_for(self, test_hw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
         """(window_hw, stride_hw) in pixels for images tested at `test_hw`."""
         if self.window_hw:  # the user's window; stride: theirs, else the window (no overlap)
             return self.window_hw, self.stride_hw or self.window_hw
-        recipe = FAMILIES[self._family()].test
+        recipe = self.recipe()
 
         def scaled(hw: tuple[int, int]) -> tuple[int, int]:
             # Each side in proportion to the test size: HRNet's window stays the whole test
@@ -126,7 +140,11 @@ class InferenceSettings:
         image)."""
         test_hw = tuple(self.size_hw or image_hw)
         window_hw, _ = self.windows_for(test_hw)
-        sizes = [_scaled_hw(test_hw, scale) for scale in self.scales]
+        resize = self.resize()
+        sizes = [
+            _pad_hw(resize.resized_hw(image_hw, s), resize) if resize else _scaled_hw(test_hw, s)
+            for s in self.scales
+        ]
         if self.mode == "slide":
             sizes = [(min(h, window_hw[0]), min(w, window_hw[1])) for h, w in sizes]
         pick = max if largest else min
@@ -153,6 +171,44 @@ def _check_stride(window_hw: tuple[int, int], stride_hw: tuple[int, int]) -> Non
 def _scaled_hw(hw: tuple[int, int], scale: float) -> tuple[int, int]:
     """The test size at `scale`, rounded as both official codes round it."""
     return int(hw[0] * scale + 0.5), int(hw[1] * scale + 0.5)
+
+
+def _pad_hw(hw: tuple[int, int], resize: TestResize) -> tuple[int, int]:
+    """`hw` padded to the recipe's pad size (never cut)."""
+    pad = resize.pad_hw or hw
+    return max(hw[0], pad[0]), max(hw[1], pad[1])
+
+
+def _pad(x: torch.Tensor, resize: Optional[TestResize]) -> torch.Tensor:
+    """N×3×H×W normalised images padded at the bottom and right to the recipe's pad size with
+    black (0 before normalisation, -mean/std after), as HRNet's pad_image."""
+    if resize is None or resize.pad_hw is None:
+        return x
+    h, w = x.shape[-2:]
+    ph, pw = _pad_hw((h, w), resize)
+    if (ph, pw) == (h, w):
+        return x
+    from segcompare.data.transforms import MEAN, STD
+
+    black = torch.tensor([-m / s for m, s in zip(MEAN, STD)], dtype=x.dtype, device=x.device)
+    out = black.view(1, 3, 1, 1).expand(x.shape[0], 3, ph, pw).clone()
+    out[:, :, :h, :w] = x
+    return out
+
+
+def _crop_resize(
+    scores: torch.Tensor, hw: tuple[int, int], out_hw: tuple[int, int]
+) -> torch.Tensor:
+    """Scores of a padded input: the top-left `hw` (the image), resized to `out_hw`."""
+    return _resize(scores[:, :, : hw[0], : hw[1]], out_hw)
+
+
+def official_settings(family: str, dataset: str, **kwargs: Any) -> InferenceSettings:
+    """The official single-scale test of `family` on `dataset` ('cityscapes', 'ade20k', or any
+    other name: tested as Cityscapes), as `variants.Family.tests` records it; `kwargs` set other
+    fields (device, amp, aug_test, ...)."""
+    recipe = FAMILIES[family].test_for(dataset)
+    return InferenceSettings(family=family, mode=recipe.mode, dataset=dataset, **kwargs)
 
 
 def _resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -221,7 +277,7 @@ def inference(
     test_hw = tuple(settings.size_hw or (h, w))
     window_hw, stride_hw = settings.windows_for(test_hw)
     single = len(settings.scales) == 1 and not settings.flip
-    hrnet_style = FAMILIES[settings._family()].test.score == "exp"
+    hrnet_style = settings.recipe().score == "exp"
 
     def run(window_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if settings.mode == "whole":
@@ -237,17 +293,20 @@ def inference(
 
     total: Optional[torch.Tensor] = None
     passes = 0
+    resize = settings.resize()
     for scale in settings.scales:
-        x = _resize(images, _scaled_hw(test_hw, scale))
+        scaled_hw = resize.resized_hw((h, w), scale) if resize else _scaled_hw(test_hw, scale)
+        x = _pad(_resize(images, scaled_hw), resize)
         if hrnet_style:
-            outs = [_resize(run(hrnet_window, x), out_hw)]
+            outs = [_crop_resize(run(hrnet_window, x), scaled_hw, out_hw)]
         else:
             outs = []
             for flipped in (False, True) if settings.flip else (False,):
                 xi = x.flip(-1) if flipped else x
-                scores = _resize(run(lambda c: forward_logits(model, c), xi), out_hw)
-                scores = scores if single else scores.softmax(1)
-                outs.append(scores.flip(-1) if flipped else scores)
+                scores = run(lambda c: forward_logits(model, c), xi)
+                scores = scores.flip(-1) if flipped else scores
+                scores = _crop_resize(scores, scaled_hw, out_hw)
+                outs.append(scores if single else scores.softmax(1))
         for scores in outs:
             total = scores if total is None else total + scores
             passes += 1
