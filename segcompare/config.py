@@ -18,17 +18,20 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_type_h
 
 import yaml
 
-from segcompare.data.labels import NUM_CLASSES
 from segcompare.utils import SegcompareError
 
 
 @dataclass
 class ModelConfig:
     name: str = ""  # a name of `segcompare models`, e.g. segformer-b0, hrnet-w48
-    num_classes: int = 19
+    num_classes: Optional[int] = None  # None: the data set's class count
     # ImageNet weights for the backbone: a file or folder the checkpoint loader reads, or a hub
     # id written hf://owner/name; None: random init.
     pretrained: Optional[str] = None
+    # A whole segmentation checkpoint to start from (fine-tuning): a file, folder or
+    # hf://owner/name. Where its class count differs from num_classes only the classifier is
+    # initialised anew (the log names its tensors once). Not together with `pretrained`.
+    init: Optional[str] = None
     # keyword settings of the variant, passed to build_model (drop_path_rate, depths, ...)
     overrides: Dict[str, Any] = field(default_factory=dict)
 
@@ -85,7 +88,9 @@ class TrainConfig:
     # "labelled": mean over labelled pixels (torch's CrossEntropyLoss, the HRNet code);
     # "all": sum over labelled pixels / all pixels (mmseg's CrossEntropyLoss, the SegFormer code).
     loss_average: str = "labelled"
-    class_weights: Optional[List[float]] = None  # one per class, or None
+    # one per class; "auto": median-frequency weights from the training labels' histogram
+    # (losses.median_frequency_weights); None: no weights
+    class_weights: Optional[Union[str, List[float]]] = None
     ohem_threshold: float = 0.7  # keep pixels whose target-class probability is below this ...
     ohem_min_kept: int = 100000  # ... but at least this many per process of ...
     # ... this many images: a process with another number keeps min_kept scaled by the ratio
@@ -216,10 +221,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """`value` as the type `hint` of a config field, or a SegcompareError naming `key`."""
     origin = getattr(hint, "__origin__", None)
     args = getattr(hint, "__args__", ())
-    if origin is Union:  # Optional[X]
-        if value is None:
+    if origin is Union:  # Optional[X], or X | Y: the first that takes the value
+        if value is None and type(None) in args:
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:
+            try:
+                return _coerce(value, option, key)
+            except SegcompareError:
+                pass
+        return _coerce(value, options[-1], key)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -271,10 +282,14 @@ def _check_values(cfg: Config) -> None:
             raise bad(key, "one of " + ", ".join(choices))
     if not cfg.model.name:
         raise SegcompareError("model.name is required (see `segcompare models`)")
-    if cfg.model.num_classes < NUM_CLASSES:
-        raise bad("model.num_classes", f"at least {NUM_CLASSES} (the Cityscapes train ids)")
+    if cfg.model.num_classes is not None and cfg.model.num_classes < 1:
+        raise bad("model.num_classes", "a positive number of classes or null (the data set's)")
+    if cfg.model.init and cfg.model.pretrained:
+        raise SegcompareError(
+            "model.init (a whole segmentation checkpoint) and model.pretrained (ImageNet "
+            "backbone weights) both given: keep one"
+        )
     positive = {
-        "model.num_classes": cfg.model.num_classes,
         "data.base_size": cfg.data.base_size,
         "train.max_iters": cfg.train.max_iters,
         "train.batch_size": cfg.train.batch_size,
@@ -311,11 +326,25 @@ def _check_values(cfg: Config) -> None:
         raise bad("optim.warmup_iters", f"smaller than train.max_iters ({cfg.train.max_iters})")
     if not 0 < cfg.train.ohem_threshold <= 1:
         raise bad("train.ohem_threshold", "a probability in (0, 1]")
-    weights = cfg.train.class_weights
-    if weights is not None and (len(weights) != cfg.model.num_classes or min(weights) < 0):
-        raise bad("train.class_weights", f"{cfg.model.num_classes} non-negative numbers or null")
-    if not 0 <= cfg.data.ignore_index <= 255 or cfg.data.ignore_index < cfg.model.num_classes:
+    check_class_weights(cfg.train.class_weights, cfg.model.num_classes)
+    ignore, classes = cfg.data.ignore_index, cfg.model.num_classes or 1
+    if not 0 <= ignore <= 255 or ignore < classes:
         raise bad("data.ignore_index", "in [num_classes, 255]")
+
+
+def check_class_weights(weights: Any, num_classes: Optional[int]) -> None:
+    """train.class_weights: "auto", None, or one non-negative number per class (checked once the
+    number of classes is known: here, or when training reads the data set)."""
+    if weights is None or weights == "auto":
+        return
+    if isinstance(weights, str):
+        raise SegcompareError(f"train.class_weights must be auto, a list or null, got {weights!r}")
+    if min(weights) < 0 or (num_classes is not None and len(weights) != num_classes):
+        count = f"{num_classes}" if num_classes is not None else "one per class:"
+        raise SegcompareError(
+            f"train.class_weights must be {count} non-negative numbers, auto or null, got "
+            f"{len(weights)} value(s) {str(weights)[:120]}"
+        )
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -35,6 +35,8 @@ says "stopped", and `--resume` continues.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -53,7 +55,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from segcompare.config import Config, OptimConfig, config_to_dict
+from segcompare.config import Config, OptimConfig, check_class_weights, config_to_dict
 from segcompare.losses import cross_entropy, ohem_cross_entropy
 from segcompare.models.precision import guard_bf16
 from segcompare.run_folder import (
@@ -303,6 +305,52 @@ def _datasets(cfg: Config, world: int) -> Tuple[str, Any, Any]:
     val_set = None if cfg.train.eval_every == 0 else CityscapesDataset(
         cfg.data.root, split=cfg.data.val_split, transform=build_test_transform())
     return family, train_set, val_set
+
+
+def _resolve_classes(cfg: Config, train_set: Any) -> Config:
+    """The config with model.num_classes (null: the data set's class count) and
+    train.class_weights (auto: median-frequency weights of the training labels) made concrete,
+    as config.yaml records them."""
+    from segcompare.data.labels import NUM_CLASSES
+    from segcompare.losses import label_histogram, median_frequency_weights
+
+    classes = getattr(train_set, "num_classes", NUM_CLASSES)
+    num_classes = cfg.model.num_classes or classes
+    if num_classes != classes:
+        raise SegcompareError(
+            f"model.num_classes is {num_classes} but the data set {cfg.data.root} has {classes} "
+            "classes; leave model.num_classes null to take the data set's"
+        )
+    weights = cfg.train.class_weights
+    if weights == "auto":
+        plain = copy.copy(train_set)
+        plain.transform = None  # the labels as stored, every pixel
+        labels = (plain[i]["label"] for i in range(len(plain)))
+        try:
+            weights = median_frequency_weights(*label_histogram(labels, num_classes))
+        except ValueError as err:
+            raise SegcompareError(f"train.class_weights auto: {cfg.data.root}: {err}") from None
+        weights = [round(w, 6) for w in weights]
+    check_class_weights(weights, num_classes)
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, num_classes=num_classes),
+        train=dataclasses.replace(cfg.train, class_weights=weights),
+    )
+
+
+def _start_weights(cfg: Config) -> Optional[str]:
+    """model.init (a whole segmentation checkpoint: one with a head) or model.pretrained."""
+    if not cfg.model.init:
+        return cfg.model.pretrained
+    from segcompare.models import describe_weights
+
+    if describe_weights(cfg.model.init, cfg.model.name).num_classes is None:
+        raise SegcompareError(
+            f"model.init {cfg.model.init}: holds no segmentation head (a backbone only); give "
+            "it as model.pretrained"
+        )
+    return cfg.model.init
 
 
 def _resume(run: Run, checkpoint: dict, path: Path, notes: List[str]) -> int:
@@ -585,6 +633,8 @@ def train(
 
         # -- everything the user gave is checked before any work starts ----------------------------
         family, train_set, val_set = _datasets(cfg, world)
+        cfg = _resolve_classes(cfg, train_set)
+        tc = cfg.train
         per_process = tc.batch_size // world
         if master:
             run_lock = lock_run_folder(out)
@@ -594,7 +644,7 @@ def train(
         checkpoint_path, checkpoint = last_checkpoint(out, cfg, resume or restarts > 0)
         torch.manual_seed(tc.seed)  # the same initial weights on every process
         model = build_model(cfg.model.name, num_classes=cfg.model.num_classes,
-                            weights=cfg.model.pretrained if checkpoint is None else None,
+                            weights=_start_weights(cfg) if checkpoint is None else None,
                             **cfg.model.overrides)
 
         # -- distributed setup: gloo on the CPU, nccl on GPUs --------------------------------------

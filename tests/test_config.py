@@ -25,7 +25,9 @@ CONFIGS = REPO / "configs"
         ("train.max_iters=0", ["train.max_iters", "positive"]),
         ("train.amp=fp8", ["train.amp", "bf16"]),
         ("data.crop_size=[128]", ["data.crop_size", "2"]),
-        ("train.class_weights=[1.0,2.0]", ["train.class_weights", "19"]),
+        ("train.class_weights=[1.0,-2.0]", ["train.class_weights", "non-negative", "-2.0"]),
+        ("train.class_weights=often", ["train.class_weights", "auto", "often"]),
+        ("model.num_classes=0", ["model.num_classes", "positive"]),
         ("optim.warmup_iters=5000", ["optim.warmup_iters", "max_iters"]),
         ("max_iters=3", ["SECTION.KEY"]),
     ],
@@ -36,6 +38,15 @@ def test_config_errors_name_the_key(tmp_path: Path, override: str, words: list) 
         load_config(path, [override])
     for word in words:
         assert word in str(err.value), (word, str(err.value))
+
+
+def test_class_weights_count_is_checked_when_the_class_count_is_given(tmp_path: Path) -> None:
+    path = _write(tmp_path, {**TINY_SEGFORMER, "train": {"max_iters": 100}})
+    with pytest.raises(SegcompareError, match="class_weights must be 19 non-negative"):
+        load_config(path, ["model.num_classes=19", "train.class_weights=[1.0,2.0]"])
+    assert load_config(path, ["train.class_weights=auto"]).train.class_weights == "auto"
+    with pytest.raises(SegcompareError, match="model.init .* model.pretrained"):
+        load_config(path, ["model.init=a.safetensors", "model.pretrained=mit_b0.pth"])
 
 
 def test_config_overrides_are_yaml(tmp_path: Path) -> None:

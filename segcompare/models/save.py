@@ -56,12 +56,18 @@ def _class_names(model: nn.Module, class_names: Optional[list[str]]) -> list[str
     return [str(name) for name in class_names]
 
 
-def save_weights(model: nn.Module, path: PathLike, class_names: Optional[list[str]] = None) -> Path:
+def save_weights(
+    model: nn.Module,
+    path: PathLike,
+    class_names: Optional[list[str]] = None,
+    palette: Optional[list[list[int]]] = None,
+) -> Path:
     """Write `model` as our safetensors file, with the metadata that rebuilds it alone.
 
     Metadata (all strings): format, model (the variant name), num_classes, class_names (JSON),
-    settings (JSON: the `build_model` settings), version (of segcompare). `class_names` default:
-    the 19 Cityscapes classes for a 19-class model, else class_0, class_1, ...
+    settings (JSON: the `build_model` settings), version (of segcompare), and palette (JSON, one
+    [r, g, b] per class) where given. `class_names` default: the 19 Cityscapes classes for a
+    19-class model, else class_0, class_1, ...
     """
     if not getattr(model, "variant", None) or getattr(model, "settings", None) is None:
         raise ValueError("save_weights needs a model made by build_model (variant, settings)")
@@ -74,6 +80,10 @@ def save_weights(model: nn.Module, path: PathLike, class_names: Optional[list[st
         "settings": json.dumps(model.settings),
         "version": __version__,
     }
+    if palette is not None:
+        if len(palette) != len(names):
+            raise SegcompareError(f"{len(palette)} colours for a model with {len(names)} classes")
+        metadata["palette"] = json.dumps([[int(v) for v in color] for color in palette])
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
     write_safetensors(path, state, metadata)
@@ -211,9 +221,11 @@ def convert_checkpoint(
     classes = num_classes or spec.num_classes or NUM_CLASSES
     model = create(name, num_classes=classes, **spec.settings)
     fmt = load_weights(model, spec.checkpoint, backbone_only=backbone_only, num_classes=num_classes)
-    names = spec.class_names if spec.class_names and len(spec.class_names) == classes else None
+    same = spec.num_classes == classes  # else the classifier, and so the classes, are new
+    names = spec.class_names if same and spec.class_names else None
+    palette = spec.palette if same and spec.palette else None
     if str(dst).endswith(".safetensors"):
-        save_weights(model, dst, class_names=names)
+        save_weights(model, dst, class_names=names, palette=palette)
         what = "segcompare safetensors"
     else:
         export_hf(model, dst, class_names=names)
