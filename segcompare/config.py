@@ -45,6 +45,9 @@ class DataConfig:
     # (0.5, 2.0); hrnet: 0.5 + random.randint(0, 16) / 10, 0.5 to 2.1 in steps of 0.1)
     scale_range: Optional[Tuple[float, float]] = None
     base_size: int = 2048  # long side of the image at scale 1.0 (Cityscapes: 2048)
+    # segformer: mmseg's Resize img_scale (long, short) at ratio 1.0; null: (base_size,
+    # base_size // 2), Cityscapes' (2048, 1024). ADE20K: (2048, 512), the short side to 512.
+    img_scale: Optional[Tuple[int, int]] = None
     train_split: str = "train"
     val_split: str = "val"
     ignore_index: int = 255

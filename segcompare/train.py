@@ -293,7 +293,8 @@ def _datasets(cfg: Config, world: int) -> Tuple[str, Any, Any]:
     family = family_of(cfg.model.name)
     train_transform = build_train_transform(cfg.data.pipeline, crop_size=cfg.data.crop_size,
                                             scale_range=cfg.data.scale_range,
-                                            base_size=cfg.data.base_size)
+                                            base_size=cfg.data.base_size,
+                                            scale=cfg.data.img_scale)
     train_set = CityscapesDataset(
         cfg.data.root, split=cfg.data.train_split, transform=train_transform, seed=cfg.train.seed
     )

@@ -67,6 +67,23 @@ def test_recipes_load() -> None:
     assert {f"segformer_b{i}_cityscapes_1024x1024_160k.yaml" for i in range(6)} <= names
     assert {"hrnet_w48_cityscapes_512x1024.yaml", "synthcity_segformer_b0.yaml",
             "synthcity_hrnet_w18_small_v1.yaml"} <= names
+    assert {f"segformer_b{i}_ade20k_512x512_160k.yaml" for i in range(6)} <= names
+    assert {"segformer_b5_ade20k_640x640_160k.yaml", "hrnet_w48_ade20k_520x520_ohem.yaml",
+            "finetune_segformer_b0_folder.yaml", "finetune_hrnet_w18_small_v2_folder.yaml"} <= names
     for path in recipes:
         cfg = load_config(path)
         model_settings(cfg.model.name, **cfg.model.overrides)  # the overrides exist
+
+
+def test_median_frequency_weights_by_hand() -> None:
+    import numpy as np
+
+    from segcompare.losses import label_histogram, median_frequency_weights
+
+    # image A (4 px): class 0 x3, class 1 x1; image B (4 px): class 1 x2, ignore x2; class 2 none
+    a = np.array([[0, 0], [0, 1]])
+    b = np.array([[1, 1], [255, 255]])
+    pixels, image_pixels = label_histogram([a, b], 3)
+    assert (pixels, image_pixels) == ([3, 3, 0], [4, 8, 0])
+    # freq: 0 -> 3/4, 1 -> 3/8; median of the present (0.75, 0.375) = 0.5625
+    assert median_frequency_weights(pixels, image_pixels) == pytest.approx([0.75, 1.5, 0.0])
