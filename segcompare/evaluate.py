@@ -389,6 +389,50 @@ def eval_dataset(root: PathLike, split: str = "val", transform: Any = None) -> A
     return dataset
 
 
+def match_classes(
+    model_names: Optional[Sequence[str]],
+    data_names: Sequence[str],
+    by_name: bool = False,
+    model: str = "the model",
+) -> Optional[list[int]]:
+    """Which output channel of a model scores each class of a data set, or None where channel i
+    is class i: the same names in the same order, or a model that names no classes (its count is
+    checked when it is scored).
+
+    Classes that differ (other names, another order, another count) are a SegcompareError, unless
+    `by_name`: then every data-set class must be among the model's names, and the channels are
+    taken by name (a model's extra classes are left out of the argmax).
+    """
+    data_names = list(data_names)
+    if model_names is None or list(model_names) == data_names:
+        return None
+    model_names = list(model_names)
+    if not by_name:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(model_names, data_names)) if a != b),
+            min(len(model_names), len(data_names)),
+        )
+        at = (
+            f"class {first} is {model_names[first]!r} in {model}, {data_names[first]!r} in the "
+            "data set"
+            if first < min(len(model_names), len(data_names))
+            else f"{model} has {len(model_names)} classes, the data set {len(data_names)}"
+        )
+        raise SegcompareError(
+            f"{model} was trained on other classes than the data set's ({at}); score it on data "
+            "with its classes, or map the classes by name (--map-classes)"
+        )
+    index = {name: i for i, name in enumerate(model_names)}
+    missing = [name for name in data_names if name not in index]
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise SegcompareError(
+            f"--map-classes: {len(missing)} class(es) of the data set are not among the "
+            f"{len(model_names)} classes of {model}: {shown}"
+        )
+    return [index[name] for name in data_names]
+
+
 # on_batch(pred, labels, batch) of `evaluate_model`: N×H×W predicted and label train ids, the batch.
 BatchHook = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], None]
 
@@ -401,6 +445,7 @@ def evaluate_model(
     save_pred_dir: Optional[PathLike] = None,
     progress: bool = True,
     on_batch: Optional[BatchHook] = None,
+    class_order: Optional[Sequence[int]] = None,
 ) -> dict[str, Any]:
     """Score a model on a dataset and return `ConfusionMatrix.compute()` with `_throughput`'s
     "world_size" and "processes".
@@ -410,6 +455,8 @@ def evaluate_model(
     dataset: a `CityscapesDataset` with the test transform and with_instances=True (without
         instances iIoU is NaN).
     save_pred_dir: also write each prediction as a labelIds PNG there (`save_label_ids`).
+    class_order: the output channel of each data-set class (`match_classes`), None: channel i
+        is class i.
     on_batch: called as `on_batch(pred, labels, batch)` after each batch is scored, in dataset
         order: pred and labels N×H×W train ids on the scores' device (labels 255 = ignore),
         batch the loader's dict ("image", "label", "name", ...). For figures beyond the
@@ -425,6 +472,8 @@ def evaluate_model(
     for batch in _batches(share, batch_size, workers, "eval", progress):
         with torch.inference_mode():
             scores = scores_fn(batch["image"])  # N×C×H×W
+            if class_order is not None:  # the model's channels of the data set's classes
+                scores = scores[:, list(class_order)]
         if scores.shape[1] != cm.num_classes:  # else argmax scores a C-class model silently
             raise SegcompareError(
                 f"the model predicts {scores.shape[1]} classes; the Cityscapes metrics need "

@@ -152,3 +152,29 @@ def test_hrnet_ocr_is_recognised_and_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "OCR" in err and str(path) in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_model_of_other_classes_is_refused_or_mapped_by_name(tmp_path):
+    from segcompare.data.labels import CLASS_NAMES
+    from segcompare.evaluate import match_classes
+    from segcompare.models.save import save_weights
+
+    # our own file whose classes are Cityscapes' in reverse order
+    model = build_model("hrnet-w18-small-v1")
+    path = tmp_path / "reversed.safetensors"
+    save_weights(model, path, class_names=list(reversed(CLASS_NAMES)))
+    loaded = build_model(weights=path)
+    assert loaded.class_names == tuple(reversed(CLASS_NAMES))
+    with pytest.raises(SegcompareError, match="class 0 is 'bicycle' in .* 'road' in the data"):
+        match_classes(loaded.class_names, CLASS_NAMES, model=str(path))
+    order = match_classes(loaded.class_names, CLASS_NAMES, by_name=True)
+    assert order == list(range(18, -1, -1))  # road is the model's last channel, and so on
+    # a 150-class ADE20K model on a 3-class data set: by name, where every name is the model's
+    assert match_classes(ADE_NAMES, ["sky", "wall"], by_name=True) == [2, 0]
+    with pytest.raises(SegcompareError, match="1 class.*not among the 150.*'road'"):
+        match_classes(ADE_NAMES, ["sky", "road"], by_name=True)
+    with pytest.raises(SegcompareError, match="has 150 classes, the data set 2"):
+        match_classes(ADE_NAMES, ADE_NAMES[:2])
+    assert match_classes(None, CLASS_NAMES) is None  # a file without names: only its count
+    # a classifier that starts anew has no names
+    assert build_model(weights=path, num_classes=5).class_names is None
