@@ -178,3 +178,21 @@ def test_a_model_of_other_classes_is_refused_or_mapped_by_name(tmp_path):
     assert match_classes(None, CLASS_NAMES) is None  # a file without names: only its count
     # a classifier that starts anew has no names
     assert build_model(weights=path, num_classes=5).class_names is None
+
+
+def test_huggingface_ade_directory_keeps_its_id2label(tmp_path):
+    # nvidia/segformer-b0-finetuned-ade-512-512: config.json with 150 id2label entries, written
+    # here by transformers itself
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SegformerConfig(
+        num_labels=ADE, id2label=dict(enumerate(ADE_NAMES)), label2id={n: i for i, n in
+                                                                       enumerate(ADE_NAMES)}
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.SegformerForSemanticSegmentation(config).save_pretrained(tmp_path / "hf")
+    spec = describe_weights(tmp_path / "hf")
+    assert (spec.variant, spec.num_classes, spec.class_names) == ("segformer-b0", ADE, ADE_NAMES)
+    assert build_model(weights=tmp_path / "hf").class_names == tuple(ADE_NAMES)
+    out = tmp_path / "b0.safetensors"
+    assert cli.main(["convert", str(tmp_path / "hf"), str(out)]) == 0
+    assert json.loads(read_checkpoint(out).metadata["class_names"]) == ADE_NAMES
