@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segcompare.data.labels import CLASS_NAMES
 from segcompare.metrics import ConfusionMatrix, label_ids_to_pred
 from segcompare.models.variants import FAMILIES, OFFICIAL_TEST_HW, OfficialTest, TestResize
 from segcompare.utils import PathLike, SegcompareError, atomic_path, shard
@@ -675,11 +676,15 @@ def run_eval(
     workers: int = 2,
     save_pred_dir: Optional[PathLike] = None,
     meta: Optional[dict[str, Any]] = None,
+    model_classes: Optional[Sequence[str]] = None,
+    map_classes: bool = False,
 ) -> dict[str, Any]:
     """`segcompare eval`: score a model (`scores`, e.g. `Predictor.scores`) or the labelIds PNGs
     in `pred_dir` on a split. Returns the metrics with `meta`, the data, the split, the wall time
     and images per second in total, and per process ("world_size", "processes"; several under
-    torchrun, each scoring its share of the images)."""
+    torchrun, each scoring its share of the images). `model_classes`: the model's class names
+    (`model.class_names`), checked against the data set's (`match_classes`; `map_classes`: by
+    name)."""
     if (scores is None) == (pred_dir is None):
         raise SegcompareError("score either a model or a folder of predictions, not both")
     if batch_size < 1 or workers < 0:
@@ -695,7 +700,11 @@ def run_eval(
         from segcompare.data.transforms import build_test_transform
 
         dataset = eval_dataset(data_root, split, build_test_transform())
-        results = evaluate_model(scores, dataset, batch_size, workers, save_pred_dir)
+        model_name = (meta or {}).get("weights") or (meta or {}).get("model") or "the model"
+        order = match_classes(model_classes, CLASS_NAMES, map_classes, model=str(model_name))
+        results = evaluate_model(
+            scores, dataset, batch_size, workers, save_pred_dir, class_order=order
+        )
     seconds = time.perf_counter() - start
     results.update(meta or {}, data=str(data_root), split=split, seconds=round(seconds, 3))
     results["images_per_s"] = round(results["num_images"] / seconds, 3)

@@ -32,6 +32,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, metavar="N", help="loader processes (2)")
     p.add_argument("--json", metavar="F", help="write the results to this JSON file")
     p.add_argument("--save-pred", metavar="DIR", help="also write the predictions (labelIds PNGs)")
+    p.add_argument(
+        "--map-classes", action="store_true", help="score a model whose classes differ from the "
+        "data set's by class name (each data-set class must be one of the model's)",
+    )  # fmt: skip
     _add_test_options(p)
     p.set_defaults(func=_run_eval)
 
@@ -57,7 +61,9 @@ def _run_eval(args: argparse.Namespace) -> int:
         meta = predictor.describe()
         meta = {"model": meta.pop("model"), "weights": args.weights, **meta}
         results = run_eval(args.data, args.split, scores=predictor.scores, batch_size=args.batch,
-                           workers=args.workers, save_pred_dir=args.save_pred, meta=meta)
+                           workers=args.workers, save_pred_dir=args.save_pred, meta=meta,
+                           model_classes=getattr(predictor.model, "class_names", None),
+                           map_classes=args.map_classes)
     if rank != 0:
         return 0  # rank 0 holds the summed counts too, and reports
     print(format_results(results))
