@@ -240,8 +240,6 @@ def _mmseg_class_metadata(obj: Any, source: str) -> dict[str, str]:
     return found
 
 
-
-
 def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
