@@ -409,16 +409,14 @@ def match_classes(
         return None
     model_names = list(model_names)
     if not by_name:
-        first = next(
-            (i for i, (a, b) in enumerate(zip(model_names, data_names)) if a != b),
-            min(len(model_names), len(data_names)),
-        )
-        at = (
-            f"class {first} is {model_names[first]!r} in {model}, {data_names[first]!r} in the "
-            "data set"
-            if first < min(len(model_names), len(data_names))
-            else f"{model} has {len(model_names)} classes, the data set {len(data_names)}"
-        )
+        if len(model_names) != len(data_names):
+            at = f"{model} has {len(model_names)} classes, the data set {len(data_names)}"
+        else:
+            first = next(i for i, (a, b) in enumerate(zip(model_names, data_names)) if a != b)
+            at = (
+                f"class {first} is {model_names[first]!r} in {model}, {data_names[first]!r} in "
+                "the data set"
+            )
         raise SegcompareError(
             f"{model} was trained on other classes than the data set's ({at}); score it on data "
             "with its classes, or map the classes by name (--map-classes)"
@@ -683,7 +681,7 @@ def run_eval(
     in `pred_dir` on a split. Returns the metrics with `meta`, the data, the split, the wall time
     and images per second in total, and per process ("world_size", "processes"; several under
     torchrun, each scoring its share of the images). `model_classes`: the model's class names
-    (`model.class_names`), checked against the data set's (`match_classes`; `map_classes`: by
+    (`model.classes.names`), checked against the data set's (`match_classes`; `map_classes`: by
     name)."""
     if (scores is None) == (pred_dir is None):
         raise SegcompareError("score either a model or a folder of predictions, not both")

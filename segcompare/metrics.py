@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,12 +30,13 @@ import torch.nn.functional as F
 
 from segcompare.data.labels import (
     CATEGORY_NAMES,
-    CLASS_NAMES,
+    CITYSCAPES,
     IGNORE_INDEX,
     LABELS,
     NUM_CLASSES,
     TRAIN_LABELS,
-    class_names,
+    ClassTable,
+    generic_table,
 )
 from segcompare.utils import PathLike, SegcompareError, atomic_write_text
 
@@ -108,7 +109,7 @@ class ConfusionMatrix:
     """Accumulates what the metrics need, over any number of batches.
 
         cm = ConfusionMatrix()                  # Cityscapes' 19 classes
-        cm = ConfusionMatrix(150, names)        # any other classes (ADE20K, a folder data set)
+        cm = ConfusionMatrix(ADE20K)            # any data set's ClassTable (or a class count)
         cm.update(pred, target)                 # N×H×W or H×W class indices; target 255 = ignore
         cm.update(pred, target, instances)      # Cityscapes, with gtFine instanceIds: also iIoU
         cm.miou(); cm.compute()                 # mIoU; the full results dict
@@ -121,24 +122,17 @@ class ConfusionMatrix:
     prediction areas; the data sets refuse such labels before scoring).
     """
 
-    def __init__(
-        self,
-        num_classes: int = NUM_CLASSES,
-        names: Optional[Sequence[str]] = None,
-        cityscapes: Optional[bool] = None,
-    ) -> None:
-        """names: the classes' names (default `class_names(num_classes)`); cityscapes: whether
-        the classes are Cityscapes' 19 train classes, which have instances and categories (iIoU,
-        category figures); default: 19 classes with Cityscapes' names."""
-        self.num_classes = num_classes
-        self.names = tuple(names) if names is not None else class_names(num_classes)
-        if len(self.names) != num_classes:
-            raise ValueError(f"{len(self.names)} class names for {num_classes} classes")
-        if cityscapes is None:
-            cityscapes = self.names == CLASS_NAMES
-        if cityscapes and self.names != CLASS_NAMES:
+    def __init__(self, classes: Union[int, ClassTable] = CITYSCAPES) -> None:
+        """classes: the data set's class table, or a class count (`generic_table(K)`: Cityscapes'
+        for 19). Cityscapes' table, which has instances and categories, adds iIoU and the
+        category figures."""
+        table = classes if isinstance(classes, ClassTable) else generic_table(classes)
+        self.classes = table
+        self.num_classes = table.num_classes
+        self.names = table.names
+        self.cityscapes = table.name == CITYSCAPES.name
+        if self.cityscapes and self.names != CITYSCAPES.names:
             raise ValueError("Cityscapes metrics need the 19 Cityscapes train classes")
-        self.cityscapes = cityscapes
         self.reset()
 
     def reset(self) -> None:

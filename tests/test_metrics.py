@@ -4,12 +4,14 @@ areas summed over the data set, then `total_area_to_metrics` and `np.nanmean`.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from segcompare.data.labels import ADE20K, generic_table
 from segcompare.metrics import ConfusionMatrix, format_results
 
 
@@ -82,7 +84,8 @@ def test_every_figure_equals_mmseg_iou_metric():
     k = 6
     preds, labels = _cases(rng, k, images=3)
     names = [f"c{i}" for i in range(k)]
-    one_by_one, batched = ConfusionMatrix(k, names), ConfusionMatrix(k, names)
+    table = dataclasses.replace(generic_table(k), names=tuple(names))
+    one_by_one, batched = ConfusionMatrix(table), ConfusionMatrix(table)
     for p, t in zip(preds, labels):
         one_by_one.update(torch.from_numpy(p), torch.from_numpy(t))
     batched.update(torch.from_numpy(np.stack(preds)), torch.from_numpy(np.stack(labels)))
@@ -119,11 +122,11 @@ def test_ade20k_reduce_zero_label_equals_numpy():
     targets = [_reduce_zero_label(a) for a in annotations]
     preds = [np.where(rng.random(t.shape) < 0.7, t % 150, rng.integers(0, 150, t.shape))
              for t in targets]  # fmt: skip
-    cm = ConfusionMatrix(150, [f"ade{i}" for i in range(150)])
+    cm = ConfusionMatrix(ADE20K)
     for p, a in zip(preds, annotations):
-        # the library's own reduction: annotation value v scores as class v - 1, 0 ignored
+        # annotation value v scores as class v - 1, 0 ignored
         reduced = torch.from_numpy(a).long() - 1
         reduced[reduced < 0] = 255
         cm.update(torch.from_numpy(p), reduced)
     ref = _mmseg_metrics(preds, targets, 150)
-    assert _check(cm.compute(), ref, [f"ade{i}" for i in range(150)]) == 6 * 150
+    assert _check(cm.compute(), ref, ADE20K.names) == 6 * 150

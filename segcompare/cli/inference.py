@@ -58,11 +58,12 @@ def _run_eval(args: argparse.Namespace) -> int:
                            workers=args.workers, save_pred_dir=args.save_pred)
     else:
         predictor = _predictor(_inference_settings(args), args.model, args.weights)
+        classes = getattr(predictor.model, "classes", None)  # the file's, where it names them
         meta = predictor.describe()
         meta = {"model": meta.pop("model"), "weights": args.weights, **meta}
         results = run_eval(args.data, args.split, scores=predictor.scores, batch_size=args.batch,
                            workers=args.workers, save_pred_dir=args.save_pred, meta=meta,
-                           model_classes=getattr(predictor.model, "class_names", None),
+                           model_classes=classes.names if classes else None,
                            map_classes=args.map_classes)
     if rank != 0:
         return 0  # rank 0 holds the summed counts too, and reports

@@ -76,14 +76,14 @@ def build_model(
     elif name is None:
         raise SegcompareError("build_model needs a model name, or weights= to read it from")
     model = create(name, num_classes or 19, **overrides)
-    # The classes' names and colours where the file gives them for this classifier (None: not
-    # known, or a classifier that starts anew); evaluation checks them against the data set's.
-    model.class_names, model.palette = None, None
+    # The classes (a ClassTable) where the file says what they are for this classifier (None:
+    # not known, or a classifier that starts anew); evaluation checks them against the data
+    # set's, save_weights writes them, predict draws with them.
+    model.classes = None
     if weights is not None:
         load_weights(model, weights, num_classes=asked)
-        if spec.class_names and len(spec.class_names) == (num_classes or 19) == spec.num_classes:
-            model.class_names = tuple(spec.class_names)
-            model.palette = spec.palette
+        if spec.num_classes == (num_classes or 19):
+            model.classes = spec.classes
     return model
 
 

@@ -30,11 +30,12 @@ import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from segcompare.data.labels import ADE20K, CITYSCAPES, ClassTable, generic_table
 from segcompare.models import convert, hub
 from segcompare.models.hub import HF_BIN_NAME, HF_CONFIG_NAME, HF_INDEX_NAME, WEIGHTS_NAME
 from segcompare.models.variants import (
@@ -555,6 +556,45 @@ class WeightsSpec:
     # and colours (ours, mmseg's meta PALETTE), one per class; None where the file has none.
     class_names: Optional[list[str]]
     palette: Optional[list[list[int]]] = None
+    table: Optional[ClassTable] = None  # our metadata's class_table
+
+    @property
+    def classes(self) -> Optional[ClassTable]:
+        """The file's classes as one table (`classes_table`), None where nothing names them."""
+        if self.table is not None:
+            return self.table
+        return classes_table(self.class_names, self.palette, self.num_classes)
+
+
+def classes_table(
+    names: Optional[Sequence[str]],
+    palette: Optional[Sequence[Sequence[int]]],
+    num_classes: Optional[int],
+) -> Optional[ClassTable]:
+    """A checkpoint's classes: Cityscapes' or ADE20K's table where its names are theirs (or where
+    it names none and has 19 or 150 classes: the data sets those counts are released for), else a
+    table of its own names and colours (generated where it has none); None for a file without
+    names of another count, or with only the placeholder names class_0, class_1, ... ."""
+    placeholder = (
+        names is not None
+        and len(names) != CITYSCAPES.num_classes
+        and tuple(names) == generic_table(len(names)).names
+    )
+    if names is None or placeholder:
+        return {CITYSCAPES.num_classes: CITYSCAPES, ADE20K.num_classes: ADE20K}.get(num_classes)
+    for known in (CITYSCAPES, ADE20K):
+        if tuple(names) == known.names and (palette is None or _same_colours(palette, known)):
+            return known
+    colours = palette or generic_table(len(names)).palette
+    return ClassTable(
+        name="folder",
+        names=tuple(str(n) for n in names),
+        palette=tuple((int(c[0]), int(c[1]), int(c[2])) for c in colours),
+    )
+
+
+def _same_colours(palette: Sequence[Sequence[int]], table: ClassTable) -> bool:
+    return [list(c) for c in palette] == [list(c) for c in table.palette]
 
 
 def describe_weights(
@@ -586,6 +626,9 @@ def describe_weights(
                 _tuples(json.loads(meta["settings"])) if same else {},
                 json.loads(meta["class_names"]),
                 json.loads(meta["palette"]) if "palette" in meta else None,
+                ClassTable.from_json(json.loads(meta["class_table"]))
+                if "class_table" in meta
+                else None,
             )
         except (KeyError, ValueError) as err:
             raise SegcompareError(
