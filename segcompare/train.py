@@ -53,7 +53,8 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from segcompare.config import Config, OptimConfig, config_to_dict
+from segcompare.config import Config, OptimConfig, config_to_dict, with_data_classes
+from segcompare.data.labels import IGNORE_INDEX
 from segcompare.losses import cross_entropy, ohem_cross_entropy
 from segcompare.models.precision import guard_bf16
 from segcompare.run_folder import (
@@ -262,6 +263,7 @@ class Run:
     best: dict = field(default_factory=lambda: {"mIoU": None, "iter": None})  # best val mIoU
     records: List[dict] = field(default_factory=list)  # log.jsonl (rank 0 writes it)
     writer: Any = None  # TensorBoard's SummaryWriter (rank 0, when tensorboard is installed)
+    class_table: Any = None  # the data set's `ClassTable`, written into the saved weights
 
     @property
     def ddp(self) -> bool:
@@ -292,16 +294,19 @@ def _datasets(cfg: Config, world: int) -> Tuple[str, Any, Any]:
     train_transform = build_train_transform(cfg.data.pipeline, crop_size=cfg.data.crop_size,
                                             scale_range=cfg.data.scale_range,
                                             base_size=cfg.data.base_size)
+    dc = cfg.data
     train_set = CityscapesDataset(
-        cfg.data.root, split=cfg.data.train_split, transform=train_transform, seed=cfg.train.seed
-    )
+        dc.root, split=dc.train_split, transform=train_transform, seed=cfg.train.seed,
+        layout=dc.layout, reduce_zero_label=dc.reduce_zero_label, ignore_index=dc.ignore_index,
+    )  # fmt: skip
     if len(train_set) < cfg.train.batch_size:
         raise SegcompareError(
             f"{cfg.data.root}: the {cfg.data.train_split!r} split has {len(train_set)} images, "
             f"fewer than the total batch train.batch_size={cfg.train.batch_size}"
         )
     val_set = None if cfg.train.eval_every == 0 else CityscapesDataset(
-        cfg.data.root, split=cfg.data.val_split, transform=build_test_transform())
+        dc.root, split=dc.val_split, transform=build_test_transform(), layout=train_set.layout,
+        reduce_zero_label=dc.reduce_zero_label, ignore_index=dc.ignore_index)
     return family, train_set, val_set
 
 
@@ -408,8 +413,9 @@ def _loss(logits: torch.Tensor, label: torch.Tensor, cfg: Config,
     tc = cfg.train
     if tc.loss == "ohem":
         return ohem_cross_entropy(logits, label, tc.ohem_threshold, min_kept,
-                                  cfg.data.ignore_index, class_weights)
-    return cross_entropy(logits, label, cfg.data.ignore_index, class_weights, tc.loss_average)
+                                  IGNORE_INDEX, class_weights)
+    # the dataset maps data.ignore_index (and 255) to IGNORE_INDEX in every label it returns
+    return cross_entropy(logits, label, IGNORE_INDEX, class_weights, tc.loss_average)
 
 
 def _write_log(run: Run) -> None:
@@ -449,7 +455,7 @@ def _save_weights(run: Run, name: str) -> None:
     if run.master:
         from segcompare.models.save import save_weights
 
-        save_weights(run.model, run.out / name)
+        save_weights(run.model, run.out / name, class_table=run.class_table)
 
 
 def _validate(run: Run, loader: Any, done: int) -> float:
@@ -585,6 +591,8 @@ def train(
 
         # -- everything the user gave is checked before any work starts ----------------------------
         family, train_set, val_set = _datasets(cfg, world)
+        table = train_set.table  # the data set's classes: the model's count and names
+        cfg = with_data_classes(cfg, table.num_classes, f"{cfg.data.root} ({table.name})")
         per_process = tc.batch_size // world
         if master:
             run_lock = lock_run_folder(out)
@@ -613,7 +621,7 @@ def train(
         if amp_dtype is torch.bfloat16 and device.type == "cpu":
             guard_bf16(model, cfg.model.name)  # layers bf16 gets wrong on this CPU run in fp32
         run = Run(cfg, out, rank, world, device, family, model, build_optimizer(model, oc),
-                  torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16"))
+                  torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16"), class_table=table)
         autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
         class_weights = None if tc.class_weights is None else torch.tensor(
             tc.class_weights, dtype=torch.float32, device=device)

@@ -25,7 +25,7 @@ CONFIGS = REPO / "configs"
         ("train.max_iters=0", ["train.max_iters", "positive"]),
         ("train.amp=fp8", ["train.amp", "bf16"]),
         ("data.crop_size=[128]", ["data.crop_size", "2"]),
-        ("train.class_weights=[1.0,2.0]", ["train.class_weights", "19"]),
+        ("train.class_weights=[1.0,-2.0]", ["train.class_weights", "non-negative"]),
         ("optim.warmup_iters=5000", ["optim.warmup_iters", "max_iters"]),
         ("max_iters=3", ["SECTION.KEY"]),
     ],

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from torch import nn
 
 from segcompare import __version__
-from segcompare.data.labels import NUM_CLASSES
+from segcompare.data.labels import NUM_CLASSES, ClassTable
 from segcompare.data.labels import class_names as default_class_names
 from segcompare.models import convert
 from segcompare.models.checkpoint import (
@@ -56,17 +56,26 @@ def _class_names(model: nn.Module, class_names: Optional[list[str]]) -> list[str
     return [str(name) for name in class_names]
 
 
-def save_weights(model: nn.Module, path: PathLike, class_names: Optional[list[str]] = None) -> Path:
+def save_weights(
+    model: nn.Module, path: PathLike, class_names: Optional[list[str]] = None,
+    class_table: Optional[ClassTable] = None,
+) -> Path:
     """Write `model` as our safetensors file, with the metadata that rebuilds it alone.
 
     Metadata (all strings): format, model (the variant name), num_classes, class_names (JSON),
-    settings (JSON: the `build_model` settings), version (of segcompare). `class_names` default:
-    the 19 Cityscapes classes for a 19-class model, else class_0, class_1, ...
+    settings (JSON: the `build_model` settings), version (of segcompare), and class_table (JSON
+    of `ClassTable.to_json`: the data set's names, colours, ignore index, label ids) when given.
+    `class_names` default: the class table's, else the 19 Cityscapes classes for a 19-class
+    model, else class_0, class_1, ...
     """
     if not getattr(model, "variant", None) or getattr(model, "settings", None) is None:
         raise ValueError("save_weights needs a model made by build_model (variant, settings)")
+    if class_table is not None and class_names is None:
+        class_names = list(class_table.names)
     names = _class_names(model, class_names)
+    extra = {} if class_table is None else {"class_table": json.dumps(class_table.to_json())}
     metadata = {
+        **extra,
         "format": OUR_FORMAT_TAG,
         "model": model.variant,
         "num_classes": str(len(names)),
