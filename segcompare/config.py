@@ -18,13 +18,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_type_h
 
 import yaml
 
+from segcompare.data.layouts import LAYOUTS
 from segcompare.utils import SegcompareError
 
 
 @dataclass
 class ModelConfig:
     name: str = ""  # a name of `segcompare models`, e.g. segformer-b0, hrnet-w48
-    num_classes: Optional[int] = None  # None: the data set's class count
+    num_classes: Optional[int] = None  # null: the data set's class count (its class table)
     # ImageNet weights for the backbone: a file or folder the checkpoint loader reads, or a hub
     # id written hf://owner/name; None: random init.
     pretrained: Optional[str] = None
@@ -38,7 +39,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "data/cityscapes"  # a folder in the Cityscapes layout (leftImg8bit/, gtFine/)
+    root: str = "data/cityscapes"  # a data set folder (segcompare.data.layouts)
+    layout: Optional[str] = None  # cityscapes | ade20k | folder; null: detected from the folder
+    # null: the layout's rule (ADE20K: true, mmseg's; the others: false)
+    reduce_zero_label: Optional[bool] = None
     pipeline: str = "segformer"  # which paper's training augmentation: segformer | hrnet
     crop_size: Tuple[int, int] = (1024, 1024)  # (h, w) of the training crops
     # random rescale ratios; null: the pipeline's official range (segformer: mmseg's ratio_range
@@ -50,7 +54,7 @@ class DataConfig:
     img_scale: Optional[Tuple[int, int]] = None
     train_split: str = "train"
     val_split: str = "val"
-    ignore_index: int = 255
+    ignore_index: int = 255  # the mask value that is ignored (255 always is)
 
 
 @dataclass
@@ -285,14 +289,15 @@ def _check_values(cfg: Config) -> None:
             raise bad(key, "one of " + ", ".join(choices))
     if not cfg.model.name:
         raise SegcompareError("model.name is required (see `segcompare models`)")
-    if cfg.model.num_classes is not None and cfg.model.num_classes < 1:
-        raise bad("model.num_classes", "a positive number of classes or null (the data set's)")
+    if cfg.data.layout is not None and cfg.data.layout not in LAYOUTS:
+        raise bad("data.layout", "one of " + ", ".join(LAYOUTS) + " or null")
     if cfg.model.init and cfg.model.pretrained:
         raise SegcompareError(
             "model.init (a whole segmentation checkpoint) and model.pretrained (ImageNet "
             "backbone weights) both given: keep one"
         )
     positive = {
+        "model.num_classes": 1 if cfg.model.num_classes is None else cfg.model.num_classes,
         "data.base_size": cfg.data.base_size,
         "train.max_iters": cfg.train.max_iters,
         "train.batch_size": cfg.train.batch_size,
@@ -329,10 +334,28 @@ def _check_values(cfg: Config) -> None:
         raise bad("optim.warmup_iters", f"smaller than train.max_iters ({cfg.train.max_iters})")
     if not 0 < cfg.train.ohem_threshold <= 1:
         raise bad("train.ohem_threshold", "a probability in (0, 1]")
-    check_class_weights(cfg.train.class_weights, cfg.model.num_classes)
-    ignore, classes = cfg.data.ignore_index, cfg.model.num_classes or 1
-    if not 0 <= ignore <= 255 or ignore < classes:
-        raise bad("data.ignore_index", "in [num_classes, 255]")
+    _check_classes(cfg, cfg.model.num_classes)
+
+
+def _check_classes(cfg: Config, num_classes: Optional[int]) -> None:
+    """The values that depend on the class count, once it is known (null: the data set's)."""
+    check_class_weights(cfg.train.class_weights, num_classes)
+    if not 0 <= cfg.data.ignore_index <= 255 or cfg.data.ignore_index < (num_classes or 0):
+        raise SegcompareError(f"data.ignore_index must be in [num_classes, 255], got "
+                              f"{cfg.data.ignore_index!r}")
+
+
+def with_data_classes(cfg: Config, num_classes: int, source: str) -> Config:
+    """`cfg` with model.num_classes set to the data set's count `num_classes` when it is null; a
+    recipe that names another count is an error naming both (`source`: the data set's file)."""
+    given = cfg.model.num_classes
+    if given is not None and given != num_classes:
+        raise SegcompareError(
+            f"model.num_classes is {given} but {source} has {num_classes} classes: "
+            "set model.num_classes to null (the data set's count) or to that count"
+        )
+    _check_classes(cfg, num_classes)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
 
 
 def check_class_weights(weights: Any, num_classes: Optional[int]) -> None:

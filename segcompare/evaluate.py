@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segcompare.data.labels import CLASS_NAMES
 from segcompare.metrics import ConfusionMatrix, label_ids_to_pred
 from segcompare.models.variants import FAMILIES, OFFICIAL_TEST_HW, OfficialTest, TestResize
 from segcompare.utils import PathLike, SegcompareError, atomic_path, shard
@@ -361,32 +360,51 @@ def _batches(dataset: Any, batch_size: int, workers: int, desc: str, progress: b
         yield batch
 
 
-def save_label_ids(train_ids: np.ndarray, out_dir: PathLike, name: str) -> Path:
-    """Write H×W train ids as the labelIds PNG the Cityscapes server and `evaluate_prediction_files`
-    take: OUT/<city>/<name>_leftImg8bit.png."""
+def save_label_ids(
+    train_ids: np.ndarray, out_dir: PathLike, name: str, table: Any = None
+) -> Path:
+    """Write H×W train ids in the data set's own label ids (`table`, default Cityscapes), as its
+    benchmark server and `evaluate_prediction_files` take them: Cityscapes labelIds as
+    OUT/<city>/<name>_leftImg8bit.png, ADE20K's 1..150 and a folder set's indices as
+    OUT/<name>.png."""
     from PIL import Image
 
-    from segcompare.data.labels import TRAIN_ID_TO_ID
+    from segcompare.data.labels import CITYSCAPES
 
-    city = name.rsplit("_", 2)[0]
-    path = Path(out_dir) / city / f"{name}_leftImg8bit.png"
+    table = table or CITYSCAPES
+    if table.name == CITYSCAPES.name:
+        path = Path(out_dir) / name.rsplit("_", 2)[0] / f"{name}_leftImg8bit.png"
+    else:
+        path = Path(out_dir) / f"{name}.png"
     with atomic_path(path) as tmp:
-        Image.fromarray(TRAIN_ID_TO_ID[train_ids]).save(tmp, format="PNG")
+        Image.fromarray(table.train_id_to_label_id()[train_ids]).save(tmp, format="PNG")
     return path
 
 
-def eval_dataset(root: PathLike, split: str = "val", transform: Any = None) -> Any:
-    """The `CityscapesDataset` an evaluation reads: with gtFine instanceIds when the split has
-    them (for iIoU), else without (iIoU is then NaN, with a warning)."""
+def eval_dataset(
+    root: PathLike, split: str = "val", transform: Any = None, layout: Optional[str] = None,
+    reduce_zero_label: Optional[bool] = None, ignore_index: Optional[int] = None,
+) -> Any:
+    """The `CityscapesDataset` an evaluation reads, in any layout: for Cityscapes with gtFine
+    instanceIds when the split has them (for iIoU), else without (iIoU is then NaN, with a
+    warning)."""
     from segcompare.data.cityscapes import CityscapesDataset, label_path, sample_name
+    from segcompare.data.layouts import CITYSCAPES_LAYOUT, detect_layout
 
-    dataset = CityscapesDataset(root, split, transform=transform, with_instances=True)
+    found = detect_layout(root, layout)
+    if found is not CITYSCAPES_LAYOUT:
+        return CityscapesDataset(root, split, transform=transform, layout=found,
+                                 reduce_zero_label=reduce_zero_label, ignore_index=ignore_index)
+    dataset = CityscapesDataset(root, split, transform=transform, with_instances=True,
+                                layout=found, reduce_zero_label=reduce_zero_label,
+                                ignore_index=ignore_index)
     image = dataset.samples[0][0]
     if not label_path(
         root, split, Path(image).parent.name, sample_name(image), "instanceIds"
     ).exists():
         log.warning("%s: no gtFine instanceIds for split %s; iIoU is not computed", root, split)
-        dataset = CityscapesDataset(root, split, transform=transform, with_instances=False)
+        dataset = CityscapesDataset(root, split, transform=transform, with_instances=False,
+                                    layout=found, ignore_index=ignore_index)
     return dataset
 
 
@@ -465,7 +483,8 @@ def evaluate_model(
     (`segcompare.utils.shard`), writes its own predictions and sees only those in `on_batch`;
     the counts are summed over processes, so the figures equal one process's bit for bit.
     """
-    cm = ConfusionMatrix()
+    table = _table(dataset)
+    cm = ConfusionMatrix(table)
     start = time.perf_counter()
     share = _share(dataset)
     for batch in _batches(share, batch_size, workers, "eval", progress):
@@ -475,8 +494,8 @@ def evaluate_model(
                 scores = scores[:, list(class_order)]
         if scores.shape[1] != cm.num_classes:  # else argmax scores a C-class model silently
             raise SegcompareError(
-                f"the model predicts {scores.shape[1]} classes; the Cityscapes metrics need "
-                f"{cm.num_classes} (its train classes): score a {cm.num_classes}-class model"
+                f"the model predicts {scores.shape[1]} classes; the data set "
+                f"({table.name}) has {cm.num_classes}: score a {cm.num_classes}-class model"
             )
         pred = scores.argmax(1)
         labels = batch["label"].to(pred.device)
@@ -490,10 +509,30 @@ def evaluate_model(
             on_batch(pred, labels, batch)
         if save_pred_dir is not None:
             for train_ids, name in zip(pred.to(torch.uint8).cpu().numpy(), batch["name"]):
-                save_label_ids(train_ids, save_pred_dir, name)
+                save_label_ids(train_ids, save_pred_dir, name, table)
     seconds = time.perf_counter() - start
     cm.all_reduce()
-    return {**cm.compute(), **_throughput(len(share), seconds)}
+    return {**_computed(cm, dataset), **_throughput(len(share), seconds)}
+
+
+def _table(dataset: Any) -> Any:
+    """The data set's `ClassTable` (a plain dataset without one: Cityscapes')."""
+    from segcompare.data.labels import CITYSCAPES
+
+    return getattr(getattr(dataset, "dataset", dataset), "table", CITYSCAPES)
+
+
+def _computed(cm: ConfusionMatrix, dataset: Any) -> dict[str, Any]:
+    """`cm.compute()`; a split without one labelled pixel is an error (its figures would all be
+    NaN)."""
+    if int(cm.mat.sum()) == 0:
+        inner = getattr(dataset, "dataset", dataset)
+        raise SegcompareError(
+            f"{getattr(inner, 'root', 'the data set')}: split {getattr(inner, 'split', '?')!r} "
+            "has no labelled pixel (every "
+            "mask is ignore): nothing to score; `segcompare data check` shows the values"
+        )
+    return cm.compute()  # named by the data set's table
 
 
 def _share(dataset: Any) -> Any:
@@ -524,12 +563,17 @@ def _throughput(images: int, seconds: float) -> dict[str, Any]:
 _SEQ_FRAME = re.compile(r"\d{6}_\d{6}")
 
 
-def find_predictions(pred_dir: PathLike, names: Sequence[str]) -> list[Path]:
-    """The prediction PNG of each sample name under `pred_dir` (searched recursively): the one
-    file whose name contains the name. A missing or ambiguous prediction is an error."""
+def find_predictions(
+    pred_dir: PathLike, names: Sequence[str], cityscapes: bool = True
+) -> list[Path]:
+    """The prediction PNG of each sample name under `pred_dir` (searched recursively): for
+    Cityscapes the one file whose name contains the name, else <name>.png. A missing or
+    ambiguous prediction is an error."""
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise SegcompareError(f"prediction folder {pred_dir} does not exist")
+    if not cityscapes:
+        return _find_by_stem(pred_dir, names)
     by_numbers: dict[str, list[Path]] = {}
     for path in pred_dir.rglob("*.png"):
         for numbers in set(_SEQ_FRAME.findall(path.name)):
@@ -553,9 +597,32 @@ def find_predictions(pred_dir: PathLike, names: Sequence[str]) -> list[Path]:
     return found
 
 
-def read_prediction(path: PathLike, hw: tuple[int, int]) -> np.ndarray:
-    """A labelIds prediction PNG -> H×W prediction codes (`label_ids_to_pred`), checked: one
-    channel, the label's size, only Cityscapes label ids."""
+def _find_by_stem(pred_dir: Path, names: Sequence[str]) -> list[Path]:
+    by_stem: dict[str, list[Path]] = {}
+    for path in pred_dir.rglob("*.png"):
+        by_stem.setdefault(path.stem, []).append(path)
+    found = []
+    for name in names:
+        matches = sorted(by_stem.get(name, []))
+        if len(matches) > 1:
+            raise SegcompareError(
+                f"several predictions for {name}: {', '.join(str(p) for p in matches[:3])}"
+            )
+        if not matches:
+            missing = [n for n in names if n not in by_stem]
+            raise SegcompareError(
+                f"no prediction for {name} under {pred_dir} (expected {name}.png); "
+                f"{len(missing)} of {len(names)} missing"
+            )
+        found.append(matches[0])
+    return found
+
+
+def read_prediction(path: PathLike, hw: tuple[int, int], table: Any = None) -> np.ndarray:
+    """A prediction PNG in the data set's own label ids -> H×W prediction codes, checked: one
+    channel, the label's size, only the data set's label ids (Cityscapes labelIds via
+    `label_ids_to_pred`; ADE20K 1..150, where 0 'other' counts as no class; a folder set's
+    indices)."""
     from PIL import Image, UnidentifiedImageError
 
     from segcompare.data.labels import VALID_LABEL_IDS
@@ -574,6 +641,8 @@ def read_prediction(path: PathLike, hw: tuple[int, int]) -> np.ndarray:
             f"{path}: size {ids.shape[1]}x{ids.shape[0]} differs from the label's {hw[1]}x{hw[0]}"
         )
     present = np.unique(ids)
+    if table is not None and table.name != "cityscapes":
+        return _own_ids_to_pred(path, ids, present, table)
     _refuse_train_ids(path, [int(v) for v in present])
     unknown = [int(v) for v in present if int(v) not in VALID_LABEL_IDS]
     if unknown:
@@ -582,6 +651,25 @@ def read_prediction(path: PathLike, hw: tuple[int, int]) -> np.ndarray:
             f"0-{max(VALID_LABEL_IDS)})"
         )
     return label_ids_to_pred(ids.astype(np.uint8))
+
+
+def _own_ids_to_pred(path: PathLike, ids: np.ndarray, present: np.ndarray, table: Any) -> Any:
+    """A prediction in the data set's own ids -> train ids; 255 (and ADE20K's 0) -> no class."""
+    from segcompare.data.labels import IGNORE_INDEX
+
+    lut = np.full(max(256, int(present.max()) + 1), -1, dtype=np.int16)
+    lut[list(table.own_ids)] = np.arange(table.num_classes)
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    if table.reduce_zero_label:
+        lut[0] = IGNORE_INDEX  # "other": a prediction of no class (a false negative)
+    unknown = [int(v) for v in present if lut[int(v)] < 0]
+    if unknown:
+        ids_text = f"{min(table.own_ids)}..{max(table.own_ids)}"
+        raise SegcompareError(
+            f"{path}: unknown label ids {unknown[:8]} ({table.name} predictions hold its own "
+            f"label ids {ids_text}; write them with `segcompare predict --format labelid`)"
+        )
+    return lut[ids.astype(np.int64)].astype(np.uint8)
 
 
 def _refuse_train_ids(path: PathLike, values: list[int]) -> None:
@@ -615,14 +703,17 @@ class _PredictionPairs:
         from segcompare.data.cityscapes import (
             label_path,
             read_instances,
-            read_train_ids,
             sample_name,
         )
 
         image_path, label_file = self.dataset.samples[index]
+        table = _table(self.dataset)
+        label = self.dataset.read_train_ids(label_file)
+        pred = read_prediction(self.predictions[index], label.shape, table)
+        item = {"pred": pred, "label": label}
+        if table.name != "cityscapes":
+            return item
         city, name = Path(image_path).parent.name, sample_name(image_path)
-        label = read_train_ids(label_file)
-        item = {"pred": read_prediction(self.predictions[index], label.shape), "label": label}
         inst_file = label_path(self.dataset.root, self.dataset.split, city, name, "instanceIds")
         if inst_file.exists():
             item["instances"] = read_instances(inst_file)
@@ -635,11 +726,11 @@ def evaluate_prediction_files(
     """Score existing labelIds prediction PNGs (from segcompare or any other tool) against a
     `CityscapesDataset`'s labels, exactly as `evaluate_model` scores a model. Samples without a
     gtFine instanceIds file count for everything but iIoU."""
-    from segcompare.data.cityscapes import sample_name
-
-    names = [sample_name(image) for image, _ in dataset.samples]
-    pairs = _PredictionPairs(dataset, find_predictions(pred_dir, names))
-    cm = ConfusionMatrix()
+    table = _table(dataset)
+    names = dataset.names
+    predictions = find_predictions(pred_dir, names, table.name == "cityscapes")
+    pairs = _PredictionPairs(dataset, predictions)
+    cm = ConfusionMatrix(table)
     without_instances = 0
     start = time.perf_counter()
     share = _share(pairs)
@@ -655,13 +746,13 @@ def evaluate_prediction_files(
         count = torch.tensor([without_instances])
         dist.all_reduce(count)
         without_instances = int(count.item())
-    if without_instances and rank == 0:
+    if without_instances and rank == 0 and table.name == "cityscapes":
         log.warning(
             "%d of %d samples have no instanceIds file: iIoU leaves them out",
             without_instances,
             len(names),
         )
-    return {**cm.compute(), **_throughput(len(share), seconds)}
+    return {**_computed(cm, dataset), **_throughput(len(share), seconds)}
 
 
 def run_eval(
@@ -676,6 +767,7 @@ def run_eval(
     meta: Optional[dict[str, Any]] = None,
     model_classes: Optional[Sequence[str]] = None,
     map_classes: bool = False,
+    layout: Optional[str] = None,
 ) -> dict[str, Any]:
     """`segcompare eval`: score a model (`scores`, e.g. `Predictor.scores`) or the labelIds PNGs
     in `pred_dir` on a split. Returns the metrics with `meta`, the data, the split, the wall time
@@ -691,15 +783,18 @@ def run_eval(
     if pred_dir is not None:
         if save_pred_dir is not None:
             raise SegcompareError("--pred-dir scores existing files: drop --save-pred")
-        results = evaluate_prediction_files(pred_dir, eval_dataset(data_root, split), workers)
+        dataset = eval_dataset(data_root, split, layout=layout)
+        results = evaluate_prediction_files(pred_dir, dataset, workers)
         meta = {"model": None, "weights": None, "mode": "pred-dir", "size": None,
                 "pred_dir": str(pred_dir), **(meta or {})}  # fmt: skip
     else:
         from segcompare.data.transforms import build_test_transform
 
-        dataset = eval_dataset(data_root, split, build_test_transform())
+        dataset = eval_dataset(data_root, split, build_test_transform(), layout=layout)
         model_name = (meta or {}).get("weights") or (meta or {}).get("model") or "the model"
-        order = match_classes(model_classes, CLASS_NAMES, map_classes, model=str(model_name))
+        order = match_classes(
+            model_classes, _table(dataset).names, map_classes, model=str(model_name)
+        )
         results = evaluate_model(
             scores, dataset, batch_size, workers, save_pred_dir, class_order=order
         )

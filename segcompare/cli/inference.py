@@ -23,15 +23,20 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     _add_model_options(p)
     p.add_argument(
-        "--pred-dir", metavar="DIR", help="score the labelIds PNGs in DIR instead of a model "
-        "(file names contain <city>_<seq>_<frame>)",
+        "--pred-dir", metavar="DIR", help="score the prediction PNGs in DIR instead of a model, "
+        "in the data set's own label ids: Cityscapes labelIds (names contain "
+        "<city>_<seq>_<frame>), ADE20K 1..150 or a folder set's indices (<image stem>.png)",
     )  # fmt: skip
-    p.add_argument("--data", required=True, metavar="ROOT", help="Cityscapes root folder")
+    p.add_argument("--data", required=True, metavar="ROOT",
+                   help="data set folder: Cityscapes, ADE20K or a folder of img_dir/ + ann_dir/")
+    p.add_argument("--layout", choices=("cityscapes", "ade20k", "folder"),
+                   help="the data set's layout (default: detected from the folder)")
     p.add_argument("--split", default="val", help="split (default val)")
     p.add_argument("--batch", type=int, default=1, metavar="N", help="images per batch (1)")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="loader processes (2)")
     p.add_argument("--json", metavar="F", help="write the results to this JSON file")
-    p.add_argument("--save-pred", metavar="DIR", help="also write the predictions (labelIds PNGs)")
+    p.add_argument("--save-pred", metavar="DIR",
+                   help="also write the predictions (PNGs in the data set's own label ids)")
     p.add_argument(
         "--map-classes", action="store_true", help="score a model whose classes differ from the "
         "data set's by class name (each data-set class must be one of the model's)",
@@ -55,7 +60,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     rank, _ = init_distributed()  # under torchrun: each process scores its share of the images
     if args.pred_dir:
         results = run_eval(args.data, args.split, pred_dir=args.pred_dir, batch_size=args.batch,
-                           workers=args.workers, save_pred_dir=args.save_pred)
+                           workers=args.workers, save_pred_dir=args.save_pred,
+                           layout=args.layout)
     else:
         predictor = _predictor(_inference_settings(args), args.model, args.weights)
         classes = getattr(predictor.model, "classes", None)  # the file's, where it names them
@@ -64,7 +70,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         results = run_eval(args.data, args.split, scores=predictor.scores, batch_size=args.batch,
                            workers=args.workers, save_pred_dir=args.save_pred, meta=meta,
                            model_classes=classes.names if classes else None,
-                           map_classes=args.map_classes)
+                           map_classes=args.map_classes, layout=args.layout)
     if rank != 0:
         return 0  # rank 0 holds the summed counts too, and reports
     print(format_results(results))

@@ -67,7 +67,7 @@ def save_weights(
     model: nn.Module,
     path: PathLike,
     class_names: Optional[list[str]] = None,
-    classes: Optional[ClassTable] = None,
+    class_table: Optional[ClassTable] = None,
 ) -> Path:
     """Write `model` as our safetensors file, with the metadata that rebuilds it alone.
 
@@ -75,11 +75,11 @@ def save_weights(
     `build_model` settings), version (of segcompare), and its classes: class_table (JSON:
     `ClassTable.to_json`, names, colours, ignore index, reduce_zero_label, label ids),
     class_names and palette (JSON lists, the same names and colours for readers of the names
-    alone). `classes` (a table) or `class_names`, else `model_classes(model)`.
+    alone). `class_table` (a table) or `class_names`, else `model_classes(model)`.
     """
     if not getattr(model, "variant", None) or getattr(model, "settings", None) is None:
         raise ValueError("save_weights needs a model made by build_model (variant, settings)")
-    table = classes if classes is not None else model_classes(model, class_names)
+    table = class_table if class_table is not None else model_classes(model, class_names)
     if table.num_classes != num_classes_of(model):
         raise SegcompareError(
             f"a table of {table.num_classes} classes for a model with {num_classes_of(model)}"
@@ -235,7 +235,7 @@ def convert_checkpoint(
     table = spec.classes if spec.num_classes == classes else None
     names = list(table.names) if table is not None else None
     if str(dst).endswith(".safetensors"):
-        save_weights(model, dst, classes=table)
+        save_weights(model, dst, class_table=table)
         what = "segcompare safetensors"
     else:
         export_hf(model, dst, class_names=names)
