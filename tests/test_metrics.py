@@ -130,3 +130,46 @@ def test_ade20k_reduce_zero_label_equals_numpy():
         cm.update(torch.from_numpy(p), reduced)
     ref = _mmseg_metrics(preds, targets, 150)
     assert _check(cm.compute(), ref, ADE20K.names) == 6 * 150
+
+
+def test_an_ade20k_folder_scored_end_to_end_equals_numpy(tmp_path):
+    """A hand-made ADEChallengeData2016 folder (annotations 0..150, 0 = 'other') and prediction
+    PNGs in ADE20K's own ids 1..150 (what its benchmark server takes), scored by `segcompare
+    eval --pred-dir`: every figure equals mmseg's IoUMetric in NumPy after mmseg's
+    reduce_zero_label."""
+    import json
+
+    from PIL import Image
+
+    from segcompare.cli import main
+
+    rng = np.random.default_rng(3)
+    root = tmp_path / "ADEChallengeData2016"
+    preds, targets = [], []
+    for name, hw in (("ADE_val_00000001", (40, 56)), ("ADE_val_00000002", (48, 32))):
+        for sub in ("images/validation", "annotations/validation", "../pred"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(
+            root / "images/validation" / f"{name}.jpg"
+        )
+        annotation = rng.integers(0, 151, hw).astype(np.uint8)
+        annotation[:6] = 0  # 'other'
+        annotation[-4:] = rng.choice([5, 7, 12], (4, hw[1]))  # a few classes many times
+        Image.fromarray(annotation).save(root / "annotations/validation" / f"{name}.png")
+        target = _reduce_zero_label(annotation)
+        pred = np.where(rng.random(hw) < 0.6, target % 150, rng.integers(0, 150, hw))
+        Image.fromarray((pred + 1).astype(np.uint8)).save(tmp_path / "pred" / f"{name}.png")
+        preds.append(pred)
+        targets.append(target)
+    out = tmp_path / "r.json"
+    rc = main(["eval", "--pred-dir", str(tmp_path / "pred"), "--data", str(root),
+               "--workers", "0", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    ours = json.loads(out.read_text())
+    nan = float("nan")
+    for entry in ours["per_class"].values():  # JSON null is NaN
+        entry.update({k: nan if v is None else v for k, v in entry.items()})
+    ref = _mmseg_metrics(preds, targets, 150)
+    assert list(ours["per_class"]) == list(ADE20K.names)
+    assert _check(ours, ref, ADE20K.names) == 6 * 150
+    assert "miiou" not in ours and ours["num_images"] == 2
