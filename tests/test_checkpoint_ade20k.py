@@ -27,6 +27,7 @@ import torch
 from reference import load_manifest, seeded_state_dict
 
 from segcompare import cli
+from segcompare.data.labels import ADE20K
 from segcompare.models import build_model
 from segcompare.models.checkpoint import describe_weights, read_checkpoint
 from segcompare.utils import SegcompareError
@@ -115,6 +116,7 @@ def test_hrnet_ade20k_4312_release(tmp_path):
     spec = describe_weights(path)
     assert (spec.variant, spec.num_classes, spec.class_names) == ("hrnet-w18-small-v1", ADE, None)
     model = build_model(weights=path)
+    assert model.classes is ADE20K  # 150 classes without names: ADE20K's table
     assert torch.equal(model.state_dict()["last_layer.3.weight"], state["last_layer.3.weight"])
 
 
