@@ -663,6 +663,8 @@ def run_eval(
     save_pred_dir: Optional[PathLike] = None,
     meta: Optional[dict[str, Any]] = None,
     layout: Optional[str] = None,
+    reduce_zero_label: Optional[bool] = None,
+    ignore_index: Optional[int] = None,
 ) -> dict[str, Any]:
     """`segcompare eval`: score a model (`scores`, e.g. `Predictor.scores`) or the labelIds PNGs
     in `pred_dir` on a split. Returns the metrics with `meta`, the data, the split, the wall time
@@ -676,14 +678,15 @@ def run_eval(
     if pred_dir is not None:
         if save_pred_dir is not None:
             raise SegcompareError("--pred-dir scores existing files: drop --save-pred")
-        dataset = eval_dataset(data_root, split, layout=layout)
+        dataset = eval_dataset(data_root, split, None, layout, reduce_zero_label, ignore_index)
         results = evaluate_prediction_files(pred_dir, dataset, workers)
         meta = {"model": None, "weights": None, "mode": "pred-dir", "size": None,
                 "pred_dir": str(pred_dir), **(meta or {})}  # fmt: skip
     else:
         from segcompare.data.transforms import build_test_transform
 
-        dataset = eval_dataset(data_root, split, build_test_transform(), layout=layout)
+        dataset = eval_dataset(data_root, split, build_test_transform(), layout,
+                               reduce_zero_label, ignore_index)
         results = evaluate_model(scores, dataset, batch_size, workers, save_pred_dir)
     seconds = time.perf_counter() - start
     results.update(meta or {}, data=str(data_root), split=split, seconds=round(seconds, 3))

@@ -137,7 +137,7 @@ def _key(path: Path, base: Path, suffixes: tuple[str, ...]) -> Optional[str]:
     """The pairing key of a file under `base`: its relative path without the suffix."""
     rel = path.relative_to(base).as_posix()
     for suffix in suffixes:
-        if rel.lower().endswith(suffix):
+        if rel.lower().endswith(suffix.lower()):
             return rel[: -len(suffix)]
     return None
 
