@@ -33,8 +33,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     c.add_argument("root", metavar="ROOT", help="the data set root")
     _add_layout_options(c)
     c.add_argument("--split", metavar="S[,S]", help="splits to check (default: all present)")
-    c.add_argument("--histogram", default="class_histogram.png", metavar="PNG",
-                   help="where to draw the pixels per class (class_histogram.png; '' for none)")
+    c.add_argument("--histogram", metavar="PNG",
+                   help="also draw the pixels per class and split there (class_histogram.png)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --histogram")
     c.add_argument(
         "--workers", type=at_least(0), metavar="N", help="processes (default: all cores)"
