@@ -445,3 +445,47 @@ def test_lonely_files_are_errors_naming_the_file(folder5):
     (root / "ann_dir" / "val" / "im2.png").unlink()
     with pytest.raises(SegcompareError, match=r"im2\.png: image without a mask"):
         CityscapesDataset(root, "val")
+
+
+# --- predict and video read the class table the weights carry ------------------------------------
+@pytest.mark.parametrize("which", ["ade20k", "folder5"])
+def test_predict_labelid_writes_the_data_sets_own_ids(tmp_path, capsys, which):
+    import torch
+
+    from segcompare.data.labels import ADE20K, ClassTable
+    from segcompare.models import build_model
+    from segcompare.models.save import save_weights
+
+    if which == "ade20k":
+        table = ADE20K  # its own ids: 1..150, from the fixture below
+        ref = json.loads((Path(__file__).parent / "fixtures/ade20k_mmseg_metainfo.json")
+                         .read_text())
+        own = np.arange(1, len(ref["classes"]) + 1)
+    else:
+        table = ClassTable("folder", tuple(NAMES5), tuple(map(tuple, COLOURS5)),
+                           label_ids=tuple(range(5)))
+        own = np.arange(5)
+    torch.manual_seed(0)
+    model = build_model("segformer-b0", num_classes=table.num_classes, depths=(1, 1, 1, 1),
+                        embed_dims=(8, 16, 24, 32), decoder_dim=16, num_heads=(1, 1, 1, 1))
+    weights = save_weights(model, tmp_path / "w.safetensors", class_table=table)
+    image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    _save(tmp_path / "in" / "x.png", image)
+    for fmt in ("trainid", "labelid", "color"):
+        assert main(["predict", str(tmp_path / "in"), "--weights", str(weights), "--out",
+                     str(tmp_path / fmt), "--format", fmt, "--mode", "whole"]) == 0
+    train = np.array(Image.open(tmp_path / "trainid" / "x.png"))
+    label = np.array(Image.open(tmp_path / "labelid" / "x.png"))
+    colour = np.array(Image.open(tmp_path / "color" / "x.png"))
+    assert np.array_equal(label, own[train])
+    assert np.array_equal(colour, np.array(table.palette, np.uint8)[train])
+
+
+def test_video_legend_names_the_class_tables_classes():
+    from segcompare.data.labels import ClassTable
+    from segcompare.infer.video import legend
+
+    table = ClassTable("folder", ("a", "b"), ((1, 200, 3), (250, 4, 5)))
+    strip = legend(400, 18, 2, table)
+    colours = {tuple(c) for c in strip.reshape(-1, 3).tolist()}
+    assert (1, 200, 3) in colours and (250, 4, 5) in colours

@@ -63,6 +63,7 @@ def build_model(
     """
     check_num_classes(num_classes)
     asked = num_classes  # the caller's number; the file's is used only when none is asked
+    table = None  # the data set's classes the file was trained on, if it says
     if weights is not None:
         spec = describe_weights(weights, name)
         if spec.variant is None:
@@ -73,11 +74,13 @@ def build_model(
         name, weights = spec.variant, spec.checkpoint
         overrides = {**spec.settings, **overrides}
         num_classes = num_classes or spec.num_classes
+        table = spec.class_table if num_classes == spec.num_classes else None
     elif name is None:
         raise SegcompareError("build_model needs a model name, or weights= to read it from")
     model = create(name, num_classes or 19, **overrides)
     if weights is not None:
         load_weights(model, weights, num_classes=asked)
+    model.class_table = table  # names, colours and label ids for predict, video and export
     return model
 
 

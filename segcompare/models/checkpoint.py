@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from segcompare.data.labels import ClassTable
 from segcompare.models import convert, hub
 from segcompare.models.hub import HF_BIN_NAME, HF_CONFIG_NAME, HF_INDEX_NAME, WEIGHTS_NAME
 from segcompare.models.variants import (
@@ -510,6 +511,7 @@ class WeightsSpec:
     num_classes: Optional[int]  # None for a backbone-only file
     settings: dict[str, Any]  # our metadata's settings, else {}
     class_names: Optional[list[str]]
+    class_table: Optional[ClassTable] = None  # our metadata's data set classes (train saves it)
 
 
 def describe_weights(
@@ -540,6 +542,7 @@ def describe_weights(
                 num_classes,
                 _tuples(json.loads(meta["settings"])) if same else {},
                 json.loads(meta["class_names"]),
+                _class_table(meta, num_classes, checkpoint.source),
             )
         except (KeyError, ValueError) as err:
             raise SegcompareError(
@@ -552,6 +555,18 @@ def describe_weights(
         cls_weight = state.get(FAMILIES[family_of(variant)].classifier_prefix + "weight")
         num_classes = int(cls_weight.shape[0]) if cls_weight is not None else None
     return WeightsSpec(checkpoint, variant, num_classes, {}, _hf_class_names(meta, num_classes))
+
+
+def _class_table(meta: Mapping[str, str], num_classes: int, source: Any) -> Optional[ClassTable]:
+    """Our metadata's class table (written by training: the data set's names, colours, label
+    ids), checked against the file's class count."""
+    if "class_table" not in meta:
+        return None
+    table = ClassTable.from_json(json.loads(meta["class_table"]))
+    if table.num_classes != num_classes:
+        raise SegcompareError(f"{source}: its class table has {table.num_classes} classes, its "
+                              f"classifier {num_classes}; the file is inconsistent")
+    return table
 
 
 def _try_convert(checkpoint: Checkpoint) -> tuple[Format, StateDict]:
