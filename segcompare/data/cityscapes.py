@@ -1,4 +1,6 @@
-"""Cityscapes on disk: the dataset, the layout check and the labelTrainIds conversion.
+"""The dataset of every layout (`CityscapesDataset`: Cityscapes, ADE20K or a folder set, see
+`segcompare.data.layouts`), and for Cityscapes on disk its own check and the labelTrainIds
+conversion.
 
 The layout (as downloaded from cityscapes-dataset.com; the synthetic set uses it too)::
 
