@@ -768,12 +768,14 @@ def run_eval(
     model_classes: Optional[Sequence[str]] = None,
     map_classes: bool = False,
     layout: Optional[str] = None,
+    reduce_zero_label: Optional[bool] = None,
+    ignore_index: Optional[int] = None,
 ) -> dict[str, Any]:
     """`segcompare eval`: score a model (`scores`, e.g. `Predictor.scores`) or the labelIds PNGs
     in `pred_dir` on a split. Returns the metrics with `meta`, the data, the split, the wall time
     and images per second in total, and per process ("world_size", "processes"; several under
     torchrun, each scoring its share of the images). `model_classes`: the model's class names
-    (`model.classes.names`), checked against the data set's (`match_classes`; `map_classes`: by
+    (`model.class_table.names`), checked against the data set's (`match_classes`; `map_classes`: by
     name)."""
     if (scores is None) == (pred_dir is None):
         raise SegcompareError("score either a model or a folder of predictions, not both")
@@ -783,14 +785,15 @@ def run_eval(
     if pred_dir is not None:
         if save_pred_dir is not None:
             raise SegcompareError("--pred-dir scores existing files: drop --save-pred")
-        dataset = eval_dataset(data_root, split, layout=layout)
+        dataset = eval_dataset(data_root, split, None, layout, reduce_zero_label, ignore_index)
         results = evaluate_prediction_files(pred_dir, dataset, workers)
         meta = {"model": None, "weights": None, "mode": "pred-dir", "size": None,
                 "pred_dir": str(pred_dir), **(meta or {})}  # fmt: skip
     else:
         from segcompare.data.transforms import build_test_transform
 
-        dataset = eval_dataset(data_root, split, build_test_transform(), layout=layout)
+        dataset = eval_dataset(data_root, split, build_test_transform(), layout,
+                               reduce_zero_label, ignore_index)
         model_name = (meta or {}).get("weights") or (meta or {}).get("model") or "the model"
         order = match_classes(
             model_classes, _table(dataset).names, map_classes, model=str(model_name)

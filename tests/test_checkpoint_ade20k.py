@@ -116,7 +116,7 @@ def test_hrnet_ade20k_4312_release(tmp_path):
     spec = describe_weights(path)
     assert (spec.variant, spec.num_classes, spec.class_names) == ("hrnet-w18-small-v1", ADE, None)
     model = build_model(weights=path)
-    assert model.classes is ADE20K  # 150 classes without names: ADE20K's table
+    assert model.class_table is ADE20K  # 150 classes without names: ADE20K's table
     assert torch.equal(model.state_dict()["last_layer.3.weight"], state["last_layer.3.weight"])
 
 
@@ -166,10 +166,10 @@ def test_a_model_of_other_classes_is_refused_or_mapped_by_name(tmp_path):
     path = tmp_path / "reversed.safetensors"
     save_weights(model, path, class_names=list(reversed(CLASS_NAMES)))
     loaded = build_model(weights=path)
-    assert loaded.classes.names == tuple(reversed(CLASS_NAMES))
+    assert loaded.class_table.names == tuple(reversed(CLASS_NAMES))
     with pytest.raises(SegcompareError, match="class 0 is 'bicycle' in .* 'road' in the data"):
-        match_classes(loaded.classes.names, CLASS_NAMES, model=str(path))
-    order = match_classes(loaded.classes.names, CLASS_NAMES, by_name=True)
+        match_classes(loaded.class_table.names, CLASS_NAMES, model=str(path))
+    order = match_classes(loaded.class_table.names, CLASS_NAMES, by_name=True)
     assert order == list(range(18, -1, -1))  # road is the model's last channel, and so on
     # a 150-class ADE20K model on a 3-class data set: by name, where every name is the model's
     assert match_classes(ADE_NAMES, ["sky", "wall"], by_name=True) == [2, 0]
@@ -179,7 +179,7 @@ def test_a_model_of_other_classes_is_refused_or_mapped_by_name(tmp_path):
         match_classes(ADE_NAMES, ADE_NAMES[:2])
     assert match_classes(None, CLASS_NAMES) is None  # a file without names: only its count
     # a classifier that starts anew has no names
-    assert build_model(weights=path, num_classes=5).classes is None
+    assert build_model(weights=path, num_classes=5).class_table is None
 
 
 def test_huggingface_ade_directory_keeps_its_id2label(tmp_path):
@@ -194,7 +194,7 @@ def test_huggingface_ade_directory_keeps_its_id2label(tmp_path):
     transformers.SegformerForSemanticSegmentation(config).save_pretrained(tmp_path / "hf")
     spec = describe_weights(tmp_path / "hf")
     assert (spec.variant, spec.num_classes, spec.class_names) == ("segformer-b0", ADE, ADE_NAMES)
-    assert build_model(weights=tmp_path / "hf").classes.names == tuple(ADE_NAMES)
+    assert build_model(weights=tmp_path / "hf").class_table.names == tuple(ADE_NAMES)
     out = tmp_path / "b0.safetensors"
     assert cli.main(["convert", str(tmp_path / "hf"), str(out)]) == 0
     assert json.loads(read_checkpoint(out).metadata["class_names"]) == ADE_NAMES

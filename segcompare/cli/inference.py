@@ -11,6 +11,7 @@ from segcompare.cli.args import (
     _model_list,
     _predictor,
 )
+from segcompare.cli.data import _add_layout_options, _layout_values
 
 
 # --- segcompare eval ---------------------------------------------------------------------------
@@ -29,8 +30,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--data", required=True, metavar="ROOT",
                    help="data set folder: Cityscapes, ADE20K or a folder of img_dir/ + ann_dir/")
-    p.add_argument("--layout", choices=("cityscapes", "ade20k", "folder"),
-                   help="the data set's layout (default: detected from the folder)")
+    _add_layout_options(p)
     p.add_argument("--split", default="val", help="split (default val)")
     p.add_argument("--batch", type=int, default=1, metavar="N", help="images per batch (1)")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="loader processes (2)")
@@ -61,16 +61,16 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.pred_dir:
         results = run_eval(args.data, args.split, pred_dir=args.pred_dir, batch_size=args.batch,
                            workers=args.workers, save_pred_dir=args.save_pred,
-                           layout=args.layout)
+                           **_layout_values(args))
     else:
         predictor = _predictor(_inference_settings(args), args.model, args.weights)
-        classes = getattr(predictor.model, "classes", None)  # the file's, where it names them
+        classes = predictor.class_table  # the file's classes, where it says what they are
         meta = predictor.describe()
         meta = {"model": meta.pop("model"), "weights": args.weights, **meta}
         results = run_eval(args.data, args.split, scores=predictor.scores, batch_size=args.batch,
                            workers=args.workers, save_pred_dir=args.save_pred, meta=meta,
                            model_classes=classes.names if classes else None,
-                           map_classes=args.map_classes, layout=args.layout)
+                           map_classes=args.map_classes, **_layout_values(args))
     if rank != 0:
         return 0  # rank 0 holds the summed counts too, and reports
     print(format_results(results))

@@ -1,4 +1,6 @@
-"""Cityscapes on disk: the dataset, the layout check and the labelTrainIds conversion.
+"""The dataset of every layout (`CityscapesDataset`: Cityscapes, ADE20K or a folder set, see
+`segcompare.data.layouts`), and for Cityscapes on disk its own check and the labelTrainIds
+conversion.
 
 The layout (as downloaded from cityscapes-dataset.com; the synthetic set uses it too)::
 
@@ -11,6 +13,7 @@ The layout (as downloaded from cityscapes-dataset.com; the synthetic set uses it
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import re
@@ -417,7 +420,14 @@ def check_sample(root: str, split: str, image_path: str) -> list[str]:
         if not path.exists():
             problems.append(f"{path}: missing ({kind} of {image_file.name})")
             continue
-        array = load(path)
+        if kind in ("labelIds", "labelTrainIds"):  # as eval and train read them (read_mask)
+            try:
+                array = read_mask(path)
+            except BadSampleError as err:
+                problems.append(str(err))
+                continue
+        else:
+            array = load(path)
         if array is None or not same_size(path, array):
             continue
         if kind in ("labelIds", "labelTrainIds", "instanceIds") and array.ndim != 2:
@@ -440,6 +450,19 @@ def check_sample(root: str, split: str, image_path: str) -> list[str]:
             n = int((cls != ids).sum())
             problems.append(f"{label_path(root, split, city, name, 'instanceIds')}: {n} pixels "
                             f"disagree with labelIds")
+    polygons = label_path(root, split, city, name, "polygons")
+    if polygons.exists():
+        try:
+            json.loads(polygons.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            problems.append(f"{polygons}: truncated or not JSON ({err}); restore it from the "
+                            "download")
+    ids_path = label_path(root, split, city, name, "labelIds")
+    if trainids_path.exists() and ids_path.exists():
+        try:
+            _refuse_stale(trainids_path, ids_path)
+        except BadSampleError as err:
+            problems.append(f"{err} (eval and train refuse it)")
     if "labelTrainIds" in arrays:
         train = arrays["labelTrainIds"]
         if ids is not None and not np.array_equal(train, ID_TO_TRAIN_ID[ids]):
@@ -459,6 +482,10 @@ def check_dataset(
     report = CheckReport(str(root))
     if not (root / "leftImg8bit").is_dir():
         raise SegcompareError(f"{root}: no leftImg8bit/ folder; is this a Cityscapes root?")
+    for s in SPLITS:  # a split that is a file is not a split: say so rather than skip it
+        for folder in (root / "leftImg8bit" / s, root / label_dir(s) / s):
+            if folder.exists() and not folder.is_dir():
+                report.problems.append(f"{folder}: split {s!r} is a file, not a folder")
     splits = list(splits) if splits else available_splits(root)
     tasks: list[tuple[str, str, str]] = []
     for split in splits:

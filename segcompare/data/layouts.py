@@ -137,7 +137,7 @@ def _key(path: Path, base: Path, suffixes: tuple[str, ...]) -> Optional[str]:
     """The pairing key of a file under `base`: its relative path without the suffix."""
     rel = path.relative_to(base).as_posix()
     for suffix in suffixes:
-        if rel.lower().endswith(suffix):
+        if rel.lower().endswith(suffix.lower()):
             return rel[: -len(suffix)]
     return None
 
@@ -312,6 +312,10 @@ def read_mask(path: PathLike, data: Optional[np.ndarray] = None) -> np.ndarray:
     colour image, a value above 255 or an undecodable file is a `BadSampleError` naming the file."""
     from PIL import Image
 
+    if data is None:  # the common case (an 8-bit grey PNG) decoded by OpenCV, which is faster
+        fast = _decode_grey_cv2(path)
+        if fast is not None:
+            return fast
     try:
         with Image.open(path if data is None else _bytes_io(data)) as im:
             im.load()
@@ -336,6 +340,23 @@ def read_mask(path: PathLike, data: Optional[np.ndarray] = None) -> np.ndarray:
                 f"{path}: {array.dtype} mask holds value {high}; label values must be 0..255"
             )
         array = array.astype(np.uint8)
+    return array
+
+
+def _decode_grey_cv2(path: PathLike) -> Optional[np.ndarray]:
+    """An 8-bit single-channel PNG as stored, by OpenCV; None for anything else (palette images,
+    which OpenCV turns into colours, 16-bit, undecodable files: Pillow reads those by the rule)."""
+    import cv2
+
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+        array = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
+    except (OSError, cv2.error):
+        return None
+    if array is None or array.ndim != 2 or array.dtype != np.uint8:
+        return None
+    if raw[:8].tobytes() == b"\x89PNG\r\n\x1a\n" and raw.size > 25 and raw[25] == 3:
+        return None  # a palette PNG (IHDR colour type 3): its indices, never its colours
     return array
 
 

@@ -556,13 +556,14 @@ class WeightsSpec:
     # and colours (ours, mmseg's meta PALETTE), one per class; None where the file has none.
     class_names: Optional[list[str]]
     palette: Optional[list[list[int]]] = None
-    table: Optional[ClassTable] = None  # our metadata's class_table
+    class_table: Optional[ClassTable] = None  # our metadata's data set classes (train saves it)
 
     @property
     def classes(self) -> Optional[ClassTable]:
-        """The file's classes as one table (`classes_table`), None where nothing names them."""
-        if self.table is not None:
-            return self.table
+        """The file's classes as one table: our metadata's, else `classes_table` of its names;
+        None where nothing says what they are."""
+        if self.class_table is not None:
+            return self.class_table
         return classes_table(self.class_names, self.palette, self.num_classes)
 
 
@@ -626,9 +627,7 @@ def describe_weights(
                 _tuples(json.loads(meta["settings"])) if same else {},
                 json.loads(meta["class_names"]),
                 json.loads(meta["palette"]) if "palette" in meta else None,
-                ClassTable.from_json(json.loads(meta["class_table"]))
-                if "class_table" in meta
-                else None,
+                _class_table(meta, num_classes, checkpoint.source),
             )
         except (KeyError, ValueError) as err:
             raise SegcompareError(
@@ -651,6 +650,18 @@ def describe_weights(
             )
     names = names or _hf_class_names(meta, num_classes)
     return WeightsSpec(checkpoint, variant, num_classes, {}, names, palette)
+
+
+def _class_table(meta: Mapping[str, str], num_classes: int, source: Any) -> Optional[ClassTable]:
+    """Our metadata's class table (written by training: the data set's names, colours, label
+    ids), checked against the file's class count."""
+    if "class_table" not in meta:
+        return None
+    table = ClassTable.from_json(json.loads(meta["class_table"]))
+    if table.num_classes != num_classes:
+        raise SegcompareError(f"{source}: its class table has {table.num_classes} classes, its "
+                              f"classifier {num_classes}; the file is inconsistent")
+    return table
 
 
 def _try_convert(checkpoint: Checkpoint) -> tuple[Format, StateDict]:

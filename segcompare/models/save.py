@@ -47,7 +47,7 @@ def num_classes_of(model: nn.Module) -> int:
 
 def model_classes(model: nn.Module, class_names: Optional[list[str]] = None) -> ClassTable:
     """The table of a model's classes: one of `class_names` (colours: generated, or Cityscapes'
-    / ADE20K's where the names are theirs), else the model's own (`model.classes`: its file's,
+    / ADE20K's where the names are theirs), else the model's own (`model.class_table`: its file's,
     or the data set it was trained on), else `generic_table(K)` (Cityscapes' for 19 classes)."""
     num_classes = num_classes_of(model)
     if class_names is not None:
@@ -57,7 +57,7 @@ def model_classes(model: nn.Module, class_names: Optional[list[str]] = None) -> 
             )
         named = classes_table([str(n) for n in class_names], None, num_classes)
         return named or generic_table(num_classes)  # placeholder names class_0, ...
-    table = getattr(model, "classes", None)
+    table = getattr(model, "class_table", None)
     if table is not None and table.num_classes == num_classes:
         return table
     return generic_table(num_classes)

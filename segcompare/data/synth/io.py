@@ -223,6 +223,7 @@ def make_synthetic_layout(
         lut, names, colours = _folder_lut(classes)
         folders, image_ext, dirs = ("train", "val"), ".png", ("img_dir", "ann_dir")
         palette = [v for c in colours for v in c]
+        palette += [0] * (768 - len(palette))  # 256 entries: an 8-bit PNG, 255 kept as is
 
     def fill(tmp: Path) -> None:
         jobs = _sample_names(counts)
