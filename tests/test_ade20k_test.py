@@ -94,3 +94,23 @@ def test_hrnet_520_test_pads_and_crops():
     with torch.no_grad():
         unpadded = _up(_up(model.body(x), (400, 520)), (100, 130))
     assert (unpadded - expected).abs().max().item() > 1e-3
+
+
+def test_eval_on_an_ade20k_folder_runs_the_official_ade20k_test(tmp_path, capsys):
+    import json
+
+    from segcompare.cli import main
+    from segcompare.data.synth.io import make_synthetic_layout
+    from segcompare.models import build_model
+    from segcompare.models.save import save_weights
+
+    make_synthetic_layout(tmp_path / "ade", "ade20k", train=1, val=1, size=(64, 96), seed=0)
+    torch.manual_seed(0)
+    tiny = dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 24, 32), decoder_dim=16,
+                num_heads=(1, 1, 1, 1))  # fmt: skip
+    save_weights(build_model("segformer-b0", num_classes=150, **tiny), tmp_path / "m.safetensors")
+    out = tmp_path / "r.json"
+    assert main(["eval", "--weights", str(tmp_path / "m.safetensors"), "--data",
+                 str(tmp_path / "ade"), "--workers", "0", "--json", str(out)]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["mode"] == "whole" and len(result["per_class"]) == 150

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from segcompare.cli.args import (
     _add_model_options,
@@ -64,6 +65,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                            **_layout_values(args))
     else:
         predictor = _predictor(_inference_settings(args), args.model, args.weights)
+        _official_test_of_the_data(predictor, args)
         classes = predictor.class_table  # the file's classes, where it says what they are
         meta = predictor.describe()
         meta = {"model": meta.pop("model"), "weights": args.weights, **meta}
@@ -84,6 +86,21 @@ def _run_eval(args: argparse.Namespace) -> int:
         write_results(results, args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def _official_test_of_the_data(predictor: Any, args: argparse.Namespace) -> None:
+    """The family's official test of the data set's layout (ADE20K: SegFormer's AlignedResize,
+    HRNet's 520 test; `variants.Family.tests`), unless --mode says otherwise."""
+    import dataclasses
+
+    from segcompare.data.layouts import detect_layout
+    from segcompare.models.variants import FAMILIES
+
+    dataset = detect_layout(args.data, args.layout).name
+    s = predictor.settings
+    mode = args.mode or FAMILIES[s.family].test_for(dataset).mode
+    settings = dataclasses.replace(s, dataset=dataset, mode=mode)
+    predictor.settings = settings.resolved() if settings.aug_test else settings
 
 
 # --- segcompare predict ------------------------------------------------------------------------

@@ -562,9 +562,14 @@ class WeightsSpec:
     def classes(self) -> Optional[ClassTable]:
         """The file's classes as one table: our metadata's, else `classes_table` of its names;
         None where nothing says what they are."""
-        if self.class_table is not None:
+        if self.class_table is not None and not _placeholder(self.class_table.names):
             return self.class_table
         return classes_table(self.class_names, self.palette, self.num_classes)
+
+
+def _placeholder(names: Sequence[str]) -> bool:
+    """The names generic_table gives a K-class model that names none: class_0, class_1, ..."""
+    return len(names) != CITYSCAPES.num_classes and tuple(names) == generic_table(len(names)).names
 
 
 def classes_table(
@@ -576,12 +581,7 @@ def classes_table(
     it names none and has 19 or 150 classes: the data sets those counts are released for), else a
     table of its own names and colours (generated where it has none); None for a file without
     names of another count, or with only the placeholder names class_0, class_1, ... ."""
-    placeholder = (
-        names is not None
-        and len(names) != CITYSCAPES.num_classes
-        and tuple(names) == generic_table(len(names)).names
-    )
-    if names is None or placeholder:
+    if names is None or _placeholder(names):
         return {CITYSCAPES.num_classes: CITYSCAPES, ADE20K.num_classes: ADE20K}.get(num_classes)
     for known in (CITYSCAPES, ADE20K):
         if tuple(names) == known.names and (palette is None or _same_colours(palette, known)):

@@ -48,7 +48,8 @@ def num_classes_of(model: nn.Module) -> int:
 def model_classes(model: nn.Module, class_names: Optional[list[str]] = None) -> ClassTable:
     """The table of a model's classes: one of `class_names` (colours: generated, or Cityscapes'
     / ADE20K's where the names are theirs), else the model's own (`model.class_table`: its file's,
-    or the data set it was trained on), else `generic_table(K)` (Cityscapes' for 19 classes)."""
+    or the data set it was trained on), else Cityscapes' for 19 classes, ADE20K's for 150 and
+    `generic_table(K)` for any other K."""
     num_classes = num_classes_of(model)
     if class_names is not None:
         if len(class_names) != num_classes:
@@ -60,7 +61,8 @@ def model_classes(model: nn.Module, class_names: Optional[list[str]] = None) -> 
     table = getattr(model, "class_table", None)
     if table is not None and table.num_classes == num_classes:
         return table
-    return generic_table(num_classes)
+    # no names: Cityscapes' for 19 classes, ADE20K's for 150, else class_0, class_1, ...
+    return classes_table(None, None, num_classes) or generic_table(num_classes)
 
 
 def save_weights(
