@@ -463,6 +463,7 @@ def evaluate_model(
     progress: bool = True,
     on_batch: Optional[BatchHook] = None,
     class_order: Optional[Sequence[int]] = None,
+    confusion: Optional[ConfusionMatrix] = None,
 ) -> dict[str, Any]:
     """Score a model on a dataset and return `ConfusionMatrix.compute()` with `_throughput`'s
     "world_size" and "processes".
@@ -478,13 +479,15 @@ def evaluate_model(
         order: pred and labels N×H×W train ids on the scores' device (labels 255 = ignore),
         batch the loader's dict ("image", "label", "name", ...). For figures beyond the
         Cityscapes ones, measured in the same pass (the comparison report's).
+    confusion: the (empty) `ConfusionMatrix` to fill, e.g. one with per_image=True; a new one by
+        default. The caller reads it afterwards, summed over processes.
 
     Under torch.distributed (torchrun) each process scores its consecutive share of the images
     (`segcompare.utils.shard`), writes its own predictions and sees only those in `on_batch`;
     the counts are summed over processes, so the figures equal one process's bit for bit.
     """
     table = _table(dataset)
-    cm = ConfusionMatrix(table)
+    cm = ConfusionMatrix(table) if confusion is None else confusion
     start = time.perf_counter()
     share = _share(dataset)
     for batch in _batches(share, batch_size, workers, "eval", progress):

@@ -719,6 +719,7 @@ def train(
         last_loss = next((r["loss"] for r in reversed(run.records) if "loss" in r), math.nan)
         last_miou = next((r["val_mIoU"] for r in reversed(run.records) if "val_IoU" in r), None)
         stop, done = None, start_iter
+        t_loop = time.time()
         bar = tqdm(total=tc.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True,
                    desc=cfg.model.name, unit="it", position=bar_position)
         with _StopRequest() as stop_request, logging_redirect_tqdm():
@@ -773,6 +774,7 @@ def train(
             "minutes": minutes, "final_loss": last_loss, "val_mIoU": last_miou,
             "best_mIoU": run.best["mIoU"], "best_iter": run.best["iter"], "out": str(out),
             "model": cfg.model.name, "stopped_by": stop,
+            **_cost(run, start_iter, done, time.time() - t_loop, time.time() - t_start),
         }
         if master:
             run.records.append(summary)
@@ -793,6 +795,26 @@ def train(
         torch.set_num_threads(threads_before)
         if run_lock is not None:
             run_lock.close()  # releases the lock
+
+
+def _cost(run: Run, start_iter: int, done: int, loop_s: float, wall_s: float) -> dict:
+    """What the run cost, for the summary record (the comparison report's training cost): wall
+    time and training images/s (validation left out) of this process's session (a resumed run:
+    since `resumed_at`), peak memory and the device."""
+    device = run.device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        import platform
+
+        cpu = platform.processor() or platform.machine()
+        name = f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+    images = (done - start_iter) * run.cfg.train.batch_size
+    val_s = sum(r["val_time"] for r in run.records if "val_time" in r and r["iter"] > start_iter)
+    train_s = loop_s - val_s  # the loop less validation (checkpoints stay in: they are rare)
+    return {"wall_s": wall_s, "images_per_s": images / train_s if train_s > 0 else None,
+            "peak_memory_mb": _memory_mb(device), "device": name,
+            "processes": run.world, "resumed_at": start_iter}  # fmt: skip
 
 
 def summary_line(summary: dict) -> str:
