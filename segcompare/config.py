@@ -18,33 +18,43 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_type_h
 
 import yaml
 
-from segcompare.data.labels import NUM_CLASSES
+from segcompare.data.layouts import LAYOUTS
 from segcompare.utils import SegcompareError
 
 
 @dataclass
 class ModelConfig:
     name: str = ""  # a name of `segcompare models`, e.g. segformer-b0, hrnet-w48
-    num_classes: int = 19
+    num_classes: Optional[int] = None  # null: the data set's class count (its class table)
     # ImageNet weights for the backbone: a file or folder the checkpoint loader reads, or a hub
     # id written hf://owner/name; None: random init.
     pretrained: Optional[str] = None
+    # A whole segmentation checkpoint to start from (fine-tuning): a file, folder or
+    # hf://owner/name. Where its class count differs from num_classes only the classifier is
+    # initialised anew (the log names its tensors once). Not together with `pretrained`.
+    init: Optional[str] = None
     # keyword settings of the variant, passed to build_model (drop_path_rate, depths, ...)
     overrides: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DataConfig:
-    root: str = "data/cityscapes"  # a folder in the Cityscapes layout (leftImg8bit/, gtFine/)
+    root: str = "data/cityscapes"  # a data set folder (segcompare.data.layouts)
+    layout: Optional[str] = None  # cityscapes | ade20k | folder; null: detected from the folder
+    # null: the layout's rule (ADE20K: true, mmseg's; the others: false)
+    reduce_zero_label: Optional[bool] = None
     pipeline: str = "segformer"  # which paper's training augmentation: segformer | hrnet
     crop_size: Tuple[int, int] = (1024, 1024)  # (h, w) of the training crops
     # random rescale ratios; null: the pipeline's official range (segformer: mmseg's ratio_range
     # (0.5, 2.0); hrnet: 0.5 + random.randint(0, 16) / 10, 0.5 to 2.1 in steps of 0.1)
     scale_range: Optional[Tuple[float, float]] = None
     base_size: int = 2048  # long side of the image at scale 1.0 (Cityscapes: 2048)
+    # segformer: mmseg's Resize img_scale (long, short) at ratio 1.0; null: (base_size,
+    # base_size // 2), Cityscapes' (2048, 1024). ADE20K: (2048, 512), the short side to 512.
+    img_scale: Optional[Tuple[int, int]] = None
     train_split: str = "train"
     val_split: str = "val"
-    ignore_index: int = 255
+    ignore_index: int = 255  # the mask value that is ignored (255 always is)
 
 
 @dataclass
@@ -85,7 +95,9 @@ class TrainConfig:
     # "labelled": mean over labelled pixels (torch's CrossEntropyLoss, the HRNet code);
     # "all": sum over labelled pixels / all pixels (mmseg's CrossEntropyLoss, the SegFormer code).
     loss_average: str = "labelled"
-    class_weights: Optional[List[float]] = None  # one per class, or None
+    # one per class; "auto": median-frequency weights from the training labels' histogram
+    # (losses.median_frequency_weights); None: no weights
+    class_weights: Optional[Union[str, List[float]]] = None
     ohem_threshold: float = 0.7  # keep pixels whose target-class probability is below this ...
     ohem_min_kept: int = 100000  # ... but at least this many per process of ...
     # ... this many images: a process with another number keeps min_kept scaled by the ratio
@@ -216,10 +228,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """`value` as the type `hint` of a config field, or a SegcompareError naming `key`."""
     origin = getattr(hint, "__origin__", None)
     args = getattr(hint, "__args__", ())
-    if origin is Union:  # Optional[X]
-        if value is None:
+    if origin is Union:  # Optional[X], or X | Y: the first that takes the value
+        if value is None and type(None) in args:
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:
+            try:
+                return _coerce(value, option, key)
+            except SegcompareError:
+                pass
+        return _coerce(value, options[-1], key)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -271,10 +289,15 @@ def _check_values(cfg: Config) -> None:
             raise bad(key, "one of " + ", ".join(choices))
     if not cfg.model.name:
         raise SegcompareError("model.name is required (see `segcompare models`)")
-    if cfg.model.num_classes < NUM_CLASSES:
-        raise bad("model.num_classes", f"at least {NUM_CLASSES} (the Cityscapes train ids)")
+    if cfg.data.layout is not None and cfg.data.layout not in LAYOUTS:
+        raise bad("data.layout", "one of " + ", ".join(LAYOUTS) + " or null")
+    if cfg.model.init and cfg.model.pretrained:
+        raise SegcompareError(
+            "model.init (a whole segmentation checkpoint) and model.pretrained (ImageNet "
+            "backbone weights) both given: keep one"
+        )
     positive = {
-        "model.num_classes": cfg.model.num_classes,
+        "model.num_classes": 1 if cfg.model.num_classes is None else cfg.model.num_classes,
         "data.base_size": cfg.data.base_size,
         "train.max_iters": cfg.train.max_iters,
         "train.batch_size": cfg.train.batch_size,
@@ -311,11 +334,43 @@ def _check_values(cfg: Config) -> None:
         raise bad("optim.warmup_iters", f"smaller than train.max_iters ({cfg.train.max_iters})")
     if not 0 < cfg.train.ohem_threshold <= 1:
         raise bad("train.ohem_threshold", "a probability in (0, 1]")
-    weights = cfg.train.class_weights
-    if weights is not None and (len(weights) != cfg.model.num_classes or min(weights) < 0):
-        raise bad("train.class_weights", f"{cfg.model.num_classes} non-negative numbers or null")
-    if not 0 <= cfg.data.ignore_index <= 255 or cfg.data.ignore_index < cfg.model.num_classes:
-        raise bad("data.ignore_index", "in [num_classes, 255]")
+    _check_classes(cfg, cfg.model.num_classes)
+
+
+def _check_classes(cfg: Config, num_classes: Optional[int]) -> None:
+    """The values that depend on the class count, once it is known (null: the data set's)."""
+    check_class_weights(cfg.train.class_weights, num_classes)
+    if not 0 <= cfg.data.ignore_index <= 255 or cfg.data.ignore_index < (num_classes or 0):
+        raise SegcompareError(f"data.ignore_index must be in [num_classes, 255], got "
+                              f"{cfg.data.ignore_index!r}")
+
+
+def with_data_classes(cfg: Config, num_classes: int, source: str) -> Config:
+    """`cfg` with model.num_classes set to the data set's count `num_classes` when it is null; a
+    recipe that names another count is an error naming both (`source`: the data set's file)."""
+    given = cfg.model.num_classes
+    if given is not None and given != num_classes:
+        raise SegcompareError(
+            f"model.num_classes is {given} but {source} has {num_classes} classes: "
+            "set model.num_classes to null (the data set's count) or to that count"
+        )
+    _check_classes(cfg, num_classes)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
+
+
+def check_class_weights(weights: Any, num_classes: Optional[int]) -> None:
+    """train.class_weights: "auto", None, or one non-negative number per class (checked once the
+    number of classes is known: here, or when training reads the data set)."""
+    if weights is None or weights == "auto":
+        return
+    if isinstance(weights, str):
+        raise SegcompareError(f"train.class_weights must be auto, a list or null, got {weights!r}")
+    if min(weights) < 0 or (num_classes is not None and len(weights) != num_classes):
+        count = f"{num_classes}" if num_classes is not None else "one per class:"
+        raise SegcompareError(
+            f"train.class_weights must be {count} non-negative numbers, auto or null, got "
+            f"{len(weights)} value(s) {str(weights)[:120]}"
+        )
 
 
 def config_to_dict(cfg: Config) -> dict:

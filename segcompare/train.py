@@ -35,6 +35,8 @@ says "stopped", and `--resume` continues.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -53,7 +55,14 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from segcompare.config import Config, OptimConfig, config_to_dict
+from segcompare.config import (
+    Config,
+    OptimConfig,
+    check_class_weights,
+    config_to_dict,
+    with_data_classes,
+)
+from segcompare.data.labels import IGNORE_INDEX
 from segcompare.losses import cross_entropy, ohem_cross_entropy
 from segcompare.models.precision import guard_bf16
 from segcompare.run_folder import (
@@ -168,22 +177,24 @@ class EpochSampler(torch.utils.data.distributed.DistributedSampler):
 # =================================================================================================
 @torch.no_grad()
 def validate(
-    model: nn.Module, loader: Any, num_classes: int, device: torch.device, family: str
+    model: nn.Module, loader: Any, classes: Any, device: torch.device, family: str
 ) -> dict:
     """This process's share of the val split, tested as the family's official single-scale test
-    (SegFormer: sliding windows; HRNet: the whole image), counts summed over processes.
+    of the data set (`classes`: its ClassTable, or a class count; Cityscapes and any other data
+    set: SegFormer sliding windows, HRNet the whole image; ADE20K: AlignedResize, HRNet's 520
+    test), counts summed over processes.
 
     Returns {"mIoU": float, "IoU": [per class, None where absent]}. Inference and metrics are
     segcompare.evaluate's, the one place both are computed, so the figure equals `segcompare
     eval` on the same weights.
     """
-    from segcompare.evaluate import InferenceSettings, inference
+    from segcompare.evaluate import inference, official_settings
     from segcompare.metrics import ConfusionMatrix
 
     was_training = model.training
     model.eval()
-    settings = InferenceSettings(family=family)
-    cm = ConfusionMatrix(num_classes)
+    cm = ConfusionMatrix(classes)
+    settings = official_settings(family, cm.classes.name)
     for sample in loader:
         image, label = sample["image"].to(device), sample["label"].to(device)
         scores = inference(model, image, settings, out_hw=tuple(label.shape[-2:]))  # N×C×H×W
@@ -335,6 +346,7 @@ class Run:
     best: dict = field(default_factory=lambda: {"mIoU": None, "iter": None})  # best val mIoU
     records: List[dict] = field(default_factory=list)  # log.jsonl (rank 0 writes it)
     writer: Any = None  # TensorBoard's SummaryWriter (rank 0, when tensorboard is installed)
+    class_table: Any = None  # the data set's `ClassTable`, written into the saved weights
 
     @property
     def ddp(self) -> bool:
@@ -364,18 +376,55 @@ def _datasets(cfg: Config, world: int) -> Tuple[str, Any, Any]:
     family = family_of(cfg.model.name)
     train_transform = build_train_transform(cfg.data.pipeline, crop_size=cfg.data.crop_size,
                                             scale_range=cfg.data.scale_range,
-                                            base_size=cfg.data.base_size)
+                                            base_size=cfg.data.base_size,
+                                            scale=cfg.data.img_scale)
+    dc = cfg.data
     train_set = CityscapesDataset(
-        cfg.data.root, split=cfg.data.train_split, transform=train_transform, seed=cfg.train.seed
-    )
+        dc.root, split=dc.train_split, transform=train_transform, seed=cfg.train.seed,
+        layout=dc.layout, reduce_zero_label=dc.reduce_zero_label, ignore_index=dc.ignore_index,
+    )  # fmt: skip
     if len(train_set) < cfg.train.batch_size:
         raise SegcompareError(
             f"{cfg.data.root}: the {cfg.data.train_split!r} split has {len(train_set)} images, "
             f"fewer than the total batch train.batch_size={cfg.train.batch_size}"
         )
     val_set = None if cfg.train.eval_every == 0 else CityscapesDataset(
-        cfg.data.root, split=cfg.data.val_split, transform=build_test_transform())
+        dc.root, split=dc.val_split, transform=build_test_transform(), layout=train_set.layout,
+        reduce_zero_label=dc.reduce_zero_label, ignore_index=dc.ignore_index)
     return family, train_set, val_set
+
+
+def _auto_class_weights(cfg: Config, train_set: Any) -> Config:
+    """The config with train.class_weights `auto` made concrete: median-frequency weights of the
+    training labels (`losses.median_frequency_weights`), as config.yaml records them."""
+    from segcompare.losses import label_histogram, median_frequency_weights
+
+    if cfg.train.class_weights != "auto":
+        return cfg
+    plain = copy.copy(train_set)
+    plain.transform = None  # the labels as stored, every pixel
+    labels = (plain[i]["label"] for i in range(len(plain)))
+    try:
+        weights = median_frequency_weights(*label_histogram(labels, cfg.model.num_classes))
+    except ValueError as err:
+        raise SegcompareError(f"train.class_weights auto: {cfg.data.root}: {err}") from None
+    weights = [round(w, 6) for w in weights]
+    check_class_weights(weights, cfg.model.num_classes)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, class_weights=weights))
+
+
+def _start_weights(cfg: Config) -> Optional[str]:
+    """model.init (a whole segmentation checkpoint: one with a head) or model.pretrained."""
+    if not cfg.model.init:
+        return cfg.model.pretrained
+    from segcompare.models import describe_weights
+
+    if describe_weights(cfg.model.init, cfg.model.name).num_classes is None:
+        raise SegcompareError(
+            f"model.init {cfg.model.init}: holds no segmentation head (a backbone only); give "
+            "it as model.pretrained"
+        )
+    return cfg.model.init
 
 
 def _resume(run: Run, checkpoint: dict, path: Path, notes: List[str]) -> int:
@@ -504,8 +553,9 @@ def _loss(logits: torch.Tensor, label: torch.Tensor, cfg: Config,
     tc = cfg.train
     if tc.loss == "ohem":
         return ohem_cross_entropy(logits, label, tc.ohem_threshold, min_kept,
-                                  cfg.data.ignore_index, class_weights)
-    return cross_entropy(logits, label, cfg.data.ignore_index, class_weights, tc.loss_average)
+                                  IGNORE_INDEX, class_weights)
+    # the dataset maps data.ignore_index (and 255) to IGNORE_INDEX in every label it returns
+    return cross_entropy(logits, label, IGNORE_INDEX, class_weights, tc.loss_average)
 
 
 def _write_log(run: Run) -> None:
@@ -545,14 +595,14 @@ def _save_weights(run: Run, name: str) -> None:
     if run.master:
         from segcompare.models.save import save_weights
 
-        save_weights(run.model, run.out / name)
+        save_weights(run.model, run.out / name, class_table=run.class_table)
 
 
 def _validate(run: Run, loader: Any, done: int) -> float:
     """Validate, keep the best weights in best.safetensors, write the log; returns the mIoU."""
     t0 = time.time()
     _sync_buffers(run)
-    result = validate(run.model, loader, run.cfg.model.num_classes, run.device, run.family)
+    result = validate(run.model, loader, run.class_table, run.device, run.family)
     miou = result["mIoU"]
     if run.master:
         run.records.append({"iter": done, "val_mIoU": miou, "val_IoU": result["IoU"],
@@ -709,6 +759,10 @@ def train(
 
         # -- everything the user gave is checked before any work starts ----------------------------
         family, train_set, val_set = _datasets(cfg, world)
+        table = train_set.table  # the data set's classes: the model's count and names
+        cfg = with_data_classes(cfg, table.num_classes, f"{cfg.data.root} ({table.name})")
+        cfg = _auto_class_weights(cfg, train_set)
+        tc = cfg.train
         per_process = tc.batch_size // world
         if master:
             run_lock = lock_run_folder(out)
@@ -718,7 +772,7 @@ def train(
         checkpoint_path, checkpoint = last_checkpoint(out, cfg, resume or restarts > 0)
         torch.manual_seed(tc.seed)  # the same initial weights on every process
         model = build_model(cfg.model.name, num_classes=cfg.model.num_classes,
-                            weights=cfg.model.pretrained if checkpoint is None else None,
+                            weights=_start_weights(cfg) if checkpoint is None else None,
                             **cfg.model.overrides)
 
         # -- distributed setup: gloo on the CPU, nccl on GPUs --------------------------------------
@@ -739,7 +793,7 @@ def train(
         if amp_dtype is torch.bfloat16 and device.type == "cpu":
             guard_bf16(model, cfg.model.name)  # layers bf16 gets wrong on this CPU run in fp32
         run = Run(cfg, out, rank, world, device, family, model, build_optimizer(model, oc),
-                  torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16"))
+                  torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16"), class_table=table)
         autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
         class_weights = None if tc.class_weights is None else torch.tensor(
             tc.class_weights, dtype=torch.float32, device=device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from segcompare.cli.args import (
     _add_model_options,
@@ -11,6 +12,7 @@ from segcompare.cli.args import (
     _model_list,
     _predictor,
 )
+from segcompare.cli.data import _add_layout_options, _layout_values
 
 
 # --- segcompare eval ---------------------------------------------------------------------------
@@ -23,15 +25,23 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     _add_model_options(p)
     p.add_argument(
-        "--pred-dir", metavar="DIR", help="score the labelIds PNGs in DIR instead of a model "
-        "(file names contain <city>_<seq>_<frame>)",
+        "--pred-dir", metavar="DIR", help="score the prediction PNGs in DIR instead of a model, "
+        "in the data set's own label ids: Cityscapes labelIds (names contain "
+        "<city>_<seq>_<frame>), ADE20K 1..150 or a folder set's indices (<image stem>.png)",
     )  # fmt: skip
-    p.add_argument("--data", required=True, metavar="ROOT", help="Cityscapes root folder")
+    p.add_argument("--data", required=True, metavar="ROOT",
+                   help="data set folder: Cityscapes, ADE20K or a folder of img_dir/ + ann_dir/")
+    _add_layout_options(p)
     p.add_argument("--split", default="val", help="split (default val)")
     p.add_argument("--batch", type=int, default=1, metavar="N", help="images per batch (1)")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="loader processes (2)")
     p.add_argument("--json", metavar="F", help="write the results to this JSON file")
-    p.add_argument("--save-pred", metavar="DIR", help="also write the predictions (labelIds PNGs)")
+    p.add_argument("--save-pred", metavar="DIR",
+                   help="also write the predictions (PNGs in the data set's own label ids)")
+    p.add_argument(
+        "--map-classes", action="store_true", help="score a model whose classes differ from the "
+        "data set's by class name (each data-set class must be one of the model's)",
+    )  # fmt: skip
     _add_test_options(p)
     p.set_defaults(func=_run_eval)
 
@@ -51,13 +61,18 @@ def _run_eval(args: argparse.Namespace) -> int:
     rank, _ = init_distributed()  # under torchrun: each process scores its share of the images
     if args.pred_dir:
         results = run_eval(args.data, args.split, pred_dir=args.pred_dir, batch_size=args.batch,
-                           workers=args.workers, save_pred_dir=args.save_pred)
+                           workers=args.workers, save_pred_dir=args.save_pred,
+                           **_layout_values(args))
     else:
         predictor = _predictor(_inference_settings(args), args.model, args.weights)
+        _official_test_of_the_data(predictor, args)
+        classes = predictor.class_table  # the file's classes, where it says what they are
         meta = predictor.describe()
         meta = {"model": meta.pop("model"), "weights": args.weights, **meta}
         results = run_eval(args.data, args.split, scores=predictor.scores, batch_size=args.batch,
-                           workers=args.workers, save_pred_dir=args.save_pred, meta=meta)
+                           workers=args.workers, save_pred_dir=args.save_pred, meta=meta,
+                           model_classes=classes.names if classes else None,
+                           map_classes=args.map_classes, **_layout_values(args))
     if rank != 0:
         return 0  # rank 0 holds the summed counts too, and reports
     print(format_results(results))
@@ -71,6 +86,21 @@ def _run_eval(args: argparse.Namespace) -> int:
         write_results(results, args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def _official_test_of_the_data(predictor: Any, args: argparse.Namespace) -> None:
+    """The family's official test of the data set's layout (ADE20K: SegFormer's AlignedResize,
+    HRNet's 520 test; `variants.Family.tests`), unless --mode says otherwise."""
+    import dataclasses
+
+    from segcompare.data.layouts import detect_layout
+    from segcompare.models.variants import FAMILIES
+
+    dataset = detect_layout(args.data, args.layout).name
+    s = predictor.settings
+    mode = args.mode or FAMILIES[s.family].test_for(dataset).mode
+    settings = dataclasses.replace(s, dataset=dataset, mode=mode)
+    predictor.settings = settings.resolved() if settings.aug_test else settings
 
 
 # --- segcompare predict ------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from torch import nn
 
@@ -43,14 +43,42 @@ def check_input_hw(hw: tuple[int, int], what: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class TestResize:
+    """How an official test resizes each image before the model sees it, from the image's size.
+
+    mmcv's keep-ratio `imrescale` to `scale` (long side, short side): the factor is
+    min(long / max(h, w), short / min(h, w)) and each side becomes int(side × factor + 0.5);
+    then each side is rounded up to a multiple of `size_divisor` (SegFormer's AlignedResize), and
+    the image is padded at the bottom and right to `pad_hw` with black (HRNet's pad_image with
+    -mean/std after normalisation), the scores cropped back before they are resized to the image.
+    A multi-scale test multiplies `scale` by each ratio first (int(side × ratio)), as mmseg's
+    MultiScaleFlipAug does.
+    """
+
+    scale: tuple[int, int]  # (long, short)
+    size_divisor: int = 1
+    pad_hw: Optional[tuple[int, int]] = None
+
+    def resized_hw(self, hw: tuple[int, int], ratio: float = 1.0) -> tuple[int, int]:
+        """The (H, W) an image of `hw` is resized to at `ratio`."""
+        long_side, short_side = (int(v * ratio) for v in self.scale)
+        factor = min(long_side / max(hw), short_side / min(hw))
+        d = self.size_divisor
+        return tuple(-(-int(v * factor + 0.5) // d) * d for v in hw)  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
 class OfficialTest:
-    """How a family's official code tests on Cityscapes, at OFFICIAL_TEST_HW."""
+    """How a family's official code tests on one data set. `window_hw` and `stride_hw` are
+    given for OFFICIAL_TEST_HW and scaled to each image (slide mode)."""
 
     window_hw: tuple[int, int]  # slide window
     stride_hw: tuple[int, int]
     score: str  # what is averaged over flips and scales: "softmax" or "exp"
     scales: tuple[float, ...]  # the multi-scale test's scales (`--aug-test`), with ...
     flip: bool  # ... the flipped image averaged in
+    mode: str = "slide"  # 'slide' | 'whole'
+    resize: Optional[TestResize] = None  # None: each image at its own size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +94,17 @@ class Family:
     # "transformers" (its SegformerForSemanticSegmentation with the same weights) or "eager"
     # (our eager model, which equals the official code: tests/test_hrnet.py).
     reference: str
-    test: OfficialTest
+    # data set ('cityscapes', 'ade20k') -> its official test; any other data set is tested as
+    # Cityscapes is (the image at its own size)
+    tests: Mapping[str, OfficialTest] = dataclasses.field(repr=False, compare=False)
+
+    def test_for(self, dataset: str = "cityscapes") -> OfficialTest:
+        return self.tests.get(dataset, self.tests["cityscapes"])
+
+    @property
+    def test(self) -> OfficialTest:
+        """The official Cityscapes test."""
+        return self.tests["cityscapes"]
 
 
 SEGFORMER = Family(
@@ -82,9 +120,22 @@ SEGFORMER = Family(
     # (scale, flip) pass at the original size, aug_test averages those. Multi-scale: tools/test.py
     # (master, 65fa8cf) --aug-test sets img_ratios [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0] and
     # flip=True for CityscapesDataset (lines 90-96).
-    test=OfficialTest(
-        (1024, 1024), (768, 768), "softmax", (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0), True
-    ),
+    tests={
+        "cityscapes": OfficialTest(
+            (1024, 1024), (768, 768), "softmax", (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0), True
+        ),
+        # local_configs/segformer/B*/segformer.b*.512x512.ade.160k.py with
+        # local_configs/_base_/datasets/ade20k_repeat.py: test_cfg mode 'whole'; test pipeline
+        # MultiScaleFlipAug(img_scale=(2048, 512)) + AlignedResize(keep_ratio=True,
+        # size_divisor=32) (mmseg/datasets/pipelines/transforms.py): the short side to 512 (the
+        # long one at most 2048), the ratio kept, each side rounded up to a multiple of 32.
+        # --aug-test: tools/test.py sets img_ratios [0.75, 0.875, 1.0, 1.125, 1.25] and flip for
+        # ADE20KDataset. (The B5 640 config tests at img_scale (2048, 640): `--size` or a recipe.)
+        "ade20k": OfficialTest(
+            (512, 512), (512, 512), "softmax", (0.75, 0.875, 1.0, 1.125, 1.25), True,
+            mode="whole", resize=TestResize((2048, 512), size_divisor=32),
+        ),
+    },  # fmt: skip
 )
 
 HRNET = Family(
@@ -101,9 +152,23 @@ HRNET = Family(
     # logits of the image and its flip, then takes exp(); windows are averaged and scales summed.
     # Multi-scale: README.md (HRNet-OCR) "evaluating ... on the Cityscapes validation set with
     # multi-scale and flip testing": TEST.SCALE_LIST 0.5,0.75,1.0,1.25,1.5,1.75 TEST.FLIP_TEST True.
-    test=OfficialTest(
-        (1024, 2048), (1024, 2048), "exp", (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), True
-    ),
+    tests={
+        "cityscapes": OfficialTest(
+            (1024, 2048), (1024, 2048), "exp", (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), True
+        ),
+        # experiments/ade20k/seg_hrnet_w48_520x520_ohem_sgd_lr2e-2_wd1e-4_bs_16_epoch120.yaml:
+        # TEST.IMAGE_SIZE 520x520, BASE_SIZE 520, no flip, one scale. lib/datasets/base_dataset.py
+        # multi_scale_inference: multi_scale_aug resizes the long side to BASE_SIZE × scale
+        # (int(x + 0.5), the ratio kept); an image that fits the 520×520 crop is padded to it with
+        # -mean/std (black), run whole, its scores cropped back and resized to the label size.
+        # --aug-test: README (HRNet-OCR), ADE20K: scales 0.5 to 2.0 with flip. (Above 520 the
+        # official code slides 520² windows with a 2/3 stride, padding each; here the windows
+        # are not padded.)
+        "ade20k": OfficialTest(
+            (520, 520), (346, 346), "exp", (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0), True,
+            mode="whole", resize=TestResize((520, 520), pad_hw=(520, 520)),
+        ),
+    },  # fmt: skip
 )
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (SEGFORMER, HRNET)}
