@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from segcompare.metrics import ConfusionMatrix, label_ids_to_pred
 from segcompare.models.variants import FAMILIES, OFFICIAL_TEST_HW
 from segcompare.utils import PathLike, SegcompareError, atomic_path, shard
+from segcompare.values import check
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +75,12 @@ class InferenceSettings:
             raise SegcompareError(f"unknown model family {self.family!r}; valid: segformer, hrnet")
         if self.mode not in ("whole", "slide"):
             raise SegcompareError(f"unknown test mode {self.mode!r}; valid: whole, slide")
-        if not self.scales or any(s <= 0 for s in self.scales):
-            raise SegcompareError(f"test scales must be positive numbers, got {self.scales}")
-        for name in ("size_hw", "window_hw", "stride_hw"):
-            hw = getattr(self, name)
-            if hw is not None and (len(hw) != 2 or min(hw) < 1):
-                raise SegcompareError(f"{name} must be two positive sizes (H, W), got {hw}")
+        # the values of --scales, --size, --window, --stride: their rows of values.RULES
+        object.__setattr__(self, "scales", tuple(check("--scales", self.scales, name="scales")))
+        for name, flag in (("size_hw", "--size"), ("window_hw", "--window"),
+                           ("stride_hw", "--stride")):  # fmt: skip
+            if getattr(self, name) is not None:  # a frozen dataclass: set once, here
+                object.__setattr__(self, name, check(flag, getattr(self, name), name=name))
         if self.window_hw and self.stride_hw:
             _check_stride(self.window_hw, self.stride_hw)
 
@@ -574,8 +575,8 @@ def run_eval(
     torchrun, each scoring its share of the images)."""
     if (scores is None) == (pred_dir is None):
         raise SegcompareError("score either a model or a folder of predictions, not both")
-    if batch_size < 1 or workers < 0:
-        raise SegcompareError("--batch must be at least 1 and --workers at least 0")
+    check("--batch", batch_size, name="batch_size")
+    check("--workers", workers, name="workers")
     start = time.perf_counter()
     if pred_dir is not None:
         if save_pred_dir is not None:
