@@ -127,7 +127,7 @@ class InferenceSettings:
         image)."""
         test_hw = tuple(self.size_hw or image_hw)
         window_hw, _ = self.windows_for(test_hw)
-        sizes = [_scaled_hw(test_hw, scale) for scale in self.scales]
+        sizes = [scaled_hw(test_hw, scale) for scale in self.scales]
         if self.mode == "slide":
             sizes = [(min(h, window_hw[0]), min(w, window_hw[1])) for h, w in sizes]
         pick = max if largest else min
@@ -151,7 +151,7 @@ def _check_stride(window_hw: tuple[int, int], stride_hw: tuple[int, int]) -> Non
         )
 
 
-def _scaled_hw(hw: tuple[int, int], scale: float) -> tuple[int, int]:
+def scaled_hw(hw: tuple[int, int], scale: float) -> tuple[int, int]:
     """The test size at `scale`, rounded as both official codes round it."""
     return int(hw[0] * scale + 0.5), int(hw[1] * scale + 0.5)
 
@@ -239,7 +239,7 @@ def inference(
     total: Optional[torch.Tensor] = None
     passes = 0
     for scale in settings.scales:
-        x = _resize(images, _scaled_hw(test_hw, scale))
+        x = _resize(images, scaled_hw(test_hw, scale))
         if hrnet_style:
             outs = [_resize(run(hrnet_window, x), out_hw)]
         else:
