@@ -287,6 +287,13 @@ def _batches(dataset: Any, batch_size: int, workers: int, desc: str, progress: b
         for item in items:
             if "error" in item:
                 return item
+        sizes = [tuple(item["label"].shape[-2:]) for item in items]
+        if len(set(sizes)) > 1:  # default_collate would stack them: a traceback
+            other = next(i for i, hw in enumerate(sizes) if hw != sizes[0])
+            named = [f"{items[i].get('name', 'an image')} {sizes[i][0]}x{sizes[i][1]}"
+                     for i in (0, other)]  # fmt: skip
+            return {"error": f"--batch {batch_size}: images of different sizes in one batch "
+                             f"({named[0]}, {named[1]}); use --batch 1 for this split"}
         return default_collate(items)
 
     loader = DataLoader(

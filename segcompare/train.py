@@ -53,7 +53,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from segcompare.config import Config, OptimConfig, config_to_dict
+from segcompare.config import Config, OptimConfig, config_from_dict, config_to_dict
 from segcompare.losses import cross_entropy, ohem_cross_entropy
 from segcompare.models.precision import guard_bf16
 from segcompare.run_folder import (
@@ -279,6 +279,7 @@ def _datasets(cfg: Config, world: int) -> Tuple[str, Any, Any]:
     from segcompare.data.transforms import build_test_transform, build_train_transform
     from segcompare.models import family_of, model_settings
 
+    config_from_dict(config_to_dict(cfg))  # a Config built in Python: the same value rule
     if cfg.train.batch_size % world:
         raise SegcompareError(
             f"train.batch_size {cfg.train.batch_size} (the total batch) does not split over "
@@ -300,9 +301,33 @@ def _datasets(cfg: Config, world: int) -> Tuple[str, Any, Any]:
             f"{cfg.data.root}: the {cfg.data.train_split!r} split has {len(train_set)} images, "
             f"fewer than the total batch train.batch_size={cfg.train.batch_size}"
         )
+    _warn_padded_crops(train_set, train_transform, cfg.data.crop_size)
     val_set = None if cfg.train.eval_every == 0 else CityscapesDataset(
         cfg.data.root, split=cfg.data.val_split, transform=build_test_transform())
     return family, train_set, val_set
+
+
+def _warn_padded_crops(train_set: Any, transform: Any, crop_hw: Tuple[int, int]) -> None:
+    """Warn, with the cost, when the crop is larger than every training image even at the
+    largest scale: part of every crop is then padding (label 255) that each step computes and
+    ignores."""
+    from PIL import Image
+
+    sizes = set()
+    for image_path, _ in train_set.samples:
+        with Image.open(image_path) as im:  # the header only
+            sizes.add((im.height, im.width))
+    largest = [transform.largest_hw(hw) for hw in sizes]
+    kept = max(min(crop_hw[0], h) * min(crop_hw[1], w) for h, w in largest)
+    if kept < crop_hw[0] * crop_hw[1]:
+        h, w = max(largest, key=lambda hw: hw[0] * hw[1])
+        log.warning(
+            "data.crop_size %dx%d is larger than every training image even at the largest scale "
+            "(%dx%d): at least %.0f%% of every crop is padding, computed and ignored at each "
+            "step; a crop of %dx%d gives the same pixels for %.1fx less work",
+            crop_hw[0], crop_hw[1], h, w, 100 * (1 - kept / (crop_hw[0] * crop_hw[1])),
+            min(crop_hw[0], h), min(crop_hw[1], w), crop_hw[0] * crop_hw[1] / kept,
+        )  # fmt: skip
 
 
 def _resume(run: Run, checkpoint: dict, path: Path, notes: List[str]) -> int:

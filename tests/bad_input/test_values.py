@@ -8,6 +8,7 @@ numbers (B4), devices (B5), the Python API (B6), the table itself (B7)."""
 from __future__ import annotations
 
 import math
+import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -363,3 +364,62 @@ def test_a_row_takes_exactly_its_values(key, value, ok):
     else:
         with pytest.raises(SegcompareError, match=key):
             check(key, value)
+
+
+# --- B8: values that depend on the data ------------------------------------------------------
+def _train_recipe(tmp_path: Path, data: Path, crop: list) -> Path:
+    recipe = {
+        "model": {"name": "segformer-b0", "overrides": {
+            "depths": [1, 1, 1, 1], "embed_dims": [8, 16, 24, 32], "num_heads": [1, 1, 1, 1],
+            "decoder_dim": 16}},
+        "data": {"root": str(data), "crop_size": crop, "base_size": 128,
+                 "scale_range": [0.5, 2.0]},
+        "optim": {"warmup_iters": 0},
+        "train": {"max_iters": 1, "batch_size": 1, "num_workers": 0, "log_every": 1,
+                  "checkpoint_every": 1},
+    }
+    return _recipe(tmp_path, yaml.safe_dump(recipe))
+
+
+@pytest.mark.parametrize("crop, warned", [([512, 512], True), ([64, 128], False)])
+def test_a_crop_larger_than_every_image_is_a_warning_with_the_cost(cli, tiny_data, tmp_path,
+                                                                   caplog, crop, warned):
+    # 64x128 images at base size 128 and ratios up to 2: at most 128x256 after the resize, so a
+    # 512x512 crop is at least 1 - 128*256 / 512**2 = 87.5 % padding (by hand)
+    recipe = _train_recipe(tmp_path, tiny_data, crop)
+    with caplog.at_level("WARNING", logger="segcompare"):
+        rc, _, err = cli("train", recipe, "--out", tmp_path / "run")
+    assert rc == 0, err
+    found = [r.getMessage() for r in caplog.records if "padding" in r.getMessage()]
+    if warned:
+        assert len(found) == 1 and "512x512" in found[0] and "128x256" in found[0], found
+        assert "88%" in found[0] and "8.0x less work" in found[0], found
+    else:
+        assert found == []
+
+
+@pytest.fixture
+def mixed_sizes(tiny_data, tmp_path) -> Path:
+    """The tiny data set with its first val sample (image and labels) at half the size."""
+    from PIL import Image
+
+    root = tmp_path / "mixed"
+    shutil.copytree(tiny_data, root)
+    image = sorted((root / "leftImg8bit" / "val").rglob("*_leftImg8bit.png"))[0]
+    stem = image.name.replace("_leftImg8bit.png", "")
+    for path in [image, *image.parents[3].joinpath("gtFine", "val").rglob(f"{stem}_gtFine_*.png")]:
+        with Image.open(path) as im:
+            im.resize((64, 32), Image.NEAREST).save(path)
+    return root
+
+
+def test_eval_batch_of_images_of_different_sizes_is_one_line(cli, mixed_sizes, tiny_weights,
+                                                             tmp_path):
+    rc, _, err = cli("eval", "--weights", tiny_weights["segformer"], "--data", mixed_sizes,
+                     "--batch", "2", "--device", "cpu", "--json", tmp_path / "r.json")
+    assert_one_line_error(rc, err, "--batch 2", "32x64", "64x128", allow_log=True)
+    assert not (tmp_path / "r.json").exists()
+    rc, out, err = cli("eval", "--weights", tiny_weights["segformer"], "--data", mixed_sizes,
+                       "--batch", "1", "--device", "cpu")
+    assert rc == 0, err
+    assert "2 images" in out
