@@ -223,6 +223,13 @@ def _one(key: str, value: Any, rule: Rule, whole: Any = None) -> Any:
     if rule.kind is str:
         if not isinstance(value, str) or (rule.choices and value not in rule.choices):
             raise bad()
+        try:  # YAML's "\ud800" escapes make lone surrogates: no file name or text holds them
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise SegcompareError(
+                f"{key} must be valid text; {shown(value)} holds an unpaired surrogate at "
+                f"character {err.start}"
+            ) from None
         return value
     if rule.kind is dict:
         if not isinstance(value, dict):

@@ -95,6 +95,7 @@ def recipe(tmp_path) -> Path:
 @example(key="optim.lr", value=math.inf)
 @example(key="train.class_weights", value=[math.nan] + [1.0] * 18)
 @example(key="train.amp", value=False)  # YAML's `off`: accepted as "off"
+@example(key="data.root", value="\U00010000")  # found: YAML reads "\ud800\udc00" as two halves
 def test_a_set_value_is_kept_as_written_or_refused_naming_the_key(recipe, key, value):
     from segcompare.config import load_config
 

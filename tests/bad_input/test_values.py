@@ -67,6 +67,8 @@ def _refused(path: Path, *overrides: str) -> str:
         ("train.ohem_threshold=.nan", ["train.ohem_threshold", "nan"]),
         ("optim.no_decay=[1,2]", ["optim.no_decay", "strings"]),
         ("model.overrides=5", ["model.overrides", "mapping"]),
+        # found by test_fuzz.py: YAML reads the escape of U+10000 as two unpaired halves
+        ('data.root="\\ud800\\udc00"', ["data.root", "unpaired surrogate"]),
     ],
 )
 def test_recipe_values_out_of_range_name_the_key(tmp_path, override, named):
