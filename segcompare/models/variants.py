@@ -23,7 +23,7 @@ from torch import nn
 
 from segcompare.models import hrnet, segformer
 from segcompare.utils import SegcompareError
-from segcompare.values import check_like, shown
+from segcompare.values import check, check_like, shown
 
 # The image size the official window and stride numbers are given for (Cityscapes, H×W).
 OFFICIAL_TEST_HW = (1024, 2048)
@@ -203,10 +203,8 @@ def check_settings(name: str, overrides: Mapping[str, Any], prefix: str = "") ->
 
 def check_num_classes(num_classes: Any) -> None:
     """SegcompareError unless `num_classes` is None (not given) or an integer of at least 1."""
-    if num_classes is None:
-        return
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise SegcompareError(f"num_classes must be an integer of at least 1, got {num_classes!r}")
+    if num_classes is not None:  # the row of --num-classes (values.RULES)
+        check("--num-classes", num_classes, name="num_classes")
 
 
 def create(name: str, num_classes: int = 19, **overrides: Any) -> nn.Module:

@@ -425,3 +425,23 @@ def test_eval_batch_of_images_of_different_sizes_is_one_line(cli, mixed_sizes, t
                        "--batch", "1", "--device", "cpu")
     assert rc == 0, err
     assert "2 images" in out
+
+
+def test_bench_export_and_build_model_check_their_numbers(tmp_path):
+    import torch
+
+    from segcompare.bench import bench_models
+    from segcompare.export import export_onnx
+    from segcompare.models import build_model
+
+    for kwargs, named in [({"size_hw": (64, math.nan)}, "size_hw"), ({"batch": 0}, "batch"),
+                          ({"iters": -1}, "iters")]:
+        with pytest.raises(SegcompareError, match=named):
+            bench_models(["segformer-b0"], **{"size_hw": (64, 128), **kwargs})
+    with torch.device("meta"):
+        model = build_model("segformer-b0")
+    with pytest.raises(SegcompareError, match="size_hw"):
+        export_onnx(model, tmp_path / "m.onnx", size_hw=(64, -1))
+    with pytest.raises(SegcompareError, match="num_classes"):
+        build_model("segformer-b0", num_classes=float("nan"))
+    assert list(tmp_path.iterdir()) == []
