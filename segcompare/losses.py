@@ -51,21 +51,30 @@ def ohem_cross_entropy(
     Over the labelled pixels of the batch, sorted by the softmax probability of their target
     class: keep those below max(threshold, the (min_kept+1)-th smallest probability), i.e. every
     pixel predicted with less than `threshold` confidence and at least `min_kept` pixels; the
-    loss is the plain mean of their (class-weighted) per-pixel cross-entropies.
+    loss is the plain mean of their (class-weighted) per-pixel cross-entropies (0 when none is
+    kept: no labelled pixel, or all at a probability of exactly the cutoff).
+
+    Computed without a host sync (no boolean indexing, no `.any()`, no full sort), so a GPU
+    never waits for the CPU here: ignored pixels get probability +inf, `topk` finds the
+    min_kept+1 smallest, and the cutoff's index, min(min_kept, labelled - 1), stays a tensor.
+    The official sort-based formula gives the same loss (tests/test_gpu_paths.py).
     """
     logits = _to_label_size(logits, label)
     per_pixel = F.cross_entropy(
         logits, label, weight=class_weights, ignore_index=ignore_index, reduction="none"
     ).flatten()
     labelled = label.flatten() != ignore_index
-    if not labelled.any():
-        return logits.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) intact
     target = label.clamp(max=logits.shape[1] - 1).unsqueeze(1)  # ignored pixels -> any class
-    prob = F.softmax(logits, dim=1).gather(1, target).flatten()[labelled]
-    sorted_prob = prob.detach().sort().values
-    kth = sorted_prob[min(min_kept, sorted_prob.numel() - 1)]
-    cutoff = torch.clamp(kth, min=threshold)
-    return per_pixel[labelled][prob.detach() < cutoff].mean()
+    prob = F.softmax(logits, dim=1).gather(1, target).flatten().detach()
+    prob = prob.masked_fill(~labelled, float("inf"))  # ignored pixels sort last
+    k = min(min_kept + 1, prob.numel())
+    smallest = prob.topk(k, largest=False).values  # ascending
+    index = (labelled.sum() - 1).clamp(min=0, max=k - 1)  # min(min_kept, labelled - 1)
+    cutoff = smallest.gather(0, index.view(1)).clamp(min=threshold)
+    kept = prob < cutoff  # never an ignored pixel (+inf)
+    # the mean over the kept pixels; a sum over the graph even when none is kept, so DDP's
+    # gradient hooks fire
+    return torch.where(kept, per_pixel, 0.0).sum() / kept.sum().clamp(min=1)
 
 
 def _to_label_size(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,9 @@ def rng_states() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's own GPU only: a process resumed on a node with fewer GPUs (or one GPU
+        # per task under SLURM) could not restore the states of every GPU this one saw
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -56,7 +58,15 @@ def set_rng_states(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # checkpoints before issue 26: every visible GPU's
+            device = torch.cuda.current_device()
+            if device >= len(cuda):
+                log.warning("the checkpoint holds no random state for GPU %d: not restored",
+                            device)
+                return
+            cuda = cuda[device]
+        torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
 
 
 class RunLock:

@@ -576,14 +576,34 @@ def _setup_notes(
     return notes
 
 
+def train_device(requested: str = "auto") -> Tuple[torch.device, str]:
+    """(this process's device, the process group's backend) for `requested` (auto|cpu|cuda).
+
+    Under torchrun each process takes GPU LOCAL_RANK; where a node runs more processes than it
+    has GPUs (a 2-process test on one GPU) they share the GPUs round-robin and reduce with gloo,
+    as NCCL refuses two processes on one GPU. CPU processes reduce with gloo."""
+    from segcompare.utils import select_device
+
+    device = select_device(requested)
+    if device.type != "cuda":
+        return device, "gloo"
+    gpus = torch.cuda.device_count()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    index = local_rank % gpus if device.index is None else device.index
+    return torch.device("cuda", index), "nccl" if local_world <= gpus else "gloo"
+
+
 def train(
-    cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False, bar_position: int = 0
+    cfg: Config, out_dir: Union[str, os.PathLike], resume: bool = False, bar_position: int = 0,
+    device: str = "auto",
 ) -> dict:
     """Train as `cfg` says into the run folder `out_dir` (see the module docstring).
 
     Runs as one process, or as one of WORLD_SIZE processes started by torchrun. Returns the
     summary (also the last line of log.jsonl): iterations, minutes, final loss, val mIoU.
     `bar_position`: the terminal line of the progress bar, for runs side by side (the demo).
+    `device`: auto (a GPU where torch sees one), cpu or cuda (`train_device`).
     """
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -596,9 +616,8 @@ def train(
 
     # -- processes: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK ----------------------------------
     rank, world = torchrun_rank_world()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     ddp, master = world > 1, rank == 0
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device, backend = train_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     threads_before = torch.get_num_threads()  # restored at the end: train() is also a library call
@@ -624,7 +643,7 @@ def train(
 
         # -- distributed setup: gloo on the CPU, nccl on GPUs --------------------------------------
         if ddp:
-            _init_process_group("nccl" if device.type == "cuda" else "gloo", restarts)
+            _init_process_group(backend, restarts)
             # depthwise-conv gradients come back channels-last on the CPU; DDP copies them into
             # its buckets and warns every step about a cost that is negligible here
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
@@ -655,7 +674,7 @@ def train(
             model = torch.compile(model)
         if ddp:
             model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[local_rank] if device.type == "cuda" else None
+                model, device_ids=[device.index] if device.type == "cuda" else None
             )
 
         # -- data and the run folder (rank 0 writes) -----------------------------------------------

@@ -164,6 +164,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in the run folder"
     )
+    p.add_argument(
+        "--device", default="auto", help="auto, cpu or cuda (default auto: a GPU where there is "
+        "one; under torchrun, GPU LOCAL_RANK)",
+    )  # fmt: skip
     p.set_defaults(func=_run_train)
 
 
@@ -180,7 +184,7 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.set)
         out = args.out or str(Path("runs") / Path(args.config).stem)
-        summary = train(cfg, out, resume=args.resume)
+        summary = train(cfg, out, resume=args.resume, device=args.device)
     except SegcompareError:
         if rank != 0:
             return 1  # every process fails alike; rank 0 prints the one line

@@ -116,6 +116,9 @@ class FusedConv(nn.Module):
         self.weight = _frozen(weight)
         self.bias = None if bias is None else _frozen(bias)
         self.stride, self.padding, self.groups, self.act = list(stride), list(padding), groups, act
+        # set by `_to_bf16_guarded` for a conv that bfloat16 computes wrongly on this CPU: its
+        # weights stay float32 and it computes in float32 whatever the input's dtype
+        self.keep_float32 = False
 
     @classmethod
     def fold(
@@ -136,9 +139,13 @@ class FusedConv(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, inplace: bool = False
     ) -> torch.Tensor:
-        if self.weight.dtype != x.dtype:  # kept in float32 by guard_bf16: bfloat16 is wrong here
-            residual = None if residual is None else residual.float()
-            return self.forward(x.float(), residual, inplace).to(x.dtype)
+        if x.dtype != self.weight.dtype:
+            if self.keep_float32:  # bfloat16 is wrong for this conv here: float32 in and out
+                out = self.forward(x.float(), _to(residual, torch.float32), inplace)
+                return out.to(x.dtype)
+            # a map of another dtype (CUDA autocast runs layer_norm in float32 and hands its
+            # float32 output to a float16 model): computed in the weights' dtype
+            x, residual = x.to(self.weight.dtype), _to(residual, self.weight.dtype)
         post, algorithm, plain = _ACTS[self.act]
         if _use_onednn(x):
             args = (self.weight, self.bias, self.padding, self.stride, [1, 1], self.groups)
@@ -159,6 +166,10 @@ class FusedConv(nn.Module):
             f"{i * self.groups}, {o}, kernel=({kh}, {kw}), stride={tuple(self.stride)}, "
             f"groups={self.groups}, act={self.act}"
         )
+
+
+def _to(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(dtype)
 
 
 def _conv_bn(seq: hrnet.ConvBN) -> FusedConv:
@@ -547,6 +558,7 @@ def _to_bf16_guarded(net: nn.Module, channels_last: bool) -> list[str]:
     for name, (weight, bias) in kept.items():
         wrong[name].weight = _frozen(weight)
         wrong[name].bias = None if bias is None else _frozen(bias.float())
+        wrong[name].keep_float32 = True
     report_float32(list(wrong))
     return list(wrong)
 
