@@ -53,7 +53,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from segcompare.config import Config, OptimConfig, config_from_dict, config_to_dict
+from segcompare.config import Config, OptimConfig, config_to_dict
 from segcompare.losses import cross_entropy, ohem_cross_entropy
 from segcompare.models.precision import guard_bf16
 from segcompare.run_folder import (
@@ -279,7 +279,6 @@ def _datasets(cfg: Config, world: int) -> Tuple[str, Any, Any]:
     from segcompare.data.transforms import build_test_transform, build_train_transform
     from segcompare.models import family_of, model_settings
 
-    config_from_dict(config_to_dict(cfg))  # a Config built in Python: the same value rule
     if cfg.train.batch_size % world:
         raise SegcompareError(
             f"train.batch_size {cfg.train.batch_size} (the total batch) does not split over "
