@@ -219,9 +219,9 @@ def bench_models(
     for flag, value in (("--batch", batch), ("--warmup", warmup), ("--iters", iters)):
         check(flag, value, name=flag[2:])
     dev = select_device(device)
-    if dev.type == "cpu":  # refuse, with the figure, a size that would not fit in memory
+    if dev.type in ("cpu", "cuda"):  # refuse, with the figure, a size that would not fit
         for name in names:
-            check_forward_memory(name, size_hw, batch, num_classes)
+            check_forward_memory(name, size_hw, batch, num_classes, dev)
     candidates = []
     for name in names:
         model = build_model(name, num_classes=num_classes).eval()

@@ -253,6 +253,8 @@ def _same_models(metrics_path: Path, weights: Sequence[Path]) -> bool:
         doc = json.loads(metrics_path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    if "pairwise" not in doc:  # written before the report had intervals: make it again
+        return False
     listed = [m.get("weights") for m in doc.get("models", [])]
     newest = max(Path(w).stat().st_mtime for w in weights)
     return listed == [str(w) for w in weights] and metrics_path.stat().st_mtime >= newest
@@ -281,6 +283,14 @@ def summary_table(doc: dict[str, Any]) -> str:
             f"{num(m.get('boundary_iou'), '.3f')} | {num(relative, '.2f')} | "
             f"{m['parameters']:,} | {m['gmacs']:.1f} | {num(m.get('latency_ms'), '.0f')} |"
         )
+    boot = meta.get("bootstrap") or {}
+    if boot.get("resamples"):  # how sure: each mIoU's interval, and each pair's verdict
+        from segcompare.compare.report import miou_text, pairwise_lines
+
+        lines.append(f"\nmIoU in % with its 95% interval (paired bootstrap over the "
+                     f"{doc['num_images']} {doc['split']} images, {boot['resamples']} resamples):")
+        lines += [f"  {m['label']}: {miou_text(m)}" for m in doc["models"]]
+        lines += [f"  {line}" for line in pairwise_lines(doc)]
     bench = meta.get("bench", {})
     if bench.get("cpu") or bench.get("gpu"):  # where the times were measured, and when
         where = bench.get("gpu") or f"{bench['cpu']}, {bench.get('cores')} cores"

@@ -302,6 +302,7 @@ def _batches(dataset: Any, batch_size: int, workers: int, desc: str, progress: b
         num_workers=workers,
         collate_fn=collate,
         persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),  # batches go to the GPU without a staging copy
     )
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         if "error" in batch:
@@ -350,6 +351,7 @@ def evaluate_model(
     save_pred_dir: Optional[PathLike] = None,
     progress: bool = True,
     on_batch: Optional[BatchHook] = None,
+    confusion: Optional[ConfusionMatrix] = None,
 ) -> dict[str, Any]:
     """Score a model on a dataset and return `ConfusionMatrix.compute()` with `_throughput`'s
     "world_size" and "processes".
@@ -363,12 +365,14 @@ def evaluate_model(
         order: pred and labels N×H×W train ids on the scores' device (labels 255 = ignore),
         batch the loader's dict ("image", "label", "name", ...). For figures beyond the
         Cityscapes ones, measured in the same pass (the comparison report's).
+    confusion: the (empty) `ConfusionMatrix` to fill, e.g. one with per_image=True; a new one by
+        default. The caller reads it afterwards, summed over processes.
 
     Under torch.distributed (torchrun) each process scores its consecutive share of the images
     (`segcompare.utils.shard`), writes its own predictions and sees only those in `on_batch`;
     the counts are summed over processes, so the figures equal one process's bit for bit.
     """
-    cm = ConfusionMatrix()
+    cm = ConfusionMatrix() if confusion is None else confusion
     start = time.perf_counter()
     share = _share(dataset)
     for batch in _batches(share, batch_size, workers, "eval", progress):

@@ -11,14 +11,21 @@ results.
 
 Boundary IoU (Cheng et al., "Boundary IoU: Improving Object-Centric Image Segmentation
 Evaluation", CVPR 2021): IoU restricted to the pixels within d of each class's contour, in the
-ground truth and in the prediction alike (`BoundaryIoU`). `image_miou` is the mIoU of one image,
-which ranks the comparison report's hardest images.
+ground truth and in the prediction alike (`BoundaryIoU`). `image_miou` is the mIoU of one image;
+`image_scores` gives every image's mIoU and pixel accuracy from its own confusion matrix
+(`ConfusionMatrix(per_image=True)`).
+
+Uncertainty: a paired bootstrap over images (`bootstrap_draws`, `bootstrap_scores`, `interval`,
+`pairwise_differences`). A resample's confusion matrix is the sum of its images' matrices, so
+mIoU, mean accuracy and per-class IoU are recomputed exactly on each, for every model on the
+same draws.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
@@ -114,9 +121,10 @@ class ConfusionMatrix:
     its class, as in the official script, which scores predictions in label ids.
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+    def __init__(self, num_classes: int = NUM_CLASSES, per_image: bool = False) -> None:
         self.num_classes = num_classes
         self.cityscapes = num_classes == NUM_CLASSES
+        self.per_image = per_image  # also keep each image's own matrix (`image_matrices`)
         self.reset()
 
     def reset(self) -> None:
@@ -128,7 +136,19 @@ class ConfusionMatrix:
         # were batched or split over processes: `all_reduce` gathers the rows, and iIoU under
         # torchrun equals the one-process figure bit for bit.
         self._inst_rows: list[torch.Tensor] = []
+        # With per_image: each batch's n×C×(C+2) matrices (int64, CPU), in the order added.
+        self._image_mats: list[torch.Tensor] = []
         self.num_images = 0
+
+    def image_matrices(self) -> np.ndarray:
+        """N×C×(C+2) int64: each image's own `mat`, in the order the images were added (over
+        all processes after `all_reduce`); they sum to `mat`. Needs per_image=True."""
+        if not self.per_image:
+            raise ValueError("ConfusionMatrix(per_image=True) keeps the per-image matrices")
+        c = self.num_classes
+        if not self._image_mats:
+            return np.zeros((0, c, c + 2), dtype=np.int64)
+        return torch.cat(self._image_mats).numpy()
 
     def _inst_total(self) -> torch.Tensor:
         k = 2 * self.num_classes + 2 * len(INSTANCE_CATEGORIES)
@@ -181,7 +201,15 @@ class ConfusionMatrix:
         target = target.long()
         valid = (target >= 0) & (target < c)
         index = target[valid] * (c + 2) + cols[valid]
-        counts = torch.bincount(index, minlength=c * (c + 2)).view(c, c + 2)
+        if self.per_image:  # one bincount for the batch, each image's counts in a block of its own
+            image = torch.arange(images, device=index.device).view(-1, *[1] * (pred.dim() - 1))
+            index = index + image.expand_as(target)[valid] * (c * (c + 2))
+            per_image = torch.bincount(index, minlength=images * c * (c + 2))
+            per_image = per_image.view(images, c, c + 2)
+            self._image_mats.append(per_image.cpu())
+            counts = per_image.sum(0)
+        else:
+            counts = torch.bincount(index, minlength=c * (c + 2)).view(c, c + 2)
         self.mat = self.mat.to(counts.device) + counts
         if not self.cityscapes:
             return
@@ -234,8 +262,9 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         """Sum the counts over all processes (call on every rank under torch.distributed): the
-        pixel matrix by all_reduce (integers: exact), the per-image iIoU rows by all_gather in
-        rank order, so that processes holding consecutive shards give the one-process sum."""
+        pixel matrix by all_reduce (integers: exact), the per-image iIoU rows (and with per_image
+        the per-image matrices) by all_gather in rank order, so that processes holding
+        consecutive shards give the one-process sum, and the images in the one-process order."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -252,17 +281,15 @@ class ConfusionMatrix:
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, self._inst_rows)
             self._inst_rows = [rows for rank_rows in gathered for rows in rank_rows]
+        if self.per_image:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self._image_mats)
+            self._image_mats = [mats for rank_mats in gathered for mats in rank_mats]
 
     def iou(self) -> np.ndarray:
         """Per-class IoU (num_classes floats, NaN where the class is in neither label nor
         prediction)."""
-        mat = self.mat.cpu().numpy()
-        c = self.num_classes
-        tp = np.diag(mat[:, :c]).astype(np.float64)
-        # fn = row - tp (a row counts predictions of any label); fp = column over evaluated rows.
-        denom = mat.sum(1) + mat[:, :c].sum(0) - tp
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(denom > 0, tp / np.maximum(denom, 1), np.nan)
+        return matrix_iou(self.mat.cpu().numpy())
 
     def miou(self) -> float:
         """Mean IoU over the classes that are not NaN."""
@@ -342,6 +369,37 @@ _CATEGORY_OF_COLUMN = torch.tensor(
     ]
     + [-1, INSTANCE_CATEGORIES.index(_OTHER_INSTANCE_CATEGORY)]
 )
+
+
+def matrix_iou(mat: np.ndarray) -> np.ndarray:
+    """Per-class IoU of ...×C×(C+2) confusion matrices (`ConfusionMatrix.mat`, or a stack of
+    them): ...×C floats, NaN where the class is in neither label nor prediction."""
+    c = mat.shape[-2]
+    tp = np.diagonal(mat[..., :c], axis1=-2, axis2=-1).astype(np.float64)
+    # fn = row - tp (a row counts predictions of any label); fp = column over evaluated rows.
+    denom = mat.sum(-1) + mat[..., :c].sum(-2) - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denom > 0, tp / np.maximum(denom, 1), np.nan)
+
+
+def matrix_accuracy(mat: np.ndarray) -> np.ndarray:
+    """Per-class accuracy (recall) of ...×C×(C+2) matrices: ...×C, NaN where the class has no
+    ground-truth pixel."""
+    c = mat.shape[-2]
+    tp = np.diagonal(mat[..., :c], axis1=-2, axis2=-1).astype(np.float64)
+    row = mat.sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(row > 0, tp / np.maximum(row, 1), np.nan)
+
+
+def nan_mean_last(values: np.ndarray) -> np.ndarray:
+    """Mean over the last axis of the entries that are not NaN (NaN where all are): the mean
+    `_nan_mean` takes, for many rows at once."""
+    valid = ~np.isnan(values)
+    count = valid.sum(-1)
+    total = np.where(valid, values, 0.0).sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def results_to_json(results: dict[str, Any]) -> str:
@@ -485,12 +543,104 @@ def boundary_iou(
 
 
 def image_miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int = NUM_CLASSES) -> float:
-    """mIoU of one image (H×W train ids): over the classes in its label or its prediction."""
-    pred, target = torch.as_tensor(pred).long(), torch.as_tensor(target).long().to(pred.device)
-    valid = (target >= 0) & (target < num_classes) & (pred >= 0) & (pred < num_classes)
-    idx = target[valid] * num_classes + pred[valid]
-    mat = torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
-    tp = mat.diag().double()
-    union = mat.sum(0) + mat.sum(1) - mat.diag()
-    present = union > 0
-    return float((tp[present] / union[present]).mean()) if present.any() else float("nan")
+    """mIoU of one image (H×W train ids), as `ConfusionMatrix` computes it for a dataset."""
+    cm = ConfusionMatrix(num_classes)
+    cm.update(pred, torch.as_tensor(target).to(torch.as_tensor(pred).device))
+    return cm.miou()
+
+
+def image_scores(image_mats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mIoU, pixel accuracy) of each image, from N×C×K per-image matrices: N floats each (mIoU
+    over the classes in the image's label or prediction; NaN for an image with no labelled
+    pixel)."""
+    c = image_mats.shape[1]
+    tp = np.diagonal(image_mats[:, :, :c], axis1=1, axis2=2).sum(1)
+    total = image_mats.sum((1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        acc = np.where(total > 0, tp / np.maximum(total, 1), np.nan)
+    return nan_mean_last(matrix_iou(image_mats)), acc
+
+
+# ------------------------------------------------------------------------------------------------
+# Uncertainty: the paired bootstrap over images
+# ------------------------------------------------------------------------------------------------
+
+# A confusion matrix sums over images, so a resample of the images is a weighted sum of their
+# per-image matrices (`ConfusionMatrix(per_image=True)`): exact, and cheap enough to run by default.
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95  # the intervals' coverage: the 2.5th and 97.5th percentiles
+
+
+def bootstrap_draws(num_images: int, resamples: int, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """resamples×num_images image indices, drawn with replacement:
+    `np.random.default_rng(seed).integers(0, num_images, size=(resamples, num_images))`.
+    Every model is scored on the same draws (a paired bootstrap)."""
+    if num_images < 1:
+        raise SegcompareError("the bootstrap needs at least one image")
+    return np.random.default_rng(seed).integers(0, num_images, size=(resamples, num_images))
+
+
+def resample_matrices(image_mats: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """The confusion matrix of each resample: N×C×K per-image matrices, B×N draws -> B×C×K
+    (float64, exact for counts below 2^53). Resample b takes image i as often as i is drawn, so it
+    is (B×N counts) @ (N×(C·K) matrices): one product, no loop over resamples."""
+    b, n = draws.shape
+    offsets = (draws + n * np.arange(b)[:, None]).ravel()
+    counts = np.bincount(offsets, minlength=b * n).reshape(b, n).astype(np.float64)
+    flat = image_mats.reshape(n, -1).astype(np.float64)
+    return (counts @ flat).reshape(b, *image_mats.shape[1:])
+
+
+def bootstrap_scores(runs: Sequence[np.ndarray], draws: np.ndarray) -> dict[str, np.ndarray]:
+    """mIoU, mean accuracy and per-class IoU on every resample, of one model given as one or more
+    runs (N×C×K per-image matrices each, on the same images): each figure is the mean over the
+    runs, as the comparison's row of several seeds gives it.
+
+    {"miou": B, "mean_acc": B, "iou": B×C}"""
+    miou, mean_acc, iou = [], [], []
+    for mats in runs:
+        resampled = resample_matrices(mats, draws)
+        per_class = matrix_iou(resampled)
+        iou.append(per_class)
+        miou.append(nan_mean_last(per_class))
+        mean_acc.append(nan_mean_last(matrix_accuracy(resampled)))
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from every run: NaN
+        return {"miou": np.mean(miou, 0), "mean_acc": np.mean(mean_acc, 0),
+                "iou": np.nanmean(iou, 0)}  # fmt: skip
+
+
+def interval(samples: np.ndarray, confidence: float = CONFIDENCE) -> np.ndarray:
+    """The percentile interval of bootstrap samples (over the first axis; NaN samples, where a
+    resample holds none of a class, left out): [lo, hi], or 2×... for many figures at once."""
+    tail = 100 * (1 - confidence) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all NaN: NaN
+        return np.nanpercentile(samples, [tail, 100 - tail], axis=0)
+
+
+def verdict(ci: Sequence[float]) -> str:
+    """A difference a − b with interval `ci`: 'better' (a is) or 'worse' where the interval
+    excludes 0, 'no clear difference' where it holds 0 (or is unknown)."""
+    lo, hi = ci
+    if lo > 0:
+        return "better"
+    if hi < 0:
+        return "worse"
+    return "no clear difference"
+
+
+def pairwise_differences(
+    labels: Sequence[str], miou: Sequence[float], samples: Sequence[np.ndarray],
+    confidence: float = CONFIDENCE,
+) -> list[dict[str, Any]]:
+    """Every pair (a before b): {"a", "b", "diff": mIoU a − mIoU b, "ci": its interval from the
+    paired resamples (`samples`: each model's B mIoUs on the same draws), "verdict"}."""
+    pairs = []
+    for i in range(len(labels)):
+        for j in range(i + 1, len(labels)):
+            ci = [float(v) for v in interval(samples[i] - samples[j], confidence)]
+            pairs.append({"a": labels[i], "b": labels[j], "diff": float(miou[i] - miou[j]),
+                          "ci": ci, "verdict": verdict(ci)})  # fmt: skip
+    return pairs

@@ -194,8 +194,11 @@ def validate(
 
 
 def _memory_mb(device: torch.device) -> float:
+    """`memory_mb` of log.jsonl: the peak memory this process has held on its device since it
+    started, in MiB. CPU: the peak resident set size; CUDA: the peak the caching allocator
+    reserved (what nvidia-smi shows, less the CUDA context)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return torch.cuda.max_memory_reserved(device) / 2**20
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -240,6 +243,64 @@ class _StopRequest:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class _StepStats:
+    """Each step's loss and stop flag, summed over the processes by one all_reduce on the
+    device, read by the host one step late: while the device runs step i, the host reads step
+    i-1's figures (done by then) and queues step i+1. A `.item()` per step would make the host
+    wait for each forward pass before it could queue the backward. Every process reads the
+    same steps' figures at the same iterations, so all stop after the same one."""
+
+    def __init__(self, device: torch.device, world: int) -> None:
+        self.device, self.world = device, world
+        self.stop_flag = torch.zeros((), device=device)  # 1 once this process got a signal
+        self.flagged = False
+        self.pending: List[Tuple[int, torch.Tensor, Any]] = []  # (iteration, figures, event)
+
+    def push(self, done: int, loss: torch.Tensor, stop: bool) -> None:
+        """Queue iteration `done`'s figures (no host sync)."""
+        if stop and not self.flagged:
+            self.stop_flag.fill_(1.0)
+            self.flagged = True
+        stats = torch.stack([loss.detach().float(), self.stop_flag])
+        if self.world > 1:
+            dist.all_reduce(stats)
+        event = None
+        if self.device.type == "cuda":  # copied to pinned memory; the event says when it is
+            host = torch.empty(2, pin_memory=True)
+            host.copy_(stats, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            stats = host
+        self.pending.append((done, stats, event))
+
+    def read(self, everything: bool) -> List[Tuple[int, float, bool]]:
+        """(iteration, mean loss over the processes, whether any process was asked to stop) of
+        the queued iterations: all of them, or all but the newest."""
+        out = []
+        while len(self.pending) > (0 if everything else 1):
+            done, stats, event = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()
+            loss, stop = stats.tolist()
+            out.append((done, loss / self.world, stop > 0))
+        return out
+
+
+def _take_figures(run: Run, step_stats: _StepStats, window: dict,
+                  everything: bool) -> Tuple[Optional[float], bool]:
+    """Read the queued steps' figures (`_StepStats.read`) into the log `window`: (the last mean
+    loss read, or None; whether any process was asked to stop). A non-finite loss stops the
+    run, naming its iteration."""
+    last, asked = None, False
+    for done, loss, stop in step_stats.read(everything):
+        if not math.isfinite(loss):
+            raise _non_finite_loss(run, loss, done)
+        window["loss"] += loss
+        window["n"] += 1
+        last, asked = loss, asked or stop
+    return last, asked
 
 
 # =================================================================================================
@@ -407,7 +468,30 @@ def _open_run_folder(run: Run, start_iter: int, per_process: int, notes: List[st
         log.info(note)
 
 
+def _global_settings() -> tuple:
+    """The process-wide settings `_set_determinism` changes."""
+    return (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark,
+            torch.get_float32_matmul_precision(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+
+def _restore_global_settings(settings: tuple) -> None:
+    deterministic, warn_only, benchmark, precision, cublas = settings
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.backends.cudnn.benchmark = benchmark
+    torch.set_float32_matmul_precision(precision)
+    if cublas is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
 def _set_determinism(deterministic: bool, device: torch.device) -> None:
+    """Process-wide settings for the run (put back when train() returns). On CUDA, TF32
+    matmuls as well as convolutions (torch's default for convolutions): Ampere and newer GPUs
+    run fp32 layers at their tensor-core speed, with 10 mantissa bits for the products."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
     if deterministic:
         # cuBLAS needs this for deterministic matmuls; CUDA's bilinear-upsampling backward has no
         # deterministic kernel, hence warn_only (the CPU is deterministic without any of this)
@@ -568,6 +652,14 @@ def _setup_notes(
     if world > 1 and device.type != "cuda":
         notes.append("SyncBatchNorm needs GPUs: on the CPU each process normalises with its "
                      "own batch statistics")
+    if device.type == "cuda":
+        notes.append(
+            "CUDA: TF32 matmuls and convolutions; weights are not bit-reproducible across runs "
+            "or resumes: the backward passes of bilinear interpolate, nll_loss and memory-"
+            "efficient attention have no deterministic CUDA kernel"
+            + ("" if tc.deterministic else ", and cuDNN autotuning (train.deterministic: "
+               "false) may choose other kernels in each run")
+        )
     if restarts:
         notes.append(f"torchrun restart {restarts} (TORCHELASTIC_RESTART_COUNT) of at most "
                      f"{os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}: a process of the "
@@ -576,7 +668,7 @@ def _setup_notes(
 
 
 def train_device(requested: str = "auto") -> Tuple[torch.device, str]:
-    """(this process's device, the process group's backend) for `requested` (auto|cpu|cuda).
+    """(this process's device, the process group's backend) for `requested` (auto|cpu|cuda|mps).
 
     Under torchrun each process takes GPU LOCAL_RANK; where a node runs more processes than it
     has GPUs (a 2-process test on one GPU) they share the GPUs round-robin and reduce with gloo,
@@ -602,7 +694,7 @@ def train(
     Runs as one process, or as one of WORLD_SIZE processes started by torchrun. Returns the
     summary (also the last line of log.jsonl): iterations, minutes, final loss, val mIoU.
     `bar_position`: the terminal line of the progress bar, for runs side by side (the demo).
-    `device`: auto (a GPU where torch sees one), cpu or cuda (`train_device`).
+    `device`: auto (a GPU where torch sees one), cpu, cuda or mps (`train_device`).
     """
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -620,6 +712,7 @@ def train(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     threads_before = torch.get_num_threads()  # restored at the end: train() is also a library call
+    settings_before = _global_settings()  # likewise
     run_lock = None  # rank 0's lock on the run folder, held until the run ends
     writing = False  # whether rank 0 has begun to write the run's files (config.yaml on)
     try:
@@ -643,9 +736,11 @@ def train(
         # -- distributed setup: gloo on the CPU, nccl on GPUs --------------------------------------
         if ddp:
             _init_process_group(backend, restarts)
-            # depthwise-conv gradients come back channels-last on the CPU; DDP copies them into
-            # its buckets and warns every step about a cost that is negligible here
-            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+            if device.type == "cpu":
+                # depthwise-conv gradients come back channels-last on the CPU; DDP copies them
+                # into its buckets and warns every step about a cost that is negligible here (on
+                # a GPU the warning is a real performance signal and stays)
+                warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
         _set_determinism(tc.deterministic, device)
         notes = _setup_notes(cfg, world, per_process, device, restarts)
         min_kept = ohem_min_kept_for(cfg, per_process)
@@ -669,12 +764,12 @@ def train(
             start_iter = _resume(run, checkpoint, checkpoint_path, notes)
         elif resume:
             notes.append(f"--resume: no checkpoint in {out}, starting from scratch")
-        if tc.compile:
-            model = torch.compile(model)
         if ddp:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        if tc.compile:  # after DDP: dynamo splits the graph at DDP's buckets, so the gradient
+            model = torch.compile(model)  # all-reduce overlaps the backward pass
 
         # -- data and the run folder (rank 0 writes) -----------------------------------------------
         loader, val_loader = _loaders(run, train_set, val_set, per_process)
@@ -689,8 +784,10 @@ def train(
         last_loss = next((r["loss"] for r in reversed(run.records) if "loss" in r), math.nan)
         last_miou = next((r["val_mIoU"] for r in reversed(run.records) if "val_IoU" in r), None)
         stop, done = None, start_iter
+        t_loop = time.time()
         bar = tqdm(total=tc.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True,
                    desc=cfg.model.name, unit="it", position=bar_position)
+        step_stats = _StepStats(device, world)
         with _StopRequest() as stop_request, logging_redirect_tqdm():
             for it in range(start_iter, tc.max_iters):
                 t0 = time.time()
@@ -703,32 +800,34 @@ def train(
                 with autocast:
                     logits = model(image)  # N×C×H/4×W/4
                 loss = _loss(logits, label, cfg, class_weights, min_kept)
-                # one collective per step: the mean loss, and whether any process was asked to stop
-                stats = torch.tensor([loss.item(), float(stop_request.signal is not None)],
-                                     dtype=torch.float64, device=device)
-                if ddp:
-                    dist.all_reduce(stats)
-                last_loss = stats[0].item() / world
-                if not math.isfinite(last_loss):
-                    raise _non_finite_loss(run, last_loss, it + 1)
                 run.optimizer.zero_grad(set_to_none=True)
                 run.scaler.scale(loss).backward()
                 run.scaler.step(run.optimizer)
                 run.scaler.update()
                 done = it + 1
+                step_stats.push(done, loss, stop_request.signal is not None)
 
-                window["loss"] += last_loss
-                window["n"] += 1
+                # the host reads the previous step's loss and stop flag, or every step's before
+                # a log, validation or checkpoint (a non-finite loss is never checkpointed)
+                log_now = done % tc.log_every == 0 or done == tc.max_iters
+                val_now = val_loader is not None and (
+                    done % tc.eval_every == 0 or done == tc.max_iters)
+                save_now = done % tc.checkpoint_every == 0 or done == tc.max_iters
+                flush = log_now or val_now or save_now
+                read_loss, asked = _take_figures(run, step_stats, window, flush)
+                if asked and not flush:  # stopping after this iteration: read it too
+                    read_loss = _take_figures(run, step_stats, window, True)[0]
+                last_loss = last_loss if read_loss is None else read_loss
+                if asked and stop is None:
+                    stop = stop_request.signal or "a signal to another process"
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                if done % tc.log_every == 0 or done == tc.max_iters:
+                if log_now:
                     _log_step(run, window, done, it // run.iters_per_epoch, lr)
                     window = {"loss": 0.0, "n": 0, "data_time": 0.0, "t0": time.time()}
-                if val_loader is not None and (done % tc.eval_every == 0 or done == tc.max_iters):
+                if val_now:
                     last_miou = _validate(run, val_loader, done)
-                if stats[1].item() > 0:
-                    stop = stop_request.signal or "a signal to another process"
-                if done % tc.checkpoint_every == 0 or done == tc.max_iters or stop:
+                if save_now or stop:
                     _save_checkpoint(run, done)
                 if stop:
                     break
@@ -743,6 +842,7 @@ def train(
             "minutes": minutes, "final_loss": last_loss, "val_mIoU": last_miou,
             "best_mIoU": run.best["mIoU"], "best_iter": run.best["iter"], "out": str(out),
             "model": cfg.model.name, "stopped_by": stop,
+            **_cost(run, start_iter, done, time.time() - t_loop, time.time() - t_start),
         }
         if master:
             run.records.append(summary)
@@ -761,8 +861,29 @@ def train(
         raise
     finally:
         torch.set_num_threads(threads_before)
+        _restore_global_settings(settings_before)
         if run_lock is not None:
             run_lock.close()  # releases the lock
+
+
+def _cost(run: Run, start_iter: int, done: int, loop_s: float, wall_s: float) -> dict:
+    """What the run cost, for the summary record (the comparison report's training cost): wall
+    time and training images/s (validation left out) of this process's session (a resumed run:
+    since `resumed_at`), peak memory and the device."""
+    device = run.device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        import platform
+
+        cpu = platform.processor() or platform.machine()
+        name = f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+    images = (done - start_iter) * run.cfg.train.batch_size
+    val_s = sum(r["val_time"] for r in run.records if "val_time" in r and r["iter"] > start_iter)
+    train_s = loop_s - val_s  # the loop less validation (checkpoints stay in: they are rare)
+    return {"wall_s": wall_s, "images_per_s": images / train_s if train_s > 0 else None,
+            "peak_memory_mb": _memory_mb(device), "device": name,
+            "processes": run.world, "resumed_at": start_iter}  # fmt: skip
 
 
 def summary_line(summary: dict) -> str:

@@ -220,6 +220,7 @@ def test_report_writes_every_file(report):
         "metrics.json", "report.md", "report.html", "per_class_iou.png", "per_class_diff.png",
         "miou_vs_gmacs.png", "miou_vs_latency.png", "boundary_iou.png", "hardest_images.png",
         "confusion_segformer-b0.png", "confusion_hrnet-w18-small-v1.png", "robustness.png",
+        "most_different_images.png",
     }  # fmt: skip
     assert names <= {p.name for p in out.iterdir()}
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -227,6 +228,7 @@ def test_report_writes_every_file(report):
         if name.endswith(".png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
+    assert (out / "per_image.csv").is_file()
     for name in names - {"metrics.json", "report.md", "report.html"}:
         assert f"({name})" in md  # every plot is shown in the Markdown report
 
@@ -266,7 +268,7 @@ def test_report_html_is_valid_and_self_contained(report):
     assert parser.stack == []
     assert [parser.tags.count(t) for t in ("html", "head", "body", "title")] == [1, 1, 1, 1]
     images = [link for link in parser.links if link.startswith("data:image/png;base64,")]
-    assert len(images) == 9 and images == parser.links  # every plot embedded, nothing else
+    assert len(images) == 10 and images == parser.links  # every plot embedded, nothing else
     assert "http://" not in text and "https://" not in text
     assert "url(" not in text and "@import" not in text
 
@@ -406,3 +408,221 @@ def test_mixed_precision_is_reported_against_float32(report):
     assert "fp32 mIoU" in text and "mixed precision" in text
     assert "fp32 mIoU" not in (report["out"] / "report.md").read_text()
     assert fp32["miou_fp32"] is None and fp32["amp_miou_change"] is None
+
+
+# --- uncertainty: per-image matrices and the paired bootstrap -----------------------------------
+
+
+def _hand_matrix(pred: np.ndarray, target: np.ndarray, c: int) -> np.ndarray:
+    """C×(C+2) counts by a plain loop over pixels: row = label, column = prediction (C: any
+    other prediction code); label 255 left out."""
+    mat = np.zeros((c, c + 2), dtype=np.int64)
+    for p, t in zip(pred.ravel(), target.ravel()):
+        if t < c:
+            mat[t, p if p < c else c] += 1
+    return mat
+
+
+def _images(rng: np.random.Generator, n: int, c: int = 3, hw=(6, 7), right: float = 0.7):
+    """n random (pred, target) pairs of c classes; `right`: the chance a pixel is right."""
+    pairs = []
+    for _ in range(n):
+        target = rng.integers(0, c, hw)
+        target[rng.random(hw) < 0.1] = 255
+        pred = np.where(rng.random(hw) < right, target, rng.integers(0, c, hw))
+        pred[target == 255] = rng.integers(0, c)
+        pairs.append((pred, target))
+    return pairs
+
+
+def test_per_image_matrices_are_each_images_counts_in_order():
+    from segcompare.metrics import ConfusionMatrix
+
+    pairs = _images(np.random.default_rng(1), 5, c=3)
+    pairs[2] = (np.full((6, 7), 255), pairs[2][1])  # a prediction outside the classes
+    cm = ConfusionMatrix(3, per_image=True)
+    cm.update(torch.from_numpy(np.stack([p for p, _ in pairs[:2]])),
+              torch.from_numpy(np.stack([t for _, t in pairs[:2]])))  # a batch of two
+    for pred, target in pairs[2:]:  # then one by one, H×W
+        cm.update(torch.from_numpy(pred), torch.from_numpy(target))
+    mats = cm.image_matrices()
+    assert mats.shape == (5, 3, 5)
+    for mat, (pred, target) in zip(mats, pairs):
+        assert (mat == _hand_matrix(pred, target, 3)).all()
+    assert (mats.sum(0) == cm.mat.numpy()).all()
+
+
+def _loop_bootstrap(mats: np.ndarray, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bootstrap as the metrics docstring states it, one resample at a time: the same draws
+    (`default_rng(seed).integers(0, N, (B, N))`), the images' matrices summed, IoU and mean
+    accuracy counted by hand."""
+    n, c = mats.shape[0], mats.shape[1]
+    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    miou, macc = [], []
+    for b in range(resamples):
+        total = np.zeros(mats.shape[1:], dtype=np.int64)
+        for i in draws[b]:
+            total += mats[i]
+        ious, accs = [], []
+        for k in range(c):
+            tp = total[k, k]
+            union = total[k].sum() + total[:, k].sum() - tp
+            if union:
+                ious.append(tp / union)
+            if total[k].sum():
+                accs.append(tp / total[k].sum())
+        miou.append(np.mean(ious))
+        macc.append(np.mean(accs))
+    return np.array(miou), np.array(macc)
+
+
+def test_bootstrap_equals_a_plain_loop_with_the_same_draws():
+    from segcompare.metrics import bootstrap_draws, bootstrap_scores, interval
+
+    c = 3
+    mats = np.stack([_hand_matrix(p, t, c) for p, t in _images(np.random.default_rng(2), 7, c)])
+    miou, macc = _loop_bootstrap(mats, 50, seed=5)
+    got = bootstrap_scores([mats], bootstrap_draws(7, 50, seed=5))
+    np.testing.assert_allclose(got["miou"], miou, rtol=1e-12)
+    np.testing.assert_allclose(got["mean_acc"], macc, rtol=1e-12)
+    np.testing.assert_allclose(interval(got["miou"]), np.percentile(miou, [2.5, 97.5]),
+                               rtol=1e-12)
+    assert len(set(np.round(miou, 12))) > 10  # the resamples differ: the test can tell
+
+
+def test_interval_narrows_as_images_are_added():
+    from segcompare.metrics import bootstrap_draws, bootstrap_scores, interval
+
+    rng = np.random.default_rng(3)
+    widths = []
+    mats = np.stack([_hand_matrix(p, t, 3) for p, t in _images(rng, 160, 3, right=0.6)])
+    for n in (10, 40, 160):
+        samples = bootstrap_scores([mats[:n]], bootstrap_draws(n, 400, seed=0))["miou"]
+        lo, hi = interval(samples)
+        widths.append(hi - lo)
+    assert widths[0] > widths[1] > widths[2] > 0
+    assert widths[0] > 2.5 * widths[2]  # about sqrt(16) = 4 in theory
+
+
+def test_identical_models_get_no_clear_difference_and_a_real_gap_a_verdict():
+    from segcompare.metrics import bootstrap_draws, bootstrap_scores, pairwise_differences
+
+    rng = np.random.default_rng(4)
+    pairs = _images(rng, 30, 3, right=0.5)
+    worse = np.stack([_hand_matrix(p, t, 3) for p, t in pairs])
+    # the same images predicted better: right where the first was, and on half its mistakes
+    better = np.stack([
+        _hand_matrix(np.where(rng.random(t.shape) < 0.5, t, p), t, 3) for p, t in pairs])
+    draws = bootstrap_draws(30, 300, seed=0)
+    s = [bootstrap_scores([m], draws)["miou"] for m in (worse, worse, better)]
+    miou = [float(np.nanmean(np.diag(m.sum(0)[:, :3]) / (m.sum(0).sum(1) + m.sum(0)[:, :3].sum(0)
+                                                         - np.diag(m.sum(0)[:, :3]))))
+            for m in (worse, worse, better)]  # fmt: skip
+    pairs_out = pairwise_differences(["a", "a again", "b"], miou, s)
+    same = pairs_out[0]
+    assert (same["a"], same["b"], same["diff"]) == ("a", "a again", 0.0)
+    assert same["verdict"] == "no clear difference" and same["ci"] == [0.0, 0.0]
+    gap = pairs_out[1]
+    assert (gap["a"], gap["b"]) == ("a", "b") and gap["diff"] < 0
+    assert gap["verdict"] == "worse" and gap["ci"][1] < 0  # the interval excludes 0
+
+
+def test_report_gives_intervals_pairwise_verdicts_and_per_image_figures(report):
+    import csv
+
+    doc = json.loads((report["out"] / "metrics.json").read_text())
+    assert doc["meta"]["bootstrap"]["resamples"] == 1000
+    for m in doc["models"]:
+        lo, hi = m["miou_ci"]
+        assert 0 <= lo < hi <= 1 and lo <= m["miou"] <= hi
+        assert m["training"] is None  # neither weights file has a training log beside it
+    (pair,) = doc["pairwise"]
+    assert (pair["a"], pair["b"]) == ("segformer-b0", "hrnet-w18-small-v1")
+    assert pair["diff"] == pytest.approx(doc["models"][0]["miou"] - doc["models"][1]["miou"])
+    assert pair["verdict"] in ("better", "worse", "no clear difference")
+    md = (report["out"] / "report.md").read_text()
+    assert "## Verdict" in md and "Is the difference real?" in md and "| no training log |" in md
+    m0 = doc["models"][0]
+    lo, hi = m0["miou_ci"]
+    assert f"{100 * m0['miou']:.1f} ({100 * lo:.1f}–{100 * hi:.1f})" in md
+    rows = list(csv.DictReader((report["out"] / "per_image.csv").open()))
+    assert len(rows) == 3 * 2 and rows[0]["model"] == "segformer-b0"
+    # the gallery's hardest image is the one with the lowest mean of the file's figures
+    names = sorted({r["image"] for r in rows})
+    mean = {n: np.mean([float(r["miou"]) for r in rows if r["image"] == n]) for n in names}
+    assert doc["hardest"][0] == min(names, key=mean.get)
+    assert all(0 <= float(r["pixel_acc"]) <= 1 for r in rows)
+
+
+# --- several runs of one model (seeds), and the training side ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two tiny SegFormer runs of one recipe, seeds 0 and 1, and the comparison of both as one
+    row beside the first run alone, through the command line."""
+    from segcompare.config import config_from_dict
+    from segcompare.data.synth import make_synthetic_cityscapes
+    from segcompare.train import train
+
+    root = tmp_path_factory.mktemp("seeds")
+    make_synthetic_cityscapes(root / "data", train=2, val=3, size=(64, 128), seed=0)
+    runs = []
+    for seed in (0, 1):
+        cfg = config_from_dict({
+            "model": {"name": "segformer-b0", "overrides": dict(TINY_SEGFORMER)},
+            "data": {"root": str(root / "data"), "crop_size": [48, 48], "base_size": 128},
+            "optim": {"lr": 2e-3, "warmup_iters": 1},
+            "train": {"max_iters": 2, "batch_size": 2, "num_workers": 0, "log_every": 1,
+                      "eval_every": 2, "checkpoint_every": 2, "seed": seed},
+        })  # fmt: skip
+        train(cfg, root / f"run{seed}")
+        runs.append(root / f"run{seed}")
+    out = root / "report"
+    code = main(["compare", "--weights", str(runs[0]), "--runs", f"{runs[0]},{runs[1]}",
+                 "--label", "b0 seeds", "--data", str(root / "data"), "--out", str(out),
+                 "--images", "1", "--bench-iters", "1", "--bench-warmup", "0", "--device", "cpu",
+                 "--bootstrap", "200"])  # fmt: skip
+    assert code == 0
+    return {"runs": runs, "out": out, "doc": json.loads((out / "metrics.json").read_text())}
+
+
+def test_runs_of_one_model_are_one_row_with_mean_and_spread(two_runs):
+    single, row = two_runs["doc"]["models"]
+    assert (single["label"], row["label"]) == ("segformer-b0", "b0 seeds")
+    seeds = row["seeds"]
+    assert [s["weights"] for s in seeds] == [str(r / "final.safetensors") for r in two_runs["runs"]]
+    assert seeds[0]["miou"] == single["miou"]  # the first run, alone, is the other row
+    assert seeds[0]["miou"] != seeds[1]["miou"]  # the seeds gave different models
+    assert row["miou"] == pytest.approx((seeds[0]["miou"] + seeds[1]["miou"]) / 2, abs=1e-12)
+    std = abs(seeds[0]["miou"] - seeds[1]["miou"]) / math.sqrt(2)
+    md = (two_runs["out"] / "report.md").read_text()
+    assert f"{100 * row['miou']:.1f} ± {100 * std:.1f}" in md
+    assert "Seeds: the same recipe, run again" in md
+    assert two_runs["doc"]["pairwise"][0]["b"] == "b0 seeds"
+
+
+def test_run_folders_bring_their_training_curves_and_cost(two_runs):
+    out = two_runs["out"]
+    for m in two_runs["doc"]["models"]:
+        t = m["training"]
+        assert t["iterations"] == 2 and t["batch_size"] == 2
+        assert t["wall_s"] > 0 and t["images_per_s"] > 0 and t["peak_memory_mb"] > 0
+        assert t["device"].startswith("cpu")
+        assert t["curves"]["iter"] == [1, 2] and len(t["curves"]["loss"]) == 2
+        assert t["val"]["iter"] == [2]
+    md = (out / "report.md").read_text()
+    assert "What training cost" in md and "(training_curves.png)" in md
+    assert "| no training log |" not in md
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_refuses_runs_without_labels_and_a_negative_bootstrap(tmp_path, capsys):
+    code = main(["compare", "--runs", "a.safetensors,b.safetensors", "--data", str(tmp_path)])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 --runs but 0 --label" in err[0]
+    code = main(["compare", "--model", "segformer-b0", "--data", str(tmp_path), "--bootstrap",
+                 "-1"])  # fmt: skip
+    assert code == 1
+    assert "--bootstrap must be >= 0" in capsys.readouterr().err

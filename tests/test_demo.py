@@ -48,6 +48,18 @@ def test_demo_rerun_reuses_every_step(demo, capsys):
     assert (out / "metrics.json").stat().st_mtime == stamp
     printed = capsys.readouterr().out
     assert "segformer-b0" in printed and "report:" in printed
+    # both mIoUs with their intervals, and the pair's verdict
+    doc = json.loads((out / "metrics.json").read_text())
+    for m in doc["models"]:
+        lo, hi = m["miou_ci"]
+        assert f"{m['label']}: {100 * m['miou']:.1f} ({100 * lo:.1f}–{100 * hi:.1f})" in printed
+    (pair,) = doc["pairwise"]
+    assert f"segformer-b0 − hrnet-w18-small-v1: {100 * pair['diff']:+.1f}" in printed
+    assert pair["verdict"] in printed or "better" in printed
+    for name in ("per_image.csv", "training_curves.png"):
+        assert (out / name).is_file(), name
+    md = (out / "report.md").read_text()
+    assert "## Verdict" in md and "What training cost" in md and "| no training log |" not in md
 
 
 def test_demo_bad_input_is_one_line(tmp_path, capsys):

@@ -197,6 +197,55 @@ def test_predict_two_processes_write_each_file_once(
         assert np.array_equal(got, predictor.predict(image)), image.name
 
 
+_PER_IMAGE_SCRIPT = """
+import sys
+import numpy as np
+from segcompare.evaluate import InferenceSettings, eval_dataset, evaluate_model
+from segcompare.data.transforms import build_test_transform
+from segcompare.infer import Predictor
+from segcompare.metrics import ConfusionMatrix
+from segcompare.models import build_model
+from segcompare.utils import init_distributed
+
+rank, world = init_distributed()
+cm = ConfusionMatrix(per_image=True)
+predictor = Predictor(build_model(weights=sys.argv[2]), InferenceSettings(mode="whole"))
+evaluate_model(predictor.scores, eval_dataset(sys.argv[1], "val", build_test_transform()),
+               progress=False, confusion=cm)
+if rank == 0:
+    np.save(sys.argv[3], cm.image_matrices())
+"""
+
+
+def test_per_image_matrices_under_torchrun_come_in_image_order(
+    tmp_path: Path, synth_root: Path, weights: Path
+) -> None:
+    """The comparison's bootstrap resamples images: under torchrun each image's confusion
+    matrix is gathered from its process, in the one-process order (2 + 3 images), and equals
+    the matrix one process computes for it."""
+    import numpy as np
+
+    from segcompare.data.transforms import build_test_transform
+    from segcompare.evaluate import InferenceSettings, eval_dataset, evaluate_model
+    from segcompare.infer import Predictor
+    from segcompare.metrics import ConfusionMatrix
+    from segcompare.models import build_model
+
+    script = tmp_path / "per_image.py"
+    script.write_text(_PER_IMAGE_SCRIPT)
+    rc, _, err = _run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", str(script),
+                       str(synth_root), str(weights), str(tmp_path / "mats.npy")])
+    assert rc == 0, err[-3000:]
+    cm = ConfusionMatrix(per_image=True)
+    predictor = Predictor(build_model(weights=weights), InferenceSettings(mode="whole"))
+    evaluate_model(predictor.scores, eval_dataset(synth_root, "val", build_test_transform()),
+                   progress=False, confusion=cm)
+    one = cm.image_matrices()
+    two = np.load(tmp_path / "mats.npy")
+    assert one.shape[0] == 5 and len({m.tobytes() for m in one}) == 5  # five different images
+    assert np.array_equal(two, one)
+
+
 def test_shares_cover_each_item_once() -> None:
     from segcompare.utils import share
 

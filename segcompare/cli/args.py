@@ -139,10 +139,12 @@ def _predictor(settings: Any, name: Optional[str], weights: Optional[str]) -> An
         raise SegcompareError("name a model: --model NAME and/or --weights W")
     torch.manual_seed(0)  # without weights: the same random model every run
     model = build_model(name, weights=weights)
-    if settings.size_hw and select_device(settings.device).type == "cpu":
+    device = select_device(settings.device)
+    if settings.size_hw and device.type in ("cpu", "cuda"):
         family = dataclasses.replace(settings, family=family_of(model))
         hw = family.model_input_hw(settings.size_hw, largest=True)
-        check_forward_memory(model.variant, hw, 1, num_classes_of(model), **model.settings)
+        check_forward_memory(model.variant, hw, 1, num_classes_of(model), device,
+                             **model.settings)
     if weights is None:
         logging.getLogger("segcompare").warning(
             "no --weights for %s: random weights (seed 0), the predictions mean nothing", name

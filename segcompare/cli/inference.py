@@ -215,14 +215,43 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         help="for a training run folder given as --weights: its final weights (default, what "
         "the official tests evaluate) or best.safetensors (best val mIoU: optimistic on val)",
     )  # fmt: skip
+    p.add_argument(
+        "--runs", action="append", default=[], metavar="W1,W2,...",
+        help="several runs of one model (seeds; weights files or run folders, comma-separated) "
+        "as one row: mean ± std over the runs; give a --label for each --runs (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--label", action="append", default=[], metavar="NAME",
+                   help="the row name of the --runs in the same position (repeatable)")
+    p.add_argument(
+        "--bootstrap", type=int, default=None, metavar="N",
+        help="resamples of the paired bootstrap over images that gives every accuracy figure "
+        "its 95%% interval and each pair of models a verdict (1000; 0: off)",
+    )  # fmt: skip
     _add_test_options(p)
     p.set_defaults(func=_run_compare)
+
+
+def _run_groups(runs: list[str], labels: list[str]) -> list[tuple[str, list[str]]]:
+    """--runs W1,W2 ... --label NAME ... -> (label, weights) pairs, in order."""
+    from segcompare.utils import SegcompareError
+
+    if len(runs) != len(labels):
+        raise SegcompareError(
+            f"{len(runs)} --runs but {len(labels)} --label: give one --label per --runs"
+        )
+    groups = []
+    for value, label in zip(runs, labels):
+        weights = [w for w in value.split(",") if w]
+        if not weights:
+            raise SegcompareError(f"--runs {value!r} (--label {label}): no weights file given")
+        groups.append((label, weights))
+    return groups
 
 
 def _run_compare(args: argparse.Namespace) -> int:
     import logging
 
-    from segcompare.compare import CompareSpec, run_compare
+    from segcompare.compare import CompareSpec, miou_text, pairwise_lines, run_compare
     from segcompare.data.corrupt import parse_corruptions
     from segcompare.metrics import BOUNDARY_FRAC
     from segcompare.utils import SegcompareError, torchrun_rank_world
@@ -237,20 +266,25 @@ def _run_compare(args: argparse.Namespace) -> int:
         )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notices
-    models = _model_list(args.model, args.weights)
+    groups = _run_groups(args.runs, args.label)
+    models = _model_list(args.model, args.weights) if not groups or args.model or args.weights \
+        else []
     frac = BOUNDARY_FRAC if args.boundary_frac is None else args.boundary_frac
     doc = run_compare(CompareSpec(
         models, args.data, args.split, args.out, images=args.images,
         corruptions=parse_corruptions(args.corrupt), inference=_inference_settings(args),
         max_images=args.max_images, corrupt_images=args.corrupt_images,
         bench_iters=args.bench_iters, bench_warmup=args.bench_warmup, boundary_frac=frac,
-        checkpoint=args.checkpoint,
+        checkpoint=args.checkpoint, runs=groups,
+        **({} if args.bootstrap is None else {"bootstrap": args.bootstrap}),
     ))  # fmt: skip
-    print(f"{'model':<24}{'mIoU':>7}{'B-IoU':>7}{'GMACs':>10}{'ms':>9}")
+    print(f"{'model':<24}{'mIoU (95% interval)':>22}{'B-IoU':>7}{'GMACs':>10}{'ms':>9}")
     for m in doc["models"]:
         print(
-            f"{m['label']:<24}{100 * m['miou']:>7.1f}{100 * m['boundary_iou']:>7.1f}"
+            f"{m['label']:<24}{miou_text(m):>22}{100 * m['boundary_iou']:>7.1f}"
             f"{m['gmacs']:>10.4g}{m['latency_ms']:>9.1f}"
         )
-    print(f"wrote {args.out}/report.html, report.md, metrics.json")
+    for line in pairwise_lines(doc):
+        print(line)
+    print(f"wrote {args.out}/report.html, report.md, metrics.json, per_image.csv")
     return 0

@@ -93,7 +93,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch", type=option("--batch"), default=1, metavar="N", help="images per forward (1)"
     )
-    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default cpu)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
     p.add_argument(
         "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="(default fp32)"
     )
@@ -165,8 +165,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--resume", action="store_true", help="continue from the last checkpoint in the run folder"
     )
     p.add_argument(
-        "--device", default="auto", help="auto, cpu or cuda (default auto: a GPU where there is "
-        "one; under torchrun, GPU LOCAL_RANK)",
+        "--device", default="auto", help="auto, cpu, cuda or mps (default auto: a GPU where "
+        "there is one; under torchrun, GPU LOCAL_RANK)",
     )  # fmt: skip
     p.set_defaults(func=_run_train)
 

@@ -20,8 +20,16 @@ What the report measures beyond `segcompare eval`:
 
 - Boundary IoU (`segcompare.metrics.BoundaryIoU`, Cheng et al., CVPR 2021): IoU restricted to the
   pixels within d of each class's contour;
-- the K hardest images (lowest per-image mIoU averaged over the models) with every model's
-  prediction and a map of where the models disagree;
+- the uncertainty of every accuracy figure: a paired bootstrap over the evaluated images (each
+  resample sums the images' own confusion matrices), giving mIoU, mAcc and each class's IoU a
+  95 % interval and every pair of models a verdict ("better", "worse", "no clear difference");
+- several runs of one model (seeds, `CompareSpec.runs`) as one row: mean ± std;
+- the training side, for weights from a `segcompare train` run folder: loss, learning rate and
+  val mIoU against iteration, and what training cost (iterations, wall time, images/s, memory);
+- a verdict paragraph written from the numbers, and the accuracy-latency Pareto front;
+- per_image.csv (each image's mIoU and pixel accuracy per model); the K hardest images (lowest
+  per-image mIoU averaged over the models) and the K where the models differ most, with every
+  model's prediction and a map of where the models disagree;
 - row-normalised confusion matrices;
 - mIoU under four corruptions of the input at three severities (`segcompare.data.corrupt`), the
   ImageNet-C levels 1, 3 and 5 of Hendrycks & Dietterich (ICLR 2019), as the SegFormer paper's
@@ -44,9 +52,12 @@ from segcompare.compare.report import (
     Section,
     build_sections,
     describe_inference,
+    miou_text,
     model_entry,
+    pairwise_lines,
     render_html,
     render_markdown,
+    with_interval,
 )
 from segcompare.compare.run import CompareSpec, run_compare
 
@@ -63,8 +74,11 @@ __all__ = [
     "evaluate_corruptions",
     "evaluate_run",
     "hardest_images",
+    "miou_text",
     "model_entry",
+    "pairwise_lines",
     "render_html",
     "render_markdown",
     "run_compare",
+    "with_interval",
 ]

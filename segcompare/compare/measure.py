@@ -6,6 +6,7 @@ hardest images."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -16,7 +17,7 @@ import torch
 from segcompare.data.corrupt import SEVERITIES, corrupt
 from segcompare.data.labels import NUM_CLASSES
 from segcompare.evaluate import InferenceSettings
-from segcompare.metrics import BoundaryIoU, image_miou
+from segcompare.metrics import BoundaryIoU, image_scores
 from segcompare.utils import PathLike, SegcompareError
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,15 @@ class ModelRun:
     predictor: Any  # segcompare.infer.Predictor
     results: dict[str, Any] = field(default_factory=dict)  # ConfusionMatrix.compute()
     confusion: Optional[np.ndarray] = None  # C×C pixel counts, rows = ground truth
+    image_mats: Optional[np.ndarray] = None  # N×C×(C+2): each image's confusion matrix
     boundary: Optional[BoundaryIoU] = None
     image_miou: list[float] = field(default_factory=list)  # per image, in dataset order
+    image_acc: list[float] = field(default_factory=list)  # pixel accuracy per image
     image_names: list[str] = field(default_factory=list)
+    # a row of several runs (`--runs`): each run's own ModelRun; this row holds their mean
+    seeds: list[ModelRun] = field(default_factory=list)
+    uncertainty: dict[str, Any] = field(default_factory=dict)  # `bootstrap_intervals`
+    training: Optional[dict[str, Any]] = None  # `segcompare.compare.training.training_of`
     stats: dict[str, Any] = field(default_factory=dict)
     bench: dict[str, Any] = field(default_factory=dict)
     robustness: dict[str, Any] = field(default_factory=dict)
@@ -161,26 +168,29 @@ def evaluate_run(
     run: ModelRun, dataset: Any, d: int, progress: bool = True, bar: Any = None
 ) -> None:
     """Score one model on the (test-transformed) dataset with `segcompare.evaluate.evaluate_model`,
-    the function `segcompare eval` uses, and collect in the same pass (its `on_batch`) what the
-    report needs on top: confusion matrix, Boundary IoU and per-image mIoU."""
+    the function `segcompare eval` uses, into a confusion matrix that keeps each image's own
+    counts (for per-image figures and the bootstrap), and collect in the same pass (its
+    `on_batch`) Boundary IoU and the image names."""
     from segcompare.evaluate import evaluate_model
     from segcompare.metrics import ConfusionMatrix
 
-    cm = ConfusionMatrix()
+    cm = ConfusionMatrix(per_image=True)
     run.boundary = BoundaryIoU(d)
 
     def on_batch(pred: torch.Tensor, labels: torch.Tensor, batch: dict[str, Any]) -> None:
-        cm.update(pred, labels)
         run.boundary.update(pred, labels)
-        run.image_miou += [image_miou(p, t) for p, t in zip(pred, labels)]
         run.image_names += batch["name"]
         if bar is not None:
             bar.update(pred.shape[0])
 
     run.results = evaluate_model(
-        run.predictor.scores, dataset, progress=progress and bar is None, on_batch=on_batch
+        run.predictor.scores, dataset, progress=progress and bar is None, on_batch=on_batch,
+        confusion=cm,
     )
     run.confusion = cm.mat[:, : cm.num_classes].cpu().numpy()
+    run.image_mats = cm.image_matrices()
+    miou, acc = image_scores(run.image_mats)
+    run.image_miou, run.image_acc = miou.tolist(), acc.tolist()
 
 
 def evaluate_fp32(run: ModelRun, dataset: Any, progress: bool = True, bar: Any = None) -> None:
@@ -314,3 +324,170 @@ def measure_speed(
     meta = bench.machine_info(predictor.device, torch.get_num_threads(), dtype)
     meta.update(iters=iters, warmup=warmup, size=list(eval_hw), batch=1)
     return meta
+
+
+def most_different_images(runs: Sequence[ModelRun], k: int, skip: Sequence[int] = ()) -> list[int]:
+    """Indices of the k images where the models' per-image mIoU spreads the most (best minus
+    worst model), leaving out `skip` (the hardest images, shown already). Needs two models."""
+    if k <= 0 or len(runs) < 2:
+        return []
+    scores = np.array([run.image_miou for run in runs], dtype=np.float64)  # M×N
+    spread = np.nan_to_num(scores.max(0) - scores.min(0), nan=-1.0)
+    order = [int(i) for i in np.argsort(-spread, kind="stable") if int(i) not in set(skip)]
+    return order[:k]
+
+
+# ------------------------------------------------------------------------------------------------
+# Several runs of one model (seeds) as one row
+# ------------------------------------------------------------------------------------------------
+
+
+def _mean_of(values: Sequence[Any]) -> Any:
+    """The mean of same-shaped results (dicts of floats, nested): floats by their mean over the
+    values that are not NaN; anything else (counts, lists) as the first one has it."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {key: _mean_of([v[key] for v in values]) for key in first}
+    if isinstance(first, float):
+        finite = [v for v in values if not math.isnan(v)]
+        return sum(finite) / len(finite) if finite else float("nan")
+    return first
+
+
+def merge_seeds(label: str, members: Sequence[ModelRun]) -> ModelRun:
+    """One row for several runs of one model (`compare --runs`): its figures are the mean over the
+    runs (accuracy, per class, per image); speed, size, Boundary IoU, corruptions and the
+    gallery's predictions are the first run's (the runs share the architecture). `row.seeds`
+    keeps each run."""
+    import dataclasses
+
+    if len({run.name for run in members}) > 1:
+        raise SegcompareError(
+            f"--runs {label}: the runs are of different models "
+            f"({', '.join(sorted({run.name for run in members}))}); a row is one model's seeds"
+        )
+    first = members[0]
+    return dataclasses.replace(
+        first,
+        label=label,
+        results=_mean_of([run.results for run in members]),
+        image_miou=np.mean([run.image_miou for run in members], 0).tolist(),
+        image_acc=np.mean([run.image_acc for run in members], 0).tolist(),
+        seeds=list(members),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Uncertainty
+# ------------------------------------------------------------------------------------------------
+
+
+def bootstrap_intervals(
+    runs: Sequence[ModelRun], resamples: int, seed: int
+) -> list[dict[str, Any]]:
+    """The paired bootstrap over the evaluated images (`segcompare.metrics`): every model scored
+    on the same `resamples` draws. Fills `run.uncertainty` ({"miou_ci", "mean_acc_ci", "iou_ci":
+    {class: [lo, hi]}, "iou_diff_ci": {class: the interval of IoU minus the first model's}}) and
+    returns every pairwise mIoU difference ({"a", "b", "diff", "ci", "verdict"}). resamples 0:
+    nothing (empty intervals, no pairs)."""
+    from segcompare.data.labels import CLASS_NAMES
+    from segcompare.metrics import bootstrap_draws, bootstrap_scores, interval, pairwise_differences
+
+    if resamples <= 0 or not runs:
+        return []
+    draws = bootstrap_draws(len(runs[0].image_miou), resamples, seed)
+    samples = []
+    for run in runs:
+        members = run.seeds or [run]
+        samples.append(bootstrap_scores([m.image_mats for m in members], draws))
+
+    def pairs(ci: np.ndarray) -> dict[str, list[float]]:  # 2×C -> {class: [lo, hi]}
+        return {name: [float(ci[0, c]), float(ci[1, c])] for c, name in enumerate(CLASS_NAMES)}
+
+    for run, s in zip(runs, samples):
+        run.uncertainty = {
+            "resamples": resamples,
+            "seed": seed,
+            "miou_ci": interval(s["miou"]).tolist(),
+            "mean_acc_ci": interval(s["mean_acc"]).tolist(),
+            "iou_ci": pairs(interval(s["iou"])),
+        }
+        if run is not runs[0]:
+            run.uncertainty["iou_diff_ci"] = pairs(interval(s["iou"] - samples[0]["iou"]))
+    return pairwise_differences(
+        [run.label for run in runs], [run.results["miou"] for run in runs],
+        [s["miou"] for s in samples],
+    )
+
+
+def pareto_front(runs: Sequence[ModelRun]) -> list[str]:
+    """Labels of the models no other model beats on both mIoU (higher) and latency (lower): the
+    accuracy-latency Pareto front, fastest first."""
+    points = [(run.bench.get("latency_ms"), run.results["miou"], run.label) for run in runs]
+    points = [p for p in points if p[0] is not None and not math.isnan(p[1])]
+    front = []
+    for lat, miou, label in points:
+        beaten = any(
+            (lat2 <= lat and miou2 >= miou) and (lat2 < lat or miou2 > miou)
+            for lat2, miou2, _ in points
+        )
+        if not beaten:
+            front.append((lat, label))
+    return [label for _, label in sorted(front)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: what a run folder's log says
+# ------------------------------------------------------------------------------------------------
+
+
+def training_of(weights: Optional[str]) -> Optional[dict[str, Any]]:
+    """The training side of weights that come from a `segcompare train` run folder
+    (final/best.safetensors beside log.jsonl and config.yaml), else None:
+
+    {"iterations", "wall_s", "images_per_s", "peak_memory_mb", "device", "batch_size",
+     "curves": {"iter", "loss", "lr"}, "val": {"iter", "miou"}}
+
+    Runs whose log predates the cost fields (`segcompare.train` writes them in its summary
+    record) get what the log allows: images/s from the logged time per iteration, peak memory
+    from the logged memory, wall time from the summary's minutes; None for the rest."""
+    import json
+
+    import yaml
+
+    from segcompare.run_folder import RUN_WEIGHTS
+
+    if weights is None or Path(weights).name not in RUN_WEIGHTS.values():
+        return None
+    folder = Path(weights).parent
+    log_path, config_path = folder / "log.jsonl", folder / "config.yaml"
+    if not (log_path.is_file() and config_path.is_file()):
+        return None
+    try:
+        records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        config = yaml.safe_load(config_path.read_text()) or {}
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise SegcompareError(f"{folder}: cannot read the training log: {err}") from None
+    steps = [r for r in records if "loss" in r and "iter" in r]
+    vals = [r for r in records if "val_mIoU" in r and "summary" not in r]
+    summary = next((r for r in reversed(records) if "summary" in r), {})
+    batch = (config.get("train") or {}).get("batch_size")
+    per_iter = [r["time_per_iter"] for r in steps if r.get("time_per_iter")]
+    images_per_s = summary.get("images_per_s")
+    if images_per_s is None and per_iter and batch:
+        images_per_s = batch / float(np.mean(per_iter))
+    memory = [r["memory_mb"] for r in steps if r.get("memory_mb") is not None]
+    wall_s = summary.get("wall_s")
+    if wall_s is None and summary.get("minutes") is not None:
+        wall_s = 60 * summary["minutes"]
+    return {
+        "iterations": summary.get("iter", steps[-1]["iter"] if steps else None),
+        "wall_s": wall_s,
+        "images_per_s": images_per_s,
+        "peak_memory_mb": summary.get("peak_memory_mb", max(memory) if memory else None),
+        "device": summary.get("device"),
+        "batch_size": batch,
+        "curves": {"iter": [r["iter"] for r in steps], "loss": [r["loss"] for r in steps],
+                   "lr": [r["lr"] for r in steps]},
+        "val": {"iter": [r["iter"] for r in vals], "miou": [r["val_mIoU"] for r in vals]},
+    }  # fmt: skip

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
@@ -75,8 +75,20 @@ def plot_per_class(runs: Sequence[ModelRun], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _diff_whiskers(run: ModelRun, diff: np.ndarray) -> Optional[np.ndarray]:
+    """2×C error-bar lengths (below, above) of a per-class IoU difference from its bootstrap
+    interval (`ModelRun.uncertainty`), or None without a bootstrap."""
+    ci = run.uncertainty.get("iou_diff_ci")
+    if not ci:
+        return None
+    lo = np.array([ci[c][0] for c in CLASS_NAMES], dtype=np.float64)
+    hi = np.array([ci[c][1] for c in CLASS_NAMES], dtype=np.float64)
+    return np.nan_to_num(np.stack([diff - lo, hi - diff]), nan=0.0).clip(min=0)
+
+
 def plot_per_class_difference(runs: Sequence[ModelRun], path: Path) -> Path:
-    """IoU of each model minus the first model's, per class: where each model wins."""
+    """IoU of each model minus the first model's, per class: where each model wins; whiskers:
+    the 95 % bootstrap interval of each difference."""
     fig = _figure(12, 4.2)
     ax = fig.add_subplot()
     base = np.array([runs[0].results["per_class"][c]["iou"] for c in CLASS_NAMES])
@@ -85,10 +97,11 @@ def plot_per_class_difference(runs: Sequence[ModelRun], path: Path) -> Path:
         np.array([run.results["per_class"][c]["iou"] for c in CLASS_NAMES]) - base
         for run in others
     ]
+    x = np.arange(len(CLASS_NAMES))
+    reach = [np.abs(v) for v in series]  # how far the bars and whiskers go
     if len(others) == 1:  # two models: colour each bar by the winner
         diff = _nan_to_zero(series[0])
         c0, c1 = _colors(2)
-        x = np.arange(len(CLASS_NAMES))
         ax.bar(x, diff, 0.7, color=[c1 if v >= 0 else c0 for v in diff])
         ax.set_xticks(x, CLASS_NAMES, rotation=45, ha="right")
         ax.set_xlim(-0.6, len(CLASS_NAMES) - 0.4)
@@ -98,20 +111,34 @@ def plot_per_class_difference(runs: Sequence[ModelRun], path: Path) -> Path:
         ax.legend(handles=[Patch(color=c1, label=f"{others[0].label} better"),
                            Patch(color=c0, label=f"{runs[0].label} better")],
                   loc="upper right", fontsize=9)
+        offsets = [0.0]
     else:
         _grouped_bars(ax, CLASS_NAMES, series, [r.label for r in others], _colors(len(runs))[1:])
         ax.legend(loc="upper right", fontsize=9)
+        width = 0.8 / len(others)
+        offsets = [(i - (len(others) - 1) / 2) * width for i in range(len(others))]
+    for run, values, offset in zip(others, series, offsets):
+        whiskers = _diff_whiskers(run, _nan_to_zero(values))
+        if whiskers is not None:
+            ax.errorbar(x + offset, _nan_to_zero(values), yerr=whiskers, fmt="none",
+                        ecolor="black", elinewidth=0.8, capsize=2)
+            reach += [np.abs(_nan_to_zero(values)) + whiskers.max(0)]
     ax.axhline(0, color="black", linewidth=0.8)
-    lim = max(0.05, float(np.nanmax(np.abs(np.concatenate(series)))) * 1.15
-              if np.isfinite(np.concatenate(series)).any() else 0.05)
+    reach_all = np.concatenate(reach)
+    finite = reach_all[np.isfinite(reach_all)]
+    lim = max(0.05, float(finite.max()) * 1.15) if finite.size else 0.05
     ax.set_ylim(-lim, lim)
     ax.set_ylabel(f"IoU − IoU of {runs[0].label}")
-    ax.set_title(f"Per-class IoU difference against {runs[0].label} (above 0: that model wins)")
+    whisk = ", whiskers: 95 % interval" if others[0].uncertainty else ""
+    ax.set_title(f"Per-class IoU difference against {runs[0].label} (above 0: that model "
+                 f"wins{whisk})")  # fmt: skip
     return _save(fig, path)
 
 
-def plot_scatter(runs: Sequence[ModelRun], x_key: str, x_label: str, path: Path) -> Path:
-    """mIoU against a cost (GMACs or latency), one labelled point per model."""
+def plot_scatter(runs: Sequence[ModelRun], x_key: str, x_label: str, path: Path,
+                 front: Sequence[str] = ()) -> Path:
+    """mIoU against a cost (GMACs or latency), one labelled point per model, with its 95 %
+    interval as a vertical whisker; `front`: the labels on the Pareto front, joined and ringed."""
     from segcompare.models import family_of
 
     fig = _figure(6, 4.5)
@@ -121,7 +148,18 @@ def plot_scatter(runs: Sequence[ModelRun], x_key: str, x_label: str, path: Path)
     for run, x, y, color in zip(runs, xs, ys, _colors(len(runs))):
         ax.scatter([x], [y], s=70, color=color, marker=_MARKERS[family_of(run.name)],
                    label=run.label, zorder=3)
+        ci = run.uncertainty.get("miou_ci")
+        if ci:
+            ax.errorbar([x], [y], yerr=[[y - 100 * ci[0]], [100 * ci[1] - y]], fmt="none",
+                        ecolor=color, elinewidth=1, capsize=3, zorder=2)
         ax.annotate(run.label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=9)
+    on_front = [(x, y) for run, x, y in zip(runs, xs, ys) if run.label in front]
+    if on_front:
+        fx, fy = zip(*sorted(on_front))
+        ax.plot(fx, fy, linestyle="--", color="0.4", linewidth=1, zorder=1)
+        ax.scatter(fx, fy, s=260, facecolors="none", edgecolors="0.3", linewidths=1.2, zorder=4,
+                   label="Pareto front")
+        ax.legend(loc="lower right", fontsize=8)
     finite = [x for x in xs if math.isfinite(x) and x > 0]
     if finite and max(finite) / min(finite) > 20:
         ax.set_xscale("log")
@@ -202,6 +240,32 @@ def plot_robustness(runs: Sequence[ModelRun], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_training(runs: Sequence[ModelRun], path: Path) -> Path:
+    """Training loss, learning rate and validation mIoU against iteration, every model with a
+    training log on the same axes (a row of several runs: each run, one colour)."""
+    fig = _figure(14, 3.8)
+    axes = fig.subplots(1, 3, sharex=True)
+    for run, color in zip(runs, _colors(len(runs))):
+        members = run.seeds or [run]
+        for k, member in enumerate(members):
+            t = member.training
+            if not t:
+                continue
+            label = run.label if k == 0 else None
+            curves, val = t["curves"], t["val"]
+            axes[0].plot(curves["iter"], curves["loss"], color=color, label=label, linewidth=1)
+            axes[1].plot(curves["iter"], curves["lr"], color=color, label=label, linewidth=1)
+            axes[2].plot(val["iter"], [100 * v for v in val["miou"]], color=color, marker="o",
+                         markersize=3, label=label, linewidth=1)
+    for ax, name in zip(axes, ["training loss", "learning rate", "val mIoU (%)"]):
+        ax.set_title(name)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")  # the recipes' rates differ by orders (AdamW 6e-5, SGD 1e-2)
+    axes[2].legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _thumb(array: np.ndarray, width: int, nearest: bool) -> np.ndarray:
     """Resize an H×W(×3) uint8 image to `width` columns (no upscaling)."""
     from PIL import Image
@@ -235,9 +299,13 @@ def disagreement_map(
     return out.round().astype(np.uint8)
 
 
+_HARDEST_TITLE = "Hardest images: lowest per-image mIoU, averaged over the models"
+DIFFERENT_TITLE = "Where the models differ most: largest spread of per-image mIoU"
+
+
 def plot_hardest(
     runs: Sequence[ModelRun], raw_dataset: Any, indices: Sequence[int], path: Path,
-    progress: bool = True,
+    progress: bool = True, heading: str = _HARDEST_TITLE,
 ) -> Path:
     """A row per image: image | ground truth | each model | where they disagree."""
     from matplotlib.patches import Patch
@@ -252,7 +320,7 @@ def plot_hardest(
     fig = _figure(panel_w * cols, (panel_h + 0.5) * len(indices) + 0.8)
     axes = np.array(fig.subplots(len(indices), cols, squeeze=False))
     colors = _colors(len(runs))
-    for row, index in enumerate(tqdm(indices, desc="hardest images", disable=not progress)):
+    for row, index in enumerate(tqdm(indices, desc="gallery", disable=not progress)):
         sample = sample0 if row == 0 else raw_dataset[index]
         image, label = sample["image"], sample["label"]
         preds = [run.predictor.predict(image) for run in runs]
@@ -278,7 +346,7 @@ def plot_hardest(
     else:
         handles = [Patch(color=grey, label="wrong")]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=12)
-    fig.suptitle("Hardest images: lowest per-image mIoU, averaged over the models", fontsize=14)
+    fig.suptitle(heading, fontsize=14)
     return _save(fig, path, dpi)
 
 
@@ -292,14 +360,18 @@ def draw_plots(
     out: Path,
     raw_dataset: Any,
     hardest: Sequence[int],
+    different: Sequence[int],
+    front: Sequence[str],
     d: int,
     eval_hw: Sequence[int],
     device_type: str,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Every plot of the report into `out`; returns their file names by key ("confusion": one per
-    run label). raw_dataset / hardest: the uint8 images and the hardest ones' indices; d: the
-    Boundary IoU band; eval_hw and device_type: what GMACs and latency were measured at / on."""
+    run label). raw_dataset / hardest / different: the uint8 images, the hardest ones' indices
+    and those where the models differ most; front: the labels on the accuracy-latency Pareto
+    front; d: the Boundary IoU band; eval_hw and device_type: what GMACs and latency were
+    measured at / on."""
     files: dict[str, Any] = {}
     files["per_class"] = plot_per_class(runs, out / "per_class_iou.png").name
     if len(runs) > 1:
@@ -307,11 +379,18 @@ def draw_plots(
     files["miou_vs_gmacs"] = plot_scatter(
         runs, "gmacs", f"GMACs at {eval_hw[0]}x{eval_hw[1]}", out / "miou_vs_gmacs.png").name
     files["miou_vs_latency"] = plot_scatter(
-        runs, "latency_ms", f"latency (ms) on {device_type}", out / "miou_vs_latency.png").name
+        runs, "latency_ms", f"latency (ms) on {device_type}", out / "miou_vs_latency.png",
+        front).name
     files["boundary"] = plot_boundary(runs, d, out / "boundary_iou.png").name
     if hardest:
         files["hardest"] = plot_hardest(runs, raw_dataset, hardest, out / "hardest_images.png",
                                         progress).name
+    if different:
+        files["different"] = plot_hardest(runs, raw_dataset, different,
+                                          out / "most_different_images.png", progress,
+                                          DIFFERENT_TITLE).name
+    if any(member.training for run in runs for member in (run.seeds or [run])):
+        files["training"] = plot_training(runs, out / "training_curves.png").name
     files["confusion"] = {
         run.label: plot_confusion(run, out / f"confusion_{_slug(run.label)}.png").name
         for run in runs

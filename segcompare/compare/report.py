@@ -44,6 +44,29 @@ def _gmacs(value: Optional[float]) -> str:
     return _num(value, ".3g" if value is not None and value < 10 else ".1f")
 
 
+def _ci(ci: Optional[Sequence[Optional[float]]]) -> str:
+    """' (58.9–62.4)': a 95 % interval of fractions, in %; '' without one."""
+    if not ci or any(v is None or math.isnan(v) for v in ci):
+        return ""
+    return f" ({_pct(ci[0])}–{_pct(ci[1])})"
+
+
+def with_interval(value: Optional[float], ci: Optional[Sequence[float]]) -> str:
+    """A fraction in % with its 95 % interval: '60.7 (58.9–62.4)'; just '60.7' without one."""
+    text = _pct(value)
+    return text if text == "-" else text + _ci(ci)
+
+
+def _spread(run: ModelRun) -> str:
+    """A row of several runs: ' ± std' of their mIoU in points (sample std); else ''."""
+    if len(run.seeds) < 2:
+        return ""
+    values = [m.results["miou"] for m in run.seeds]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f" ± {100 * std:.1f}"
+
+
 def describe_inference(inference: dict[str, Any]) -> str:
     """The inference settings of metrics.json's meta in words."""
     mode = {"slide": "sliding windows (the official test)", "whole": "whole-image"}
@@ -190,7 +213,39 @@ def model_entry(run: ModelRun) -> dict[str, Any]:
         # with mixed precision: the same model scored in float32, and what mixed precision changed
         "miou_fp32": run.fp32.get("miou"),
         "amp_miou_change": r["miou"] - run.fp32["miou"] if run.fp32 else None,
+        # the paired bootstrap's 95 % intervals (absent with --bootstrap 0)
+        "miou_ci": run.uncertainty.get("miou_ci"),
+        "mean_acc_ci": run.uncertainty.get("mean_acc_ci"),
+        "per_class_iou_ci": run.uncertainty.get("iou_ci"),
+        # a row of several runs (--runs): each run's own figures; the row holds their mean
+        "seeds": [{"weights": m.weights, "miou": m.results["miou"],
+                   "mean_acc": m.results["mean_acc"], "training": _cost(m.training)}
+                  for m in run.seeds] or None,
+        "training": _cost(run.training),
     }
+
+
+def _cost(training: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """metrics.json's `training` object: the cost, and the curves as the log has them."""
+    return None if training is None else dict(training)
+
+
+def write_per_image_csv(path: Path, runs: Sequence[ModelRun]) -> Path:
+    """per_image.csv: a row per image and model (image, model, miou, pixel_acc; fractions, empty
+    where undefined), images in dataset order."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "model", "miou", "pixel_acc"])
+    for i, name in enumerate(runs[0].image_names):
+        for run in runs:
+            miou, acc = run.image_miou[i], run.image_acc[i]
+            writer.writerow([name, run.label, "" if math.isnan(miou) else f"{miou:.6f}",
+                             "" if math.isnan(acc) else f"{acc:.6f}"])  # fmt: skip
+    atomic_write_text(path, buffer.getvalue())
+    return path
 
 
 
@@ -205,12 +260,19 @@ def build_sections(
     """The report's sections, from the measured runs, the metrics.json document (`doc`) and the
     plot file names (`files`, as `plots.draw_plots` returns them)."""
     meta = doc["meta"]
-    sections = [summary_section(runs, doc), cost_section(files), per_class_section(files)]
+    sections = [verdict_section(runs, doc), summary_section(runs, doc)]
+    if doc.get("pairwise"):
+        sections.append(pairwise_section(doc))
+    if any(run.seeds for run in runs):
+        sections.append(seeds_section(runs))
+    sections += [cost_section(files), training_section(runs, files), per_class_section(files)]
     if "per_class_diff" in files:
         sections.append(difference_section(runs, files))
     sections.append(boundary_section(meta, files))
     if "hardest" in files:
         sections.append(hardest_section(runs, doc, files))
+    if "different" in files:
+        sections.append(different_section(doc, files))
     sections.append(confusion_section(runs, files))
     if any(run.robustness for run in runs):
         sections.append(robustness_section(runs, meta, files))
@@ -218,14 +280,18 @@ def build_sections(
     return sections
 
 
-_SUMMARY_HEADER = ["model", "mIoU", "iIoU", "cat. mIoU", "pixel acc.", "Boundary IoU",
+_SUMMARY_HEADER = ["model", "mIoU (95 % interval)", "mAcc (95 % interval)", "iIoU", "cat. mIoU",
+                   "pixel acc.", "Boundary IoU",
                    "params (M)", "GMACs", "latency ms", "images/s", "memory MB"]  # fmt: skip
 
 
 def _summary_row(run: ModelRun, robustness: bool, fp32: bool = False) -> list[str]:
     r = run.results
     row = [
-        run.label, _pct(r["miou"]), _pct(r["miiou"]), _pct(r["category_miou"]),
+        run.label,
+        _pct(r["miou"]) + _spread(run) + _ci(run.uncertainty.get("miou_ci")),
+        with_interval(r["mean_acc"], run.uncertainty.get("mean_acc_ci")),
+        _pct(r["miiou"]), _pct(r["category_miou"]),
         _pct(r["pixel_acc"]), _pct(run.boundary.mean()),
         _num(run.stats["parameters"] / 1e6, ".2f"), _gmacs(run.stats["gmacs"]),
         _num(run.bench.get("latency_ms"), ".1f"), _num(run.bench.get("images_per_s"), ".2f"),
@@ -258,12 +324,161 @@ def summary_section(runs: Sequence[ModelRun], doc: dict[str, Any]) -> Section:
         f"median; {bench_meta.get('gpu') or bench_meta.get('cpu')}, "
         f"{bench_meta.get('threads')} threads)."
     )  # fmt: skip
+    boot = meta.get("bootstrap") or {}
+    if boot.get("resamples"):
+        text += (
+            f" In brackets: the 95 % interval of the figure from a paired bootstrap over the "
+            f"{doc['num_images']} images ({boot['resamples']} resamples, seed {boot['seed']}): "
+            "how much it would move on another validation set of this size."
+        )
+    if any(run.seeds for run in runs):
+        text += " '±': the standard deviation over a row's runs (seeds), whose mean it shows."
     if fp32:
         text += (
             " Every model was also scored in float32, otherwise the same way: 'fp32 mIoU', and "
             "what mixed precision changed, in points of mIoU."
         )
     return Section("Summary", [text], (header, rows))
+
+
+# Below this many images a bootstrap interval is known to undercover (the resamples can only
+# repeat the few images there are); the verdict says so.
+SMALL_SAMPLE = 20
+
+
+def _lead(runs: Sequence[ModelRun], doc: dict[str, Any]) -> str:
+    """The sentence on the most accurate model and whether its lead beats the noise."""
+    order = sorted(runs, key=lambda run: -_finite(run.results["miou"]))
+    best = order[0]
+    miou = with_interval(best.results["miou"], best.uncertainty.get("miou_ci"))
+    text = f"Most accurate: {best.label}, {miou} mIoU."
+    if len(order) < 2:
+        return text
+    second = order[1]
+    pair = next((p for p in doc.get("pairwise") or []
+                 if {p["a"], p["b"]} == {best.label, second.label}), None)  # fmt: skip
+    lead = 100 * (best.results["miou"] - second.results["miou"])
+    text += f" Its lead over {second.label} is {lead:.1f} points"
+    if pair is None:
+        return text + " (no bootstrap: no interval to tell it from noise)."
+    sign = 1 if pair["a"] == best.label else -1
+    lo, hi = sorted(sign * 100 * v for v in pair["ci"])
+    if pair["verdict"] == "no clear difference":
+        return text + (f", 95 % interval {lo:.1f} to {hi:.1f}: within this validation set's "
+                       f"noise ({doc['num_images']} images); these two are not told apart here.")
+    return text + (f", 95 % interval {lo:.1f} to {hi:.1f}: larger than this validation set's "
+                   "noise.")
+
+
+def _finite(value: Optional[float], worst: float = -math.inf) -> float:
+    return worst if value is None or math.isnan(value) else value
+
+
+def verdict_section(runs: Sequence[ModelRun], doc: dict[str, Any]) -> Section:
+    """A short paragraph written from the numbers: which model for what."""
+    paragraphs = [_lead(runs, doc)]
+    if doc["num_images"] < SMALL_SAMPLE and doc.get("pairwise"):
+        paragraphs[0] += (
+            f" With only {doc['num_images']} images the bootstrap sees too little variety: its "
+            "intervals are too narrow, and a verdict here is weak evidence."
+        )
+    if len(runs) > 1:
+        def best(key: Any, lowest: bool = False) -> Optional[ModelRun]:
+            scored = [(key(run), run) for run in runs]
+            scored = [(v, run) for v, run in scored if v is not None and not math.isnan(v)]
+            if not scored:
+                return None
+            return (min if lowest else max)(scored, key=lambda vr: vr[0])[1]
+
+        facts = []
+        fastest = best(lambda r: r.bench.get("latency_ms"), lowest=True)
+        if fastest:
+            facts.append(f"fastest {fastest.label} ({fastest.bench['latency_ms']:.1f} ms)")
+        smallest = best(lambda r: r.stats.get("parameters"), lowest=True)
+        if smallest:
+            facts.append(f"smallest {smallest.label} ({smallest.stats['parameters'] / 1e6:.2f} M "
+                         "parameters)")
+        robust = best(lambda r: (r.robustness or {}).get("relative_miou"))
+        if robust:
+            facts.append(f"most robust {robust.label} (keeps "
+                         f"{100 * robust.robustness['relative_miou']:.0f}% of its mIoU under "
+                         "corruptions)")
+        sharp = best(lambda r: r.boundary.mean() if r.boundary else None)
+        if sharp:
+            facts.append(f"sharpest boundaries {sharp.label} ({_pct(sharp.boundary.mean())} "
+                         "Boundary IoU)")
+        if facts:
+            text = "; ".join(facts)
+            paragraphs.append(text[0].upper() + text[1:] + ".")
+    front = doc.get("pareto_front") or []
+    if front:
+        paragraphs.append(
+            "On the accuracy–latency Pareto front (no other model is both more accurate and "
+            f"faster; ringed in the mIoU-against-latency plot): {', '.join(front)}."
+        )
+    return Section("Verdict", paragraphs)
+
+
+def pairwise_section(doc: dict[str, Any]) -> Section:
+    rows = [[p["a"], p["b"], _num(100 * p["diff"], "+.1f"),
+             f"{100 * p['ci'][0]:+.1f} to {100 * p['ci'][1]:+.1f}",
+             {"better": f"{p['a']} better", "worse": f"{p['b']} better"}.get(
+                 p["verdict"], p["verdict"])]
+            for p in doc["pairwise"]]  # fmt: skip
+    boot = doc["meta"]["bootstrap"]
+    return Section(
+        "Is the difference real? Every pair",
+        [f"mIoU of a minus mIoU of b, in points, with its 95 % interval from the paired "
+         f"bootstrap ({boot['resamples']} resamples of the {doc['num_images']} images, the same "
+         "draws for every model). Where the interval excludes 0 the difference is larger than "
+         "this validation set's noise; where it holds 0 there is no clear difference."],
+        (["a", "b", "mIoU a − b (points)", "95 % interval", "verdict"], rows),
+        numeric_table=False,
+    )  # fmt: skip
+
+
+def seeds_section(runs: Sequence[ModelRun]) -> Section:
+    rows = []
+    for run in runs:
+        if not run.seeds:
+            continue
+        each = ", ".join(f"{_pct(m.results['miou'])} ({Path(str(m.weights)).parent.name}/"
+                         f"{Path(str(m.weights)).name})" for m in run.seeds)  # fmt: skip
+        rows.append([run.label, str(len(run.seeds)), _pct(run.results["miou"]) + _spread(run),
+                     each])
+    return Section(
+        "Seeds: the same recipe, run again",
+        ["A row given with --runs is several training runs of one model: its figures are the "
+         "mean over the runs, '±' their standard deviation (mIoU, points); its speed, size, "
+         "Boundary IoU, corruptions and gallery are its first run's."],
+        (["row", "runs", "mIoU mean ± std", "each run's mIoU"], rows),
+        numeric_table=False,
+    )  # fmt: skip
+
+
+def _cost_cells(t: Optional[dict[str, Any]]) -> list[str]:
+    if t is None:
+        return ["no training log", "", "", "", ""]
+    wall = t.get("wall_s")
+    return [_num(t.get("iterations"), "d"),
+            "-" if wall is None else f"{wall / 60:.1f} min",
+            _num(t.get("images_per_s"), ".1f"), _num(t.get("peak_memory_mb"), ".0f"),
+            t.get("device") or "-"]  # fmt: skip
+
+
+def training_section(runs: Sequence[ModelRun], files: dict[str, Any]) -> Section:
+    rows = [[run.label, *_cost_cells(run.training)] for run in runs]
+    paragraphs = [
+        "What each model cost to train, from its run folder's log.jsonl (weights given as a "
+        "`segcompare train` run folder, or its final/best.safetensors): iterations, wall time, "
+        "training images per second, peak memory (MB: the CUDA allocator's peak, or on the CPU "
+        "the process's peak resident size) and device. Weights from elsewhere: no training log."
+    ]
+    images = [(files["training"], "Training loss, learning rate and val mIoU against iteration")
+              ] if "training" in files else []  # fmt: skip
+    return Section("What training cost", paragraphs,
+                   (["model", "iterations", "wall time", "images/s", "peak MB", "device"], rows),
+                   numeric_table=False, images=images)  # fmt: skip
 
 
 def cost_section(files: dict[str, Any]) -> Section:
@@ -328,6 +543,16 @@ def hardest_section(
     )
 
 
+def different_section(doc: dict[str, Any], files: dict[str, Any]) -> Section:
+    return Section(
+        f"The {len(doc['most_different'])} images where the models differ most",
+        ["The images (the hardest ones left out) with the largest spread of per-image mIoU "
+         "between the best and the worst model: where the choice of model matters. Every "
+         "image's figures are in `per_image.csv` (image, model, mIoU, pixel accuracy)."],
+        images=[(files["different"], "Images where the models differ most")],
+    )  # fmt: skip
+
+
 def confusion_section(runs: Sequence[ModelRun], files: dict[str, Any]) -> Section:
     return Section(
         "Confusion matrices",
@@ -386,6 +611,16 @@ def method_section(runs: Sequence[ModelRun], meta: dict[str, Any]) -> Section:
         [run.label, str(run.weights or "random (seed 0)"), _which_weights(run.weights)]
         for run in runs
     ]
+    boot = meta.get("bootstrap") or {}
+    bootstrap = (
+        f" Intervals: a paired bootstrap over the evaluated images ({boot.get('resamples')} "
+        f"resamples, seed {boot.get('seed')}): each resample draws the images with replacement, "
+        "the same draw for every model, and sums their per-image confusion matrices; an "
+        "interval holds the 2.5th to 97.5th percentile of the figure over the resamples. It "
+        "measures the noise of a validation set of this size, not the noise of training (for "
+        "that: several seeds, --runs)."
+        if boot.get("resamples") else " No intervals (--bootstrap 0)."
+    )
     return Section(
         "How this was measured",
         [
@@ -394,7 +629,8 @@ def method_section(runs: Sequence[ModelRun], meta: dict[str, Any]) -> Section:
             "segcompare stats (every "
             "operation counted, attention included). Latency: segcompare bench (models "
             "interleaved after warm-up; memory MB = peak size of the tensors one forward pass "
-            "creates: the CUDA allocator's peak, or on the CPU the live tensors tracked op by op).",
+            "creates: the CUDA allocator's peak, or on the CPU the live tensors tracked op by op)."
+            + bootstrap,
         ],
         (["model", "weights", "which"], weights_rows),
         numeric_table=False,
@@ -408,3 +644,35 @@ def write_report(out: Path, runs: Sequence[ModelRun], doc: dict[str, Any],
     sections = build_sections(runs, doc, files)
     atomic_write_text(out / "report.md", render_markdown(title, sections))
     atomic_write_text(out / "report.html", render_html(title, sections, out))
+
+
+# ------------------------------------------------------------------------------------------------
+# The lines `segcompare compare` and `segcompare demo` print, from metrics.json
+# ------------------------------------------------------------------------------------------------
+
+
+def miou_text(model: dict[str, Any]) -> str:
+    """A metrics.json model's mIoU in %, ± the std over its runs where it has several, with its
+    95 % interval where there is one: '60.7 (58.9–62.4)'."""
+    text = _pct(model.get("miou"))
+    seeds = [s["miou"] for s in model.get("seeds") or [] if s.get("miou") is not None]
+    if len(seeds) > 1:
+        mean = sum(seeds) / len(seeds)
+        std = math.sqrt(sum((v - mean) ** 2 for v in seeds) / (len(seeds) - 1))
+        text += f" ± {100 * std:.1f}"
+    return text + _ci(model.get("miou_ci"))
+
+
+def pairwise_lines(doc: dict[str, Any]) -> list[str]:
+    """One line per pair of models: the mIoU difference, its interval and the verdict."""
+    lines = []
+    for p in doc.get("pairwise") or []:
+        if p.get("ci") is None or None in p["ci"]:
+            continue
+        who = {"better": f"{p['a']} better", "worse": f"{p['b']} better"}.get(
+            p["verdict"], "no clear difference")
+        lines.append(
+            f"{p['a']} − {p['b']}: {100 * p['diff']:+.1f} mIoU points (95% interval "
+            f"{100 * p['ci'][0]:+.1f} to {100 * p['ci'][1]:+.1f}): {who}"
+        )  # fmt: skip
+    return lines

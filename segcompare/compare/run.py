@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -11,6 +12,7 @@ import torch
 
 from segcompare.compare.measure import (
     ModelRun,
+    bootstrap_intervals,
     build_runs,
     compare_datasets,
     evaluate_corruptions,
@@ -19,12 +21,23 @@ from segcompare.compare.measure import (
     hardest_images,
     measure_speed,
     measure_stats,
+    merge_seeds,
+    most_different_images,
+    pareto_front,
+    training_of,
 )
 from segcompare.compare.plots import draw_plots
-from segcompare.compare.report import model_entry, write_report
+from segcompare.compare.report import model_entry, write_per_image_csv, write_report
 from segcompare.data.corrupt import CORRUPTION_LEVELS, CORRUPTIONS, SEVERITIES
 from segcompare.evaluate import InferenceSettings
-from segcompare.metrics import BOUNDARY_FRAC, boundary_width, results_to_json
+from segcompare.metrics import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    BOUNDARY_FRAC,
+    CONFIDENCE,
+    boundary_width,
+    results_to_json,
+)
 from segcompare.run_folder import run_weights
 from segcompare.utils import PathLike, SegcompareError, atomic_write_text, make_dirs
 
@@ -48,6 +61,10 @@ class CompareSpec:
     progress: show progress bars.
     checkpoint: which weights of a training run folder given as weights: 'final' (what the
         official tests evaluate) or 'best' (best val mIoU: chosen on val, so optimistic there).
+    runs: (label, weights files) pairs, each several runs of one model (seeds) shown as one row
+        under that label, after `models`: the mean over the runs, ± their standard deviation.
+    bootstrap / bootstrap_seed: resamples of the paired bootstrap over images that gives every
+        accuracy figure its 95 % interval (0: none), and the seed of its draws.
     """
 
     models: tuple[tuple[Optional[str], Optional[PathLike]], ...]
@@ -64,13 +81,22 @@ class CompareSpec:
     boundary_frac: float = BOUNDARY_FRAC
     progress: bool = True
     checkpoint: str = "final"
+    runs: tuple[tuple[str, tuple[PathLike, ...]], ...] = ()
+    bootstrap: int = BOOTSTRAP_RESAMPLES
+    bootstrap_seed: int = BOOTSTRAP_SEED
 
     def __post_init__(self) -> None:
         # Lists are welcome; a frozen value holds tuples.
         object.__setattr__(self, "models", tuple(tuple(m) for m in self.models))
+        object.__setattr__(self, "runs", tuple((lb, tuple(ws)) for lb, ws in self.runs))
         object.__setattr__(self, "corruptions", tuple(self.corruptions))
-        if not self.models:
+        if not self.models and not self.runs:
             raise SegcompareError("compare needs at least one model")
+        if self.bootstrap < 0:
+            raise SegcompareError(f"--bootstrap must be >= 0 (0: off), got {self.bootstrap}")
+        for label, weights in self.runs:
+            if not label or not weights:
+                raise SegcompareError(f"--runs {label!r}: give a label and weights files")
         if self.images < 0 or self.bench_iters < 1 or self.bench_warmup < 0:
             raise SegcompareError("--images and --bench-warmup must be >= 0, --bench-iters >= 1")
         for kind in self.corruptions:
@@ -97,39 +123,75 @@ def run_compare(spec: CompareSpec) -> dict[str, Any]:
     d = boundary_width(label_hw, spec.boundary_frac)
     # a training run folder -> its final (or best) weights file, which the report names
     models = [(name, w and run_weights(w, spec.checkpoint)) for name, w in spec.models]
-    runs = build_runs(models, spec.inference)
+    groups = [[run_weights(w, spec.checkpoint) for w in ws] for _, ws in spec.runs]
+    built = build_runs(models, spec.inference) if models else []
+    if groups:  # every model is built before the first is evaluated: a bad file fails early
+        members = build_runs([(None, w) for ws in groups for w in ws], spec.inference)
+        labels = [f"{label} run {k + 1}" for (label, _), ws in zip(spec.runs, groups)
+                  for k in range(len(ws))]  # fmt: skip
+        for member, label in zip(members, labels):
+            member.label = label
+        built += members
 
-    for run in runs:
+    for run in built:
         with tqdm(total=len(dataset), desc=f"eval {run.label}", unit="img",
                   disable=not spec.progress) as bar:
             evaluate_run(run, dataset, d, spec.progress, bar)
+        run.training = training_of(run.weights)
+    runs = _rows(spec, built, len(models))
     if spec.inference.amp:  # what mixed precision changed: each model again in float32
         for run in runs:
             with tqdm(total=len(dataset), desc=f"eval fp32 {run.label}", unit="img",
                       disable=not spec.progress) as bar:
                 evaluate_fp32(run, dataset, spec.progress, bar)
+    boot_start = time.perf_counter()
+    pairwise = bootstrap_intervals(runs, spec.bootstrap, spec.bootstrap_seed)
+    boot_s = time.perf_counter() - boot_start
     measure_stats(runs, eval_hw, spec.progress)
     bench_meta = measure_speed(runs, eval_hw, spec.inference.amp, spec.bench_iters,
                                spec.bench_warmup, spec.progress)  # fmt: skip
     subset = len(corrupt_set) < len(dataset)
     evaluate_corruptions(runs, corrupt_set, spec.corruptions, subset, spec.progress)
     hardest = hardest_images(runs, spec.images)
+    different = most_different_images(runs, spec.images, hardest)
 
     make_dirs(out)
     meta = _meta(spec, runs, eval_hw, d, bench_meta, len(corrupt_set))
+    meta["bootstrap"]["seconds"] = round(boot_s, 4)
     doc: dict[str, Any] = {
         "models": [model_entry(run) for run in runs],
         "data": str(spec.data_root),
         "split": spec.split,
         "num_images": len(dataset),
+        "pairwise": pairwise,
+        "pareto_front": pareto_front(runs),
         "hardest": [runs[0].image_names[i] for i in hardest],
+        "most_different": [runs[0].image_names[i] for i in different],
         "meta": meta,
     }
     device_type = runs[0].predictor.device.type
-    files = draw_plots(runs, out, raw, hardest, d, eval_hw, device_type, spec.progress)
+    files = draw_plots(runs, out, raw, hardest, different, doc["pareto_front"], d, eval_hw,
+                       device_type, spec.progress)  # fmt: skip
+    files["per_image"] = write_per_image_csv(out / "per_image.csv", runs).name
     write_report(out, runs, doc, files)
     atomic_write_text(out / "metrics.json", results_to_json(doc))
     return doc
+
+
+def _rows(spec: CompareSpec, built: list[ModelRun], singles: int) -> list[ModelRun]:
+    """The report's rows: each model of `spec.models`, then each `--runs` group merged into one
+    row (`merge_seeds`) under its label; labels must differ."""
+    rows = built[:singles]
+    start = singles
+    for label, weights in spec.runs:
+        rows.append(merge_seeds(label, built[start : start + len(weights)]))
+        start += len(weights)
+    labels = [run.label for run in rows]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise SegcompareError(f"two rows of the comparison are called {label!r}: "
+                                  "give each --runs group a label of its own")  # fmt: skip
+    return rows
 
 
 def _meta(
@@ -158,4 +220,6 @@ def _meta(
         "robustness": {"corruptions": corruptions, "severities": list(SEVERITIES),
                        "num_images": corrupt_images if corruptions else 0},
         "families": {run.label: family_of(run.name) for run in runs},
+        "bootstrap": {"resamples": spec.bootstrap, "seed": spec.bootstrap_seed,
+                      "confidence": CONFIDENCE, "unit": "image"},
     }  # fmt: skip

@@ -21,6 +21,9 @@ test_inputs.py and test_files.py use them):
   small models saved as our safetensors (a 1-block SegFormer-B0, HRNet-W18-Small-v1).
 - `readonly_dir` (fixture): an empty folder that cannot be written to (chmod 0555 for a normal
   user; a read-only tmpfs mount for root); skips with the reason where neither works.
+- `write_refusal(folder) -> str`: what the system itself says to a write in `folder`
+  ("Permission denied" in the 0555 folder, "Read-only file system" on the read-only mount), so
+  a test demands the reason its own setup really produces, as root and as a normal user.
 - `full_fs` (fixture): a folder on a tiny tmpfs that is already full (writes fail with ENOSPC);
   skips with the reason where mounting is not allowed.
 """
@@ -147,16 +150,40 @@ def readonly_dir(tmp_path) -> Path:
     path.mkdir()
     if os.geteuid() != 0:
         path.chmod(0o555)
-        yield path
-        path.chmod(0o755)
+        try:
+            if _writable(path):  # a user with CAP_DAC_OVERRIDE ignores modes, as root does
+                pytest.skip(f"{path} is mode 0555 yet writable: this user ignores file modes")
+            yield path
+        finally:
+            path.chmod(0o755)
         return
     reason = _mount_tmpfs(path, "ro,size=64k")
     if reason:
         pytest.skip(f"root ignores file modes and a read-only tmpfs cannot be mounted: {reason}")
     try:
+        assert not _writable(path), f"{path} is mounted read-only yet writable"
         yield path
     finally:
         _umount(path)
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        write_refusal(folder)
+    except AssertionError:
+        return True
+    return False
+
+
+def write_refusal(folder: Path) -> str:
+    """The system's own words for a refused write in `folder` (its errno's strerror)."""
+    probe = folder / ".probe"
+    try:
+        probe.mkdir()
+    except OSError as err:
+        return os.strerror(err.errno)
+    probe.rmdir()
+    raise AssertionError(f"{folder} can be written")
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, assert_no_partial, assert_one_line_error, run_cli
+from conftest import REPO, assert_no_partial, assert_one_line_error, run_cli, write_refusal
 from safetensors.torch import load_file, save_file
 
 from segcompare.models import build_model, load_weights
@@ -268,6 +268,16 @@ def test_a_shard_index_of_plain_names_still_loads(sharded, tmp_path):
     assert "backbone.patch_embed1.proj.weight" in state and len(state) > 100
 
 
+class _CreatesFile:
+    """Unpickling this creates the file `path` (pickle calls open(path, "w"))."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 @pytest.mark.parametrize("how", ["zip", "legacy", "hostile"])
 def test_a_pickle_under_a_safetensors_name_is_one_line(cli, tiny_weights, tmp_path, how):
     path = tmp_path / "model.safetensors"
@@ -276,13 +286,20 @@ def test_a_pickle_under_a_safetensors_name_is_one_line(cli, tiny_weights, tmp_pa
         torch.save(state, path)
     elif how == "legacy":
         torch.save(state, path, _use_new_zipfile_serialization=False)
-    else:  # a pickle that would run code: refused, not run
+    else:  # a pickle that runs code when loaded (it creates `marker`): refused, not run
         import pickle
 
-        path.write_bytes(pickle.dumps(subprocess.Popen, protocol=2))
+        marker = tmp_path / "marker"
+        payload = pickle.dumps({"state_dict": _CreatesFile(str(marker))}, protocol=2)
+        pickle.loads(payload)  # the payload is real: a plain load runs it
+        assert marker.exists()
+        marker.unlink()
+        path.write_bytes(payload)
     rc, stdout, err = cli("convert", path, tmp_path / "out.safetensors")
     if how == "hostile":
         assert_one_line_error(rc, err, str(path), "refused")
+        assert not marker.exists(), "the pickle's code ran"
+        assert not (tmp_path / "out.safetensors").exists()
     else:  # a PyTorch file by its bytes, whatever its name: it loads
         assert rc == 0 and "hrnet-w18-small-v1" in stdout, err
     assert "Traceback" not in err
@@ -459,9 +476,17 @@ def test_resume_without_any_intact_checkpoint_is_one_line(cli, two_runs, tiny_da
     out = _copy_run(two_runs[0], tmp_path / "run")
     for path in (out / "checkpoints").glob("iter_*.pt"):
         path.write_bytes(path.read_bytes()[:100])
+    before = _contents(out)
     rc, _, err = cli("train", _train_config(tmp_path, tiny_data), "--out", out, "--resume")
     assert_one_line_error(rc, err, "no intact checkpoint", "iter_1.pt", "iter_2.pt",
                           allow_log=True)
+    assert _contents(out) == before  # the run folder as it was: nothing removed, added, changed
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative name -> bytes) and every folder (name -> b"/")."""
+    return {str(p.relative_to(folder)): b"/" if p.is_dir() else p.read_bytes()
+            for p in sorted(folder.rglob("*"))}  # fmt: skip
 
 
 # === group 15: write failures ==================================================================
@@ -499,8 +524,9 @@ def test_a_read_only_file_system_is_one_line(cli, tiny_weights, tiny_data, reado
                                              command):
     target = readonly_dir / "out"
     argv = _write_commands(tiny_weights, tiny_data, target, tmp_path)[command]
+    refusal = write_refusal(readonly_dir)  # root: "Read-only file system", else "Permission denied"
     rc, _, err = cli(*argv)
-    assert_one_line_error(rc, err, str(readonly_dir), "Read-only file system", allow_log=True)
+    assert_one_line_error(rc, err, str(readonly_dir), refusal, allow_log=True)
     assert not any(readonly_dir.iterdir())
 
 
@@ -542,13 +568,15 @@ def test_a_folder_where_a_file_is_needed_is_one_line(cli, tiny_weights, tiny_dat
 
 
 @pytest.mark.parametrize(
-    "argv",
-    [["--weights", "x.st"], ["--data", "nowhere"], ["--data", "nowhere", "--weights", "a"]],
-)
-def test_demo_argument_errors_leave_no_out_folder(cli, tmp_path, argv):
+    "argv, named",
+    [(["--weights", "x.st"], ["--weights", "--data"]),  # --weights needs --data
+     (["--data", "nowhere"], ["--data", "--weights"]),  # --data needs --weights
+     (["--data", "nowhere", "--weights", "a"], ["nowhere"])],
+)  # fmt: skip
+def test_demo_argument_errors_leave_no_out_folder(cli, tmp_path, argv, named):
     out = tmp_path / "demo"
     rc, _, err = cli("demo", "--out", out, *argv)
-    assert_one_line_error(rc, err, allow_log=True)
+    assert_one_line_error(rc, err, *named, allow_log=True)
     assert not out.exists()
 
 

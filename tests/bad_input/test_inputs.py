@@ -317,8 +317,8 @@ def test_build_model_refuses_a_class_count_below_one(num_classes):
         (["predict", "--weights", "{w}", "{images}", "--out", "{tmp}/o", "--window", "16x16",
           "--mode", "slide"], "16x16"),
         (["eval", "--weights", "{w}", "--data", "{data}", "--size", "16x32"], "16x32"),
-        (["train", "configs/synthcity_segformer_b0.yaml", "--set", "data.crop_size=[8,8]",
-          "--out", "{tmp}/run"], "data.crop_size"),
+        (["train", "{repo}/configs/synthcity_segformer_b0.yaml", "--set",
+          "data.crop_size=[8,8]", "--out", "{tmp}/run"], "data.crop_size"),
         (["stats", "segformer-b0", "--num-classes", "-1"], "--num-classes"),
         (["models", "--num-classes", "-1"], "--num-classes"),
         (["models", "--num-classes", "0"], "--num-classes"),
@@ -346,14 +346,16 @@ def test_build_model_refuses_a_class_count_below_one(num_classes):
 )
 def test_sizes_and_numbers_out_of_range_are_one_line(cli, tiny_data, tiny_weights, tmp_path,
                                                      monkeypatch, argv, named):
-    monkeypatch.chdir(REPO)
-    fill = {"data": tiny_data, "w": tiny_weights["segformer"], "tmp": tmp_path,
+    work = tmp_path / "cwd"  # the current folder too: a stray write there is seen, not lost
+    work.mkdir()
+    monkeypatch.chdir(work)
+    fill = {"data": tiny_data, "w": tiny_weights["segformer"], "tmp": tmp_path, "repo": REPO,
             "images": tiny_data / "leftImg8bit" / "val",
             "video": tiny_data / "leftImg8bit_demoVideo" / "stuttgart_00"}
     rc, _, err = cli(*[a.format(**fill) for a in argv], *(
         ["--device", "cpu"] if argv[0] in ("predict", "eval", "video", "compare") else []))
     assert_one_line_error(rc, err, named, allow_log=True)
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [work] and list(work.iterdir()) == []
 
 
 # --- group 5: trainId PNGs given to eval --pred-dir --------------------------------------------
@@ -524,11 +526,20 @@ def test_a_bomb_read_by_the_data_pipeline_is_a_bad_sample(tmp_path):
     ],
     ids=["bench", "export"],
 )
-def test_a_forward_larger_than_memory_is_refused_with_the_figure(cli, tmp_path, argv):
-    rc, _, err = cli(*[a.format(tmp=tmp_path) for a in argv])
+def test_a_forward_larger_than_memory_is_refused_with_the_figure(cli, tmp_path, monkeypatch,
+                                                                 argv):
+    import tempfile
+
+    out, work, temp = tmp_path / "out", tmp_path / "cwd", tmp_path / "tmp"
+    for folder in (out, work, temp):
+        folder.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where a temporary without a place goes
+    rc, _, err = cli(*[a.format(tmp=out) for a in argv])
     line = assert_one_line_error(rc, err, "100000x100000", "GiB", allow_log=True)
     assert "available" in line
-    assert list(tmp_path.iterdir()) == []
+    left = [p for p in tmp_path.rglob("*") if not p.is_dir()]
+    assert left == [], f"left behind: {left}"  # no x.onnx, no temporary, anywhere
 
 
 def test_available_memory_honours_an_address_space_limit():
