@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_type_hints
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
 from segcompare.data.layouts import LAYOUTS
 from segcompare.utils import SegcompareError
+from segcompare.values import check, shown
 
 
 @dataclass
@@ -118,14 +120,6 @@ class Config:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
-_CHOICES = {
-    "data.pipeline": ("segformer", "hrnet"),
-    "optim.name": ("adamw", "sgd"),
-    "optim.schedule": ("poly",),
-    "train.amp": ("off", "bf16", "fp16"),
-    "train.loss": ("ce", "ohem"),
-    "train.loss_average": ("labelled", "all"),
-}
 # keys a resumed run may change: they do not change the weights
 _RESUME_MAY_CHANGE = {
     "data.root",
@@ -158,10 +152,7 @@ def load_config(path: Union[str, os.PathLike], overrides: Sequence[str] = ()) ->
     path = Path(path)
     if not path.is_file():
         raise SegcompareError(f"config file {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SegcompareError(f"config {path} is not valid YAML: {err}") from None
+    raw = read_yaml(path.read_bytes(), f"config {path}")
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise SegcompareError(f"config {path}: expected a mapping of sections, got {raw!r}")
@@ -173,15 +164,84 @@ def load_config(path: Union[str, os.PathLike], overrides: Sequence[str] = ()) ->
         raise SegcompareError(f"config {path}: {err}") from None
 
 
+# A recipe is a few kB; a larger file is not one (and YAML parsing holds all of it in memory).
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML as recipes are written: no key twice in a mapping (PyYAML keeps the last one
+    silently) and no aliases (`*name`): a few hundred bytes of nested aliases expand to
+    gigabytes (an "alias bomb"), and no recipe needs one."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(
+                problem=f"an alias (*{event.anchor}): recipes write every value out",
+                problem_mark=event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}  # key -> its line
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                    seen.setdefault(key, line)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if first is not None:
+                    raise yaml.MarkedYAMLError(
+                        problem=f"the key {shown(key)} is given twice (lines {first} and "
+                        f"{line}); give each key once",
+                        problem_mark=key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 reads 6e-5 (an exponent, no dot) as a string; recipes mean the number (YAML 1.2).
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(data: bytes, where: str) -> Any:
+    """Parse a recipe or a --set value: UTF-8 text, no key twice, no aliases, at most
+    MAX_RECIPE_BYTES; a SegcompareError of one line naming `where` (and the line) otherwise."""
+    if len(data) > MAX_RECIPE_BYTES:
+        raise SegcompareError(
+            f"{where}: {len(data)} bytes, more than a recipe's {MAX_RECIPE_BYTES} at most"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SegcompareError(
+            f"{where}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+        ) from None
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = " ".join(str(x) for x in (err.context, err.problem) if x)
+        raise SegcompareError(f"{where}: not valid YAML: {at}{shown(what)[1:-1]}") from None
+    except yaml.YAMLError as err:
+        raise SegcompareError(f"{where}: not valid YAML: {shown(str(err))[1:-1]}") from None
+    except RecursionError:
+        raise SegcompareError(f"{where}: not valid YAML: nested too deeply") from None
+
+
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise SegcompareError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_iters=200")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise SegcompareError(f"--set {key}: the value {text!r} is not valid YAML: {err}") from None
+    value = read_yaml(text.encode("utf-8", "surrogateescape"), f"--set {key}")
     parts = key.split(".")
     # model.overrides.<setting> reaches into the free-form dict; everything else is section.key
     if len(parts) < 2 or (len(parts) > 2 and parts[:2] != ["model", "overrides"]):
@@ -209,7 +269,6 @@ def config_from_dict(raw: dict) -> Config:
         values = raw.get(name) or {}
         if not isinstance(values, dict):
             raise SegcompareError(f"section {name!r} must be a mapping, got {values!r}")
-        hints = get_type_hints(cls)
         valid = [f.name for f in dataclasses.fields(cls)]
         kwargs = {}
         for key, value in values.items():
@@ -217,76 +276,26 @@ def config_from_dict(raw: dict) -> Config:
                 raise SegcompareError(
                     f"unknown key {name}.{key}; valid keys in {name}: {', '.join(valid)}"
                 )
-            kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+            if f"{name}.{key}" == "train.amp" and value is False:  # YAML reads a bare off as false
+                value = "off"
+            if f"{name}.{key}" == "train.class_weights" and value == "auto":
+                kwargs[key] = value  # median-frequency weights, made when the data is read
+                continue
+            kwargs[key] = check(f"{name}.{key}", value)
         sections[name] = cls(**kwargs)
     cfg = Config(**sections)
     _check_values(cfg)
     return cfg
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """`value` as the type `hint` of a config field, or a SegcompareError naming `key`."""
-    origin = getattr(hint, "__origin__", None)
-    args = getattr(hint, "__args__", ())
-    if origin is Union:  # Optional[X], or X | Y: the first that takes the value
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        for option in options[:-1]:
-            try:
-                return _coerce(value, option, key)
-            except SegcompareError:
-                pass
-        return _coerce(value, options[-1], key)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise SegcompareError(f"{key} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise SegcompareError(f"{key} must be an integer, got {value!r}")
-    if hint is float:
-        # YAML 1.1 reads 6e-5 (no dot) as a string, so numeric strings are accepted
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise SegcompareError(f"{key} must be a number, got {value!r}")
-    if hint is str:
-        if key == "train.amp" and value is False:  # YAML reads a bare `off` as false
-            return "off"
-        if isinstance(value, str):
-            return value
-        raise SegcompareError(f"{key} must be a string, got {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise SegcompareError(f"{key} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise SegcompareError(f"{key} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise SegcompareError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
-    raise TypeError(f"no rule for the type {hint} of {key}")  # a bug in this file, not user input
-
-
 def _check_values(cfg: Config) -> None:
+    """Relations between keys and facts of other rooms; each key's own range is `values.RULES`."""
+
     def bad(key: str, expected: str) -> SegcompareError:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        return SegcompareError(f"{key} must be {expected}, got {value!r}")
+        return SegcompareError(f"{key} must be {expected}, got {shown(value)}")
 
-    for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) not in choices:
-            raise bad(key, "one of " + ", ".join(choices))
     if not cfg.model.name:
         raise SegcompareError("model.name is required (see `segcompare models`)")
     if cfg.data.layout is not None and cfg.data.layout not in LAYOUTS:
@@ -296,45 +305,20 @@ def _check_values(cfg: Config) -> None:
             "model.init (a whole segmentation checkpoint) and model.pretrained (ImageNet "
             "backbone weights) both given: keep one"
         )
-    positive = {
-        "model.num_classes": 1 if cfg.model.num_classes is None else cfg.model.num_classes,
-        "data.base_size": cfg.data.base_size,
-        "train.max_iters": cfg.train.max_iters,
-        "train.batch_size": cfg.train.batch_size,
-        "train.log_every": cfg.train.log_every,
-        "train.checkpoint_every": cfg.train.checkpoint_every,
-        "train.keep_checkpoints": cfg.train.keep_checkpoints,
-        "train.ohem_min_kept": cfg.train.ohem_min_kept,
-        "train.ohem_min_kept_images": cfg.train.ohem_min_kept_images,
-        "optim.lr": cfg.optim.lr,
-    }
-    for key, value in positive.items():
-        if not value > 0:
-            raise bad(key, "positive")
-    if min(cfg.data.crop_size) <= 0:
-        raise bad("data.crop_size", "two positive integers (h, w)")
-    from segcompare.models.variants import MIN_INPUT_SIDE  # torch: only once a config is read
+    from segcompare.models.variants import MIN_INPUT_SIDE, check_settings  # torch: only now
 
     if min(cfg.data.crop_size) < MIN_INPUT_SIDE:
         raise bad("data.crop_size", f"at least {MIN_INPUT_SIDE} on each side (the smallest input "
                   "both model families accept)")
     scale_range = cfg.data.scale_range
-    if scale_range is not None and not 0 < scale_range[0] <= scale_range[1]:
+    if scale_range is not None and not scale_range[0] <= scale_range[1]:
         raise bad("data.scale_range", "(low, high) with 0 < low <= high, or null")
-    if cfg.train.threads is not None and cfg.train.threads < 1:
-        raise bad("train.threads", "a positive number of threads or null")
-    for key in ("train.num_workers", "train.eval_every", "optim.warmup_iters", "optim.min_lr",
-                "optim.weight_decay", "optim.momentum", "optim.power", "optim.head_lr_mult"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 0:
-            raise bad(key, "zero or more")
-    if not 0 < cfg.optim.warmup_ratio <= 1:
-        raise bad("optim.warmup_ratio", "in (0, 1]")
     if cfg.optim.warmup_iters >= cfg.train.max_iters:
         raise bad("optim.warmup_iters", f"smaller than train.max_iters ({cfg.train.max_iters})")
     if not 0 < cfg.train.ohem_threshold <= 1:
         raise bad("train.ohem_threshold", "a probability in (0, 1]")
     _check_classes(cfg, cfg.model.num_classes)
+    check_settings(cfg.model.name, cfg.model.overrides, prefix="model.overrides.")
 
 
 def _check_classes(cfg: Config, num_classes: Optional[int]) -> None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from segcompare.metrics import ConfusionMatrix, label_ids_to_pred
 from segcompare.models.variants import FAMILIES, OFFICIAL_TEST_HW, OfficialTest, TestResize
 from segcompare.utils import PathLike, SegcompareError, atomic_path, shard
+from segcompare.values import check
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,12 @@ class InferenceSettings:
             raise SegcompareError(f"unknown model family {self.family!r}; valid: segformer, hrnet")
         if self.mode not in ("whole", "slide"):
             raise SegcompareError(f"unknown test mode {self.mode!r}; valid: whole, slide")
-        if not self.scales or any(s <= 0 for s in self.scales):
-            raise SegcompareError(f"test scales must be positive numbers, got {self.scales}")
-        for name in ("size_hw", "window_hw", "stride_hw"):
-            hw = getattr(self, name)
-            if hw is not None and (len(hw) != 2 or min(hw) < 1):
-                raise SegcompareError(f"{name} must be two positive sizes (H, W), got {hw}")
+        # the values of --scales, --size, --window, --stride: their rows of values.RULES
+        object.__setattr__(self, "scales", tuple(check("--scales", self.scales, name="scales")))
+        for name, flag in (("size_hw", "--size"), ("window_hw", "--window"),
+                           ("stride_hw", "--stride")):  # fmt: skip
+            if getattr(self, name) is not None:  # a frozen dataclass: set once, here
+                object.__setattr__(self, name, check(flag, getattr(self, name), name=name))
         if self.window_hw and self.stride_hw:
             _check_stride(self.window_hw, self.stride_hw)
 
@@ -142,7 +143,7 @@ class InferenceSettings:
         window_hw, _ = self.windows_for(test_hw)
         resize = self.resize()
         sizes = [
-            _pad_hw(resize.resized_hw(image_hw, s), resize) if resize else _scaled_hw(test_hw, s)
+            _pad_hw(resize.resized_hw(image_hw, s), resize) if resize else scaled_hw(test_hw, s)
             for s in self.scales
         ]
         if self.mode == "slide":
@@ -168,7 +169,7 @@ def _check_stride(window_hw: tuple[int, int], stride_hw: tuple[int, int]) -> Non
         )
 
 
-def _scaled_hw(hw: tuple[int, int], scale: float) -> tuple[int, int]:
+def scaled_hw(hw: tuple[int, int], scale: float) -> tuple[int, int]:
     """The test size at `scale`, rounded as both official codes round it."""
     return int(hw[0] * scale + 0.5), int(hw[1] * scale + 0.5)
 
@@ -295,17 +296,17 @@ def inference(
     passes = 0
     resize = settings.resize()
     for scale in settings.scales:
-        scaled_hw = resize.resized_hw((h, w), scale) if resize else _scaled_hw(test_hw, scale)
-        x = _pad(_resize(images, scaled_hw), resize)
+        at_hw = resize.resized_hw((h, w), scale) if resize else scaled_hw(test_hw, scale)
+        x = _pad(_resize(images, at_hw), resize)
         if hrnet_style:
-            outs = [_crop_resize(run(hrnet_window, x), scaled_hw, out_hw)]
+            outs = [_crop_resize(run(hrnet_window, x), at_hw, out_hw)]
         else:
             outs = []
             for flipped in (False, True) if settings.flip else (False,):
                 xi = x.flip(-1) if flipped else x
                 scores = run(lambda c: forward_logits(model, c), xi)
                 scores = scores.flip(-1) if flipped else scores
-                scores = _crop_resize(scores, scaled_hw, out_hw)
+                scores = _crop_resize(scores, at_hw, out_hw)
                 outs.append(scores if single else scores.softmax(1))
         for scores in outs:
             total = scores if total is None else total + scores
@@ -345,6 +346,13 @@ def _batches(dataset: Any, batch_size: int, workers: int, desc: str, progress: b
         for item in items:
             if "error" in item:
                 return item
+        sizes = [tuple(item["label"].shape[-2:]) for item in items]
+        if len(set(sizes)) > 1:  # default_collate would stack them: a traceback
+            other = next(i for i, hw in enumerate(sizes) if hw != sizes[0])
+            named = [f"{items[i].get('name', 'an image')} {sizes[i][0]}x{sizes[i][1]}"
+                     for i in (0, other)]  # fmt: skip
+            return {"error": f"--batch {batch_size}: images of different sizes in one batch "
+                             f"({named[0]}, {named[1]}); use --batch 1 for this split"}
         return default_collate(items)
 
     loader = DataLoader(
@@ -783,8 +791,8 @@ def run_eval(
     name)."""
     if (scores is None) == (pred_dir is None):
         raise SegcompareError("score either a model or a folder of predictions, not both")
-    if batch_size < 1 or workers < 0:
-        raise SegcompareError("--batch must be at least 1 and --workers at least 0")
+    check("--batch", batch_size, name="batch_size")
+    check("--workers", workers, name="workers")
     start = time.perf_counter()
     if pred_dir is not None:
         if save_pred_dir is not None:

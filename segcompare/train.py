@@ -388,6 +388,7 @@ def _datasets(cfg: Config, world: int) -> Tuple[str, Any, Any]:
             f"{cfg.data.root}: the {cfg.data.train_split!r} split has {len(train_set)} images, "
             f"fewer than the total batch train.batch_size={cfg.train.batch_size}"
         )
+    _warn_padded_crops(train_set, train_transform, cfg.data.crop_size)
     val_set = None if cfg.train.eval_every == 0 else CityscapesDataset(
         dc.root, split=dc.val_split, transform=build_test_transform(), layout=train_set.layout,
         reduce_zero_label=dc.reduce_zero_label, ignore_index=dc.ignore_index)
@@ -425,6 +426,29 @@ def _start_weights(cfg: Config) -> Optional[str]:
             "it as model.pretrained"
         )
     return cfg.model.init
+
+
+def _warn_padded_crops(train_set: Any, transform: Any, crop_hw: Tuple[int, int]) -> None:
+    """Warn, with the cost, when the crop is larger than every training image even at the
+    largest scale: part of every crop is then padding (label 255) that each step computes and
+    ignores."""
+    from PIL import Image
+
+    sizes = set()
+    for image_path, _ in train_set.samples:
+        with Image.open(image_path) as im:  # the header only
+            sizes.add((im.height, im.width))
+    largest = [transform.largest_hw(hw) for hw in sizes]
+    kept = max(min(crop_hw[0], h) * min(crop_hw[1], w) for h, w in largest)
+    if kept < crop_hw[0] * crop_hw[1]:
+        h, w = max(largest, key=lambda hw: hw[0] * hw[1])
+        log.warning(
+            "data.crop_size %dx%d is larger than every training image even at the largest scale "
+            "(%dx%d): at least %.0f%% of every crop is padding, computed and ignored at each "
+            "step; a crop of %dx%d gives the same pixels for %.1fx less work",
+            crop_hw[0], crop_hw[1], h, w, 100 * (1 - kept / (crop_hw[0] * crop_hw[1])),
+            min(crop_hw[0], h), min(crop_hw[1], w), crop_hw[0] * crop_hw[1] / kept,
+        )  # fmt: skip
 
 
 def _resume(run: Run, checkpoint: dict, path: Path, notes: List[str]) -> int:

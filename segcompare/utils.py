@@ -189,9 +189,18 @@ def select_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise SegcompareError(f"unknown device {name!r}; use auto, cpu, cuda or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SegcompareError("--device cuda: no CUDA device is available")
+        raise SegcompareError(f"--device {name}: no CUDA device is available")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SegcompareError("--device mps: no MPS device is available")
+        raise SegcompareError(f"--device {name}: no MPS device is available")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise SegcompareError(
+                f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
+                f"cuda:{count - 1}"
+            )
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise SegcompareError(f"--device {name}: the CPU is one device; use --device cpu")
     return device
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from segcompare.cli.args import at_least
+from segcompare.cli.args import option
 
 
 # --- segcompare data check | prepare | synth ---------------------------------------------------
@@ -37,7 +37,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                    help="also draw the pixels per class and split there (class_histogram.png)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --histogram")
     c.add_argument(
-        "--workers", type=at_least(0), metavar="N", help="processes (default: all cores)"
+        "--workers", type=option("--workers"), metavar="N", help="processes (default: all cores)"
     )
     c.set_defaults(func=_run_data_check)
 
@@ -50,7 +50,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     r.add_argument("root", metavar="ROOT", help="the Cityscapes root (leftImg8bit/, gtFine/)")
     r.add_argument("--split", metavar="S[,S]", help="splits to prepare (default: all present)")
     r.add_argument(
-        "--workers", type=at_least(0), metavar="N", help="processes (default: all cores)"
+        "--workers", type=option("--workers"), metavar="N", help="processes (default: all cores)"
     )
     r.add_argument("--overwrite", action="store_true", help="rewrite existing labelTrainIds")
     r.set_defaults(func=_run_data_prepare)
@@ -85,12 +85,19 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     y.add_argument("--classes", type=int, default=6, metavar="K",
                    help="classes of a --layout folder set, 0 background (6)")
     y.add_argument("out", metavar="OUT", help="the data set root to write")
-    y.add_argument("--train", type=int, default=20, metavar="N", help="train images (20)")
-    y.add_argument("--val", type=int, default=10, metavar="N", help="val images (10)")
-    y.add_argument("--test", type=int, default=0, metavar="N", help="test images (0)")
-    y.add_argument("--size", default="256x512", metavar="HxW", help="image size (256x512)")
-    y.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (0)")
-    y.add_argument("--video", type=int, default=0, metavar="FRAMES", help="demo video frames")
+    y.add_argument(
+        "--train", type=option("--train"), default=20, metavar="N", help="train images (20)"
+    )
+    y.add_argument("--val", type=option("--val"), default=10, metavar="N", help="val images (10)")
+    y.add_argument("--test", type=option("--test"), default=0, metavar="N", help="test images (0)")
+    y.add_argument(
+        "--size", type=option("--size"), default="256x512",
+        metavar="HxW", help="image size (256x512)",
+    )
+    y.add_argument("--seed", type=option("--seed"), default=0, metavar="S", help="random seed (0)")
+    y.add_argument(
+        "--video", type=option("--video"), default=0, metavar="FRAMES", help="demo video frames"
+    )
     y.add_argument(
         "--overwrite", action="store_true",
         help="write into a folder that is not empty (files of the same name are replaced)",
@@ -181,28 +188,22 @@ def _run_data_prepare(args: argparse.Namespace) -> int:
 
 def _run_data_synth(args: argparse.Namespace) -> int:
     from segcompare.data.synth import make_synthetic_cityscapes
-    from segcompare.utils import SegcompareError
 
-    try:
-        h, w = (int(v) for v in args.size.lower().split("x"))
-    except ValueError:
-        raise SegcompareError(f"--size {args.size!r}: expected HxW, e.g. 256x512") from None
-    if min(args.train, args.val, args.test, args.video) < 0:
-        raise SegcompareError("--train, --val, --test and --video must not be negative")
     if args.layout != "cityscapes":
         from segcompare.data.synth.io import make_synthetic_layout
+        from segcompare.utils import SegcompareError
 
         if args.test or args.video:
             raise SegcompareError("--test and --video exist for --layout cityscapes only")
         counts = make_synthetic_layout(
-            args.out, args.layout, train=args.train, val=args.val, size=(h, w), seed=args.seed,
-            classes=args.classes, progress=True, overwrite=args.overwrite,
+            args.out, args.layout, train=args.train, val=args.val, size=tuple(args.size),
+            seed=args.seed, classes=args.classes, progress=True, overwrite=args.overwrite,
         )  # fmt: skip
         print(f"wrote {args.out} ({args.layout} layout): "
               + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
         return 0
     counts = make_synthetic_cityscapes(
-        args.out, train=args.train, val=args.val, test=args.test, size=(h, w), seed=args.seed,
+        args.out, train=args.train, val=args.val, test=args.test, size=args.size, seed=args.seed,
         video_frames=args.video, progress=True, overwrite=args.overwrite,
     )
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))

@@ -68,6 +68,7 @@ class Predictor:
         self.variant: Optional[str] = getattr(model, "variant", None)
         # The data set's classes the weights were trained on (their metadata), if known.
         self.class_table: Optional[ClassTable] = getattr(model, "class_table", None)
+        self._fitted: list[tuple[int, int, int]] = []  # batch shapes whose memory was checked
         self.settings = dataclasses.replace(
             settings, family=settings.family or _family(model)
         ).resolved()  # aug_test: the family's own scales and flip
@@ -106,9 +107,39 @@ class Predictor:
                 f"the model input (an image of {images.shape[-2]}x{images.shape[-1]}, test "
                 f"size, scales and window as set)",
             )
+            if self.device.type == "cpu":
+                self._check_memory(tuple(images.shape), tuple(out_hw or images.shape[-2:]))
         scores = inference(self.run_model, images.to(self.device), self.settings, out_hw)
         self.num_classes = int(scores.shape[1])
         return scores
+
+    def _check_memory(self, shape: tuple[int, ...], out_hw: tuple[int, int]) -> None:
+        """SegcompareError with the figures, before anything is allocated, when what really
+        runs for a batch of `shape` (N×3×H×W) does not fit in memory: the image resized to its
+        largest test scale, the score maps at that size and at `out_hw`, and the model's
+        forward at its largest input (a window, in slide mode). Checked once per shape; a
+        shape no larger than one that fitted fits too."""
+        from segcompare.evaluate import scaled_hw
+        from segcompare.stats import check_forward_memory
+
+        n, _, h, w = shape
+        if any(n <= a and h <= b and w <= c for a, b, c in self._fitted):
+            return
+        s = self.settings
+        test_hw = s.size_hw or (h, w)
+        sh, sw = max((scaled_hw(test_hw, scale) for scale in s.scales), key=lambda x: x[0] * x[1])
+        classes = self.num_classes or NUM_CLASSES
+        # float32: the resized image, the summed and counted scores at the scaled size, then
+        # the scores at the output size and their running total over scales and flips
+        out_pixels = out_hw[0] * out_hw[1]
+        extra = 4 * n * (3 * sh * sw + (2 * classes + 1) * sh * sw + 2 * classes * out_pixels)
+        check_forward_memory(
+            self.variant, s.model_input_hw((h, w), largest=True), n, classes, extra_bytes=extra,
+            what=f"{self.name} on {n} image(s) of {h}x{w} at scale(s) "
+            f"{', '.join(f'{x:g}' for x in s.scales)} (largest: {sh}x{sw})",
+            **self.model.settings,
+        )  # fmt: skip
+        self._fitted.append((n, h, w))
 
     def predict_scores(self, image: Union[np.ndarray, PathLike]) -> torch.Tensor:
         """One image -> C×H×W float32 scores on the CPU. `image`: a path, or an H×W×3 uint8 RGB

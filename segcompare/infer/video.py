@@ -17,6 +17,7 @@ from segcompare.data.images import to_rgb8
 from segcompare.data.labels import NUM_CLASSES, ClassTable, generic_table
 from segcompare.infer.predictor import IMAGE_SUFFIXES, Predictor, load_image, render_prediction
 from segcompare.utils import PathLike, SegcompareError, atomic_path, synchronize
+from segcompare.values import check
 
 # The widest video written by default (all panels together): a GIF small enough for a README.
 # The models still run at the frame size (or --size); only the drawing is scaled down.
@@ -208,6 +209,14 @@ def render_video(
     Returns the number of frames written."""
     from tqdm import tqdm
 
+    check("--fps", fps, name="fps")  # the rows of the command-line options (values.RULES)
+    check("--every", every, name="every")
+    if max_frames is not None:
+        check("--max-frames", max_frames, name="max_frames")
+    if max_width is not None:
+        check("--max-width", max_width, name="max_width")
+    if size is not None:
+        size = check("--size", size, name="size")
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in (".gif", ".mp4"):

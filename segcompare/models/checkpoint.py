@@ -46,6 +46,7 @@ from segcompare.models.variants import (
     list_models,
 )
 from segcompare.utils import PathLike, SegcompareError, first_line
+from segcompare.values import shown
 
 log = logging.getLogger(__name__)
 
@@ -273,21 +274,44 @@ def _as_state_dict(obj: Any, source: str) -> StateDict:
         raise SegcompareError(f"{source}: holds no state dict of tensors ({shown or 'empty'})")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
-    _check_finite(state, source)
+    _check_tensors(state, source)
     return dict(state)
 
 
-def _check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Refuse a state dict with a NaN or infinite value: such weights give a wrong answer (a
-    constant prediction, NaN logits) with no error of their own."""
+# What weights are stored as; BatchNorm's `num_batches_tracked` counter is the one integer.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_COUNTER_SUFFIX = "num_batches_tracked"
+
+
+def _check_tensors(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a state dict whose weights are not floating point, or hold a NaN or an infinite
+    value: either gives a wrong answer with no error of its own (a safetensors header that
+    calls float32 bytes int32 loads as integers up to 1e9; NaN weights predict one class)."""
     for key, value in state.items():
-        if value.is_floating_point() or value.is_complex():
-            bad = ~torch.isfinite(value)
-            if bool(bad.any()):
+        if key.endswith(_COUNTER_SUFFIX):  # any real type: a state dict cast whole casts it too
+            count = value.double() if value.numel() == 1 and not value.is_complex() else None
+            if count is None or not (count.isfinite() and count >= 0 and count == count.round()):
                 raise SegcompareError(
-                    f"{source}: tensor {key} {list(value.shape)} holds {int(bad.sum())} non-finite "
-                    "value(s) (NaN or inf); these weights cannot give a meaningful prediction"
+                    f"{source}: tensor {key} {list(value.shape)} ({_dtype_name(value)}) is not "
+                    "one whole number, as a BatchNorm counter is: the file is corrupt"
                 )
+            continue
+        if value.dtype not in WEIGHT_DTYPES:
+            raise SegcompareError(
+                f"{source}: tensor {key} {list(value.shape)} is {_dtype_name(value)}; weights "
+                "are floating point (float32, float16, bfloat16 or float64): the file is "
+                "corrupt, or its header misstates the type"
+            )
+        bad = ~torch.isfinite(value)
+        if bool(bad.any()):
+            raise SegcompareError(
+                f"{source}: tensor {key} {list(value.shape)} holds {int(bad.sum())} non-finite "
+                "value(s) (NaN or inf); these weights cannot give a meaningful prediction"
+            )
+
+
+def _dtype_name(value: torch.Tensor) -> str:
+    return str(value.dtype).replace("torch.", "")
 
 
 def _read_hf_dir(path: Path, source: Optional[str] = None) -> Checkpoint:
@@ -319,7 +343,85 @@ def _read_hf_dir(path: Path, source: Optional[str] = None) -> Checkpoint:
     else:
         state, file_metadata = _read_file(path / found[0])
         metadata.update(file_metadata)
+    if "hf_config" in metadata:
+        check_hf_config(metadata["hf_config"], f"{source}/{HF_CONFIG_NAME}")
+    elif metadata.get("format") != OUR_FORMAT_TAG:
+        raise SegcompareError(
+            f"{source}: a HuggingFace model directory without {HF_CONFIG_NAME}: which model the "
+            f"weights are for cannot be checked; put back the {HF_CONFIG_NAME} that came with them"
+        )
     return Checkpoint(state, metadata, source)
+
+
+# --- a HuggingFace directory's config.json -------------------------------------------------------
+# transformers' SegformerConfig keys -> our SegFormer settings (save.hf_config writes them too);
+# a key that config.json leaves out has transformers' default, which is segformer-b0's value.
+HF_SETTINGS = {
+    "depths": "depths",
+    "hidden_sizes": "embed_dims",
+    "num_attention_heads": "num_heads",
+    "sr_ratios": "sr_ratios",
+    "mlp_ratios": "mlp_ratios",
+    "patch_sizes": "patch_sizes",
+    "strides": "strides",
+    "decoder_hidden_size": "decoder_dim",
+}
+# What is true of every SegFormer we build (the official mit_b*: GELU, LayerNorm eps 1e-6 in the
+# blocks, the last stage reshaped to a map), with transformers' defaults for a missing key.
+HF_FIXED = {
+    "model_type": "segformer",
+    "num_channels": 3,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-6,
+    "reshape_last_stage": True,
+}
+HF_ARCHITECTURE_PREFIX = "Segformer"  # SegformerForSemanticSegmentation, ...ForImageClassification
+
+
+def check_hf_config(text: str, source: str, settings: Optional[Mapping[str, Any]] = None) -> None:
+    """SegcompareError (one line, naming the key) unless a config.json describes a SegFormer our
+    model computes as transformers does; with `settings` (a built model's), also that its
+    per-stage settings are these. Its labels are the class table's business."""
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise SegcompareError(f"{source}: not valid JSON ({first_line(err)})") from None
+    if not isinstance(config, dict):
+        raise SegcompareError(f"{source}: holds a {type(config).__name__}, not a mapping")
+    for arch in config.get("architectures") or []:
+        if not (isinstance(arch, str) and arch.startswith(HF_ARCHITECTURE_PREFIX)):
+            raise SegcompareError(
+                f"{source}: architectures names {shown(arch)}; segcompare reads SegFormer "
+                "(SegformerForSemanticSegmentation) and its own files only"
+            )
+    for key, ours in HF_FIXED.items():
+        if config.get(key, ours) != ours:
+            raise SegcompareError(
+                f"{source}: {key} is {shown(config[key])}; the SegFormer segcompare builds has "
+                f"{shown(ours)}, so these weights would compute something else"
+            )
+    if settings is None:
+        return
+    b0 = FAMILIES["segformer"].variants["segformer-b0"]
+    for key, name in HF_SETTINGS.items():
+        ours = settings[name]
+        theirs = config.get(key, b0[name])
+        if _plain(theirs) != _plain(ours):
+            raise SegcompareError(
+                f"{source}: {key} is {shown(theirs)} but the model has {name}={_plain(ours)}; "
+                "the weights are for another model"
+            )
+    blocks = config.get("num_encoder_blocks", len(settings["depths"]))
+    if blocks != len(settings["depths"]):
+        raise SegcompareError(
+            f"{source}: num_encoder_blocks is {shown(blocks)} but the model has "
+            f"{len(settings['depths'])} stages"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """Lists and tuples alike, for comparing a config's values with a model's settings."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _plain_file_name(name: Any) -> bool:
@@ -385,6 +487,11 @@ def load_weights(
     checkpoint = read_checkpoint(src)
     fmt, state = to_official(checkpoint, backbone_only)
     family = _family(model)
+    if "hf_config" in checkpoint.metadata and family.name == "segformer":
+        check_hf_config(
+            checkpoint.metadata["hf_config"], f"{checkpoint.source}/{HF_CONFIG_NAME}",
+            model.settings,
+        )  # fmt: skip
     head, classifier = family.head_prefix, family.classifier_prefix
     if backbone_only:
         state = {k: v for k, v in state.items() if not k.startswith(head)}

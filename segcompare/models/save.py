@@ -19,6 +19,8 @@ from segcompare import __version__
 from segcompare.data.labels import NUM_CLASSES, ClassTable, generic_table
 from segcompare.models import convert
 from segcompare.models.checkpoint import (
+    HF_FIXED,
+    HF_SETTINGS,
     OUR_FORMAT_TAG,
     StateDict,
     _family,
@@ -137,29 +139,22 @@ def hf_config(model: nn.Module, class_names: Optional[list[str]] = None) -> dict
     names = list(model_classes(model, class_names).names)
     return {
         "architectures": ["SegformerForSemanticSegmentation"],
-        "model_type": "segformer",
-        "num_channels": 3,
+        **HF_FIXED,  # what checkpoint.check_hf_config reads back
         "num_encoder_blocks": len(s["depths"]),
-        "depths": list(s["depths"]),
-        "sr_ratios": list(s["sr_ratios"]),
-        "hidden_sizes": list(s["embed_dims"]),
-        "patch_sizes": list(s["patch_sizes"]),
-        "strides": list(s["strides"]),
-        "num_attention_heads": list(s["num_heads"]),
-        "mlp_ratios": list(s["mlp_ratios"]),
-        "hidden_act": "gelu",
+        **{key: _listed(s[name]) for key, name in HF_SETTINGS.items()},
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         "classifier_dropout_prob": s.get("dropout", 0.1),
         "drop_path_rate": s.get("drop_path_rate", 0.1),
         "initializer_range": 0.02,
-        "layer_norm_eps": 1e-6,
-        "decoder_hidden_size": s["decoder_dim"],
         "semantic_loss_ignore_index": 255,
-        "reshape_last_stage": True,
         "id2label": {str(i): name for i, name in enumerate(names)},
         "label2id": {name: i for i, name in enumerate(names)},
     }
+
+
+def _listed(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 # What transformers' SegformerImageProcessor.from_pretrained and pipeline() read.

@@ -23,6 +23,7 @@ from torch import nn
 
 from segcompare.models import hrnet, segformer
 from segcompare.utils import SegcompareError
+from segcompare.values import check, check_like, shown
 
 # The image size the official window and stride numbers are given for (Cityscapes, H×W).
 OFFICIAL_TEST_HW = (1024, 2048)
@@ -209,23 +210,66 @@ def family_of(model_or_name: Union[str, nn.Module]) -> str:
 
 
 def model_settings(name: str, **overrides: Any) -> dict[str, Any]:
-    """The variant's settings with `overrides` applied; an unknown override is a SegcompareError."""
+    """The variant's settings with `overrides` applied; a wrong override is a SegcompareError."""
     defaults = _family_of_name(name).variants[name]
+    # Deep copy: the stage settings are nested dicts and must never alias the VARIANTS table.
+    return copy.deepcopy({**defaults, **check_settings(name, overrides)})
+
+
+def check_settings(name: str, overrides: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`overrides` of variant `name`'s settings, each shaped as the variant's own value
+    (`values.check_like`: a per-stage list of as many stages, elements of the same type); a
+    SegcompareError naming `prefix` + the setting otherwise. `prefix`: 'model.overrides.' for
+    a recipe."""
+    family = _family_of_name(name)
+    defaults = family.variants[name]
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise SegcompareError(
-            f"unknown setting(s) {', '.join(unknown)} for {name}; valid: {', '.join(defaults)}"
+            f"unknown setting(s) {prefix}{', '.join(unknown)} for {name}; valid: "
+            f"{', '.join(defaults)}"
         )
-    # Deep copy: the stage settings are nested dicts and must never alias the VARIANTS table.
-    return copy.deepcopy({**defaults, **overrides})
+
+    def strings(leaf: str) -> tuple[str, ...]:  # the strings the family uses for a setting
+        found: set[str] = set()
+
+        def walk(node: Any) -> None:
+            if isinstance(node, Mapping):
+                for k, v in node.items():
+                    if k == leaf and isinstance(v, str):
+                        found.add(v)
+                    walk(v)
+
+        for settings in family.variants.values():
+            walk(settings)
+        return tuple(sorted(found))
+
+    checked = {
+        k: check_like(f"{prefix}{k}", v, defaults[k], strings) for k, v in overrides.items()
+    }
+    for k, v in checked.items():  # HRNet: a stage's branch count is the length of its lists
+        if isinstance(v, Mapping) and "num_branches" in v and v["num_branches"] != len(
+            v["num_blocks"]
+        ):
+            raise SegcompareError(
+                f"{prefix}{k}.num_branches must be {len(v['num_blocks'])} (one per entry of "
+                f"num_blocks), got {shown(v['num_branches'])}"
+            )
+    settings = {**defaults, **checked}
+    if "num_heads" in settings:  # SegFormer: a stage's width is split evenly over its heads
+        for i, (dim, heads) in enumerate(zip(settings["embed_dims"], settings["num_heads"])):
+            if dim % heads:
+                raise SegcompareError(
+                    f"{prefix}embed_dims[{i}] = {dim} is not a multiple of num_heads[{i}] = "
+                    f"{heads}: each attention head takes an equal share of the channels"
+                )
+    return checked
 
 
 def check_num_classes(num_classes: Any) -> None:
     """SegcompareError unless `num_classes` is None (not given) or an integer of at least 1."""
-    if num_classes is None:
-        return
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise SegcompareError(f"num_classes must be an integer of at least 1, got {num_classes!r}")
+    if num_classes is not None:  # the row of --num-classes (values.RULES)
+        check("--num-classes", num_classes, name="num_classes")
 
 
 def create(name: str, num_classes: int = 19, **overrides: Any) -> nn.Module:

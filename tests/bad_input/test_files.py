@@ -237,6 +237,7 @@ def sharded(tiny_weights, tmp_path) -> Path:
     half = len(keys) // 2
     save_file({k: state[k] for k in keys[:half]}, str(folder / "part1.safetensors"))
     save_file({k: state[k] for k in keys[half:]}, str(tmp_path / "outside.safetensors"))
+    (folder / "config.json").write_text('{"model_type": "segformer"}')  # as every HF folder has
     return folder
 
 

@@ -33,6 +33,7 @@ from segcompare.utils import (
     make_dirs,
     write_error,
 )
+from segcompare.values import check
 
 CITIES = {
     "train": ("aachen", "bochum", "bremen"),
@@ -101,7 +102,11 @@ def make_synthetic_cityscapes(
     """
     from tqdm import tqdm
 
-    h, w = int(size[0]), int(size[1])
+    for name, flag, value in (("train", "--train", train), ("val", "--val", val),
+                              ("test", "--test", test), ("video_frames", "--video", video_frames),
+                              ("seed", "--seed", seed)):  # fmt: skip
+        check(flag, value, name=name)  # the rows of the command-line options (values.RULES)
+    h, w = check("--size", size, name="size")
     if h < 32 or w < 32:
         raise SegcompareError(f"synthetic image size {h}x{w} is too small (at least 32x32)")
     root = Path(out).resolve()
