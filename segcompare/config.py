@@ -99,7 +99,7 @@ class TrainConfig:
     loss_average: str = "labelled"
     # one per class; "auto": median-frequency weights from the training labels' histogram
     # (losses.median_frequency_weights); None: no weights
-    class_weights: Optional[Union[str, List[float]]] = None
+    class_weights: Optional[Union[List[float], str]] = None
     ohem_threshold: float = 0.7  # keep pixels whose target-class probability is below this ...
     ohem_min_kept: int = 100000  # ... but at least this many per process of ...
     # ... this many images: a process with another number keeps min_kept scaled by the ratio

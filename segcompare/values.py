@@ -121,7 +121,8 @@ RULES: dict[str, Rule] = {
     "train.loss": _choice("ce", "ohem"),
     "train.loss_average": _choice("labelled", "all"),
     # or "auto" (median-frequency weights; config.py takes that word before this row)
-    "train.class_weights": _number(0, 1e6, items="+", optional=True),
+    "train.class_weights": _number(
+        0, 1e6, items="+", optional=True, why="or auto: median-frequency weights of the data"),
     "train.ohem_threshold": _number(0, 1, low_open=True),
     "train.ohem_min_kept": _count(1),
     "train.ohem_min_kept_images": _count(1),
@@ -155,6 +156,8 @@ RULES: dict[str, Rule] = {
     "--test": _count(0),
     "--video": _count(0),
     "--seed": _SEED,
+    "--classes": _count(1, MAX_CLASSES),
+    "--ignore-index": _count(0, 255),
 }
 
 

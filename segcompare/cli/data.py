@@ -82,7 +82,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     y.add_argument("--layout", default="cityscapes", choices=("cityscapes", "ade20k", "folder"),
                    help="the folder layout to write (cityscapes)")
-    y.add_argument("--classes", type=int, default=6, metavar="K",
+    y.add_argument("--classes", type=option("--classes"), default=6, metavar="K",
                    help="classes of a --layout folder set, 0 background (6)")
     y.add_argument("out", metavar="OUT", help="the data set root to write")
     y.add_argument(
@@ -115,7 +115,7 @@ def _add_layout_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reduce-zero-label", choices=("true", "false"),
                    help="mask value 0 is ignored and the others move down by one (default: "
                    "the layout's rule, true for ADE20K)")
-    p.add_argument("--ignore-index", type=int, metavar="V",
+    p.add_argument("--ignore-index", type=option("--ignore-index"), metavar="V",
                    help="a mask value ignored besides 255 (default: 255 only)")
 
 
