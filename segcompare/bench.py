@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from segcompare.utils import synchronize
+from segcompare.values import check
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -214,10 +215,13 @@ def bench_models(
     from segcompare.stats import check_forward_memory
     from segcompare.utils import select_device
 
+    size_hw = check("--size", size_hw, name="size_hw")  # the options' rows (values.RULES)
+    for flag, value in (("--batch", batch), ("--warmup", warmup), ("--iters", iters)):
+        check(flag, value, name=flag[2:])
     dev = select_device(device)
-    if dev.type == "cpu":  # refuse, with the figure, a size that would not fit in memory
+    if dev.type in ("cpu", "cuda"):  # refuse, with the figure, a size that would not fit
         for name in names:
-            check_forward_memory(name, size_hw, batch, num_classes)
+            check_forward_memory(name, size_hw, batch, num_classes, dev)
     candidates = []
     for name in names:
         model = build_model(name, num_classes=num_classes).eval()

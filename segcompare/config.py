@@ -12,39 +12,51 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_type_hints
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from segcompare.data.labels import NUM_CLASSES
+from segcompare.data.layouts import LAYOUTS
 from segcompare.utils import SegcompareError
+from segcompare.values import check, shown
 
 
 @dataclass
 class ModelConfig:
     name: str = ""  # a name of `segcompare models`, e.g. segformer-b0, hrnet-w48
-    num_classes: int = 19
+    num_classes: Optional[int] = None  # null: the data set's class count (its class table)
     # ImageNet weights for the backbone: a file or folder the checkpoint loader reads, or a hub
     # id written hf://owner/name; None: random init.
     pretrained: Optional[str] = None
+    # A whole segmentation checkpoint to start from (fine-tuning): a file, folder or
+    # hf://owner/name. Where its class count differs from num_classes only the classifier is
+    # initialised anew (the log names its tensors once). Not together with `pretrained`.
+    init: Optional[str] = None
     # keyword settings of the variant, passed to build_model (drop_path_rate, depths, ...)
     overrides: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DataConfig:
-    root: str = "data/cityscapes"  # a folder in the Cityscapes layout (leftImg8bit/, gtFine/)
+    root: str = "data/cityscapes"  # a data set folder (segcompare.data.layouts)
+    layout: Optional[str] = None  # cityscapes | ade20k | folder; null: detected from the folder
+    # null: the layout's rule (ADE20K: true, mmseg's; the others: false)
+    reduce_zero_label: Optional[bool] = None
     pipeline: str = "segformer"  # which paper's training augmentation: segformer | hrnet
     crop_size: Tuple[int, int] = (1024, 1024)  # (h, w) of the training crops
     # random rescale ratios; null: the pipeline's official range (segformer: mmseg's ratio_range
     # (0.5, 2.0); hrnet: 0.5 + random.randint(0, 16) / 10, 0.5 to 2.1 in steps of 0.1)
     scale_range: Optional[Tuple[float, float]] = None
     base_size: int = 2048  # long side of the image at scale 1.0 (Cityscapes: 2048)
+    # segformer: mmseg's Resize img_scale (long, short) at ratio 1.0; null: (base_size,
+    # base_size // 2), Cityscapes' (2048, 1024). ADE20K: (2048, 512), the short side to 512.
+    img_scale: Optional[Tuple[int, int]] = None
     train_split: str = "train"
     val_split: str = "val"
-    ignore_index: int = 255
+    ignore_index: int = 255  # the mask value that is ignored (255 always is)
 
 
 @dataclass
@@ -85,7 +97,9 @@ class TrainConfig:
     # "labelled": mean over labelled pixels (torch's CrossEntropyLoss, the HRNet code);
     # "all": sum over labelled pixels / all pixels (mmseg's CrossEntropyLoss, the SegFormer code).
     loss_average: str = "labelled"
-    class_weights: Optional[List[float]] = None  # one per class, or None
+    # one per class; "auto": median-frequency weights from the training labels' histogram
+    # (losses.median_frequency_weights); None: no weights
+    class_weights: Optional[Union[List[float], str]] = None
     ohem_threshold: float = 0.7  # keep pixels whose target-class probability is below this ...
     ohem_min_kept: int = 100000  # ... but at least this many per process of ...
     # ... this many images: a process with another number keeps min_kept scaled by the ratio
@@ -106,14 +120,6 @@ class Config:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
-_CHOICES = {
-    "data.pipeline": ("segformer", "hrnet"),
-    "optim.name": ("adamw", "sgd"),
-    "optim.schedule": ("poly",),
-    "train.amp": ("off", "bf16", "fp16"),
-    "train.loss": ("ce", "ohem"),
-    "train.loss_average": ("labelled", "all"),
-}
 # keys a resumed run may change: they do not change the weights
 _RESUME_MAY_CHANGE = {
     "data.root",
@@ -152,10 +158,7 @@ def load_config(path: Union[str, os.PathLike], overrides: Sequence[str] = ()) ->
     path = Path(path)
     if not path.is_file():
         raise SegcompareError(f"config file {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SegcompareError(f"config {path} is not valid YAML: {err}") from None
+    raw = read_yaml(path.read_bytes(), f"config {path}")
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise SegcompareError(f"config {path}: expected a mapping of sections, got {raw!r}")
@@ -167,15 +170,84 @@ def load_config(path: Union[str, os.PathLike], overrides: Sequence[str] = ()) ->
         raise SegcompareError(f"config {path}: {err}") from None
 
 
+# A recipe is a few kB; a larger file is not one (and YAML parsing holds all of it in memory).
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML as recipes are written: no key twice in a mapping (PyYAML keeps the last one
+    silently) and no aliases (`*name`): a few hundred bytes of nested aliases expand to
+    gigabytes (an "alias bomb"), and no recipe needs one."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(
+                problem=f"an alias (*{event.anchor}): recipes write every value out",
+                problem_mark=event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}  # key -> its line
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                    seen.setdefault(key, line)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if first is not None:
+                    raise yaml.MarkedYAMLError(
+                        problem=f"the key {shown(key)} is given twice (lines {first} and "
+                        f"{line}); give each key once",
+                        problem_mark=key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 reads 6e-5 (an exponent, no dot) as a string; recipes mean the number (YAML 1.2).
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(data: bytes, where: str) -> Any:
+    """Parse a recipe or a --set value: UTF-8 text, no key twice, no aliases, at most
+    MAX_RECIPE_BYTES; a SegcompareError of one line naming `where` (and the line) otherwise."""
+    if len(data) > MAX_RECIPE_BYTES:
+        raise SegcompareError(
+            f"{where}: {len(data)} bytes, more than a recipe's {MAX_RECIPE_BYTES} at most"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SegcompareError(
+            f"{where}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+        ) from None
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = " ".join(str(x) for x in (err.context, err.problem) if x)
+        raise SegcompareError(f"{where}: not valid YAML: {at}{shown(what)[1:-1]}") from None
+    except yaml.YAMLError as err:
+        raise SegcompareError(f"{where}: not valid YAML: {shown(str(err))[1:-1]}") from None
+    except RecursionError:
+        raise SegcompareError(f"{where}: not valid YAML: nested too deeply") from None
+
+
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise SegcompareError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_iters=200")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise SegcompareError(f"--set {key}: the value {text!r} is not valid YAML: {err}") from None
+    value = read_yaml(text.encode("utf-8", "surrogateescape"), f"--set {key}")
     parts = key.split(".")
     # model.overrides.<setting> reaches into the free-form dict; everything else is section.key
     if len(parts) < 2 or (len(parts) > 2 and parts[:2] != ["model", "overrides"]):
@@ -203,7 +275,6 @@ def config_from_dict(raw: dict) -> Config:
         values = raw.get(name) or {}
         if not isinstance(values, dict):
             raise SegcompareError(f"section {name!r} must be a mapping, got {values!r}")
-        hints = get_type_hints(cls)
         valid = [f.name for f in dataclasses.fields(cls)]
         kwargs = {}
         for key, value in values.items():
@@ -211,117 +282,85 @@ def config_from_dict(raw: dict) -> Config:
                 raise SegcompareError(
                     f"unknown key {name}.{key}; valid keys in {name}: {', '.join(valid)}"
                 )
-            kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+            if f"{name}.{key}" == "train.amp" and value is False:  # YAML reads a bare off as false
+                value = "off"
+            if f"{name}.{key}" == "train.class_weights" and value == "auto":
+                kwargs[key] = value  # median-frequency weights, made when the data is read
+                continue
+            kwargs[key] = check(f"{name}.{key}", value)
         sections[name] = cls(**kwargs)
     cfg = Config(**sections)
     _check_values(cfg)
     return cfg
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """`value` as the type `hint` of a config field, or a SegcompareError naming `key`."""
-    origin = getattr(hint, "__origin__", None)
-    args = getattr(hint, "__args__", ())
-    if origin is Union:  # Optional[X]
-        if value is None:
-            return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise SegcompareError(f"{key} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise SegcompareError(f"{key} must be an integer, got {value!r}")
-    if hint is float:
-        # YAML 1.1 reads 6e-5 (no dot) as a string, so numeric strings are accepted
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise SegcompareError(f"{key} must be a number, got {value!r}")
-    if hint is str:
-        if key == "train.amp" and value is False:  # YAML reads a bare `off` as false
-            return "off"
-        if isinstance(value, str):
-            return value
-        raise SegcompareError(f"{key} must be a string, got {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise SegcompareError(f"{key} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise SegcompareError(f"{key} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise SegcompareError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
-    raise TypeError(f"no rule for the type {hint} of {key}")  # a bug in this file, not user input
-
-
 def _check_values(cfg: Config) -> None:
+    """Relations between keys and facts of other rooms; each key's own range is `values.RULES`."""
+
     def bad(key: str, expected: str) -> SegcompareError:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        return SegcompareError(f"{key} must be {expected}, got {value!r}")
+        return SegcompareError(f"{key} must be {expected}, got {shown(value)}")
 
-    for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) not in choices:
-            raise bad(key, "one of " + ", ".join(choices))
     if not cfg.model.name:
         raise SegcompareError("model.name is required (see `segcompare models`)")
-    if cfg.model.num_classes < NUM_CLASSES:
-        raise bad("model.num_classes", f"at least {NUM_CLASSES} (the Cityscapes train ids)")
-    positive = {
-        "model.num_classes": cfg.model.num_classes,
-        "data.base_size": cfg.data.base_size,
-        "train.max_iters": cfg.train.max_iters,
-        "train.batch_size": cfg.train.batch_size,
-        "train.log_every": cfg.train.log_every,
-        "train.checkpoint_every": cfg.train.checkpoint_every,
-        "train.keep_checkpoints": cfg.train.keep_checkpoints,
-        "train.ohem_min_kept": cfg.train.ohem_min_kept,
-        "train.ohem_min_kept_images": cfg.train.ohem_min_kept_images,
-        "optim.lr": cfg.optim.lr,
-    }
-    for key, value in positive.items():
-        if not value > 0:
-            raise bad(key, "positive")
-    if min(cfg.data.crop_size) <= 0:
-        raise bad("data.crop_size", "two positive integers (h, w)")
-    from segcompare.models.variants import MIN_INPUT_SIDE  # torch: only once a config is read
+    if cfg.data.layout is not None and cfg.data.layout not in LAYOUTS:
+        raise bad("data.layout", "one of " + ", ".join(LAYOUTS) + " or null")
+    if cfg.model.init and cfg.model.pretrained:
+        raise SegcompareError(
+            "model.init (a whole segmentation checkpoint) and model.pretrained (ImageNet "
+            "backbone weights) both given: keep one"
+        )
+    from segcompare.models.variants import MIN_INPUT_SIDE, check_settings  # torch: only now
 
     if min(cfg.data.crop_size) < MIN_INPUT_SIDE:
         raise bad("data.crop_size", f"at least {MIN_INPUT_SIDE} on each side (the smallest input "
                   "both model families accept)")
     scale_range = cfg.data.scale_range
-    if scale_range is not None and not 0 < scale_range[0] <= scale_range[1]:
+    if scale_range is not None and not scale_range[0] <= scale_range[1]:
         raise bad("data.scale_range", "(low, high) with 0 < low <= high, or null")
-    if cfg.train.threads is not None and cfg.train.threads < 1:
-        raise bad("train.threads", "a positive number of threads or null")
-    for key in ("train.num_workers", "train.eval_every", "optim.warmup_iters", "optim.min_lr",
-                "optim.weight_decay", "optim.momentum", "optim.power", "optim.head_lr_mult"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 0:
-            raise bad(key, "zero or more")
-    if not 0 < cfg.optim.warmup_ratio <= 1:
-        raise bad("optim.warmup_ratio", "in (0, 1]")
     if cfg.optim.warmup_iters >= cfg.train.max_iters:
         raise bad("optim.warmup_iters", f"smaller than train.max_iters ({cfg.train.max_iters})")
     if not 0 < cfg.train.ohem_threshold <= 1:
         raise bad("train.ohem_threshold", "a probability in (0, 1]")
-    weights = cfg.train.class_weights
-    if weights is not None and (len(weights) != cfg.model.num_classes or min(weights) < 0):
-        raise bad("train.class_weights", f"{cfg.model.num_classes} non-negative numbers or null")
-    if not 0 <= cfg.data.ignore_index <= 255 or cfg.data.ignore_index < cfg.model.num_classes:
-        raise bad("data.ignore_index", "in [num_classes, 255]")
+    _check_classes(cfg, cfg.model.num_classes)
+    check_settings(cfg.model.name, cfg.model.overrides, prefix="model.overrides.")
+
+
+def _check_classes(cfg: Config, num_classes: Optional[int]) -> None:
+    """The values that depend on the class count, once it is known (null: the data set's)."""
+    check_class_weights(cfg.train.class_weights, num_classes)
+    if not 0 <= cfg.data.ignore_index <= 255 or cfg.data.ignore_index < (num_classes or 0):
+        raise SegcompareError(f"data.ignore_index must be in [num_classes, 255], got "
+                              f"{cfg.data.ignore_index!r}")
+
+
+def with_data_classes(cfg: Config, num_classes: int, source: str) -> Config:
+    """`cfg` with model.num_classes set to the data set's count `num_classes` when it is null; a
+    recipe that names another count is an error naming both (`source`: the data set's file)."""
+    given = cfg.model.num_classes
+    if given is not None and given != num_classes:
+        raise SegcompareError(
+            f"model.num_classes is {given} but {source} has {num_classes} classes: "
+            "set model.num_classes to null (the data set's count) or to that count"
+        )
+    _check_classes(cfg, num_classes)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
+
+
+def check_class_weights(weights: Any, num_classes: Optional[int]) -> None:
+    """train.class_weights: "auto", None, or one non-negative number per class (checked once the
+    number of classes is known: here, or when training reads the data set)."""
+    if weights is None or weights == "auto":
+        return
+    if isinstance(weights, str):
+        raise SegcompareError(f"train.class_weights must be auto, a list or null, got {weights!r}")
+    if min(weights) < 0 or (num_classes is not None and len(weights) != num_classes):
+        count = f"{num_classes}" if num_classes is not None else "one per class:"
+        raise SegcompareError(
+            f"train.class_weights must be {count} non-negative numbers, auto or null, got "
+            f"{len(weights)} value(s) {str(weights)[:120]}"
+        )
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from segcompare.metrics import ConfusionMatrix, label_ids_to_pred
-from segcompare.models.variants import FAMILIES, OFFICIAL_TEST_HW
+from segcompare.models.variants import FAMILIES, OFFICIAL_TEST_HW, OfficialTest, TestResize
 from segcompare.utils import PathLike, SegcompareError, atomic_path, shard, torchrun_rank_world
+from segcompare.values import check
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,11 @@ class InferenceSettings:
     optimize: run the model through `prepare_for_inference` (the same logits, faster; in
         bfloat16 / float16 with `amp`); False runs the eager model.
     aug_test: the family's official multi-scale test: its scales and flip (SegFormer 0.5-2.0,
-        HRNet 0.5-1.75, both with flip) replace `scales` and `flip` (`resolved`).
+        HRNet 0.5-1.75, both with flip, on Cityscapes) replace `scales` and `flip` (`resolved`).
+    dataset: whose official test recipe (`Family.test_for`) gives the default window, the
+        aug-test scales and, where the recipe has one (ADE20K), the resize of each image
+        (`TestResize`: SegFormer's AlignedResize, HRNet's 520 test). `official_settings` builds
+        the whole official test of a data set.
     """
 
     family: Optional[str] = None
@@ -68,18 +73,19 @@ class InferenceSettings:
     amp: bool = False
     optimize: bool = True
     aug_test: bool = False
+    dataset: str = "cityscapes"
 
     def __post_init__(self) -> None:
         if self.family is not None and self.family not in FAMILIES:
             raise SegcompareError(f"unknown model family {self.family!r}; valid: segformer, hrnet")
         if self.mode not in ("whole", "slide"):
             raise SegcompareError(f"unknown test mode {self.mode!r}; valid: whole, slide")
-        if not self.scales or any(s <= 0 for s in self.scales):
-            raise SegcompareError(f"test scales must be positive numbers, got {self.scales}")
-        for name in ("size_hw", "window_hw", "stride_hw"):
-            hw = getattr(self, name)
-            if hw is not None and (len(hw) != 2 or min(hw) < 1):
-                raise SegcompareError(f"{name} must be two positive sizes (H, W), got {hw}")
+        # the values of --scales, --size, --window, --stride: their rows of values.RULES
+        object.__setattr__(self, "scales", tuple(check("--scales", self.scales, name="scales")))
+        for name, flag in (("size_hw", "--size"), ("window_hw", "--window"),
+                           ("stride_hw", "--stride")):  # fmt: skip
+            if getattr(self, name) is not None:  # a frozen dataclass: set once, here
+                object.__setattr__(self, name, check(flag, getattr(self, name), name=name))
         if self.window_hw and self.stride_hw:
             _check_stride(self.window_hw, self.stride_hw)
 
@@ -87,8 +93,16 @@ class InferenceSettings:
         """These settings with `aug_test` applied: the family's official scales and flip."""
         if not self.aug_test:
             return self
-        test = FAMILIES[self._family()].test
+        test = self.recipe()
         return replace(self, scales=test.scales, flip=test.flip)
+
+    def recipe(self) -> OfficialTest:
+        """The family's official test on this data set."""
+        return FAMILIES[self._family()].test_for(self.dataset)
+
+    def resize(self) -> Optional[TestResize]:
+        """The official resize of each image, unless a test size is given."""
+        return None if self.size_hw else self.recipe().resize
 
     def describe(self) -> dict[str, Any]:
         """The settings as JSON-ready values (what eval's and compare's metadata record)."""
@@ -100,13 +114,14 @@ class InferenceSettings:
             "mode": self.mode, "size": hw(self.size_hw), "scales": list(self.scales),
             "flip": self.flip, "amp": self.amp, "optimize": self.optimize,
             "window": hw(self.window_hw), "stride": hw(self.stride_hw), "aug_test": self.aug_test,
+            "dataset": self.dataset,
         }  # fmt: skip
 
     def windows_for(self, test_hw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
         """(window_hw, stride_hw) in pixels for images tested at `test_hw`."""
         if self.window_hw:  # the user's window; stride: theirs, else the window (no overlap)
             return self.window_hw, self.stride_hw or self.window_hw
-        recipe = FAMILIES[self._family()].test
+        recipe = self.recipe()
 
         def scaled(hw: tuple[int, int]) -> tuple[int, int]:
             # Each side in proportion to the test size: HRNet's window stays the whole test
@@ -126,7 +141,11 @@ class InferenceSettings:
         image)."""
         test_hw = tuple(self.size_hw or image_hw)
         window_hw, _ = self.windows_for(test_hw)
-        sizes = [_scaled_hw(test_hw, scale) for scale in self.scales]
+        resize = self.resize()
+        sizes = [
+            _pad_hw(resize.resized_hw(image_hw, s), resize) if resize else scaled_hw(test_hw, s)
+            for s in self.scales
+        ]
         if self.mode == "slide":
             sizes = [(min(h, window_hw[0]), min(w, window_hw[1])) for h, w in sizes]
         pick = max if largest else min
@@ -150,9 +169,47 @@ def _check_stride(window_hw: tuple[int, int], stride_hw: tuple[int, int]) -> Non
         )
 
 
-def _scaled_hw(hw: tuple[int, int], scale: float) -> tuple[int, int]:
+def scaled_hw(hw: tuple[int, int], scale: float) -> tuple[int, int]:
     """The test size at `scale`, rounded as both official codes round it."""
     return int(hw[0] * scale + 0.5), int(hw[1] * scale + 0.5)
+
+
+def _pad_hw(hw: tuple[int, int], resize: TestResize) -> tuple[int, int]:
+    """`hw` padded to the recipe's pad size (never cut)."""
+    pad = resize.pad_hw or hw
+    return max(hw[0], pad[0]), max(hw[1], pad[1])
+
+
+def _pad(x: torch.Tensor, resize: Optional[TestResize]) -> torch.Tensor:
+    """N×3×H×W normalised images padded at the bottom and right to the recipe's pad size with
+    black (0 before normalisation, -mean/std after), as HRNet's pad_image."""
+    if resize is None or resize.pad_hw is None:
+        return x
+    h, w = x.shape[-2:]
+    ph, pw = _pad_hw((h, w), resize)
+    if (ph, pw) == (h, w):
+        return x
+    from segcompare.data.transforms import MEAN, STD
+
+    black = torch.tensor([-m / s for m, s in zip(MEAN, STD)], dtype=x.dtype, device=x.device)
+    out = black.view(1, 3, 1, 1).expand(x.shape[0], 3, ph, pw).clone()
+    out[:, :, :h, :w] = x
+    return out
+
+
+def _crop_resize(
+    scores: torch.Tensor, hw: tuple[int, int], out_hw: tuple[int, int]
+) -> torch.Tensor:
+    """Scores of a padded input: the top-left `hw` (the image), resized to `out_hw`."""
+    return _resize(scores[:, :, : hw[0], : hw[1]], out_hw)
+
+
+def official_settings(family: str, dataset: str, **kwargs: Any) -> InferenceSettings:
+    """The official single-scale test of `family` on `dataset` ('cityscapes', 'ade20k', or any
+    other name: tested as Cityscapes), as `variants.Family.tests` records it; `kwargs` set other
+    fields (device, amp, aug_test, ...)."""
+    recipe = FAMILIES[family].test_for(dataset)
+    return InferenceSettings(family=family, mode=recipe.mode, dataset=dataset, **kwargs)
 
 
 def _resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -221,7 +278,7 @@ def inference(
     test_hw = tuple(settings.size_hw or (h, w))
     window_hw, stride_hw = settings.windows_for(test_hw)
     single = len(settings.scales) == 1 and not settings.flip
-    hrnet_style = FAMILIES[settings._family()].test.score == "exp"
+    hrnet_style = settings.recipe().score == "exp"
 
     def run(window_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if settings.mode == "whole":
@@ -237,17 +294,20 @@ def inference(
 
     total: Optional[torch.Tensor] = None
     passes = 0
+    resize = settings.resize()
     for scale in settings.scales:
-        x = _resize(images, _scaled_hw(test_hw, scale))
+        at_hw = resize.resized_hw((h, w), scale) if resize else scaled_hw(test_hw, scale)
+        x = _pad(_resize(images, at_hw), resize)
         if hrnet_style:
-            outs = [_resize(run(hrnet_window, x), out_hw)]
+            outs = [_crop_resize(run(hrnet_window, x), at_hw, out_hw)]
         else:
             outs = []
             for flipped in (False, True) if settings.flip else (False,):
                 xi = x.flip(-1) if flipped else x
-                scores = _resize(run(lambda c: forward_logits(model, c), xi), out_hw)
-                scores = scores if single else scores.softmax(1)
-                outs.append(scores.flip(-1) if flipped else scores)
+                scores = run(lambda c: forward_logits(model, c), xi)
+                scores = scores.flip(-1) if flipped else scores
+                scores = _crop_resize(scores, at_hw, out_hw)
+                outs.append(scores if single else scores.softmax(1))
         for scores in outs:
             total = scores if total is None else total + scores
             passes += 1
@@ -286,6 +346,13 @@ def _batches(dataset: Any, batch_size: int, workers: int, desc: str, progress: b
         for item in items:
             if "error" in item:
                 return item
+        sizes = [tuple(item["label"].shape[-2:]) for item in items]
+        if len(set(sizes)) > 1:  # default_collate would stack them: a traceback
+            other = next(i for i, hw in enumerate(sizes) if hw != sizes[0])
+            named = [f"{items[i].get('name', 'an image')} {sizes[i][0]}x{sizes[i][1]}"
+                     for i in (0, other)]  # fmt: skip
+            return {"error": f"--batch {batch_size}: images of different sizes in one batch "
+                             f"({named[0]}, {named[1]}); use --batch 1 for this split"}
         return default_collate(items)
 
     loader = DataLoader(
@@ -294,6 +361,7 @@ def _batches(dataset: Any, batch_size: int, workers: int, desc: str, progress: b
         num_workers=workers,
         collate_fn=collate,
         persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),  # batches go to the GPU without a staging copy
     )
     rank, _ = torchrun_rank_world()  # under torchrun one bar, process 0's
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress or rank != 0):
@@ -302,33 +370,94 @@ def _batches(dataset: Any, batch_size: int, workers: int, desc: str, progress: b
         yield batch
 
 
-def save_label_ids(train_ids: np.ndarray, out_dir: PathLike, name: str) -> Path:
-    """Write H×W train ids as the labelIds PNG the Cityscapes server and `evaluate_prediction_files`
-    take: OUT/<city>/<name>_leftImg8bit.png."""
+def save_label_ids(
+    train_ids: np.ndarray, out_dir: PathLike, name: str, table: Any = None
+) -> Path:
+    """Write H×W train ids in the data set's own label ids (`table`, default Cityscapes), as its
+    benchmark server and `evaluate_prediction_files` take them: Cityscapes labelIds as
+    OUT/<city>/<name>_leftImg8bit.png, ADE20K's 1..150 and a folder set's indices as
+    OUT/<name>.png."""
     from PIL import Image
 
-    from segcompare.data.labels import TRAIN_ID_TO_ID
+    from segcompare.data.labels import CITYSCAPES
 
-    city = name.rsplit("_", 2)[0]
-    path = Path(out_dir) / city / f"{name}_leftImg8bit.png"
+    table = table or CITYSCAPES
+    if table.name == CITYSCAPES.name:
+        path = Path(out_dir) / name.rsplit("_", 2)[0] / f"{name}_leftImg8bit.png"
+    else:
+        path = Path(out_dir) / f"{name}.png"
     with atomic_path(path) as tmp:
-        Image.fromarray(TRAIN_ID_TO_ID[train_ids]).save(tmp, format="PNG")
+        Image.fromarray(table.train_id_to_label_id()[train_ids]).save(tmp, format="PNG")
     return path
 
 
-def eval_dataset(root: PathLike, split: str = "val", transform: Any = None) -> Any:
-    """The `CityscapesDataset` an evaluation reads: with gtFine instanceIds when the split has
-    them (for iIoU), else without (iIoU is then NaN, with a warning)."""
+def eval_dataset(
+    root: PathLike, split: str = "val", transform: Any = None, layout: Optional[str] = None,
+    reduce_zero_label: Optional[bool] = None, ignore_index: Optional[int] = None,
+) -> Any:
+    """The `CityscapesDataset` an evaluation reads, in any layout: for Cityscapes with gtFine
+    instanceIds when the split has them (for iIoU), else without (iIoU is then NaN, with a
+    warning)."""
     from segcompare.data.cityscapes import CityscapesDataset, label_path, sample_name
+    from segcompare.data.layouts import CITYSCAPES_LAYOUT, detect_layout
 
-    dataset = CityscapesDataset(root, split, transform=transform, with_instances=True)
+    found = detect_layout(root, layout)
+    if found is not CITYSCAPES_LAYOUT:
+        return CityscapesDataset(root, split, transform=transform, layout=found,
+                                 reduce_zero_label=reduce_zero_label, ignore_index=ignore_index)
+    dataset = CityscapesDataset(root, split, transform=transform, with_instances=True,
+                                layout=found, reduce_zero_label=reduce_zero_label,
+                                ignore_index=ignore_index)
     image = dataset.samples[0][0]
     if not label_path(
         root, split, Path(image).parent.name, sample_name(image), "instanceIds"
     ).exists():
         log.warning("%s: no gtFine instanceIds for split %s; iIoU is not computed", root, split)
-        dataset = CityscapesDataset(root, split, transform=transform, with_instances=False)
+        dataset = CityscapesDataset(root, split, transform=transform, with_instances=False,
+                                    layout=found, ignore_index=ignore_index)
     return dataset
+
+
+def match_classes(
+    model_names: Optional[Sequence[str]],
+    data_names: Sequence[str],
+    by_name: bool = False,
+    model: str = "the model",
+) -> Optional[list[int]]:
+    """Which output channel of a model scores each class of a data set, or None where channel i
+    is class i: the same names in the same order, or a model that names no classes (its count is
+    checked when it is scored).
+
+    Classes that differ (other names, another order, another count) are a SegcompareError, unless
+    `by_name`: then every data-set class must be among the model's names, and the channels are
+    taken by name (a model's extra classes are left out of the argmax).
+    """
+    data_names = list(data_names)
+    if model_names is None or list(model_names) == data_names:
+        return None
+    model_names = list(model_names)
+    if not by_name:
+        if len(model_names) != len(data_names):
+            at = f"{model} has {len(model_names)} classes, the data set {len(data_names)}"
+        else:
+            first = next(i for i, (a, b) in enumerate(zip(model_names, data_names)) if a != b)
+            at = (
+                f"class {first} is {model_names[first]!r} in {model}, {data_names[first]!r} in "
+                "the data set"
+            )
+        raise SegcompareError(
+            f"{model} was trained on other classes than the data set's ({at}); score it on data "
+            "with its classes, or map the classes by name (--map-classes)"
+        )
+    index = {name: i for i, name in enumerate(model_names)}
+    missing = [name for name in data_names if name not in index]
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise SegcompareError(
+            f"--map-classes: {len(missing)} class(es) of the data set are not among the "
+            f"{len(model_names)} classes of {model}: {shown}"
+        )
+    return [index[name] for name in data_names]
 
 
 # on_batch(pred, labels, batch) of `evaluate_model`: N×H×W predicted and label train ids, the batch.
@@ -343,6 +472,7 @@ def evaluate_model(
     save_pred_dir: Optional[PathLike] = None,
     progress: bool = True,
     on_batch: Optional[BatchHook] = None,
+    class_order: Optional[Sequence[int]] = None,
     confusion: Optional[ConfusionMatrix] = None,
 ) -> dict[str, Any]:
     """Score a model on a dataset and return `ConfusionMatrix.compute()` with `_throughput`'s
@@ -353,6 +483,8 @@ def evaluate_model(
     dataset: a `CityscapesDataset` with the test transform and with_instances=True (without
         instances iIoU is NaN).
     save_pred_dir: also write each prediction as a labelIds PNG there (`save_label_ids`).
+    class_order: the output channel of each data-set class (`match_classes`), None: channel i
+        is class i.
     on_batch: called as `on_batch(pred, labels, batch)` after each batch is scored, in dataset
         order: pred and labels N×H×W train ids on the scores' device (labels 255 = ignore),
         batch the loader's dict ("image", "label", "name", ...). For figures beyond the
@@ -364,16 +496,19 @@ def evaluate_model(
     (`segcompare.utils.shard`), writes its own predictions and sees only those in `on_batch`;
     the counts are summed over processes, so the figures equal one process's bit for bit.
     """
-    cm = ConfusionMatrix() if confusion is None else confusion
+    table = _table(dataset)
+    cm = ConfusionMatrix(table) if confusion is None else confusion
     start = time.perf_counter()
     share = _share(dataset)
     for batch in _batches(share, batch_size, workers, "eval", progress):
         with torch.inference_mode():
             scores = scores_fn(batch["image"])  # N×C×H×W
+            if class_order is not None:  # the model's channels of the data set's classes
+                scores = scores[:, list(class_order)]
         if scores.shape[1] != cm.num_classes:  # else argmax scores a C-class model silently
             raise SegcompareError(
-                f"the model predicts {scores.shape[1]} classes; the Cityscapes metrics need "
-                f"{cm.num_classes} (its train classes): score a {cm.num_classes}-class model"
+                f"the model predicts {scores.shape[1]} classes; the data set "
+                f"({table.name}) has {cm.num_classes}: score a {cm.num_classes}-class model"
             )
         pred = scores.argmax(1)
         labels = batch["label"].to(pred.device)
@@ -387,10 +522,30 @@ def evaluate_model(
             on_batch(pred, labels, batch)
         if save_pred_dir is not None:
             for train_ids, name in zip(pred.to(torch.uint8).cpu().numpy(), batch["name"]):
-                save_label_ids(train_ids, save_pred_dir, name)
+                save_label_ids(train_ids, save_pred_dir, name, table)
     seconds = time.perf_counter() - start
     cm.all_reduce()
-    return {**cm.compute(), **_throughput(len(share), seconds)}
+    return {**_computed(cm, dataset), **_throughput(len(share), seconds)}
+
+
+def _table(dataset: Any) -> Any:
+    """The data set's `ClassTable` (a plain dataset without one: Cityscapes')."""
+    from segcompare.data.labels import CITYSCAPES
+
+    return getattr(getattr(dataset, "dataset", dataset), "table", CITYSCAPES)
+
+
+def _computed(cm: ConfusionMatrix, dataset: Any) -> dict[str, Any]:
+    """`cm.compute()`; a split without one labelled pixel is an error (its figures would all be
+    NaN)."""
+    if int(cm.mat.sum()) == 0:
+        inner = getattr(dataset, "dataset", dataset)
+        raise SegcompareError(
+            f"{getattr(inner, 'root', 'the data set')}: split {getattr(inner, 'split', '?')!r} "
+            "has no labelled pixel (every "
+            "mask is ignore): nothing to score; `segcompare data check` shows the values"
+        )
+    return cm.compute()  # named by the data set's table
 
 
 def _share(dataset: Any) -> Any:
@@ -421,12 +576,17 @@ def _throughput(images: int, seconds: float) -> dict[str, Any]:
 _SEQ_FRAME = re.compile(r"\d{6}_\d{6}")
 
 
-def find_predictions(pred_dir: PathLike, names: Sequence[str]) -> list[Path]:
-    """The prediction PNG of each sample name under `pred_dir` (searched recursively): the one
-    file whose name contains the name. A missing or ambiguous prediction is an error."""
+def find_predictions(
+    pred_dir: PathLike, names: Sequence[str], cityscapes: bool = True
+) -> list[Path]:
+    """The prediction PNG of each sample name under `pred_dir` (searched recursively): for
+    Cityscapes the one file whose name contains the name, else <name>.png. A missing or
+    ambiguous prediction is an error."""
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise SegcompareError(f"prediction folder {pred_dir} does not exist")
+    if not cityscapes:
+        return _find_by_stem(pred_dir, names)
     by_numbers: dict[str, list[Path]] = {}
     for path in pred_dir.rglob("*.png"):
         for numbers in set(_SEQ_FRAME.findall(path.name)):
@@ -450,9 +610,32 @@ def find_predictions(pred_dir: PathLike, names: Sequence[str]) -> list[Path]:
     return found
 
 
-def read_prediction(path: PathLike, hw: tuple[int, int]) -> np.ndarray:
-    """A labelIds prediction PNG -> H×W prediction codes (`label_ids_to_pred`), checked: one
-    channel, the label's size, only Cityscapes label ids."""
+def _find_by_stem(pred_dir: Path, names: Sequence[str]) -> list[Path]:
+    by_stem: dict[str, list[Path]] = {}
+    for path in pred_dir.rglob("*.png"):
+        by_stem.setdefault(path.stem, []).append(path)
+    found = []
+    for name in names:
+        matches = sorted(by_stem.get(name, []))
+        if len(matches) > 1:
+            raise SegcompareError(
+                f"several predictions for {name}: {', '.join(str(p) for p in matches[:3])}"
+            )
+        if not matches:
+            missing = [n for n in names if n not in by_stem]
+            raise SegcompareError(
+                f"no prediction for {name} under {pred_dir} (expected {name}.png); "
+                f"{len(missing)} of {len(names)} missing"
+            )
+        found.append(matches[0])
+    return found
+
+
+def read_prediction(path: PathLike, hw: tuple[int, int], table: Any = None) -> np.ndarray:
+    """A prediction PNG in the data set's own label ids -> H×W prediction codes, checked: one
+    channel, the label's size, only the data set's label ids (Cityscapes labelIds via
+    `label_ids_to_pred`; ADE20K 1..150, where 0 'other' counts as no class; a folder set's
+    indices)."""
     from PIL import Image, UnidentifiedImageError
 
     from segcompare.data.labels import VALID_LABEL_IDS
@@ -471,6 +654,8 @@ def read_prediction(path: PathLike, hw: tuple[int, int]) -> np.ndarray:
             f"{path}: size {ids.shape[1]}x{ids.shape[0]} differs from the label's {hw[1]}x{hw[0]}"
         )
     present = np.unique(ids)
+    if table is not None and table.name != "cityscapes":
+        return _own_ids_to_pred(path, ids, present, table)
     _refuse_train_ids(path, [int(v) for v in present])
     unknown = [int(v) for v in present if int(v) not in VALID_LABEL_IDS]
     if unknown:
@@ -479,6 +664,25 @@ def read_prediction(path: PathLike, hw: tuple[int, int]) -> np.ndarray:
             f"0-{max(VALID_LABEL_IDS)})"
         )
     return label_ids_to_pred(ids.astype(np.uint8))
+
+
+def _own_ids_to_pred(path: PathLike, ids: np.ndarray, present: np.ndarray, table: Any) -> Any:
+    """A prediction in the data set's own ids -> train ids; 255 (and ADE20K's 0) -> no class."""
+    from segcompare.data.labels import IGNORE_INDEX
+
+    lut = np.full(max(256, int(present.max()) + 1), -1, dtype=np.int16)
+    lut[list(table.own_ids)] = np.arange(table.num_classes)
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    if table.reduce_zero_label:
+        lut[0] = IGNORE_INDEX  # "other": a prediction of no class (a false negative)
+    unknown = [int(v) for v in present if lut[int(v)] < 0]
+    if unknown:
+        ids_text = f"{min(table.own_ids)}..{max(table.own_ids)}"
+        raise SegcompareError(
+            f"{path}: unknown label ids {unknown[:8]} ({table.name} predictions hold its own "
+            f"label ids {ids_text}; write them with `segcompare predict --format labelid`)"
+        )
+    return lut[ids.astype(np.int64)].astype(np.uint8)
 
 
 def _refuse_train_ids(path: PathLike, values: list[int]) -> None:
@@ -512,14 +716,17 @@ class _PredictionPairs:
         from segcompare.data.cityscapes import (
             label_path,
             read_instances,
-            read_train_ids,
             sample_name,
         )
 
         image_path, label_file = self.dataset.samples[index]
+        table = _table(self.dataset)
+        label = self.dataset.read_train_ids(label_file)
+        pred = read_prediction(self.predictions[index], label.shape, table)
+        item = {"pred": pred, "label": label}
+        if table.name != "cityscapes":
+            return item
         city, name = Path(image_path).parent.name, sample_name(image_path)
-        label = read_train_ids(label_file)
-        item = {"pred": read_prediction(self.predictions[index], label.shape), "label": label}
         inst_file = label_path(self.dataset.root, self.dataset.split, city, name, "instanceIds")
         if inst_file.exists():
             item["instances"] = read_instances(inst_file)
@@ -532,11 +739,11 @@ def evaluate_prediction_files(
     """Score existing labelIds prediction PNGs (from segcompare or any other tool) against a
     `CityscapesDataset`'s labels, exactly as `evaluate_model` scores a model. Samples without a
     gtFine instanceIds file count for everything but iIoU."""
-    from segcompare.data.cityscapes import sample_name
-
-    names = [sample_name(image) for image, _ in dataset.samples]
-    pairs = _PredictionPairs(dataset, find_predictions(pred_dir, names))
-    cm = ConfusionMatrix()
+    table = _table(dataset)
+    names = dataset.names
+    predictions = find_predictions(pred_dir, names, table.name == "cityscapes")
+    pairs = _PredictionPairs(dataset, predictions)
+    cm = ConfusionMatrix(table)
     without_instances = 0
     start = time.perf_counter()
     share = _share(pairs)
@@ -552,13 +759,13 @@ def evaluate_prediction_files(
         count = torch.tensor([without_instances])
         dist.all_reduce(count)
         without_instances = int(count.item())
-    if without_instances and rank == 0:
+    if without_instances and rank == 0 and table.name == "cityscapes":
         log.warning(
             "%d of %d samples have no instanceIds file: iIoU leaves them out",
             without_instances,
             len(names),
         )
-    return {**cm.compute(), **_throughput(len(share), seconds)}
+    return {**_computed(cm, dataset), **_throughput(len(share), seconds)}
 
 
 def run_eval(
@@ -571,27 +778,42 @@ def run_eval(
     workers: int = 2,
     save_pred_dir: Optional[PathLike] = None,
     meta: Optional[dict[str, Any]] = None,
+    model_classes: Optional[Sequence[str]] = None,
+    map_classes: bool = False,
+    layout: Optional[str] = None,
+    reduce_zero_label: Optional[bool] = None,
+    ignore_index: Optional[int] = None,
 ) -> dict[str, Any]:
     """`segcompare eval`: score a model (`scores`, e.g. `Predictor.scores`) or the labelIds PNGs
     in `pred_dir` on a split. Returns the metrics with `meta`, the data, the split, the wall time
     and images per second in total, and per process ("world_size", "processes"; several under
-    torchrun, each scoring its share of the images)."""
+    torchrun, each scoring its share of the images). `model_classes`: the model's class names
+    (`model.class_table.names`), checked against the data set's (`match_classes`; `map_classes`: by
+    name)."""
     if (scores is None) == (pred_dir is None):
         raise SegcompareError("score either a model or a folder of predictions, not both")
-    if batch_size < 1 or workers < 0:
-        raise SegcompareError("--batch must be at least 1 and --workers at least 0")
+    check("--batch", batch_size, name="batch_size")
+    check("--workers", workers, name="workers")
     start = time.perf_counter()
     if pred_dir is not None:
         if save_pred_dir is not None:
             raise SegcompareError("--pred-dir scores existing files: drop --save-pred")
-        results = evaluate_prediction_files(pred_dir, eval_dataset(data_root, split), workers)
+        dataset = eval_dataset(data_root, split, None, layout, reduce_zero_label, ignore_index)
+        results = evaluate_prediction_files(pred_dir, dataset, workers)
         meta = {"model": None, "weights": None, "mode": "pred-dir", "size": None,
                 "pred_dir": str(pred_dir), **(meta or {})}  # fmt: skip
     else:
         from segcompare.data.transforms import build_test_transform
 
-        dataset = eval_dataset(data_root, split, build_test_transform())
-        results = evaluate_model(scores, dataset, batch_size, workers, save_pred_dir)
+        dataset = eval_dataset(data_root, split, build_test_transform(), layout,
+                               reduce_zero_label, ignore_index)
+        model_name = (meta or {}).get("weights") or (meta or {}).get("model") or "the model"
+        order = match_classes(
+            model_classes, _table(dataset).names, map_classes, model=str(model_name)
+        )
+        results = evaluate_model(
+            scores, dataset, batch_size, workers, save_pred_dir, class_order=order
+        )
     seconds = time.perf_counter() - start
     results.update(meta or {}, data=str(data_root), split=split, seconds=round(seconds, 3))
     results["images_per_s"] = round(results["num_images"] / seconds, 3)

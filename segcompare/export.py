@@ -23,6 +23,7 @@ from torch import nn
 from segcompare.data.transforms import MEAN, STD
 from segcompare.infer.fast import prepare_for_inference
 from segcompare.utils import PathLike, SegcompareError, atomic_path
+from segcompare.values import check
 
 OPSET = 17  # LayerNormalization is an ONNX op from 17 on; onnxruntime >= 1.11 runs it
 
@@ -64,6 +65,8 @@ def export_onnx(
     except ImportError as err:
         raise SegcompareError("ONNX export needs the onnx package: pip install onnx") from err
     check_opset(opset)
+    size_hw = check("--size", size_hw, name="size_hw")  # the options' rows (values.RULES)
+    check("--batch", batch, name="batch")
     prepared = prepare_for_inference(model.cpu())
     x = torch.randn(batch, 3, *size_hw)
     axes = None

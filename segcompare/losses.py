@@ -6,7 +6,7 @@ example mining (OHEM, HRNet's Cityscapes recipe); both with optional class weigh
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,3 +82,35 @@ def _to_label_size(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     if logits.shape[-2:] != label.shape[-2:]:
         logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
     return logits
+
+
+def median_frequency_weights(pixels: Sequence[int], image_pixels: Sequence[int]) -> list[float]:
+    """Class weights by median frequency balancing (Eigen & Fergus, ICCV 2015, section 4.1):
+    w_c = median(freq) / freq_c, where freq_c is the number of pixels of class c divided by the
+    total number of pixels of the images in which c appears (`pixels[c]`, `image_pixels[c]`,
+    counted over the training split). The median is over the classes that appear; a class that
+    never appears gets weight 0 (no pixel would use it)."""
+    freq = [p / n if p else 0.0 for p, n in zip(pixels, image_pixels)]
+    present = sorted(f for f in freq if f > 0)
+    if not present:
+        raise ValueError("no labelled pixel of any class: no class weights can be derived")
+    mid = len(present) // 2
+    median = present[mid] if len(present) % 2 else (present[mid - 1] + present[mid]) / 2
+    return [median / f if f > 0 else 0.0 for f in freq]
+
+
+def label_histogram(labels: Iterable[Any], num_classes: int) -> tuple[list[int], list[int]]:
+    """(pixels, image_pixels) per class over H×W label arrays (class indices, anything else
+    ignored): what `median_frequency_weights` takes. image_pixels[c] counts every pixel of the
+    images where c appears (their labelled and ignored pixels alike, as Eigen & Fergus)."""
+    import numpy as np
+
+    pixels = np.zeros(num_classes, dtype=np.int64)
+    image_pixels = np.zeros(num_classes, dtype=np.int64)
+    for label in labels:
+        label = np.asarray(label)
+        valid = (label >= 0) & (label < num_classes)
+        counts = np.bincount(label[valid].ravel().astype(np.int64), minlength=num_classes)
+        pixels += counts[:num_classes]
+        image_pixels += np.where(counts[:num_classes] > 0, label.size, 0)
+    return pixels.tolist(), image_pixels.tolist()

@@ -1,13 +1,16 @@
 """Every metric segcompare reports, computed in one place.
 
-Cityscapes. `ConfusionMatrix` accumulates a 19-row confusion matrix (ground-truth train ids; 255
-is ignored) with `torch.bincount` over whole batches, plus the instance-weighted counts of iIoU,
-and `compute()` turns them into the figures of cityscapesscripts'
-`evalPixelLevelSemanticLabeling`: per-class IoU and iIoU, per-category IoU and iIoU, their means
-(NaN entries skipped, as there), and pixel / mean class accuracy. Training validation,
-`segcompare eval` and the comparison report all use it; tests/test_evaluate.py checks every figure
-against cityscapesscripts. `results_to_json`, `format_results` and `write_results` write its
-results.
+`ConfusionMatrix` accumulates a K-row confusion matrix (ground-truth class indices; anything
+outside 0..K-1, such as 255, is ignored) with `torch.bincount` over whole batches, and `compute()`
+turns it into the figures of every data set, as mmsegmentation's `IoUMetric`
+(mmseg/evaluation/metrics/iou_metric.py) defines them: per class IoU, accuracy, Dice, precision,
+recall and F-score; mIoU, mAcc, mDice, mFscore (means over the classes that are not NaN) and aAcc
+(all pixels). For Cityscapes it also keeps the instance-weighted counts of iIoU and gives the
+figures of cityscapesscripts' `evalPixelLevelSemanticLabeling` that only Cityscapes has:
+per-class iIoU, per-category IoU and iIoU and their means. Training validation, `segcompare eval`
+and the comparison report all use it; tests/test_evaluate.py checks every figure against
+cityscapesscripts and tests/test_metrics.py against a NumPy computation of mmseg's formulas.
+`results_to_json`, `format_results` and `write_results` write its results.
 
 Boundary IoU (Cheng et al., "Boundary IoU: Improving Object-Centric Image Segmentation
 Evaluation", CVPR 2021): IoU restricted to the pixels within d of each class's contour, in the
@@ -26,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -34,11 +37,13 @@ import torch.nn.functional as F
 
 from segcompare.data.labels import (
     CATEGORY_NAMES,
+    CITYSCAPES,
     IGNORE_INDEX,
     LABELS,
     NUM_CLASSES,
     TRAIN_LABELS,
-    class_names,
+    ClassTable,
+    generic_table,
 )
 from segcompare.utils import PathLike, SegcompareError, atomic_write_text
 
@@ -108,22 +113,35 @@ def _ratio(num: float, den: float) -> float:
 
 
 class ConfusionMatrix:
-    """Accumulates what the Cityscapes metrics need, over any number of batches.
+    """Accumulates what the metrics need, over any number of batches.
 
-        cm = ConfusionMatrix()
-        cm.update(pred, target)                 # N×H×W or H×W train ids; target 255 = ignore
-        cm.update(pred, target, instances)      # with gtFine instanceIds: also iIoU
+        cm = ConfusionMatrix()                  # Cityscapes' 19 classes
+        cm = ConfusionMatrix(ADE20K)            # any data set's ClassTable (or a class count)
+        cm.update(pred, target)                 # N×H×W or H×W class indices; target 255 = ignore
+        cm.update(pred, target, instances)      # Cityscapes, with gtFine instanceIds: also iIoU
         cm.miou(); cm.compute()                 # mIoU; the full results dict
 
     `mat[t, p]` counts pixels of ground-truth class t predicted as p. Its columns are the
-    num_classes classes, then 'another label' (any other prediction code, e.g. 255) and, with 19
-    classes, 'caravan/trailer' (PRED_OTHER_INSTANCE): a pixel predicted so is a false negative of
-    its class, as in the official script, which scores predictions in label ids.
+    num_classes classes, then 'another label' (any other prediction code, e.g. 255) and, for
+    Cityscapes, 'caravan/trailer' (PRED_OTHER_INSTANCE): a pixel predicted so is a false negative
+    of its class, as in the official script, which scores predictions in label ids. A label
+    outside 0..K-1 is not counted (mmseg counts one that is not its ignore index in the
+    prediction areas; the data sets refuse such labels before scoring).
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES, per_image: bool = False) -> None:
-        self.num_classes = num_classes
-        self.cityscapes = num_classes == NUM_CLASSES
+    def __init__(
+        self, classes: Union[int, ClassTable] = CITYSCAPES, per_image: bool = False
+    ) -> None:
+        """classes: the data set's class table, or a class count (`generic_table(K)`: Cityscapes'
+        for 19). Cityscapes' table, which has instances and categories, adds iIoU and the
+        category figures."""
+        table = classes if isinstance(classes, ClassTable) else generic_table(classes)
+        self.classes = table
+        self.num_classes = table.num_classes
+        self.names = table.names
+        self.cityscapes = table.name == CITYSCAPES.name
+        if self.cityscapes and self.names != CITYSCAPES.names:
+            raise ValueError("Cityscapes metrics need the 19 Cityscapes train classes")
         self.per_image = per_image  # also keep each image's own matrix (`image_matrices`)
         self.reset()
 
@@ -296,59 +314,102 @@ class ConfusionMatrix:
         return _nan_mean(self.iou().tolist())
 
     def compute(self) -> dict[str, Any]:
-        """All figures as fractions in [0, 1]; NaN where the official script gives NaN.
+        """All figures as fractions in [0, 1]; NaN where mmseg (or, for iIoU and categories,
+        the official Cityscapes script) gives NaN.
 
-        {"miou", "miiou", "category_miou", "category_miiou", "pixel_acc", "mean_acc",
-         "per_class": {name: {"iou", "iiou", "acc"}}, "per_category": {name: {"iou", "iiou"}},
-         "num_images"}
+        {"miou", "mean_acc", "pixel_acc" (mmseg's aAcc), "mdice", "mfscore", "mprecision",
+         "mrecall", "per_class": {name: {"iou", "acc", "dice", "fscore", "precision", "recall"}},
+         "num_images"}; for Cityscapes also "miiou", "category_miou", "category_miiou",
+         "per_category": {name: {"iou", "iiou"}} and each class's "iiou".
         """
         mat = self.mat.cpu().numpy().astype(np.int64)
         c = self.num_classes
-        names = class_names(c)  # Cityscapes' for 19 classes, else class_0, class_1, ...
-        tp = np.diag(mat[:, :c])
-        row = mat.sum(1)  # ground-truth pixels per class
-        col = mat[:, :c].sum(0)  # pixels predicted as each class, over evaluated rows
-        iou = self.iou()
-        acc = [_ratio(tp[i], row[i]) for i in range(c)]
-
-        iiou = [float("nan")] * c
-        per_category: dict[str, dict[str, float]] = {}
+        per_class = {name: {} for name in self.names}
+        figures = _mmseg_figures(mat, c)
+        for key, values in figures.items():
+            for name, value in zip(self.names, values.tolist()):
+                per_class[name][key] = value
+        results: dict[str, Any] = {
+            "miou": _nan_mean(figures["iou"].tolist()),
+            "mean_acc": _nan_mean(figures["acc"].tolist()),
+            "pixel_acc": _ratio(np.diag(mat[:, :c]).sum(), mat.sum()),
+            "mdice": _nan_mean(figures["dice"].tolist()),
+            "mfscore": _nan_mean(figures["fscore"].tolist()),
+            "mprecision": _nan_mean(figures["precision"].tolist()),
+            "mrecall": _nan_mean(figures["recall"].tolist()),
+            "per_class": per_class,
+            "num_images": self.num_images,
+        }
         if self.cityscapes:
-            inst_tp, inst_fn = self.inst_tp.numpy(), self.inst_fn.numpy()
-            for i, lb in enumerate(TRAIN_LABELS):
-                if lb.has_instances:
-                    fp = col[i] - tp[i]
-                    iiou[i] = _ratio(inst_tp[i], inst_tp[i] + fp + inst_fn[i])
-            for cat in CATEGORY_NAMES:
-                members = [i for i, lb in enumerate(TRAIN_LABELS) if lb.category == cat]
-                others = [i for i in range(c) if i not in members]
-                cat_tp = mat[np.ix_(members, members)].sum()
-                cat_fn = mat[members].sum() - cat_tp
-                cat_fp = mat[np.ix_(others, members)].sum()
-                entry = {"iou": _ratio(cat_tp, cat_tp + cat_fp + cat_fn), "iiou": float("nan")}
-                if cat in INSTANCE_CATEGORIES:
-                    k = INSTANCE_CATEGORIES.index(cat)
-                    cols = members + ([c + 1] if cat == _OTHER_INSTANCE_CATEGORY else [])
-                    fp = mat[np.ix_(others, cols)].sum()
-                    w_tp, w_fn = self.cat_inst_tp[k].item(), self.cat_inst_fn[k].item()
-                    entry["iiou"] = _ratio(w_tp, w_tp + fp + w_fn)
-                per_category[cat] = entry
+            results.update(self._cityscapes_figures(mat, per_class))
+        return results
 
-        total = row.sum()
+    def _cityscapes_figures(
+        self, mat: np.ndarray, per_class: dict[str, dict[str, float]]
+    ) -> dict[str, Any]:
+        """What only Cityscapes has (cityscapesscripts' evalPixelLevelSemanticLabeling): iIoU per
+        class (also written into `per_class`), IoU and iIoU per category, and their means."""
+        c = self.num_classes
+        tp = np.diag(mat[:, :c])
+        col = mat[:, :c].sum(0)  # pixels predicted as each class, over evaluated rows
+        iiou = [float("nan")] * c
+        inst_tp, inst_fn = self.inst_tp.numpy(), self.inst_fn.numpy()
+        for i, lb in enumerate(TRAIN_LABELS):
+            if lb.has_instances:
+                fp = col[i] - tp[i]
+                iiou[i] = _ratio(inst_tp[i], inst_tp[i] + fp + inst_fn[i])
+            per_class[lb.name]["iiou"] = iiou[i]
+        per_category: dict[str, dict[str, float]] = {}
+        for cat in CATEGORY_NAMES:
+            members = [i for i, lb in enumerate(TRAIN_LABELS) if lb.category == cat]
+            others = [i for i in range(c) if i not in members]
+            cat_tp = mat[np.ix_(members, members)].sum()
+            cat_fn = mat[members].sum() - cat_tp
+            cat_fp = mat[np.ix_(others, members)].sum()
+            entry = {"iou": _ratio(cat_tp, cat_tp + cat_fp + cat_fn), "iiou": float("nan")}
+            if cat in INSTANCE_CATEGORIES:
+                k = INSTANCE_CATEGORIES.index(cat)
+                cols = members + ([c + 1] if cat == _OTHER_INSTANCE_CATEGORY else [])
+                fp = mat[np.ix_(others, cols)].sum()
+                w_tp, w_fn = self.cat_inst_tp[k].item(), self.cat_inst_fn[k].item()
+                entry["iiou"] = _ratio(w_tp, w_tp + fp + w_fn)
+            per_category[cat] = entry
         return {
-            "miou": _nan_mean(iou.tolist()),
             "miiou": _nan_mean(iiou),
             "category_miou": _nan_mean(e["iou"] for e in per_category.values()),
             "category_miiou": _nan_mean(e["iiou"] for e in per_category.values()),
-            "pixel_acc": _ratio(tp.sum(), total),
-            "mean_acc": _nan_mean(acc),
-            "per_class": {
-                name: {"iou": float(iou[i]), "iiou": iiou[i], "acc": acc[i]}
-                for i, name in enumerate(names)
-            },
             "per_category": per_category,
-            "num_images": self.num_images,
         }
+
+
+def _mmseg_figures(mat: np.ndarray, c: int) -> dict[str, np.ndarray]:
+    """Per-class figures of mmseg's `IoUMetric.total_area_to_metrics` from a confusion matrix
+    (`mat[t, p]`, rows the c classes, columns the c classes then other prediction codes):
+    intersection I = the diagonal, label area L = the row, prediction area P = the column over
+    labelled pixels (a prediction outside 0..c-1 counts in no P, as mmseg's histc drops it).
+    IoU = I / (P + L - I), acc = recall = I / L, dice = 2I / (P + L), precision = I / P,
+    F-score (beta 1) = 2 precision recall / (precision + recall); 0 / 0 is NaN, as there (so a
+    class both predicted and present but never hit has F-score NaN, not 0)."""
+    inter = np.diag(mat[:, :c]).astype(np.float64)
+    label = mat.sum(1).astype(np.float64)
+    pred = mat[:, :c].sum(0).astype(np.float64)
+
+    def div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+    precision, recall = div(inter, pred), div(inter, label)
+    with np.errstate(invalid="ignore"):
+        both = precision + recall
+        fscore = np.where(both > 0, 2 * precision * recall / np.where(both > 0, both, 1), np.nan)
+    return {
+        "iou": div(inter, pred + label - inter),
+        "acc": recall,
+        "dice": div(2 * inter, pred + label),
+        "fscore": fscore,
+        "precision": precision,
+        "recall": recall,
+    }
 
 
 # Lookup tables for the instance counts (torch, built once).
@@ -418,22 +479,24 @@ def results_to_json(results: dict[str, Any]) -> str:
 
 
 def format_results(results: dict[str, Any]) -> str:
-    """A plain-text table of the results, in percent, like the official script prints it."""
+    """A plain-text table of the results, in percent: per class IoU, (Cityscapes: iIoU,) accuracy,
+    Dice and F-score, their means, the categories where there are any, and aAcc."""
 
     def pct(value: Optional[float]) -> str:
         return "    -" if value is None or math.isnan(value) else f"{100 * value:5.1f}"
 
-    lines = [f"{'class':<16}{'IoU':>7}{'iIoU':>7}{'acc':>7}", "-" * 37]
+    cityscapes = "miiou" in results
+    columns = [("IoU", "iou", "miou")]
+    columns += [("iIoU", "iiou", "miiou")] if cityscapes else []
+    columns += [("acc", "acc", "mean_acc"), ("Dice", "dice", "mdice"), ("F1", "fscore", "mfscore")]
+    width = max([16] + [len(name) + 2 for name in results["per_class"]])
+    rule = "-" * (width + 7 * len(columns))
+    lines = [f"{'class':<{width}}" + "".join(f"{title:>7}" for title, _, _ in columns), rule]
     for name, entry in results["per_class"].items():
-        lines.append(
-            f"{name:<16}{pct(entry['iou']):>7}{pct(entry['iiou']):>7}{pct(entry['acc']):>7}"
-        )
-    lines.append("-" * 37)
-    lines.append(
-        f"{'mean':<16}{pct(results['miou']):>7}{pct(results['miiou']):>7}"
-        f"{pct(results['mean_acc']):>7}"
-    )
-    if results["per_category"]:
+        lines.append(f"{name:<{width}}" + "".join(f"{pct(entry.get(k)):>7}" for _, k, _ in columns))
+    lines.append(rule)
+    lines.append(f"{'mean':<{width}}" + "".join(f"{pct(results.get(m)):>7}" for *_, m in columns))
+    if results.get("per_category"):
         lines += ["", f"{'category':<16}{'IoU':>7}{'iIoU':>7}", "-" * 30]
         for name, entry in results["per_category"].items():
             lines.append(f"{name:<16}{pct(entry['iou']):>7}{pct(entry['iiou']):>7}")
@@ -443,7 +506,8 @@ def format_results(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"pixel accuracy {pct(results['pixel_acc']).strip()}  ({results['num_images']} images)",
+        f"pixel accuracy (aAcc) {pct(results['pixel_acc']).strip()}  "
+        f"({results['num_images']} images)",
     ]
     return "\n".join(lines)
 

@@ -170,19 +170,31 @@ def activation_mb(model: nn.Module, size: Sequence[int] = DEFAULT_SIZE, batch: i
 
 
 def check_forward_memory(
-    name: str, size: Sequence[int], batch: int = 1, num_classes: int = 19, **overrides: Any
+    name: str,
+    size: Sequence[int],
+    batch: int = 1,
+    num_classes: int = 19,
+    device: Any = None,
+    extra_bytes: float = 0.0,
+    what: str = "",
+    **overrides: Any,
 ) -> None:
     """SegcompareError, before anything is allocated, when one inference forward of the variant
-    at batch×3×H×W needs more memory than is available (weights and the activation peak, as
-    counted on the meta device)."""
+    at batch×3×H×W needs more memory than is available on `device` (RAM, or a CUDA device's
+    free memory): weights and the activation peak, as counted on the meta device.
+    `extra_bytes`: what the caller holds beside the forward (a resized image, score maps),
+    checked first and alone, so that an absurd size is refused without a meta forward; `what`:
+    the message's name for it all (default: the input size)."""
     from segcompare.models import build_model
     from segcompare.utils import check_memory
 
+    what = what or f"{name} at {batch}x3x{size[0]}x{size[1]}"
+    check_memory(extra_bytes, what, device)
     with torch.device("meta"):
         model = build_model(name, num_classes=num_classes, **overrides)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    need = weights + activation_mb(model, size, batch) * 2**20
-    check_memory(need, f"{name} at {batch}x3x{size[0]}x{size[1]}")
+    need = weights + activation_mb(model, size, batch) * 2**20 + extra_bytes
+    check_memory(need, what, device)
 
 
 def backbone_parameters(model: nn.Module) -> int:

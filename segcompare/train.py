@@ -35,6 +35,8 @@ says "stopped", and `--resume` continues.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -53,7 +55,14 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from segcompare.config import Config, OptimConfig, config_to_dict
+from segcompare.config import (
+    Config,
+    OptimConfig,
+    check_class_weights,
+    config_to_dict,
+    with_data_classes,
+)
+from segcompare.data.labels import IGNORE_INDEX
 from segcompare.losses import cross_entropy, ohem_cross_entropy
 from segcompare.models.precision import guard_bf16
 from segcompare.run_folder import (
@@ -168,22 +177,24 @@ class EpochSampler(torch.utils.data.distributed.DistributedSampler):
 # =================================================================================================
 @torch.no_grad()
 def validate(
-    model: nn.Module, loader: Any, num_classes: int, device: torch.device, family: str
+    model: nn.Module, loader: Any, classes: Any, device: torch.device, family: str
 ) -> dict:
     """This process's share of the val split, tested as the family's official single-scale test
-    (SegFormer: sliding windows; HRNet: the whole image), counts summed over processes.
+    of the data set (`classes`: its ClassTable, or a class count; Cityscapes and any other data
+    set: SegFormer sliding windows, HRNet the whole image; ADE20K: AlignedResize, HRNet's 520
+    test), counts summed over processes.
 
     Returns {"mIoU": float, "IoU": [per class, None where absent]}. Inference and metrics are
     segcompare.evaluate's, the one place both are computed, so the figure equals `segcompare
     eval` on the same weights.
     """
-    from segcompare.evaluate import InferenceSettings, inference
+    from segcompare.evaluate import inference, official_settings
     from segcompare.metrics import ConfusionMatrix
 
     was_training = model.training
     model.eval()
-    settings = InferenceSettings(family=family)
-    cm = ConfusionMatrix(num_classes)
+    cm = ConfusionMatrix(classes)
+    settings = official_settings(family, cm.classes.name)
     for sample in loader:
         image, label = sample["image"].to(device), sample["label"].to(device)
         scores = inference(model, image, settings, out_hw=tuple(label.shape[-2:]))  # N×C×H×W
@@ -193,9 +204,24 @@ def validate(
     return {"mIoU": cm.miou(), "IoU": [None if math.isnan(v) else v for v in cm.iou().tolist()]}
 
 
+def _forget_autotuning_peak(device: torch.device) -> None:
+    """cuDNN's autotuning (`cudnn.benchmark`) tries each new convolution shape with workspaces as
+    large as the free memory: on an H200 the first iteration of SegFormer-B0 at 1024x1024, batch
+    2, fp32 peaked at 132 GiB (gpu_smoke, 2026-12-04). That is no memory the run needs, so the
+    peak is started again after the first training iteration and the first validation, when the
+    shapes have been tuned; the cache the trials left is handed back first."""
+    if device.type == "cuda" and torch.backends.cudnn.benchmark:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def _memory_mb(device: torch.device) -> float:
+    """`memory_mb` of log.jsonl: the peak memory this process has held on its device since it
+    started, in MiB. CPU: the peak resident set size; CUDA: the peak the caching allocator
+    reserved (what nvidia-smi shows, less the CUDA context)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return torch.cuda.max_memory_reserved(device) / 2**20
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -242,6 +268,64 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+class _StepStats:
+    """Each step's loss and stop flag, summed over the processes by one all_reduce on the
+    device, read by the host one step late: while the device runs step i, the host reads step
+    i-1's figures (done by then) and queues step i+1. A `.item()` per step would make the host
+    wait for each forward pass before it could queue the backward. Every process reads the
+    same steps' figures at the same iterations, so all stop after the same one."""
+
+    def __init__(self, device: torch.device, world: int) -> None:
+        self.device, self.world = device, world
+        self.stop_flag = torch.zeros((), device=device)  # 1 once this process got a signal
+        self.flagged = False
+        self.pending: List[Tuple[int, torch.Tensor, Any]] = []  # (iteration, figures, event)
+
+    def push(self, done: int, loss: torch.Tensor, stop: bool) -> None:
+        """Queue iteration `done`'s figures (no host sync)."""
+        if stop and not self.flagged:
+            self.stop_flag.fill_(1.0)
+            self.flagged = True
+        stats = torch.stack([loss.detach().float(), self.stop_flag])
+        if self.world > 1:
+            dist.all_reduce(stats)
+        event = None
+        if self.device.type == "cuda":  # copied to pinned memory; the event says when it is
+            host = torch.empty(2, pin_memory=True)
+            host.copy_(stats, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            stats = host
+        self.pending.append((done, stats, event))
+
+    def read(self, everything: bool) -> List[Tuple[int, float, bool]]:
+        """(iteration, mean loss over the processes, whether any process was asked to stop) of
+        the queued iterations: all of them, or all but the newest."""
+        out = []
+        while len(self.pending) > (0 if everything else 1):
+            done, stats, event = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()
+            loss, stop = stats.tolist()
+            out.append((done, loss / self.world, stop > 0))
+        return out
+
+
+def _take_figures(run: Run, step_stats: _StepStats, window: dict,
+                  everything: bool) -> Tuple[Optional[float], bool]:
+    """Read the queued steps' figures (`_StepStats.read`) into the log `window`: (the last mean
+    loss read, or None; whether any process was asked to stop). A non-finite loss stops the
+    run, naming its iteration."""
+    last, asked = None, False
+    for done, loss, stop in step_stats.read(everything):
+        if not math.isfinite(loss):
+            raise _non_finite_loss(run, loss, done)
+        window["loss"] += loss
+        window["n"] += 1
+        last, asked = loss, asked or stop
+    return last, asked
+
+
 # =================================================================================================
 # 4. The run
 # =================================================================================================
@@ -262,6 +346,7 @@ class Run:
     best: dict = field(default_factory=lambda: {"mIoU": None, "iter": None})  # best val mIoU
     records: List[dict] = field(default_factory=list)  # log.jsonl (rank 0 writes it)
     writer: Any = None  # TensorBoard's SummaryWriter (rank 0, when tensorboard is installed)
+    class_table: Any = None  # the data set's `ClassTable`, written into the saved weights
 
     @property
     def ddp(self) -> bool:
@@ -291,18 +376,79 @@ def _datasets(cfg: Config, world: int) -> Tuple[str, Any, Any]:
     family = family_of(cfg.model.name)
     train_transform = build_train_transform(cfg.data.pipeline, crop_size=cfg.data.crop_size,
                                             scale_range=cfg.data.scale_range,
-                                            base_size=cfg.data.base_size)
+                                            base_size=cfg.data.base_size,
+                                            scale=cfg.data.img_scale)
+    dc = cfg.data
     train_set = CityscapesDataset(
-        cfg.data.root, split=cfg.data.train_split, transform=train_transform, seed=cfg.train.seed
-    )
+        dc.root, split=dc.train_split, transform=train_transform, seed=cfg.train.seed,
+        layout=dc.layout, reduce_zero_label=dc.reduce_zero_label, ignore_index=dc.ignore_index,
+    )  # fmt: skip
     if len(train_set) < cfg.train.batch_size:
         raise SegcompareError(
             f"{cfg.data.root}: the {cfg.data.train_split!r} split has {len(train_set)} images, "
             f"fewer than the total batch train.batch_size={cfg.train.batch_size}"
         )
+    _warn_padded_crops(train_set, train_transform, cfg.data.crop_size)
     val_set = None if cfg.train.eval_every == 0 else CityscapesDataset(
-        cfg.data.root, split=cfg.data.val_split, transform=build_test_transform())
+        dc.root, split=dc.val_split, transform=build_test_transform(), layout=train_set.layout,
+        reduce_zero_label=dc.reduce_zero_label, ignore_index=dc.ignore_index)
     return family, train_set, val_set
+
+
+def _auto_class_weights(cfg: Config, train_set: Any) -> Config:
+    """The config with train.class_weights `auto` made concrete: median-frequency weights of the
+    training labels (`losses.median_frequency_weights`), as config.yaml records them."""
+    from segcompare.losses import label_histogram, median_frequency_weights
+
+    if cfg.train.class_weights != "auto":
+        return cfg
+    plain = copy.copy(train_set)
+    plain.transform = None  # the labels as stored, every pixel
+    labels = (plain[i]["label"] for i in range(len(plain)))
+    try:
+        weights = median_frequency_weights(*label_histogram(labels, cfg.model.num_classes))
+    except ValueError as err:
+        raise SegcompareError(f"train.class_weights auto: {cfg.data.root}: {err}") from None
+    weights = [round(w, 6) for w in weights]
+    check_class_weights(weights, cfg.model.num_classes)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, class_weights=weights))
+
+
+def _start_weights(cfg: Config) -> Optional[str]:
+    """model.init (a whole segmentation checkpoint: one with a head) or model.pretrained."""
+    if not cfg.model.init:
+        return cfg.model.pretrained
+    from segcompare.models import describe_weights
+
+    if describe_weights(cfg.model.init, cfg.model.name).num_classes is None:
+        raise SegcompareError(
+            f"model.init {cfg.model.init}: holds no segmentation head (a backbone only); give "
+            "it as model.pretrained"
+        )
+    return cfg.model.init
+
+
+def _warn_padded_crops(train_set: Any, transform: Any, crop_hw: Tuple[int, int]) -> None:
+    """Warn, with the cost, when the crop is larger than every training image even at the
+    largest scale: part of every crop is then padding (label 255) that each step computes and
+    ignores."""
+    from PIL import Image
+
+    sizes = set()
+    for image_path, _ in train_set.samples:
+        with Image.open(image_path) as im:  # the header only
+            sizes.add((im.height, im.width))
+    largest = [transform.largest_hw(hw) for hw in sizes]
+    kept = max(min(crop_hw[0], h) * min(crop_hw[1], w) for h, w in largest)
+    if kept < crop_hw[0] * crop_hw[1]:
+        h, w = max(largest, key=lambda hw: hw[0] * hw[1])
+        log.warning(
+            "data.crop_size %dx%d is larger than every training image even at the largest scale "
+            "(%dx%d): at least %.0f%% of every crop is padding, computed and ignored at each "
+            "step; a crop of %dx%d gives the same pixels for %.1fx less work",
+            crop_hw[0], crop_hw[1], h, w, 100 * (1 - kept / (crop_hw[0] * crop_hw[1])),
+            min(crop_hw[0], h), min(crop_hw[1], w), crop_hw[0] * crop_hw[1] / kept,
+        )  # fmt: skip
 
 
 def _resume(run: Run, checkpoint: dict, path: Path, notes: List[str]) -> int:
@@ -383,7 +529,30 @@ def _open_run_folder(run: Run, start_iter: int, per_process: int, notes: List[st
         log.info(note)
 
 
+def _global_settings() -> tuple:
+    """The process-wide settings `_set_determinism` changes."""
+    return (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark,
+            torch.get_float32_matmul_precision(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+
+def _restore_global_settings(settings: tuple) -> None:
+    deterministic, warn_only, benchmark, precision, cublas = settings
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.backends.cudnn.benchmark = benchmark
+    torch.set_float32_matmul_precision(precision)
+    if cublas is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
 def _set_determinism(deterministic: bool, device: torch.device) -> None:
+    """Process-wide settings for the run (put back when train() returns). On CUDA, TF32
+    matmuls as well as convolutions (torch's default for convolutions): Ampere and newer GPUs
+    run fp32 layers at their tensor-core speed, with 10 mantissa bits for the products."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
     if deterministic:
         # cuBLAS needs this for deterministic matmuls; CUDA's bilinear-upsampling backward has no
         # deterministic kernel, hence warn_only (the CPU is deterministic without any of this)
@@ -408,8 +577,9 @@ def _loss(logits: torch.Tensor, label: torch.Tensor, cfg: Config,
     tc = cfg.train
     if tc.loss == "ohem":
         return ohem_cross_entropy(logits, label, tc.ohem_threshold, min_kept,
-                                  cfg.data.ignore_index, class_weights)
-    return cross_entropy(logits, label, cfg.data.ignore_index, class_weights, tc.loss_average)
+                                  IGNORE_INDEX, class_weights)
+    # the dataset maps data.ignore_index (and 255) to IGNORE_INDEX in every label it returns
+    return cross_entropy(logits, label, IGNORE_INDEX, class_weights, tc.loss_average)
 
 
 def _write_log(run: Run) -> None:
@@ -449,14 +619,14 @@ def _save_weights(run: Run, name: str) -> None:
     if run.master:
         from segcompare.models.save import save_weights
 
-        save_weights(run.model, run.out / name)
+        save_weights(run.model, run.out / name, class_table=run.class_table)
 
 
 def _validate(run: Run, loader: Any, done: int) -> float:
     """Validate, keep the best weights in best.safetensors, write the log; returns the mIoU."""
     t0 = time.time()
     _sync_buffers(run)
-    result = validate(run.model, loader, run.cfg.model.num_classes, run.device, run.family)
+    result = validate(run.model, loader, run.class_table, run.device, run.family)
     miou = result["mIoU"]
     if run.master:
         run.records.append({"iter": done, "val_mIoU": miou, "val_IoU": result["IoU"],
@@ -544,6 +714,14 @@ def _setup_notes(
     if world > 1 and device.type != "cuda":
         notes.append("SyncBatchNorm needs GPUs: on the CPU each process normalises with its "
                      "own batch statistics")
+    if device.type == "cuda":
+        notes.append(
+            "CUDA: TF32 matmuls and convolutions; weights are not bit-reproducible across runs "
+            "or resumes: the backward passes of bilinear interpolate, nll_loss and memory-"
+            "efficient attention have no deterministic CUDA kernel"
+            + ("" if tc.deterministic else ", and cuDNN autotuning (train.deterministic: "
+               "false) may choose other kernels in each run")
+        )
     if restarts:
         notes.append(f"torchrun restart {restarts} (TORCHELASTIC_RESTART_COUNT) of at most "
                      f"{os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}: a process of the "
@@ -552,7 +730,7 @@ def _setup_notes(
 
 
 def train_device(requested: str = "auto") -> Tuple[torch.device, str]:
-    """(this process's device, the process group's backend) for `requested` (auto|cpu|cuda).
+    """(this process's device, the process group's backend) for `requested` (auto|cpu|cuda|mps).
 
     Under torchrun each process takes GPU LOCAL_RANK; where a node runs more processes than it
     has GPUs (a 2-process test on one GPU) they share the GPUs round-robin and reduce with gloo,
@@ -578,7 +756,7 @@ def train(
     Runs as one process, or as one of WORLD_SIZE processes started by torchrun. Returns the
     summary (also the last line of log.jsonl): iterations, minutes, final loss, val mIoU.
     `bar_position`: the terminal line of the progress bar, for runs side by side (the demo).
-    `device`: auto (a GPU where torch sees one), cpu or cuda (`train_device`).
+    `device`: auto (a GPU where torch sees one), cpu, cuda or mps (`train_device`).
     """
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -596,6 +774,7 @@ def train(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     threads_before = torch.get_num_threads()  # restored at the end: train() is also a library call
+    settings_before = _global_settings()  # likewise
     run_lock = None  # rank 0's lock on the run folder, held until the run ends
     writing = False  # whether rank 0 has begun to write the run's files (config.yaml on)
     try:
@@ -604,6 +783,10 @@ def train(
 
         # -- everything the user gave is checked before any work starts ----------------------------
         family, train_set, val_set = _datasets(cfg, world)
+        table = train_set.table  # the data set's classes: the model's count and names
+        cfg = with_data_classes(cfg, table.num_classes, f"{cfg.data.root} ({table.name})")
+        cfg = _auto_class_weights(cfg, train_set)
+        tc = cfg.train
         per_process = tc.batch_size // world
         if master:
             run_lock = lock_run_folder(out)
@@ -613,15 +796,17 @@ def train(
         checkpoint_path, checkpoint = last_checkpoint(out, cfg, resume or restarts > 0)
         torch.manual_seed(tc.seed)  # the same initial weights on every process
         model = build_model(cfg.model.name, num_classes=cfg.model.num_classes,
-                            weights=cfg.model.pretrained if checkpoint is None else None,
+                            weights=_start_weights(cfg) if checkpoint is None else None,
                             **cfg.model.overrides)
 
         # -- distributed setup: gloo on the CPU, nccl on GPUs --------------------------------------
         if ddp:
             _init_process_group(backend, restarts)
-            # depthwise-conv gradients come back channels-last on the CPU; DDP copies them into
-            # its buckets and warns every step about a cost that is negligible here
-            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+            if device.type == "cpu":
+                # depthwise-conv gradients come back channels-last on the CPU; DDP copies them
+                # into its buckets and warns every step about a cost that is negligible here (on
+                # a GPU the warning is a real performance signal and stays)
+                warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
         _set_determinism(tc.deterministic, device)
         notes = _setup_notes(cfg, world, per_process, device, restarts)
         min_kept = ohem_min_kept_for(cfg, per_process)
@@ -632,7 +817,7 @@ def train(
         if amp_dtype is torch.bfloat16 and device.type == "cpu":
             guard_bf16(model, cfg.model.name)  # layers bf16 gets wrong on this CPU run in fp32
         run = Run(cfg, out, rank, world, device, family, model, build_optimizer(model, oc),
-                  torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16"))
+                  torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16"), class_table=table)
         autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
         class_weights = None if tc.class_weights is None else torch.tensor(
             tc.class_weights, dtype=torch.float32, device=device)
@@ -645,12 +830,12 @@ def train(
             start_iter = _resume(run, checkpoint, checkpoint_path, notes)
         elif resume:
             notes.append(f"--resume: no checkpoint in {out}, starting from scratch")
-        if tc.compile:
-            model = torch.compile(model)
         if ddp:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        if tc.compile:  # after DDP: dynamo splits the graph at DDP's buckets, so the gradient
+            model = torch.compile(model)  # all-reduce overlaps the backward pass
 
         # -- data and the run folder (rank 0 writes) -----------------------------------------------
         loader, val_loader = _loaders(run, train_set, val_set, per_process)
@@ -665,9 +850,11 @@ def train(
         last_loss = next((r["loss"] for r in reversed(run.records) if "loss" in r), math.nan)
         last_miou = next((r["val_mIoU"] for r in reversed(run.records) if "val_IoU" in r), None)
         stop, done = None, start_iter
+        validated = False
         t_loop = time.time()
         bar = tqdm(total=tc.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True,
                    desc=cfg.model.name, unit="it", position=bar_position)
+        step_stats = _StepStats(device, world)
         with _StopRequest() as stop_request, logging_redirect_tqdm():
             for it in range(start_iter, tc.max_iters):
                 t0 = time.time()
@@ -680,32 +867,39 @@ def train(
                 with autocast:
                     logits = model(image)  # N×C×H/4×W/4
                 loss = _loss(logits, label, cfg, class_weights, min_kept)
-                # one collective per step: the mean loss, and whether any process was asked to stop
-                stats = torch.tensor([loss.item(), float(stop_request.signal is not None)],
-                                     dtype=torch.float64, device=device)
-                if ddp:
-                    dist.all_reduce(stats)
-                last_loss = stats[0].item() / world
-                if not math.isfinite(last_loss):
-                    raise _non_finite_loss(run, last_loss, it + 1)
                 run.optimizer.zero_grad(set_to_none=True)
                 run.scaler.scale(loss).backward()
                 run.scaler.step(run.optimizer)
                 run.scaler.update()
                 done = it + 1
+                step_stats.push(done, loss, stop_request.signal is not None)
 
-                window["loss"] += last_loss
-                window["n"] += 1
+                # the host reads the previous step's loss and stop flag, or every step's before
+                # a log, validation or checkpoint (a non-finite loss is never checkpointed)
+                log_now = done % tc.log_every == 0 or done == tc.max_iters
+                val_now = val_loader is not None and (
+                    done % tc.eval_every == 0 or done == tc.max_iters)
+                save_now = done % tc.checkpoint_every == 0 or done == tc.max_iters
+                flush = log_now or val_now or save_now
+                read_loss, asked = _take_figures(run, step_stats, window, flush)
+                if asked and not flush:  # stopping after this iteration: read it too
+                    read_loss = _take_figures(run, step_stats, window, True)[0]
+                last_loss = last_loss if read_loss is None else read_loss
+                if asked and stop is None:
+                    stop = stop_request.signal or "a signal to another process"
+                if it == start_iter:
+                    _forget_autotuning_peak(device)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                if done % tc.log_every == 0 or done == tc.max_iters:
+                if log_now:
                     _log_step(run, window, done, it // run.iters_per_epoch, lr)
                     window = {"loss": 0.0, "n": 0, "data_time": 0.0, "t0": time.time()}
-                if val_loader is not None and (done % tc.eval_every == 0 or done == tc.max_iters):
+                if val_now:
                     last_miou = _validate(run, val_loader, done)
-                if stats[1].item() > 0:
-                    stop = stop_request.signal or "a signal to another process"
-                if done % tc.checkpoint_every == 0 or done == tc.max_iters or stop:
+                    if not validated:  # this process's first validation: its shapes are tuned
+                        _forget_autotuning_peak(device)
+                        validated = True
+                if save_now or stop:
                     _save_checkpoint(run, done)
                 if stop:
                     break
@@ -742,6 +936,7 @@ def train(
         raise
     finally:
         torch.set_num_threads(threads_before)
+        _restore_global_settings(settings_before)
         if run_lock is not None:
             run_lock.close()  # releases the lock
 

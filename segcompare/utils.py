@@ -506,13 +506,24 @@ def _read_kib_fields(path: str) -> dict[str, int]:
     return fields
 
 
-def check_memory(need_bytes: float, what: str) -> None:
+def check_memory(need_bytes: float, what: str, device: Any = None) -> None:
     """SegcompareError, with both figures, when `what` needs more memory than is available: said
-    before allocating, rather than the kernel's out-of-memory killer or a traceback after."""
-    room = available_memory()
+    before allocating, rather than the kernel's out-of-memory killer or a CUDA out-of-memory
+    traceback after. `device`: a CUDA device is checked against its free memory (the driver's
+    free bytes plus what torch's caching allocator holds unused); anything else against RAM."""
+    import torch
+
+    where = "memory"
+    if device is not None and torch.device(device).type == "cuda":
+        device = torch.device(device)
+        free, _ = torch.cuda.mem_get_info(device)
+        room = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        where = f"GPU memory on {torch.cuda.get_device_name(device)}"
+    else:
+        room = available_memory()
     if need_bytes > room:
         raise SegcompareError(
-            f"{what} needs about {_gib(need_bytes)} of memory, more than the {_gib(room)} "
+            f"{what} needs about {_gib(need_bytes)} of {where}, more than the {_gib(room)} "
             "available; choose a smaller size"
         )
 
@@ -536,10 +547,33 @@ def select_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise SegcompareError(f"unknown device {name!r}; use auto, cpu, cuda or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SegcompareError("--device cuda: no CUDA device is available")
+        raise SegcompareError(f"--device {name}: no CUDA device is available")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SegcompareError("--device mps: no MPS device is available")
+        raise SegcompareError(f"--device {name}: no MPS device is available")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise SegcompareError(
+                f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
+                f"cuda:{count - 1}"
+            )
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise SegcompareError(f"--device {name}: the CPU is one device; use --device cpu")
     return device
+
+
+def tune_cuda() -> bool:
+    """For inference on a CUDA GPU: TF32 matmuls (`set_float32_matmul_precision("high")`; torch
+    runs convolutions in TF32 by default) and cuDNN autotuning for the input sizes seen. For the
+    CLI's inference commands, process-wide; training sets its own (`segcompare.train`). Returns
+    whether a GPU was there."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.benchmark = True
+    return True
 
 
 def synchronize(device: torch.device) -> None:

@@ -21,6 +21,7 @@ from reference import load_io, load_manifest, official_error, seeded_state_dict
 from torch import nn
 
 from segcompare import cli
+from segcompare.data.labels import CLASS_NAMES, PALETTE
 from segcompare.models import build_model, convert
 from segcompare.models.checkpoint import (
     describe_weights,
@@ -65,7 +66,7 @@ def _fresh(name: str, **kwargs) -> nn.Module:
 def test_nvlabs_segformer_release(tmp_path, b0_state):
     # segformer.b0.1024x1024.city.160k.pth: {"meta": ..., "state_dict": ...} with conv_seg
     path = tmp_path / "segformer.b0.1024x1024.city.160k.pth"
-    meta = {"CLASSES": ("road", "sidewalk"), "PALETTE": [[128, 64, 128]], "iter": 160000}
+    meta = {"CLASSES": CLASS_NAMES, "PALETTE": PALETTE.tolist(), "iter": 160000}
     torch.save({"meta": meta, "state_dict": b0_state}, path)
     model = build_model(weights=path)  # the variant comes from the keys
     assert model.variant == "segformer-b0"

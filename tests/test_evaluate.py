@@ -335,7 +335,9 @@ def test_eval_cli_equals_cityscapesscripts_and_pred_dir(synth, tmp_path, capsys,
     assert rc == 0 and "mean" in out and "3 images" in out
     ours = json.loads((tmp_path / "model.json").read_text())
     assert ours["model"] == "segformer-b0" and ours["mode"] == "slide" and ours["num_images"] == 3
-    assert set(ours["per_class"]["car"]) == {"iou", "iiou", "acc"}
+    assert set(ours["per_class"]["car"]) == {
+        "iou", "iiou", "acc", "dice", "fscore", "precision", "recall"
+    }
     assert all(v is None or 0 <= v <= 1 for v in (ours["miou"], ours["pixel_acc"]))
 
     # the saved predictions, scored by cityscapesscripts, give the same figures
@@ -404,3 +406,32 @@ def test_eval_cli_bad_predictions_are_one_line(synth, tmp_path, capsys):
         "segcompare eval: error: name a model (--model NAME and/or --weights W), or score saved "
         "labelIds PNGs with --pred-dir DIR"
     )
+
+
+def test_eval_refuses_a_model_of_other_classes_or_maps_them_by_name(synth, tmp_path, capsys):
+    import json
+
+    from segcompare.data.labels import CLASS_NAMES
+    from segcompare.models import build_model
+    from segcompare.models.save import save_weights
+
+    data = synth / "city"
+    model = build_model(weights=synth / "tiny.safetensors")
+    reversed_path = tmp_path / "reversed.safetensors"
+    # the same weights with the classifier's rows reversed, named in reverse: the same model
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            p = getattr(model.decode_head.linear_pred, name)
+            p.copy_(p.flip(0))
+    save_weights(model, reversed_path, class_names=list(reversed(CLASS_NAMES)))
+    rc, out, err = _cli(capsys, "eval", "--weights", reversed_path, "--data", data)
+    assert rc != 0 and len(err.strip().splitlines()) == 1
+    assert "'bicycle'" in err and "'road'" in err and "--map-classes" in err
+    rc, _, _ = _cli(capsys, "eval", "--weights", synth / "tiny.safetensors", "--data", data,
+                    "--json", tmp_path / "a.json", "--mode", "whole")  # fmt: skip
+    assert rc == 0
+    rc, _, _ = _cli(capsys, "eval", "--weights", reversed_path, "--data", data, "--map-classes",
+                    "--json", tmp_path / "b.json", "--mode", "whole")  # fmt: skip
+    assert rc == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["per_class"] == b["per_class"] and a["miou"] == b["miou"]

@@ -127,9 +127,9 @@ def test_overrides_change_the_stages():
 @pytest.mark.parametrize(
     "stage2, message",
     [
-        ({"num_modules": 1}, "expected the keys"),
+        ({"num_modules": 1}, "must be a mapping with the keys"),
         ({**VARIANTS["hrnet-w18"]["stage2"], "block": "RESNEXT"}, "block must be one of"),
-        ({**VARIANTS["hrnet-w18"]["stage2"], "num_blocks": (4,)}, "num_branches=2"),
+        ({**VARIANTS["hrnet-w18"]["stage2"], "num_blocks": (4,)}, "num_blocks must be a list of 2"),
     ],
 )
 def test_bad_stage_settings_are_value_errors(stage2, message):

@@ -68,3 +68,53 @@ def test_palette_is_the_bit_interleaving_map_from_colour_1():
 def test_palette_refuses_counts_without_colours(k):
     with pytest.raises(SegcompareError, match="num_classes"):
         L.palette(k)
+
+
+def test_ade20k_table_equals_mmseg_metainfo():
+    import json
+    from pathlib import Path
+
+    ref = json.loads((Path(__file__).parent / "fixtures/ade20k_mmseg_metainfo.json").read_text())
+    assert L.ADE20K.num_classes == 150 and L.ADE20K.reduce_zero_label
+    assert list(L.ADE20K.names) == [n.strip() for n in ref["classes"]]
+    assert [list(c) for c in L.ADE20K.palette] == ref["palette"]
+    assert L.ADE20K.label_ids == tuple(range(1, 151))  # the files' values before the reduction
+    assert L.ADE20K.train_id_to_label_id()[[0, 149, 255]].tolist() == [1, 150, 0]
+
+
+def test_cityscapes_table_is_the_train_label_table():
+    cs = pytest.importorskip("cityscapesscripts.helpers.labels")
+    train = sorted((lb.trainId, lb.name, lb.color, lb.id) for lb in cs.labels
+                   if 0 <= lb.trainId < 255)
+    assert L.CITYSCAPES.names == tuple(n for _, n, _, _ in train)
+    assert L.CITYSCAPES.palette == tuple(tuple(c) for _, _, c, _ in train)
+    assert L.CITYSCAPES.label_ids == tuple(i for _, _, _, i in train)
+    assert np.array_equal(L.CITYSCAPES.train_id_to_label_id(), L.TRAIN_ID_TO_ID)
+    assert not L.CITYSCAPES.reduce_zero_label and L.CITYSCAPES.ignore_index == 255
+
+
+@pytest.mark.parametrize("table", [L.CITYSCAPES, L.ADE20K, L.generic_table(5)])
+def test_class_table_json_round_trip_is_plain_json(table):
+    import json
+
+    text = json.dumps(table.to_json())
+    assert L.ClassTable.from_json(json.loads(text)) == table
+    assert table.id2label()["0"] == table.names[0]
+
+
+def test_generic_table_is_what_palette_and_class_names_give():
+    for k in (1, 5, 19, 150):
+        t = L.generic_table(k)
+        assert t.names == L.class_names(k) and np.array_equal(t.palette_256(), L.palette(k))
+    assert L.generic_table(19) is L.CITYSCAPES
+
+
+@pytest.mark.parametrize("bad", [
+    {"name": "x", "names": ["a", "b"], "palette": [[0, 0, 0]]},
+    {"name": "x", "names": ["a"], "palette": [[0, 0, 300]]},
+    {"name": "x", "names": ["a"], "palette": [[0, 0, 0]], "ignore_index": 0},
+    {"name": "x", "names": ["a"]},
+])
+def test_a_malformed_class_table_is_one_error(bad):
+    with pytest.raises(SegcompareError, match="class table"):
+        L.ClassTable.from_json(bad)

@@ -438,3 +438,50 @@ def test_non_finite_loss_stops_naming_the_iteration(
     kept = sorted(int(p.stem.split("_")[1]) for p in (out / "checkpoints").iterdir())
     assert kept and kept[-1] == it - 1  # the checkpoint before the bad step stays
     assert f"iter_{it - 1}.pt" in err.value.args[0]
+
+
+def test_init_reinitialises_only_the_classifier_and_auto_weights(
+    tmp_path: Path, one_thread, caplog
+) -> None:
+    """model.init: a 19-class checkpoint fine-tuned on a 4-class folder set keeps every tensor
+    but the classifier (an lr of 1e-12 leaves them as loaded), names the classifier's tensors once
+    in the log; train.class_weights auto is recorded as median-frequency weights of the labels."""
+    import logging
+
+    import numpy as np
+
+    from segcompare.data.layouts import read_mask
+    from segcompare.data.synth.io import make_synthetic_layout
+    from segcompare.losses import label_histogram, median_frequency_weights
+    from segcompare.models import build_model
+    from segcompare.models.save import save_weights
+    from segcompare.train import train
+
+    root = tmp_path / "folder"
+    make_synthetic_layout(root, "folder", train=4, val=1, size=(64, 128), seed=0, classes=4)
+    torch.manual_seed(1)
+    source = build_model("segformer-b0", **TINY_SEGFORMER["model"]["overrides"])
+    save_weights(source, tmp_path / "city.safetensors")
+    raw = _tiny_run_config(root, max_iters=1, checkpoint_every=1)
+    raw["model"] = {**raw["model"], "init": str(tmp_path / "city.safetensors")}
+    raw["optim"] = {"lr": 1e-12, "warmup_iters": 0}
+    raw["train"]["class_weights"] = "auto"
+    with caplog.at_level(logging.WARNING):
+        train(config_from_dict(raw), tmp_path / "run")
+    said = [r.getMessage() for r in caplog.records if "stays initialised" in r.getMessage()]
+    assert len(said) == 1 and "decode_head.linear_pred.weight (file [19, 16, 1, 1], model [4, 16" \
+        in said[0]  # fmt: skip
+    from safetensors.torch import load_file
+
+    got = load_file(str(tmp_path / "run" / "final.safetensors"))
+    for key, value in source.state_dict().items():
+        if key.startswith("decode_head.linear_pred."):
+            assert got[key].shape[0] == 4
+        elif not key.startswith("decode_head.linear_fuse.bn.") and value.is_floating_point():
+            assert torch.allclose(got[key], value, atol=1e-6), key  # as loaded
+    # auto weights: the labels' median frequencies, by hand from the masks
+    masks = [read_mask(p) for p in sorted((root / "ann_dir" / "train").glob("*.png"))]
+    expected = median_frequency_weights(*label_histogram(masks, 4))
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert recorded["train"]["class_weights"] == pytest.approx(expected, abs=1e-6)
+    assert np.isfinite(expected).all()

@@ -76,6 +76,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from segcompare.infer.fast import tune_cpu_allocator
 
         tune_cpu_allocator()  # reuse freed activations rather than fresh pages (see its docstring)
+        from segcompare.utils import tune_cuda
+
+        tune_cuda()  # TF32 and cuDNN autotuning where torch sees a GPU
     from segcompare.utils import SegcompareError
 
     try:

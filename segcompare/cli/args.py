@@ -8,31 +8,13 @@ from typing import Any, Optional, Sequence
 
 
 # --- argument types shared by several subcommands ----------------------------------------------
-def size_hw(text: str) -> tuple[int, int]:
-    """'HxW' (e.g. 1024x2048) -> (H, W)."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not HxW, e.g. 1024x2048") from None
-    if h <= 0 or w <= 0:
-        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
-    return h, w
+# Every number and list an option takes is a row of segcompare.values.RULES, parsed and checked
+# by `option(flag)`: the one value rule of the recipes and the Python API too.
+def option(flag: str) -> Any:
+    """The argparse `type=` of `flag` (e.g. '--fps'): its text parsed and checked by its row."""
+    from segcompare.values import cli_type
 
-
-def at_least(low: int) -> Any:
-    """An argparse type: an integer of at least `low` (the flag is named by argparse)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
+    return cli_type(flag)
 
 
 def check_model_size(size: Optional[tuple[int, int]], flag: str) -> None:
@@ -57,17 +39,6 @@ def model_names(values: Sequence[str]) -> list[str]:
 
 
 # --- segcompare eval / predict / video: options they share -------------------------------------
-def _scales(text: str) -> tuple[float, ...]:
-    """'0.5,0.75,1.0' -> (0.5, 0.75, 1.0)."""
-    try:
-        scales = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"scales {text!r} are not numbers like 0.5,1.0") from None
-    if not scales or min(scales) <= 0:
-        raise argparse.ArgumentTypeError(f"scales {text!r} must be positive")
-    return scales
-
-
 def _add_test_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inference")
     g.add_argument(
@@ -76,7 +47,7 @@ def _add_test_options(p: argparse.ArgumentParser) -> None:
         "windows of the whole test size; both scaled to other sizes)",
     )  # fmt: skip
     g.add_argument(
-        "--scales", type=_scales, metavar="S,S,..",
+        "--scales", type=option("--scales"), metavar="S,S,..",
         help="test scales, averaged (default: 1.0; --aug-test for the official sets)",
     )  # fmt: skip
     g.add_argument("--flip", action="store_true", help="average with the flipped image")
@@ -85,9 +56,15 @@ def _add_test_options(p: argparse.ArgumentParser) -> None:
         help="each family's official multi-scale test with flip: SegFormer scales "
         "0.5,0.75,1.0,1.25,1.5,1.75,2.0 (NVlabs tools/test.py), HRNet 0.5,...,1.75 (its README)",
     )  # fmt: skip
-    g.add_argument("--size", type=size_hw, metavar="HxW", help="test size (default: the image's)")
-    g.add_argument("--window", type=size_hw, metavar="HxW", help="slide window at the test size")
-    g.add_argument("--stride", type=size_hw, metavar="HxW", help="slide stride at the test size")
+    g.add_argument(
+        "--size", type=option("--size"), metavar="HxW", help="test size (default: the image's)"
+    )
+    g.add_argument(
+        "--window", type=option("--window"), metavar="HxW", help="slide window at the test size"
+    )
+    g.add_argument(
+        "--stride", type=option("--stride"), metavar="HxW", help="slide stride at the test size"
+    )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
     g.add_argument(
         "--amp", action="store_true",
@@ -211,10 +188,12 @@ def _predictor(
         raise SegcompareError("name a model: --model NAME and/or --weights W")
     torch.manual_seed(0)  # without weights: the same random model every run
     model = build_model(name, weights=run_weights_of(weights, checkpoint))
-    if settings.size_hw and select_device(settings.device).type == "cpu":
+    device = select_device(settings.device)
+    if settings.size_hw and device.type in ("cpu", "cuda"):
         family = dataclasses.replace(settings, family=family_of(model))
         hw = family.model_input_hw(settings.size_hw, largest=True)
-        check_forward_memory(model.variant, hw, 1, num_classes_of(model), **model.settings)
+        check_forward_memory(model.variant, hw, 1, num_classes_of(model), device,
+                             **model.settings)
     if weights is None:
         logging.getLogger("segcompare").warning(
             "no --weights for %s: random weights (seed 0), the predictions mean nothing", name

@@ -5,30 +5,39 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from segcompare.cli.args import at_least, split_list
+from segcompare.cli.args import _add_overwrite, option, split_list
 
 
 # --- segcompare data check | prepare | synth ---------------------------------------------------
 def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "data", help="check, prepare or synthesise a Cityscapes folder",
-        description="check: verify a Cityscapes folder file by file; prepare: write the "
-        "labelTrainIds PNGs and file lists training needs; synth: write a synthetic Cityscapes "
-        "in the real layout.",
+        "data", help="check, prepare, convert or synthesise a data set folder",
+        description="check: verify a data set file by file (Cityscapes, ADE20K or a folder of "
+        "img_dir/ + ann_dir/); prepare: write the Cityscapes labelTrainIds PNGs and file lists; "
+        "convert-masks: colour masks to class indices, value maps; synth: a synthetic set in "
+        "any of the three layouts.",
     )  # fmt: skip
     data = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
     c = data.add_parser(
         "check",
-        help="verify the layout and decode every file",
-        description="Verify leftImg8bit/ and gtFine/ (labelIds, color, instanceIds, and "
-        "labelTrainIds if present): names, counts per split, sizes, unknown ids, unreadable "
-        "or truncated PNGs. Prints one line per problem, naming the file; exit 1 if any.",
+        help="verify the layout and decode every file; pixels per class",
+        description="A dataset doctor for any layout. Cityscapes: leftImg8bit/ and gtFine/ "
+        "(labelIds, color, instanceIds, polygons, labelTrainIds if present). ADE20K and folder: "
+        "images and masks paired by name both ways, files that do not decode, sizes that "
+        "differ, RGB colour masks, values outside the classes (with pixel counts), binary 0/255 "
+        "masks, classes with no pixels in a split. Prints one line per finding, naming the file "
+        "and what to do, the pixels per class and split as a table and class_histogram.png; "
+        "exit 1 if there is a problem. Masks are read exactly as eval and train read them.",
     )
-    c.add_argument("root", metavar="ROOT", help="the Cityscapes root (leftImg8bit/, gtFine/)")
+    c.add_argument("root", metavar="ROOT", help="the data set root")
+    _add_layout_options(c)
     c.add_argument("--split", metavar="S[,S]", help="splits to check (default: all present)")
+    c.add_argument("--histogram", metavar="PNG",
+                   help="also draw the pixels per class and split there (class_histogram.png)")
+    _add_overwrite(c)
     c.add_argument(
-        "--workers", type=at_least(0), metavar="N", help="processes (default: all cores)"
+        "--workers", type=option("--workers"), metavar="N", help="processes (default: all cores)"
     )
     c.set_defaults(func=_run_data_check)
 
@@ -41,24 +50,54 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     r.add_argument("root", metavar="ROOT", help="the Cityscapes root (leftImg8bit/, gtFine/)")
     r.add_argument("--split", metavar="S[,S]", help="splits to prepare (default: all present)")
     r.add_argument(
-        "--workers", type=at_least(0), metavar="N", help="processes (default: all cores)"
+        "--workers", type=option("--workers"), metavar="N", help="processes (default: all cores)"
     )
     r.add_argument("--overwrite", action="store_true", help="rewrite existing labelTrainIds")
     r.set_defaults(func=_run_data_prepare)
+
+    m = data.add_parser(
+        "convert-masks",
+        help="write a new root with index masks: RGB colours by the palette, --map OLD:NEW",
+        description="Write a new data set root DST from SRC (ADE20K or folder layout): RGB "
+        "colour masks become class-index PNGs by the class table's palette (palette.json, or "
+        "ADE20K's), --map OLD:NEW value maps apply (e.g. --map 255:1 for binary 0/255 masks), "
+        "the images are hard-linked (or copied) and id2label.json / palette.json carried over. "
+        "Nothing in SRC changes; a colour not in the palette is named, and nothing is written.",
+    )
+    m.add_argument("src", metavar="SRC", help="the data set root to read")
+    m.add_argument("dst", metavar="DST", help="the new root to write (new or empty)")
+    m.add_argument("--map", action="append", default=[], metavar="OLD:NEW",
+                   help="map a mask value (repeatable), after colours became indices")
+    m.add_argument("--layout", choices=("ade20k", "folder"), help="SRC's layout (detected)")
+    m.add_argument("--copy", action="store_true", help="copy the images instead of linking")
+    m.set_defaults(func=_run_data_convert)
 
     y = data.add_parser(
         "synth",
         help="write a synthetic Cityscapes in the real layout",
         description="Street scenes with labelIds, color, instanceIds and polygons, in the real "
-        "folder layout; deterministic for a seed. --video adds leftImg8bit_demoVideo frames.",
+        "folder layout; deterministic for a seed. --video adds leftImg8bit_demoVideo frames. "
+        "--layout ade20k writes the same scenes in ADE20K's layout and ids (classes ADE20K "
+        "lacks become 0); --layout folder a --classes K set with its id2label.json.",
     )
+    y.add_argument("--layout", default="cityscapes", choices=("cityscapes", "ade20k", "folder"),
+                   help="the folder layout to write (cityscapes)")
+    y.add_argument("--classes", type=option("--classes"), default=6, metavar="K",
+                   help="classes of a --layout folder set, 0 background (6)")
     y.add_argument("out", metavar="OUT", help="the data set root to write")
-    y.add_argument("--train", type=int, default=20, metavar="N", help="train images (20)")
-    y.add_argument("--val", type=int, default=10, metavar="N", help="val images (10)")
-    y.add_argument("--test", type=int, default=0, metavar="N", help="test images (0)")
-    y.add_argument("--size", default="256x512", metavar="HxW", help="image size (256x512)")
-    y.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (0)")
-    y.add_argument("--video", type=int, default=0, metavar="FRAMES", help="demo video frames")
+    y.add_argument(
+        "--train", type=option("--train"), default=20, metavar="N", help="train images (20)"
+    )
+    y.add_argument("--val", type=option("--val"), default=10, metavar="N", help="val images (10)")
+    y.add_argument("--test", type=option("--test"), default=0, metavar="N", help="test images (0)")
+    y.add_argument(
+        "--size", type=option("--size"), default="256x512",
+        metavar="HxW", help="image size (256x512)",
+    )
+    y.add_argument("--seed", type=option("--seed"), default=0, metavar="S", help="random seed (0)")
+    y.add_argument(
+        "--video", type=option("--video"), default=0, metavar="FRAMES", help="demo video frames"
+    )
     y.add_argument(
         "--overwrite", action="store_true",
         help="write into a folder that is not empty (files of the same name are replaced)",
@@ -70,20 +109,66 @@ def _splits(text: Optional[str]) -> Optional[list[str]]:
     return [s.strip() for s in text.split(",") if s.strip()] if text else None
 
 
+def _add_layout_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", choices=("cityscapes", "ade20k", "folder"),
+                   help="the data set's layout (default: detected from the folder)")
+    p.add_argument("--reduce-zero-label", choices=("true", "false"),
+                   help="mask value 0 is ignored and the others move down by one (default: "
+                   "the layout's rule, true for ADE20K)")
+    p.add_argument("--ignore-index", type=option("--ignore-index"), metavar="V",
+                   help="a mask value ignored besides 255 (default: 255 only)")
+
+
+def _layout_values(args: argparse.Namespace) -> dict:
+    reduce = None if args.reduce_zero_label is None else args.reduce_zero_label == "true"
+    return {"layout": args.layout, "reduce_zero_label": reduce, "ignore_index": args.ignore_index}
+
+
 def _run_data_check(args: argparse.Namespace) -> int:
     from segcompare.data.cityscapes import check_dataset
+    from segcompare.data.doctor import check_layout, histogram_table, plot_histogram
+    from segcompare.data.layouts import detect_layout
+    from segcompare.utils import check_output
 
-    report = check_dataset(args.root, _splits(args.split), args.workers)
-    for line in report.problems:
+    layout = detect_layout(args.root, args.layout)
+    if args.histogram is not None:  # never over an image or mask of the set; else --overwrite
+        check_output(args.histogram, "--histogram", [args.root], args.overwrite)
+    problems, notes, counts = [], [], {}
+    if layout.name == "cityscapes":  # its own files (color, instanceIds, polygons) first
+        cs = check_dataset(args.root, _splits(args.split), args.workers)
+        problems, notes, counts = cs.problems, cs.notes, cs.counts
+    doctor = check_layout(args.root, splits=_splits(args.split), **_layout_values(args))
+    if layout.name != "cityscapes":
+        problems, counts = doctor.problems, doctor.counts
+    for line in problems:
         print(line)
-    for split, n in report.counts.items():
+    for line in doctor.warnings:
+        print(line)
+    if doctor.histogram:
+        print(f"\npixels per class ({doctor.table.name}, {doctor.table.num_classes} classes):")
+        print(histogram_table(doctor))
+        if args.histogram:
+            plot_histogram(doctor, args.histogram)
+            print(f"wrote {args.histogram}")
+    for split, n in counts.items():
         print(f"{split}: {n} images")
-    for line in report.notes:
+    for line in notes:
         print(line)
-    if report.problems:
-        print(f"{len(report.problems)} problem(s) in {args.root}")
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.root}")
         return 1
-    print(f"{args.root}: OK")
+    print(f"{args.root}: OK ({layout.name} layout)")
+    return 0
+
+
+def _run_data_convert(args: argparse.Namespace) -> int:
+    from segcompare.data.doctor import convert_masks
+    from segcompare.utils import check_output
+
+    check_output(args.dst, "DST", [args.src], folder=True)  # never SRC or inside it
+    counts = convert_masks(args.src, args.dst, args.map, args.layout, args.copy)
+    print(f"wrote {args.dst}: {counts['masks']} masks ({counts['colour_masks']} from colours), "
+          f"{counts['images']} images {'copied' if args.copy else 'linked'}")
     return 0
 
 
@@ -102,18 +187,24 @@ def _run_data_prepare(args: argparse.Namespace) -> int:
 
 def _run_data_synth(args: argparse.Namespace) -> int:
     from segcompare.data.synth import make_synthetic_cityscapes
-    from segcompare.utils import SegcompareError, check_output
+    from segcompare.utils import check_output
 
     check_output(args.out, "OUT", folder=True)  # not empty, not a file
+    if args.layout != "cityscapes":
+        from segcompare.data.synth.io import make_synthetic_layout
+        from segcompare.utils import SegcompareError
 
-    try:
-        h, w = (int(v) for v in args.size.lower().split("x"))
-    except ValueError:
-        raise SegcompareError(f"--size {args.size!r}: expected HxW, e.g. 256x512") from None
-    if min(args.train, args.val, args.test, args.video) < 0:
-        raise SegcompareError("--train, --val, --test and --video must not be negative")
+        if args.test or args.video:
+            raise SegcompareError("--test and --video exist for --layout cityscapes only")
+        counts = make_synthetic_layout(
+            args.out, args.layout, train=args.train, val=args.val, size=tuple(args.size),
+            seed=args.seed, classes=args.classes, progress=True, overwrite=args.overwrite,
+        )  # fmt: skip
+        print(f"wrote {args.out} ({args.layout} layout): "
+              + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+        return 0
     counts = make_synthetic_cityscapes(
-        args.out, train=args.train, val=args.val, test=args.test, size=(h, w), seed=args.seed,
+        args.out, train=args.train, val=args.val, test=args.test, size=args.size, seed=args.seed,
         video_frames=args.video, progress=True, overwrite=args.overwrite,
     )
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))

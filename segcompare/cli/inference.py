@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from segcompare.cli.args import (
     _add_model_options,
@@ -12,8 +13,10 @@ from segcompare.cli.args import (
     _model_list,
     _predictor,
     one_model,
+    option,
     run_weights_of,
 )
+from segcompare.cli.data import _add_layout_options, _layout_values
 
 
 # --- segcompare eval ---------------------------------------------------------------------------
@@ -26,15 +29,27 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     _add_model_options(p)
     p.add_argument(
-        "--pred-dir", metavar="DIR", help="score the labelIds PNGs in DIR instead of a model "
-        "(file names contain <city>_<seq>_<frame>)",
+        "--pred-dir", metavar="DIR", help="score the prediction PNGs in DIR instead of a model, "
+        "in the data set's own label ids: Cityscapes labelIds (names contain "
+        "<city>_<seq>_<frame>), ADE20K 1..150 or a folder set's indices (<image stem>.png)",
     )  # fmt: skip
-    p.add_argument("--data", required=True, metavar="ROOT", help="Cityscapes root folder")
+    p.add_argument("--data", required=True, metavar="ROOT",
+                   help="data set folder: Cityscapes, ADE20K or a folder of img_dir/ + ann_dir/")
+    _add_layout_options(p)
     p.add_argument("--split", default="val", help="split (default val)")
-    p.add_argument("--batch", type=int, default=1, metavar="N", help="images per batch (1)")
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="loader processes (2)")
+    p.add_argument(
+        "--batch", type=option("--batch"), default=1, metavar="N", help="images per batch (1)"
+    )
+    p.add_argument(
+        "--workers", type=option("--workers"), default=2, metavar="N", help="loader processes (2)"
+    )
     p.add_argument("--json", metavar="F", help="write the results to this JSON file")
-    p.add_argument("--save-pred", metavar="DIR", help="also write the predictions (labelIds PNGs)")
+    p.add_argument("--save-pred", metavar="DIR",
+                   help="also write the predictions (PNGs in the data set's own label ids)")
+    p.add_argument(
+        "--map-classes", action="store_true", help="score a model whose classes differ from the "
+        "data set's by class name (each data-set class must be one of the model's)",
+    )  # fmt: skip
     _add_overwrite(p)
     _add_test_options(p)
     p.set_defaults(func=_run_eval)
@@ -68,14 +83,18 @@ def _run_eval(args: argparse.Namespace) -> int:
         if args.pred_dir:
             results = run_eval(args.data, args.split, pred_dir=args.pred_dir,
                                batch_size=args.batch, workers=args.workers,
-                               save_pred_dir=args.save_pred)
+                               save_pred_dir=args.save_pred, **_layout_values(args))
         else:
             predictor = _predictor(_inference_settings(args), model, weights)
+            _official_test_of_the_data(predictor, args)
+            classes = predictor.class_table  # the file's classes, where it says what they are
             meta = predictor.describe()
             meta = {"model": meta.pop("model"), "weights": weights, **meta}
             results = run_eval(args.data, args.split, scores=predictor.scores,
                                batch_size=args.batch, workers=args.workers,
-                               save_pred_dir=args.save_pred, meta=meta)
+                               save_pred_dir=args.save_pred, meta=meta,
+                               model_classes=classes.names if classes else None,
+                               map_classes=args.map_classes, **_layout_values(args))
     if rank != 0:
         return 0  # rank 0 holds the summed counts too, and reports
     print(format_results(results))
@@ -89,6 +108,21 @@ def _run_eval(args: argparse.Namespace) -> int:
         write_results(results, args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def _official_test_of_the_data(predictor: Any, args: argparse.Namespace) -> None:
+    """The family's official test of the data set's layout (ADE20K: SegFormer's AlignedResize,
+    HRNet's 520 test; `variants.Family.tests`), unless --mode says otherwise."""
+    import dataclasses
+
+    from segcompare.data.layouts import detect_layout
+    from segcompare.models.variants import FAMILIES
+
+    dataset = detect_layout(args.data, args.layout).name
+    s = predictor.settings
+    mode = args.mode or FAMILIES[s.family].test_for(dataset).mode
+    settings = dataclasses.replace(s, dataset=dataset, mode=mode)
+    predictor.settings = settings.resolved() if settings.aug_test else settings
 
 
 # --- segcompare predict ------------------------------------------------------------------------
@@ -151,11 +185,17 @@ def _add_video(sub: argparse._SubParsersAction) -> None:
     )
     _add_model_options(p, repeatable=True)
     p.add_argument("--out", required=True, metavar="F", help="F.gif, or F.mp4 (the video extra)")
-    p.add_argument("--fps", type=float, default=17.0, help="frames per second (17, Cityscapes')")
-    p.add_argument("--every", type=int, default=1, metavar="K", help="use every K-th frame (1)")
-    p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
     p.add_argument(
-        "--max-width", type=int, default=1024, metavar="PX",
+        "--fps", type=option("--fps"), default=17.0, help="frames per second (17, Cityscapes')"
+    )
+    p.add_argument(
+        "--every", type=option("--every"), default=1, metavar="K", help="use every K-th frame (1)"
+    )
+    p.add_argument(
+        "--max-frames", type=option("--max-frames"), metavar="N", help="stop after N frames"
+    )
+    p.add_argument(
+        "--max-width", type=option("--max-width"), default=1024, metavar="PX",
         help="draw the panels smaller when all of them together are wider (1024; 0: never); "
         "the models still run at the frame size or --size",
     )  # fmt: skip
@@ -166,15 +206,11 @@ def _add_video(sub: argparse._SubParsersAction) -> None:
 
 def _run_video(args: argparse.Namespace) -> int:
     from segcompare.infer import render_video
-    from segcompare.utils import SegcompareError, check_output
+    from segcompare.utils import check_output
 
     models = _model_list(args.model, args.weights)
     models = [(n, run_weights_of(w, args.checkpoint)) for n, w in models]
     check_output(args.out, "--out", [args.source, *(w for _, w in models)], args.overwrite)
-    if args.fps <= 0 or (args.max_frames is not None and args.max_frames < 1):
-        raise SegcompareError("--fps must be positive and --max-frames at least 1")
-    if args.max_width < 0:
-        raise SegcompareError("--max-width must be 0 (never shrink) or a width in pixels")
     settings = _inference_settings(args)
     predictors = [_predictor(settings, n, w) for n, w in models]  # run folders resolved above
     # --size is the test size; the panels are drawn at it, or smaller to fit --max-width
@@ -201,20 +237,30 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="val", help="split (default val)")
     p.add_argument("--out", default="compare", metavar="DIR", help="report folder (compare)")
     p.add_argument(
-        "--images", type=int, default=4, metavar="K", help="hardest images shown (4; 0: none)"
+        "--images", type=option("--images"),
+        default=4, metavar="K", help="hardest images shown (4; 0: none)"
     )
     p.add_argument(
         "--corrupt", metavar="LIST", default="",
         help="also mIoU under corruptions at 3 severities: noise,blur,jpeg,brightness (or all)",
     )  # fmt: skip
-    p.add_argument("--max-images", type=int, metavar="N", help="score only the first N images")
     p.add_argument(
-        "--corrupt-images", type=int, metavar="N", help="corruptions on the first N images only"
+        "--max-images", type=option("--max-images"),
+        metavar="N", help="score only the first N images",
     )
-    p.add_argument("--bench-iters", type=int, default=3, metavar="N", help="timed runs (3)")
-    p.add_argument("--bench-warmup", type=int, default=1, metavar="N", help="warm-up runs (1)")
     p.add_argument(
-        "--boundary-frac", type=float, default=None, metavar="F",
+        "--corrupt-images", type=option("--corrupt-images"),
+        metavar="N", help="corruptions on the first N images only"
+    )
+    p.add_argument(
+        "--bench-iters", type=option("--bench-iters"), default=3, metavar="N", help="timed runs (3)"
+    )
+    p.add_argument(
+        "--bench-warmup", type=option("--bench-warmup"), default=1,
+        metavar="N", help="warm-up runs (1)",
+    )
+    p.add_argument(
+        "--boundary-frac", type=option("--boundary-frac"), default=None, metavar="F",
         help="Boundary IoU band as a fraction of the image diagonal (0.005; the paper: 0.02)",
     )  # fmt: skip
     _add_overwrite(p)
@@ -273,13 +319,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     groups = _run_groups(args.runs, args.label)
     models = _model_list(args.model, args.weights) if not groups or args.model or args.weights \
         else []
-    for flag in ("max_images", "corrupt_images"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise SegcompareError(f"--{flag.replace('_', '-')} must be at least 1")
     frac = BOUNDARY_FRAC if args.boundary_frac is None else args.boundary_frac
-    if not 0 < frac < 1:
-        raise SegcompareError(f"--boundary-frac must be in (0, 1), got {frac}")
     doc = run_compare(CompareSpec(
         models, args.data, args.split, args.out, images=args.images,
         corruptions=parse_corruptions(args.corrupt), inference=_inference_settings(args),

@@ -8,12 +8,11 @@ from typing import Any
 from segcompare.cli.args import (
     _add_model_options,
     _add_overwrite,
-    at_least,
     check_model_size,
     model_names,
     one_model,
+    option,
     run_weights_of,
-    size_hw,
 )
 
 
@@ -25,7 +24,8 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
         "W48) with their parameter counts, counted on the meta device (nothing is allocated).",
     )  # fmt: skip
     p.add_argument(
-        "--num-classes", type=at_least(1), default=19, metavar="K", help="classes of the head (19)"
+        "--num-classes", type=option("--num-classes"),
+        default=19, metavar="K", help="classes of the head (19)"
     )
     p.set_defaults(func=_run_models)
 
@@ -53,10 +53,12 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("names", nargs="*", metavar="NAME", help="model names (default: all)")
     p.add_argument(
-        "--size", type=size_hw, default=(1024, 2048), metavar="HxW", help="input HxW (1024x2048)"
+        "--size", type=option("--size"),
+        default=(1024, 2048), metavar="HxW", help="input HxW (1024x2048)"
     )
     p.add_argument(
-        "--num-classes", type=at_least(1), default=19, metavar="K", help="classes of the head (19)"
+        "--num-classes", type=option("--num-classes"),
+        default=19, metavar="K", help="classes of the head (19)"
     )
     p.add_argument("--json", metavar="F", help="also write the figures to this JSON file")
     _add_overwrite(p)
@@ -97,26 +99,28 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("names", nargs="+", metavar="NAME", help="model names")
     p.add_argument(
-        "--size", type=size_hw, default=(1024, 2048), metavar="HxW", help="input HxW (1024x2048)"
+        "--size", type=option("--size"),
+        default=(1024, 2048), metavar="HxW", help="input HxW (1024x2048)"
     )
     p.add_argument(
-        "--batch", type=at_least(1), default=1, metavar="N", help="images per forward (1)"
+        "--batch", type=option("--batch"), default=1, metavar="N", help="images per forward (1)"
     )
-    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default cpu)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
     p.add_argument(
         "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="(default fp32)"
     )
     p.add_argument(
-        "--threads", type=at_least(1), default=None, help="CPU threads (default: torch's)"
+        "--threads", type=option("--threads"), default=None, help="CPU threads (default: torch's)"
     )
     p.add_argument(
-        "--warmup", type=at_least(0), default=2, metavar="N", help="untimed runs first (2)"
+        "--warmup", type=option("--warmup"), default=2, metavar="N", help="untimed runs first (2)"
     )
     p.add_argument(
-        "--iters", type=at_least(1), default=5, metavar="N", help="timed runs per model (5)"
+        "--iters", type=option("--iters"), default=5, metavar="N", help="timed runs per model (5)"
     )
     p.add_argument(
-        "--num-classes", type=at_least(1), default=19, metavar="K", help="classes of the head (19)"
+        "--num-classes", type=option("--num-classes"),
+        default=19, metavar="K", help="classes of the head (19)"
     )
     p.add_argument("--no-optimize", action="store_true", help="time the plain eager models")
     p.add_argument(
@@ -276,7 +280,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="NAME", help="variant (default: read from SRC's keys)")
     p.add_argument(
         "--num-classes",
-        type=at_least(1),
+        type=option("--num-classes"),
         metavar="K",
         help="classes (default: SRC's; another K keeps all but the classifier, initialised)",
     )
@@ -325,11 +329,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     _add_model_options(p)
     p.add_argument("--format", choices=("onnx",), default="onnx", help="(default onnx)")
     p.add_argument(
-        "--size", type=size_hw, default=(1024, 2048), metavar="HxW",
+        "--size", type=option("--size"), default=(1024, 2048), metavar="HxW",
         help="input size the graph is traced at (default 1024x2048)",
     )  # fmt: skip
     p.add_argument(
-        "--batch", type=at_least(1), default=1, metavar="N", help="traced batch size (1)"
+        "--batch", type=option("--batch"), default=1, metavar="N", help="traced batch size (1)"
     )
     p.add_argument("--dynamic", action="store_true", help="batch, height and width left free")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")

@@ -1,4 +1,6 @@
-"""Cityscapes on disk: the dataset, the layout check and the labelTrainIds conversion.
+"""The dataset of every layout (`CityscapesDataset`: Cityscapes, ADE20K or a folder set, see
+`segcompare.data.layouts`), and for Cityscapes on disk its own check and the labelTrainIds
+conversion.
 
 The layout (as downloaded from cityscapes-dataset.com; the synthetic set uses it too)::
 
@@ -11,6 +13,7 @@ The layout (as downloaded from cityscapes-dataset.com; the synthetic set uses it
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import re
@@ -29,7 +32,18 @@ from segcompare.data.labels import (
     NUM_CLASSES,
     VALID_LABEL_IDS,
 )
-from segcompare.utils import SegcompareError, atomic_write_bytes, atomic_write_text, worker_message
+from segcompare.data.layouts import (
+    CITYSCAPES_LAYOUT,
+    BadSampleError,
+    Layout,
+    class_table,
+    detect_layout,
+    list_pairs,
+    mask_to_train_ids,
+    read_mask,
+    resolve_root,
+)
+from segcompare.utils import SegcompareError, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +61,6 @@ _BAD_TRAIN_ID[:NUM_CLASSES] = 0
 _BAD_TRAIN_ID[IGNORE_INDEX] = 0
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class BadSampleError(SegcompareError):
-    """A file of a sample is missing, unreadable, of the wrong size or holds unknown ids.
-
-    Raised in a DataLoader worker, PyTorch re-raises it in the main process with the worker's
-    traceback as its message; the message is taken back to the one line a user needs."""
-
-    def __init__(self, message: str = "") -> None:
-        super().__init__(worker_message(message))
 
 
 def label_dir(split: str) -> str:
@@ -101,12 +105,9 @@ def read_image(path: PathLike) -> np.ndarray:
 
 
 def read_label(path: PathLike) -> np.ndarray:
-    """A labelIds / labelTrainIds PNG -> H×W uint8, as stored (no mapping)."""
-    label = _decode(path, cv2.IMREAD_UNCHANGED)
-    if label.ndim != 2 or label.dtype != np.uint8:
-        raise BadSampleError(f"{path}: expected a 1-channel 8-bit label image, got "
-                             f"shape {label.shape} {label.dtype}")
-    return label
+    """A labelIds / labelTrainIds PNG -> H×W uint8, as stored (no mapping), by the one rule of
+    `layouts.read_mask` (palette PNGs by index, 16-bit by value)."""
+    return read_mask(path)
 
 
 def read_train_ids(path: PathLike) -> np.ndarray:
@@ -189,8 +190,13 @@ class CityscapesDataset:
         seed: Optional[int] = None,
         skip_bad: bool = False,
         cache_dir: Optional[PathLike] = None,
+        layout: Union[None, str, Layout] = None,
+        reduce_zero_label: Optional[bool] = None,
+        ignore_index: Optional[int] = None,
     ) -> None:
-        self.root = Path(root)
+        self.layout = layout if isinstance(layout, Layout) else detect_layout(root, layout)
+        self.table = class_table(root, self.layout, reduce_zero_label, ignore_index)
+        self.root = resolve_root(root, self.layout)
         self.split = split
         self.transform = transform
         self.with_instances = with_instances
@@ -200,6 +206,14 @@ class CityscapesDataset:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.bad_files: set[str] = set()
         self._transform_takes_rng = _takes_rng(transform)
+        if self.layout is not CITYSCAPES_LAYOUT:
+            if with_instances:
+                raise SegcompareError(f"{self.root}: instance masks exist in the Cityscapes "
+                                      "layout only")
+            pairs = list_pairs(self.root, self.layout, split)
+            self.samples = [(str(image), str(mask)) for image, mask in pairs]
+            self.names = [Path(image).stem for image, _ in pairs]
+            return
         if split not in SPLITS:
             raise SegcompareError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         images = list_images(self.root, split)
@@ -220,9 +234,15 @@ class CityscapesDataset:
                     raise BadSampleError(msg)
                 self._warn_bad(str(image), msg)
                 continue
+            if label is trainids:
+                _refuse_stale(trainids, ids)
             self.samples.append((str(image), str(label)))
         if not self.samples:
             raise SegcompareError(f"{self.root}: no usable samples in split {split!r}")
+        orphans = _orphan_labels(self.root, split, images)
+        if orphans and not skip_bad:
+            raise BadSampleError(f"{orphans[0]} ({len(orphans)} such label(s))")
+        self.names = [sample_name(image) for image, _ in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -256,14 +276,20 @@ class CityscapesDataset:
             self.bad_files.add(path)
             log.warning("skipping bad sample: %s", message)
 
+    def read_train_ids(self, path: str) -> np.ndarray:
+        """A mask file of this data set -> H×W uint8 train ids (255 ignore), checked."""
+        if self.layout is CITYSCAPES_LAYOUT:
+            return read_train_ids(path)
+        return mask_to_train_ids(read_mask(path), self.table, path)
+
     def _load(self, index: int, epoch: int, rng_index: Optional[int] = None) -> dict[str, Any]:
         image_path, label_file = self.samples[index]
         image = self._cached(image_path, read_image)
-        label = self._cached(label_file, read_train_ids)
+        label = self._cached(label_file, self.read_train_ids)
         if image.shape[:2] != label.shape:
             raise BadSampleError(f"{label_file}: size {label.shape[1]}x{label.shape[0]} differs "
                                  f"from its image {image.shape[1]}x{image.shape[0]}")
-        name = sample_name(image_path)
+        name = self.names[index]
         sample: dict[str, Any] = {"name": name, "image_path": image_path}
         if self.with_instances:
             city = Path(image_path).parent.name
@@ -290,7 +316,11 @@ class CityscapesDataset:
         except OSError as err:
             raise BadSampleError(f"{path}: cannot read ({err.strerror})") from None
         rel = Path(path).relative_to(self.root)
-        cache = self.cache_dir / rel.parent / f"{rel.stem}.{st.st_size}.{st.st_mtime_ns}.npy"
+        # the table's rule is part of what a mask decodes to (reduce_zero_label, ignore index)
+        table = self.table
+        rule = f".{int(table.reduce_zero_label)}{table.ignore_index}"
+        rule = "" if reader is read_image else rule
+        cache = self.cache_dir / rel.parent / f"{rel.stem}.{st.st_size}.{st.st_mtime_ns}{rule}.npy"
         try:
             return np.load(cache, mmap_mode="r")
         except (FileNotFoundError, ValueError, OSError):
@@ -301,6 +331,19 @@ class CityscapesDataset:
         with atomic_path(cache) as tmp, open(tmp, "wb") as f:
             np.save(f, array)
         return array
+
+
+def _refuse_stale(trainids: Path, ids: Path) -> None:
+    """labelTrainIds older than the labelIds they were made from would score stale labels."""
+    try:
+        stale = ids.exists() and trainids.stat().st_mtime_ns < ids.stat().st_mtime_ns
+    except OSError:
+        return
+    if stale:
+        raise BadSampleError(
+            f"{trainids}: older than {ids.name} (the labels changed after `data prepare`): "
+            "rerun `segcompare data prepare`"
+        )
 
 
 def _takes_rng(transform: Optional[Callable[..., Any]]) -> bool:
@@ -377,7 +420,14 @@ def check_sample(root: str, split: str, image_path: str) -> list[str]:
         if not path.exists():
             problems.append(f"{path}: missing ({kind} of {image_file.name})")
             continue
-        array = load(path)
+        if kind in ("labelIds", "labelTrainIds"):  # as eval and train read them (read_mask)
+            try:
+                array = read_mask(path)
+            except BadSampleError as err:
+                problems.append(str(err))
+                continue
+        else:
+            array = load(path)
         if array is None or not same_size(path, array):
             continue
         if kind in ("labelIds", "labelTrainIds", "instanceIds") and array.ndim != 2:
@@ -400,6 +450,19 @@ def check_sample(root: str, split: str, image_path: str) -> list[str]:
             n = int((cls != ids).sum())
             problems.append(f"{label_path(root, split, city, name, 'instanceIds')}: {n} pixels "
                             f"disagree with labelIds")
+    polygons = label_path(root, split, city, name, "polygons")
+    if polygons.exists():
+        try:
+            json.loads(polygons.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            problems.append(f"{polygons}: truncated or not JSON ({err}); restore it from the "
+                            "download")
+    ids_path = label_path(root, split, city, name, "labelIds")
+    if trainids_path.exists() and ids_path.exists():
+        try:
+            _refuse_stale(trainids_path, ids_path)
+        except BadSampleError as err:
+            problems.append(f"{err} (eval and train refuse it)")
     if "labelTrainIds" in arrays:
         train = arrays["labelTrainIds"]
         if ids is not None and not np.array_equal(train, ID_TO_TRAIN_ID[ids]):
@@ -419,6 +482,10 @@ def check_dataset(
     report = CheckReport(str(root))
     if not (root / "leftImg8bit").is_dir():
         raise SegcompareError(f"{root}: no leftImg8bit/ folder; is this a Cityscapes root?")
+    for s in SPLITS:  # a split that is a file is not a split: say so rather than skip it
+        for folder in (root / "leftImg8bit" / s, root / label_dir(s) / s):
+            if folder.exists() and not folder.is_dir():
+                report.problems.append(f"{folder}: split {s!r} is a file, not a folder")
     splits = list(splits) if splits else available_splits(root)
     tasks: list[tuple[str, str, str]] = []
     for split in splits:
@@ -488,7 +555,7 @@ def convert_label_file(ids_path: str, overwrite: bool = False) -> str:
     image mapped pixel by pixel through id -> trainId.
     """
     out = ids_path[: -len("_labelIds.png")] + "_labelTrainIds.png"
-    if not overwrite and os.path.exists(out):
+    if not overwrite and _up_to_date(out, ids_path):
         return "skipped"
     try:
         train_ids = read_train_ids(ids_path)
@@ -499,6 +566,14 @@ def convert_label_file(ids_path: str, overwrite: bool = False) -> str:
         return f"{out}: cannot encode"
     atomic_write_bytes(out, png.tobytes())
     return "written"
+
+
+def _up_to_date(out: str, source: str) -> bool:
+    """`out` exists and is not older than `source` (an output older than its source is redone)."""
+    try:
+        return os.stat(out).st_mtime_ns >= os.stat(source).st_mtime_ns
+    except OSError:
+        return False
 
 
 def prepare_dataset(
@@ -518,10 +593,23 @@ def prepare_dataset(
     if not (root / "leftImg8bit").is_dir():
         raise SegcompareError(f"{root}: no leftImg8bit/ folder; is this a Cityscapes root?")
     splits = list(splits) if splits else available_splits(root)
+    if not splits:
+        raise SegcompareError(f"{root / 'leftImg8bit'}: no split folders (train, val, ...)")
     report = PrepareReport()
     tasks = []
     for split in splits:
+        if split not in SPLITS:
+            raise SegcompareError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         gt = label_dir(split)
+        for folder in (root / "leftImg8bit" / split, root / gt / split):
+            if not folder.is_dir():
+                raise SegcompareError(f"{folder}: no such folder (split {split!r})")
+        images = list_images(root, split)
+        for image in images:  # gaps are errors: a list that leaves a sample out is never written
+            ids = label_path(root, split, image.parent.name, sample_name(image), "labelIds")
+            if not ids.exists():
+                report.problems.append(f"{image}: image without a label ({ids.name} missing)")
+        report.problems += _orphan_labels(root, split, images)
         tasks += [(str(p), overwrite) for p in sorted(
             (root / gt / split).glob(f"*/*_{gt}_labelIds.png"))]
     bar = tqdm(total=len(tasks), desc="labelTrainIds", unit="file", disable=not progress)
@@ -534,6 +622,8 @@ def prepare_dataset(
             report.problems.append(result)
         bar.update(1)
     bar.close()
+    if report.problems:
+        return report  # no lists: a list is only written for a split that is complete
     for split in splits:
         lines = []
         for image in list_images(root, split):

@@ -1,6 +1,8 @@
-"""The Cityscapes label table: the one place for the 35 labels, the 19 train classes, the palette;
-and the colours and names of a model's classes (`palette`, `class_names`, `colorize`): Cityscapes'
-for a 19-class model, generic ones for any other class count.
+"""The label tables: the one place for the Cityscapes labels (35 labels, 19 train classes, the
+palette), the 150 ADE20K classes, and the class table of a data set (`ClassTable`: names, colours,
+ignore index, reduce_zero_label and the data set's own label ids, one value held by the dataset and
+written into checkpoints). The colours and names of a model's classes (`palette`, `class_names`,
+`colorize`) read it: Cityscapes' for a 19-class model, generic ones for any other class count.
 
 The values equal `cityscapesscripts.helpers.labels` (tests/test_labels.py compares them), but the
 package does not need cityscapesscripts at run time.
@@ -9,6 +11,7 @@ package does not need cityscapesscripts at run time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -130,25 +133,300 @@ def _bit_interleaved(index: int) -> tuple[int, int, int]:
     return (rgb[0], rgb[1], rgb[2])
 
 
+@dataclass(frozen=True)
+class ClassTable:
+    """The classes of a data set, as one value: index = train id (what a model predicts).
+
+    `label_ids` are the data set's own id per class, what its label files and its benchmark
+    server use: Cityscapes labelIds, ADE20K 1..150 (before reduce_zero_label), a folder data
+    set's class indices. `reduce_zero_label` (mmseg's name, transformers' `do_reduce_labels`):
+    the label files' 0 is ignore and every other value moves down by one."""
+
+    name: str  # "cityscapes" | "ade20k" | "folder"
+    names: tuple[str, ...]  # K class names, index = train id
+    palette: tuple[tuple[int, int, int], ...]  # K RGB colours
+    ignore_index: int = IGNORE_INDEX
+    reduce_zero_label: bool = False
+    label_ids: tuple[int, ...] | None = None  # None: the class index itself
+
+    def __post_init__(self) -> None:
+        k = len(self.names)
+        _check_class_count(k)
+        if len(self.palette) != k:
+            raise SegcompareError(
+                f"class table {self.name!r}: {k} names but {len(self.palette)} colours"
+            )
+        for colour in self.palette:
+            if len(colour) != 3 or not all(
+                isinstance(c, (int, np.integer)) and 0 <= c <= 255 for c in colour
+            ):
+                raise SegcompareError(
+                    f"class table {self.name!r}: colour {list(colour)!r} is not [r, g, b] in 0..255"
+                )
+        if not 0 <= self.ignore_index <= 255 or self.ignore_index < k:
+            raise SegcompareError(
+                f"class table {self.name!r}: ignore index {self.ignore_index} must lie in "
+                f"{k}..255 (above the {k} class indices)"
+            )
+        if self.label_ids is not None and len(self.label_ids) != k:
+            raise SegcompareError(
+                f"class table {self.name!r}: {k} names but {len(self.label_ids)} label ids"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    @property
+    def own_ids(self) -> tuple[int, ...]:
+        """The data set's own id of each class (`label_ids`, or the index itself)."""
+        return self.label_ids if self.label_ids is not None else tuple(range(self.num_classes))
+
+    def palette_256(self) -> np.ndarray:
+        """Train id -> RGB, 256×3 uint8: black at the ignore index and at ids with no class."""
+        table = np.zeros((256, 3), dtype=np.uint8)
+        table[: self.num_classes] = self.palette
+        return table
+
+    def train_id_to_label_id(self) -> np.ndarray:
+        """256 uint8 lookup: train id -> the data set's own id; the ignore index and ids with no
+        class -> 0 (Cityscapes' "unlabeled", ADE20K's "other")."""
+        table = np.zeros(256, dtype=np.uint8)
+        table[: self.num_classes] = self.own_ids
+        return table
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON (checkpoint metadata, HF export's id2label via `id2label`)."""
+        return {
+            "name": self.name,
+            "names": list(self.names),
+            "palette": [list(c) for c in self.palette],
+            "ignore_index": self.ignore_index,
+            "reduce_zero_label": self.reduce_zero_label,
+            "label_ids": None if self.label_ids is None else list(self.label_ids),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ClassTable:
+        """The inverse of `to_json`; a malformed value is one `SegcompareError`."""
+        try:
+            label_ids = d.get("label_ids")
+            return cls(
+                name=str(d["name"]),
+                names=tuple(str(n) for n in d["names"]),
+                palette=tuple((int(c[0]), int(c[1]), int(c[2])) for c in d["palette"]),
+                ignore_index=int(d.get("ignore_index", IGNORE_INDEX)),
+                reduce_zero_label=bool(d.get("reduce_zero_label", False)),
+                label_ids=None if label_ids is None else tuple(int(i) for i in label_ids),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise SegcompareError(f"class table: malformed JSON ({type(e).__name__}: {e})") from e
+
+    def id2label(self) -> dict[str, str]:
+        """HuggingFace's `id2label`: {"0": name, ...}."""
+        return {str(i): n for i, n in enumerate(self.names)}
+
+
+CITYSCAPES = ClassTable(
+    name="cityscapes",
+    names=CLASS_NAMES,
+    palette=tuple(lb.color for lb in TRAIN_LABELS),
+    label_ids=tuple(lb.id for lb in TRAIN_LABELS),
+)
+
+# ADE20K (SceneParsing, ADEChallengeData2016): the 150 classes with the names and colours of mmseg's
+# ADE20KDataset (mmseg/datasets/ade.py; its "bed " carries a stray trailing space, dropped here).
+# The annotation files hold 1..150 and 0 for "other", which reduce_zero_label makes ignore.
+# fmt: off
+_ADE20K_ROWS: tuple[tuple[int, str, tuple[int, int, int]], ...] = (
+    # id  name                     colour
+    (  1, "wall",                   (120, 120, 120)),
+    (  2, "building",               (180, 120, 120)),
+    (  3, "sky",                    (  6, 230, 230)),
+    (  4, "floor",                  ( 80,  50,  50)),
+    (  5, "tree",                   (  4, 200,   3)),
+    (  6, "ceiling",                (120, 120,  80)),
+    (  7, "road",                   (140, 140, 140)),
+    (  8, "bed",                    (204,   5, 255)),
+    (  9, "windowpane",             (230, 230, 230)),
+    ( 10, "grass",                  (  4, 250,   7)),
+    ( 11, "cabinet",                (224,   5, 255)),
+    ( 12, "sidewalk",               (235, 255,   7)),
+    ( 13, "person",                 (150,   5,  61)),
+    ( 14, "earth",                  (120, 120,  70)),
+    ( 15, "door",                   (  8, 255,  51)),
+    ( 16, "table",                  (255,   6,  82)),
+    ( 17, "mountain",               (143, 255, 140)),
+    ( 18, "plant",                  (204, 255,   4)),
+    ( 19, "curtain",                (255,  51,   7)),
+    ( 20, "chair",                  (204,  70,   3)),
+    ( 21, "car",                    (  0, 102, 200)),
+    ( 22, "water",                  ( 61, 230, 250)),
+    ( 23, "painting",               (255,   6,  51)),
+    ( 24, "sofa",                   ( 11, 102, 255)),
+    ( 25, "shelf",                  (255,   7,  71)),
+    ( 26, "house",                  (255,   9, 224)),
+    ( 27, "sea",                    (  9,   7, 230)),
+    ( 28, "mirror",                 (220, 220, 220)),
+    ( 29, "rug",                    (255,   9,  92)),
+    ( 30, "field",                  (112,   9, 255)),
+    ( 31, "armchair",               (  8, 255, 214)),
+    ( 32, "seat",                   (  7, 255, 224)),
+    ( 33, "fence",                  (255, 184,   6)),
+    ( 34, "desk",                   ( 10, 255,  71)),
+    ( 35, "rock",                   (255,  41,  10)),
+    ( 36, "wardrobe",               (  7, 255, 255)),
+    ( 37, "lamp",                   (224, 255,   8)),
+    ( 38, "bathtub",                (102,   8, 255)),
+    ( 39, "railing",                (255,  61,   6)),
+    ( 40, "cushion",                (255, 194,   7)),
+    ( 41, "base",                   (255, 122,   8)),
+    ( 42, "box",                    (  0, 255,  20)),
+    ( 43, "column",                 (255,   8,  41)),
+    ( 44, "signboard",              (255,   5, 153)),
+    ( 45, "chest of drawers",       (  6,  51, 255)),
+    ( 46, "counter",                (235,  12, 255)),
+    ( 47, "sand",                   (160, 150,  20)),
+    ( 48, "sink",                   (  0, 163, 255)),
+    ( 49, "skyscraper",             (140, 140, 140)),
+    ( 50, "fireplace",              (250,  10,  15)),
+    ( 51, "refrigerator",           ( 20, 255,   0)),
+    ( 52, "grandstand",             ( 31, 255,   0)),
+    ( 53, "path",                   (255,  31,   0)),
+    ( 54, "stairs",                 (255, 224,   0)),
+    ( 55, "runway",                 (153, 255,   0)),
+    ( 56, "case",                   (  0,   0, 255)),
+    ( 57, "pool table",             (255,  71,   0)),
+    ( 58, "pillow",                 (  0, 235, 255)),
+    ( 59, "screen door",            (  0, 173, 255)),
+    ( 60, "stairway",               ( 31,   0, 255)),
+    ( 61, "river",                  ( 11, 200, 200)),
+    ( 62, "bridge",                 (255,  82,   0)),
+    ( 63, "bookcase",               (  0, 255, 245)),
+    ( 64, "blind",                  (  0,  61, 255)),
+    ( 65, "coffee table",           (  0, 255, 112)),
+    ( 66, "toilet",                 (  0, 255, 133)),
+    ( 67, "flower",                 (255,   0,   0)),
+    ( 68, "book",                   (255, 163,   0)),
+    ( 69, "hill",                   (255, 102,   0)),
+    ( 70, "bench",                  (194, 255,   0)),
+    ( 71, "countertop",             (  0, 143, 255)),
+    ( 72, "stove",                  ( 51, 255,   0)),
+    ( 73, "palm",                   (  0,  82, 255)),
+    ( 74, "kitchen island",         (  0, 255,  41)),
+    ( 75, "computer",               (  0, 255, 173)),
+    ( 76, "swivel chair",           ( 10,   0, 255)),
+    ( 77, "boat",                   (173, 255,   0)),
+    ( 78, "bar",                    (  0, 255, 153)),
+    ( 79, "arcade machine",         (255,  92,   0)),
+    ( 80, "hovel",                  (255,   0, 255)),
+    ( 81, "bus",                    (255,   0, 245)),
+    ( 82, "towel",                  (255,   0, 102)),
+    ( 83, "light",                  (255, 173,   0)),
+    ( 84, "truck",                  (255,   0,  20)),
+    ( 85, "tower",                  (255, 184, 184)),
+    ( 86, "chandelier",             (  0,  31, 255)),
+    ( 87, "awning",                 (  0, 255,  61)),
+    ( 88, "streetlight",            (  0,  71, 255)),
+    ( 89, "booth",                  (255,   0, 204)),
+    ( 90, "television receiver",    (  0, 255, 194)),
+    ( 91, "airplane",               (  0, 255,  82)),
+    ( 92, "dirt track",             (  0,  10, 255)),
+    ( 93, "apparel",                (  0, 112, 255)),
+    ( 94, "pole",                   ( 51,   0, 255)),
+    ( 95, "land",                   (  0, 194, 255)),
+    ( 96, "bannister",              (  0, 122, 255)),
+    ( 97, "escalator",              (  0, 255, 163)),
+    ( 98, "ottoman",                (255, 153,   0)),
+    ( 99, "bottle",                 (  0, 255,  10)),
+    (100, "buffet",                 (255, 112,   0)),
+    (101, "poster",                 (143, 255,   0)),
+    (102, "stage",                  ( 82,   0, 255)),
+    (103, "van",                    (163, 255,   0)),
+    (104, "ship",                   (255, 235,   0)),
+    (105, "fountain",               (  8, 184, 170)),
+    (106, "conveyer belt",          (133,   0, 255)),
+    (107, "canopy",                 (  0, 255,  92)),
+    (108, "washer",                 (184,   0, 255)),
+    (109, "plaything",              (255,   0,  31)),
+    (110, "swimming pool",          (  0, 184, 255)),
+    (111, "stool",                  (  0, 214, 255)),
+    (112, "barrel",                 (255,   0, 112)),
+    (113, "basket",                 ( 92, 255,   0)),
+    (114, "waterfall",              (  0, 224, 255)),
+    (115, "tent",                   (112, 224, 255)),
+    (116, "bag",                    ( 70, 184, 160)),
+    (117, "minibike",               (163,   0, 255)),
+    (118, "cradle",                 (153,   0, 255)),
+    (119, "oven",                   ( 71, 255,   0)),
+    (120, "ball",                   (255,   0, 163)),
+    (121, "food",                   (255, 204,   0)),
+    (122, "step",                   (255,   0, 143)),
+    (123, "tank",                   (  0, 255, 235)),
+    (124, "trade name",             (133, 255,   0)),
+    (125, "microwave",              (255,   0, 235)),
+    (126, "pot",                    (245,   0, 255)),
+    (127, "animal",                 (255,   0, 122)),
+    (128, "bicycle",                (255, 245,   0)),
+    (129, "lake",                   ( 10, 190, 212)),
+    (130, "dishwasher",             (214, 255,   0)),
+    (131, "screen",                 (  0, 204, 255)),
+    (132, "blanket",                ( 20,   0, 255)),
+    (133, "sculpture",              (255, 255,   0)),
+    (134, "hood",                   (  0, 153, 255)),
+    (135, "sconce",                 (  0,  41, 255)),
+    (136, "vase",                   (  0, 255, 204)),
+    (137, "traffic light",          ( 41,   0, 255)),
+    (138, "tray",                   ( 41, 255,   0)),
+    (139, "ashcan",                 (173,   0, 255)),
+    (140, "fan",                    (  0, 245, 255)),
+    (141, "pier",                   ( 71,   0, 255)),
+    (142, "crt screen",             (122,   0, 255)),
+    (143, "plate",                  (  0, 255, 184)),
+    (144, "monitor",                (  0,  92, 255)),
+    (145, "bulletin board",         (184, 255,   0)),
+    (146, "shower",                 (  0, 133, 255)),
+    (147, "radiator",               (255, 214,   0)),
+    (148, "glass",                  ( 25, 194, 194)),
+    (149, "clock",                  (102, 255,   0)),
+    (150, "flag",                   ( 92,   0, 255)),
+)
+# fmt: on
+
+ADE20K = ClassTable(
+    name="ade20k",
+    names=tuple(name for _, name, _ in _ADE20K_ROWS),
+    palette=tuple(colour for _, _, colour in _ADE20K_ROWS),
+    reduce_zero_label=True,
+    label_ids=tuple(i for i, _, _ in _ADE20K_ROWS),
+)
+
+
+def generic_table(k: int) -> ClassTable:
+    """The table of a K-class model with no names: class_0, class_1, ... and K distinct colours
+    of the bit-interleaving colour map (PASCAL VOC's, from its colour 1: none is black);
+    Cityscapes' for K = 19, so a 19-class model keeps the official palette."""
+    _check_class_count(k)
+    if k == NUM_CLASSES:
+        return CITYSCAPES
+    return ClassTable(
+        name="folder",
+        names=tuple(f"class_{i}" for i in range(k)),
+        palette=tuple(_bit_interleaved(i + 1) for i in range(k)),
+    )
+
+
 def palette(num_classes: int = NUM_CLASSES) -> np.ndarray:
     """Train id -> RGB for a model of `num_classes` classes: 256×3 uint8, black at 255 (ignore)
-    and at ids the model has no class for. 19 classes: the official Cityscapes palette (the
-    Cityscapes train classes); any other count: `num_classes` distinct colours of the
-    bit-interleaving colour map (PASCAL VOC's, from its colour 1: none is black)."""
-    _check_class_count(num_classes)
-    if num_classes == NUM_CLASSES:
-        return PALETTE_256.copy()
-    table = np.zeros((256, 3), dtype=np.uint8)
-    table[:num_classes] = [_bit_interleaved(i + 1) for i in range(num_classes)]
-    return table
+    and at ids the model has no class for; `generic_table(num_classes)`'s colours (the official
+    Cityscapes palette for 19 classes)."""
+    return generic_table(num_classes).palette_256()
 
 
 def class_names(num_classes: int = NUM_CLASSES) -> tuple[str, ...]:
-    """The names of a model's classes: Cityscapes' 19 train classes for a 19-class model, else
-    class_0, class_1, ... (the names the metrics and saved checkpoints give them)."""
-    if num_classes == NUM_CLASSES:
-        return CLASS_NAMES
-    return tuple(f"class_{i}" for i in range(num_classes))
+    """The names of a model's classes: `generic_table(num_classes)`'s (Cityscapes' 19 train
+    classes for a 19-class model, else class_0, class_1, ...)."""
+    return generic_table(num_classes).names
 
 
 def colorize(train_ids: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:

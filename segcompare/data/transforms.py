@@ -236,6 +236,11 @@ class SegFormerTrainTransform:
     flip_prob: float = 0.5
     photometric: bool = True
 
+    def largest_hw(self, image_hw: Sequence[int]) -> tuple[int, int]:
+        """The size an image of `image_hw` is resized to at the largest ratio."""
+        hi = self.ratio_range[1]
+        return mmseg_rescale_hw(image_hw, (int(self.scale[0] * hi), int(self.scale[1] * hi)))
+
     def __call__(
         self, image: np.ndarray, label: np.ndarray, rng: Optional[np.random.Generator] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,6 +280,10 @@ class HRNetTrainTransform:
     scale_range: tuple[float, float] = (0.5, 2.1)  # step 0.1: 0.5 + randint(0, 16) / 10
     flip_prob: float = 0.5
     photometric: bool = False
+
+    def largest_hw(self, image_hw: Sequence[int]) -> tuple[int, int]:
+        """The size an image of `image_hw` is resized to at the largest scale."""
+        return hrnet_rescale_hw(image_hw, int(self.base_size * self.scale_range[1] + 0.5))
 
     def __call__(
         self, image: np.ndarray, label: np.ndarray, rng: Optional[np.random.Generator] = None

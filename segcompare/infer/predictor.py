@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from segcompare.data.images import ACCEPTED, pil_to_rgb8, to_rgb8
-from segcompare.data.labels import MAX_CLASSES, NUM_CLASSES, TRAIN_ID_TO_ID, colorize
+from segcompare.data.labels import MAX_CLASSES, NUM_CLASSES, ClassTable, generic_table
 from segcompare.evaluate import InferenceSettings, inference
 from segcompare.infer.fast import prepare_for_inference
 from segcompare.models.precision import guard_bf16
@@ -75,6 +75,9 @@ class Predictor:
         # another module, what its first call returns (None until then).
         self.num_classes: Optional[int] = _num_classes(model)
         self.variant: Optional[str] = getattr(model, "variant", None)
+        # The data set's classes the weights were trained on (their metadata), if known.
+        self.class_table: Optional[ClassTable] = getattr(model, "class_table", None)
+        self._fitted: list[tuple[int, int, int]] = []  # batch shapes whose memory was checked
         self.settings = dataclasses.replace(
             settings, family=settings.family or _family(model)
         ).resolved()  # aug_test: the family's own scales and flip
@@ -113,9 +116,39 @@ class Predictor:
                 f"the model input (an image of {images.shape[-2]}x{images.shape[-1]}, test "
                 f"size, scales and window as set)",
             )
+            if self.device.type == "cpu":
+                self._check_memory(tuple(images.shape), tuple(out_hw or images.shape[-2:]))
         scores = inference(self.run_model, images.to(self.device), self.settings, out_hw)
         self.num_classes = int(scores.shape[1])
         return scores
+
+    def _check_memory(self, shape: tuple[int, ...], out_hw: tuple[int, int]) -> None:
+        """SegcompareError with the figures, before anything is allocated, when what really
+        runs for a batch of `shape` (N×3×H×W) does not fit in memory: the image resized to its
+        largest test scale, the score maps at that size and at `out_hw`, and the model's
+        forward at its largest input (a window, in slide mode). Checked once per shape; a
+        shape no larger than one that fitted fits too."""
+        from segcompare.evaluate import scaled_hw
+        from segcompare.stats import check_forward_memory
+
+        n, _, h, w = shape
+        if any(n <= a and h <= b and w <= c for a, b, c in self._fitted):
+            return
+        s = self.settings
+        test_hw = s.size_hw or (h, w)
+        sh, sw = max((scaled_hw(test_hw, scale) for scale in s.scales), key=lambda x: x[0] * x[1])
+        classes = self.num_classes or NUM_CLASSES
+        # float32: the resized image, the summed and counted scores at the scaled size, then
+        # the scores at the output size and their running total over scales and flips
+        out_pixels = out_hw[0] * out_hw[1]
+        extra = 4 * n * (3 * sh * sw + (2 * classes + 1) * sh * sw + 2 * classes * out_pixels)
+        check_forward_memory(
+            self.variant, s.model_input_hw((h, w), largest=True), n, classes, extra_bytes=extra,
+            what=f"{self.name} on {n} image(s) of {h}x{w} at scale(s) "
+            f"{', '.join(f'{x:g}' for x in s.scales)} (largest: {sh}x{sw})",
+            **self.model.settings,
+        )  # fmt: skip
+        self._fitted.append((n, h, w))
 
     def predict_scores(self, image: Union[np.ndarray, PathLike]) -> torch.Tensor:
         """One image -> C×H×W float32 scores on the CPU. `image`: a path, or an H×W×3 uint8 RGB
@@ -218,35 +251,42 @@ def collect_inputs(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
     return list(dict.fromkeys(pairs))
 
 
-def check_format(fmt: str, num_classes: Optional[int]) -> None:
+def check_format(
+    fmt: str, num_classes: Optional[int], table: Optional[ClassTable] = None
+) -> None:
     """SegcompareError for a format that cannot be written for a model of `num_classes` classes
-    (None: not known yet): labelid maps train ids through the Cityscapes table, which is right
-    only for the 19 Cityscapes train classes."""
+    (None: not known yet): labelid writes the data set's own label ids, known from the weights'
+    class table (Cityscapes labelIds, ADE20K 1..150, a folder set's indices), or the Cityscapes
+    table's for a 19-class model without one."""
     if fmt not in FORMATS:
         raise SegcompareError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
-    if fmt == "labelid" and num_classes is not None and num_classes != NUM_CLASSES:
+    if fmt == "labelid" and table is None and num_classes is not None and (
+            num_classes != NUM_CLASSES):
         raise SegcompareError(
-            f"--format labelid maps the 19 Cityscapes train classes to Cityscapes label ids; "
-            f"this model predicts {num_classes} classes: use --format trainid (or color, "
-            "overlay, logits)"
+            f"--format labelid writes the data set's own label ids, and these weights name no "
+            f"data set (no class table); this model predicts {num_classes} classes: use --format "
+            "trainid (or color, overlay, logits)"
         )
 
 
 def render_prediction(
-    train_ids: np.ndarray, image: np.ndarray, fmt: str, num_classes: int = NUM_CLASSES
+    train_ids: np.ndarray, image: np.ndarray, fmt: str, num_classes: int = NUM_CLASSES,
+    table: Optional[ClassTable] = None,
 ) -> np.ndarray:
     """H×W train ids of a model of `num_classes` classes -> the array written for `fmt`
-    (trainid | labelid | color | overlay). Colours: `segcompare.data.labels.palette`, Cityscapes'
-    for 19 classes; labelid only for 19 classes (`check_format`)."""
-    check_format(fmt, num_classes)
+    (trainid | labelid | color | overlay). Label ids and colours: the class table `table` (the
+    data set's, from the weights), else `generic_table(num_classes)` (Cityscapes' for 19
+    classes); labelid needs a table or 19 classes (`check_format`)."""
+    check_format(fmt, num_classes, table)
+    table = table or generic_table(num_classes)
     if fmt == "trainid":
         return train_ids
     if fmt == "labelid":
-        return TRAIN_ID_TO_ID[train_ids]
+        return table.train_id_to_label_id()[train_ids]
     if fmt == "color":
-        return colorize(train_ids, num_classes)
+        return table.palette_256()[train_ids]
     if fmt == "overlay":
-        colors = colorize(train_ids, num_classes)
+        colors = table.palette_256()[train_ids]
         blended = (1 - OVERLAY_OPACITY) * image + OVERLAY_OPACITY * colors
         return blended.round().astype(np.uint8)
     raise SegcompareError(f"format {fmt!r} is not an image")
@@ -274,7 +314,7 @@ def predict_files(
     (`segcompare.utils.shard`) and returns those paths."""
     from tqdm import tqdm
 
-    check_format(fmt, predictor.num_classes)  # known here for a segcompare model
+    check_format(fmt, predictor.num_classes, predictor.class_table)  # known for our models
     folders = [i for i in inputs if Path(i).is_dir()]
     check_output(out_dir, "--out", folders, overwrite, folder=True)  # before naming any output
     pairs = collect_inputs(inputs)
@@ -299,7 +339,8 @@ def predict_files(
             else:
                 train_ids = predictor.predict(image)
                 assert predictor.num_classes is not None  # set by its first call
-                _save_png(out, render_prediction(train_ids, image, fmt, predictor.num_classes))
+                _save_png(out, render_prediction(train_ids, image, fmt, predictor.num_classes,
+                                                 predictor.class_table))
             written.append(out)
     return written
 

@@ -14,9 +14,10 @@ import numpy as np
 from PIL import Image
 
 from segcompare.data.images import to_rgb8
-from segcompare.data.labels import NUM_CLASSES, class_names, palette
+from segcompare.data.labels import NUM_CLASSES, ClassTable, generic_table
 from segcompare.infer.predictor import IMAGE_SUFFIXES, Predictor, load_image, render_prediction
 from segcompare.utils import PathLike, SegcompareError, atomic_path, synchronize
+from segcompare.values import check
 
 # The widest video written by default (all panels together): a GIF small enough for a README.
 # The models still run at the frame size (or --size); only the drawing is scaled down.
@@ -108,25 +109,30 @@ def class_boundaries(train_ids: np.ndarray) -> np.ndarray:
 
 
 def overlay_panel(
-    frame: np.ndarray, train_ids: np.ndarray, hw: tuple[int, int], num_classes: int = NUM_CLASSES
+    frame: np.ndarray, train_ids: np.ndarray, hw: tuple[int, int], num_classes: int = NUM_CLASSES,
+    table: Optional[ClassTable] = None,
 ) -> np.ndarray:
     """The overlay at 50 % (`palette(num_classes)`: the official one for 19 classes) at display
     size `hw`, class boundaries drawn."""
     if frame.shape[:2] != tuple(hw):
         frame = np.asarray(Image.fromarray(frame).resize(hw[::-1], Image.BILINEAR))
         train_ids = np.asarray(Image.fromarray(train_ids).resize(hw[::-1], Image.NEAREST))
-    panel = render_prediction(train_ids, frame, "overlay", num_classes)
+    panel = render_prediction(train_ids, frame, "overlay", num_classes, table)
     panel[class_boundaries(train_ids)] = BOUNDARY_RGB
     return panel
 
 
-def legend(width: int, row_h: int = 18, num_classes: int = NUM_CLASSES) -> np.ndarray:
+def legend(
+    width: int, row_h: int = 18, num_classes: int = NUM_CLASSES,
+    table: Optional[ClassTable] = None,
+) -> np.ndarray:
     """The classes of a `num_classes`-class model (`class_names`, `palette`: Cityscapes' 19 by
     default) as colour swatches (twice as wide as high) with names, in rows that fit `width`
     pixels."""
     from PIL import ImageDraw
 
-    names, colors = class_names(num_classes), palette(num_classes)
+    table = table or generic_table(num_classes)  # the data set's names and colours, if known
+    names, colors = table.names, table.palette
     font = _font(max(8, row_h * 2 // 3))
     swatch_w = 2 * row_h
     entry_w = max(font.getbbox(name)[2] for name in names) + swatch_w + 12
@@ -203,6 +209,14 @@ def render_video(
     Returns the number of frames written."""
     from tqdm import tqdm
 
+    check("--fps", fps, name="fps")  # the rows of the command-line options (values.RULES)
+    check("--every", every, name="every")
+    if max_frames is not None:
+        check("--max-frames", max_frames, name="max_frames")
+    if max_width is not None:
+        check("--max-width", max_width, name="max_width")
+    if size is not None:
+        size = check("--size", size, name="size")
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in (".gif", ".mp4"):
@@ -216,6 +230,7 @@ def render_video(
     frames = iter_frames(source, every, max_frames)
     count = 0
     num_classes = NUM_CLASSES
+    table: Optional[ClassTable] = None
     legend_strip: Optional[np.ndarray] = None
     with atomic_path(out) as tmp:
         writer: Any = None
@@ -230,17 +245,18 @@ def render_video(
                     for predictor in predictors:
                         predictor.predict(frame)
                     num_classes = _class_count(predictors)  # every count known now
+                    table = predictors[0].class_table  # the first model's data set names
                 for predictor in predictors:
                     synchronize(predictor.device)
                     start = time.perf_counter()
                     train_ids = predictor.predict(frame)
                     latency_ms = 1000 * (time.perf_counter() - start)
-                    panel = overlay_panel(frame, train_ids, panel_hw, num_classes)
+                    panel = overlay_panel(frame, train_ids, panel_hw, num_classes, table)
                     overlays.append((predictor.name, panel, latency_ms))
                 title_h = max(14, panel_hw[0] // 16)
                 if legend_strip is None:
                     legend_strip = legend(
-                        panel_hw[1] * (len(predictors) + 1), max(16, title_h), num_classes
+                        panel_hw[1] * (len(predictors) + 1), max(16, title_h), num_classes, table
                     )
                 if frame.shape[:2] != panel_hw:
                     shown = Image.fromarray(frame).resize(panel_hw[::-1], Image.BILINEAR)

@@ -76,8 +76,14 @@ def build_model(
     elif name is None:
         raise SegcompareError("build_model needs a model name, or weights= to read it from")
     model = create(name, num_classes or 19, **overrides)
+    # The classes (a ClassTable) where the file says what they are for this classifier (None:
+    # not known, or a classifier that starts anew): names, colours and label ids for predict,
+    # video and export; evaluation checks them against the data set's; save_weights writes them.
+    model.class_table = None
     if weights is not None:
         load_weights(model, weights, num_classes=asked)
+        if spec.num_classes == (num_classes or 19):
+            model.class_table = spec.classes
     return model
 
 

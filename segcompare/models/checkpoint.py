@@ -30,11 +30,12 @@ import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from segcompare.data.labels import ADE20K, CITYSCAPES, ClassTable, generic_table
 from segcompare.models import convert, hub
 from segcompare.models.hub import HF_BIN_NAME, HF_CONFIG_NAME, HF_INDEX_NAME, WEIGHTS_NAME
 from segcompare.models.variants import (
@@ -45,6 +46,7 @@ from segcompare.models.variants import (
     list_models,
 )
 from segcompare.utils import PathLike, SegcompareError, first_line
+from segcompare.values import shown
 
 log = logging.getLogger(__name__)
 
@@ -176,13 +178,13 @@ def _read_file(path: Path) -> tuple[StateDict, dict[str, str]]:
     if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
         return _read_safetensors(path)
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip (torch >= 1.6), pickle
-        return _read_torch(path), {}
+        return _read_torch(path)
     raise SegcompareError(
         f"{path}: not a checkpoint: neither a PyTorch file (.pth/.pt/.bin) nor safetensors"
     )
 
 
-def _read_torch(path: Path) -> StateDict:
+def _read_torch(path: Path) -> tuple[StateDict, dict[str, str]]:
     try:
         # a file object, not the name: torch.load hands a name ending in .safetensors to
         # safetensors, whatever the bytes are (this function reads PyTorch files by their bytes)
@@ -201,7 +203,43 @@ def _read_torch(path: Path) -> StateDict:
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
             AttributeError, struct.error, zipfile.BadZipFile) as err:  # fmt: skip
         raise SegcompareError(f"{path}: corrupt or truncated ({first_line(err)})") from None
-    return _as_state_dict(obj, str(path))
+    return _as_state_dict(obj, str(path)), _mmseg_class_metadata(obj, str(path))
+
+
+def _mmseg_class_metadata(obj: Any, source: str) -> dict[str, str]:
+    """The class names and palette an mmseg / mmcv checkpoint carries, as our metadata keys
+    `class_names` and `palette` (JSON): mmseg 0.x (and NVlabs SegFormer, HRNet's mmseg ports)
+    write `meta["CLASSES"]` and `meta["PALETTE"]` (tools/train.py, checkpoint_config.meta);
+    mmseg 1.x (mmengine) writes `meta["dataset_meta"]["classes" / "palette"]`. {} when absent."""
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    if not isinstance(meta, dict):
+        return {}
+    dataset_meta = meta.get("dataset_meta") if isinstance(meta.get("dataset_meta"), dict) else {}
+    found: dict[str, str] = {}
+    wanted = (("class_names", ("CLASSES", "classes")), ("palette", ("PALETTE", "palette")))
+    for ours, keys in wanted:
+        value = next(
+            (d[k] for d in (meta, dataset_meta) for k in keys if d.get(k) is not None), None
+        )
+        if value is None:
+            continue
+        if ours == "class_names":
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        else:
+            ok = isinstance(value, (list, tuple)) and all(
+                isinstance(c, (list, tuple))
+                and len(c) == 3
+                and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+                for c in value
+            )
+        if not ok or not value:
+            raise SegcompareError(
+                f"{source}: its meta {keys[0]} is not a list of "
+                f"{'class names' if ours == 'class_names' else '[r, g, b] colours'}: "
+                f"{str(value)[:120]}"
+            )
+        found[ours] = json.dumps([list(v) if ours == "palette" else v for v in value])
+    return found
 
 
 def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
@@ -236,21 +274,44 @@ def _as_state_dict(obj: Any, source: str) -> StateDict:
         raise SegcompareError(f"{source}: holds no state dict of tensors ({shown or 'empty'})")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
-    _check_finite(state, source)
+    _check_tensors(state, source)
     return dict(state)
 
 
-def _check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Refuse a state dict with a NaN or infinite value: such weights give a wrong answer (a
-    constant prediction, NaN logits) with no error of their own."""
+# What weights are stored as; BatchNorm's `num_batches_tracked` counter is the one integer.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_COUNTER_SUFFIX = "num_batches_tracked"
+
+
+def _check_tensors(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a state dict whose weights are not floating point, or hold a NaN or an infinite
+    value: either gives a wrong answer with no error of its own (a safetensors header that
+    calls float32 bytes int32 loads as integers up to 1e9; NaN weights predict one class)."""
     for key, value in state.items():
-        if value.is_floating_point() or value.is_complex():
-            bad = ~torch.isfinite(value)
-            if bool(bad.any()):
+        if key.endswith(_COUNTER_SUFFIX):  # any real type: a state dict cast whole casts it too
+            count = value.double() if value.numel() == 1 and not value.is_complex() else None
+            if count is None or not (count.isfinite() and count >= 0 and count == count.round()):
                 raise SegcompareError(
-                    f"{source}: tensor {key} {list(value.shape)} holds {int(bad.sum())} non-finite "
-                    "value(s) (NaN or inf); these weights cannot give a meaningful prediction"
+                    f"{source}: tensor {key} {list(value.shape)} ({_dtype_name(value)}) is not "
+                    "one whole number, as a BatchNorm counter is: the file is corrupt"
                 )
+            continue
+        if value.dtype not in WEIGHT_DTYPES:
+            raise SegcompareError(
+                f"{source}: tensor {key} {list(value.shape)} is {_dtype_name(value)}; weights "
+                "are floating point (float32, float16, bfloat16 or float64): the file is "
+                "corrupt, or its header misstates the type"
+            )
+        bad = ~torch.isfinite(value)
+        if bool(bad.any()):
+            raise SegcompareError(
+                f"{source}: tensor {key} {list(value.shape)} holds {int(bad.sum())} non-finite "
+                "value(s) (NaN or inf); these weights cannot give a meaningful prediction"
+            )
+
+
+def _dtype_name(value: torch.Tensor) -> str:
+    return str(value.dtype).replace("torch.", "")
 
 
 def _read_hf_dir(path: Path, source: Optional[str] = None) -> Checkpoint:
@@ -282,7 +343,85 @@ def _read_hf_dir(path: Path, source: Optional[str] = None) -> Checkpoint:
     else:
         state, file_metadata = _read_file(path / found[0])
         metadata.update(file_metadata)
+    if "hf_config" in metadata:
+        check_hf_config(metadata["hf_config"], f"{source}/{HF_CONFIG_NAME}")
+    elif metadata.get("format") != OUR_FORMAT_TAG:
+        raise SegcompareError(
+            f"{source}: a HuggingFace model directory without {HF_CONFIG_NAME}: which model the "
+            f"weights are for cannot be checked; put back the {HF_CONFIG_NAME} that came with them"
+        )
     return Checkpoint(state, metadata, source)
+
+
+# --- a HuggingFace directory's config.json -------------------------------------------------------
+# transformers' SegformerConfig keys -> our SegFormer settings (save.hf_config writes them too);
+# a key that config.json leaves out has transformers' default, which is segformer-b0's value.
+HF_SETTINGS = {
+    "depths": "depths",
+    "hidden_sizes": "embed_dims",
+    "num_attention_heads": "num_heads",
+    "sr_ratios": "sr_ratios",
+    "mlp_ratios": "mlp_ratios",
+    "patch_sizes": "patch_sizes",
+    "strides": "strides",
+    "decoder_hidden_size": "decoder_dim",
+}
+# What is true of every SegFormer we build (the official mit_b*: GELU, LayerNorm eps 1e-6 in the
+# blocks, the last stage reshaped to a map), with transformers' defaults for a missing key.
+HF_FIXED = {
+    "model_type": "segformer",
+    "num_channels": 3,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-6,
+    "reshape_last_stage": True,
+}
+HF_ARCHITECTURE_PREFIX = "Segformer"  # SegformerForSemanticSegmentation, ...ForImageClassification
+
+
+def check_hf_config(text: str, source: str, settings: Optional[Mapping[str, Any]] = None) -> None:
+    """SegcompareError (one line, naming the key) unless a config.json describes a SegFormer our
+    model computes as transformers does; with `settings` (a built model's), also that its
+    per-stage settings are these. Its labels are the class table's business."""
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise SegcompareError(f"{source}: not valid JSON ({first_line(err)})") from None
+    if not isinstance(config, dict):
+        raise SegcompareError(f"{source}: holds a {type(config).__name__}, not a mapping")
+    for arch in config.get("architectures") or []:
+        if not (isinstance(arch, str) and arch.startswith(HF_ARCHITECTURE_PREFIX)):
+            raise SegcompareError(
+                f"{source}: architectures names {shown(arch)}; segcompare reads SegFormer "
+                "(SegformerForSemanticSegmentation) and its own files only"
+            )
+    for key, ours in HF_FIXED.items():
+        if config.get(key, ours) != ours:
+            raise SegcompareError(
+                f"{source}: {key} is {shown(config[key])}; the SegFormer segcompare builds has "
+                f"{shown(ours)}, so these weights would compute something else"
+            )
+    if settings is None:
+        return
+    b0 = FAMILIES["segformer"].variants["segformer-b0"]
+    for key, name in HF_SETTINGS.items():
+        ours = settings[name]
+        theirs = config.get(key, b0[name])
+        if _plain(theirs) != _plain(ours):
+            raise SegcompareError(
+                f"{source}: {key} is {shown(theirs)} but the model has {name}={_plain(ours)}; "
+                "the weights are for another model"
+            )
+    blocks = config.get("num_encoder_blocks", len(settings["depths"]))
+    if blocks != len(settings["depths"]):
+        raise SegcompareError(
+            f"{source}: num_encoder_blocks is {shown(blocks)} but the model has "
+            f"{len(settings['depths'])} stages"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """Lists and tuples alike, for comparing a config's values with a model's settings."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _plain_file_name(name: Any) -> bool:
@@ -348,6 +487,11 @@ def load_weights(
     checkpoint = read_checkpoint(src)
     fmt, state = to_official(checkpoint, backbone_only)
     family = _family(model)
+    if "hf_config" in checkpoint.metadata and family.name == "segformer":
+        check_hf_config(
+            checkpoint.metadata["hf_config"], f"{checkpoint.source}/{HF_CONFIG_NAME}",
+            model.settings,
+        )  # fmt: skip
     head, classifier = family.head_prefix, family.classifier_prefix
     if backbone_only:
         state = {k: v for k, v in state.items() if not k.startswith(head)}
@@ -370,13 +514,19 @@ def load_weights(
         )
     if other_classes:
         file_classes = state[reshaped[0]].shape[0]
+        # as transformers' ignore_mismatched_sizes: each tensor that is initialised anew, once
+        tensors = ", ".join(
+            f"{k} (file {list(state[k].shape)}, model {list(expected[k].shape)})"
+            for k in expected
+            if k in reshaped
+        )
         state = {k: v for k, v in state.items() if not k.startswith(classifier)}
         log.warning(
-            "%s has %d classes, the model %d: the classifier (%s*) stays initialised",
+            "%s has %d classes, the model %d: the classifier stays initialised: %s",
             checkpoint.source,
             file_classes,
             expected[reshaped[0]].shape[0],
-            classifier,
+            tensors,
         )
     model.load_state_dict(state, strict=False)  # every difference was checked above
     if not with_head:
@@ -509,7 +659,50 @@ class WeightsSpec:
     variant: Optional[str]  # our metadata's model name, else guessed from the keys
     num_classes: Optional[int]  # None for a backbone-only file
     settings: dict[str, Any]  # our metadata's settings, else {}
+    # The file's own class names (our metadata, mmseg's meta CLASSES, HuggingFace's id2label)
+    # and colours (ours, mmseg's meta PALETTE), one per class; None where the file has none.
     class_names: Optional[list[str]]
+    palette: Optional[list[list[int]]] = None
+    class_table: Optional[ClassTable] = None  # our metadata's data set classes (train saves it)
+
+    @property
+    def classes(self) -> Optional[ClassTable]:
+        """The file's classes as one table: our metadata's, else `classes_table` of its names;
+        None where nothing says what they are."""
+        if self.class_table is not None and not _placeholder(self.class_table.names):
+            return self.class_table
+        return classes_table(self.class_names, self.palette, self.num_classes)
+
+
+def _placeholder(names: Sequence[str]) -> bool:
+    """The names generic_table gives a K-class model that names none: class_0, class_1, ..."""
+    return len(names) != CITYSCAPES.num_classes and tuple(names) == generic_table(len(names)).names
+
+
+def classes_table(
+    names: Optional[Sequence[str]],
+    palette: Optional[Sequence[Sequence[int]]],
+    num_classes: Optional[int],
+) -> Optional[ClassTable]:
+    """A checkpoint's classes: Cityscapes' or ADE20K's table where its names are theirs (or where
+    it names none and has 19 or 150 classes: the data sets those counts are released for), else a
+    table of its own names and colours (generated where it has none); None for a file without
+    names of another count, or with only the placeholder names class_0, class_1, ... ."""
+    if names is None or _placeholder(names):
+        return {CITYSCAPES.num_classes: CITYSCAPES, ADE20K.num_classes: ADE20K}.get(num_classes)
+    for known in (CITYSCAPES, ADE20K):
+        if tuple(names) == known.names and (palette is None or _same_colours(palette, known)):
+            return known
+    colours = palette or generic_table(len(names)).palette
+    return ClassTable(
+        name="folder",
+        names=tuple(str(n) for n in names),
+        palette=tuple((int(c[0]), int(c[1]), int(c[2])) for c in colours),
+    )
+
+
+def _same_colours(palette: Sequence[Sequence[int]], table: ClassTable) -> bool:
+    return [list(c) for c in palette] == [list(c) for c in table.palette]
 
 
 def describe_weights(
@@ -540,6 +733,8 @@ def describe_weights(
                 num_classes,
                 _tuples(json.loads(meta["settings"])) if same else {},
                 json.loads(meta["class_names"]),
+                json.loads(meta["palette"]) if "palette" in meta else None,
+                _class_table(meta, num_classes, checkpoint.source),
             )
         except (KeyError, ValueError) as err:
             raise SegcompareError(
@@ -551,7 +746,29 @@ def describe_weights(
     if variant is not None:
         cls_weight = state.get(FAMILIES[family_of(variant)].classifier_prefix + "weight")
         num_classes = int(cls_weight.shape[0]) if cls_weight is not None else None
-    return WeightsSpec(checkpoint, variant, num_classes, {}, _hf_class_names(meta, num_classes))
+    names = json.loads(meta["class_names"]) if "class_names" in meta else None
+    palette = json.loads(meta["palette"]) if "palette" in meta else None
+    named = (("class names (meta CLASSES)", names), ("colours (meta PALETTE)", palette))
+    for what, values in named:
+        if values is not None and num_classes is not None and len(values) != num_classes:
+            raise SegcompareError(
+                f"{checkpoint.source}: it names {len(values)} {what} but its classifier has "
+                f"{num_classes} classes; the file is inconsistent"
+            )
+    names = names or _hf_class_names(meta, num_classes)
+    return WeightsSpec(checkpoint, variant, num_classes, {}, names, palette)
+
+
+def _class_table(meta: Mapping[str, str], num_classes: int, source: Any) -> Optional[ClassTable]:
+    """Our metadata's class table (written by training: the data set's names, colours, label
+    ids), checked against the file's class count."""
+    if "class_table" not in meta:
+        return None
+    table = ClassTable.from_json(json.loads(meta["class_table"]))
+    if table.num_classes != num_classes:
+        raise SegcompareError(f"{source}: its class table has {table.num_classes} classes, its "
+                              f"classifier {num_classes}; the file is inconsistent")
+    return table
 
 
 def _try_convert(checkpoint: Checkpoint) -> tuple[Format, StateDict]:

@@ -16,14 +16,16 @@ from typing import Any, Optional
 from torch import nn
 
 from segcompare import __version__
-from segcompare.data.labels import NUM_CLASSES
-from segcompare.data.labels import class_names as default_class_names
+from segcompare.data.labels import NUM_CLASSES, ClassTable, generic_table
 from segcompare.models import convert
 from segcompare.models.checkpoint import (
+    HF_FIXED,
+    HF_SETTINGS,
     OUR_FORMAT_TAG,
     StateDict,
     _family,
     _variant_of,
+    classes_table,
     describe_weights,
     load_weights,
 )
@@ -45,32 +47,54 @@ def num_classes_of(model: nn.Module) -> int:
     return int(model.state_dict()[classifier + "weight"].shape[0])
 
 
-def _class_names(model: nn.Module, class_names: Optional[list[str]]) -> list[str]:
+def model_classes(model: nn.Module, class_names: Optional[list[str]] = None) -> ClassTable:
+    """The table of a model's classes: one of `class_names` (colours: generated, or Cityscapes'
+    / ADE20K's where the names are theirs), else the model's own (`model.class_table`: its file's,
+    or the data set it was trained on), else Cityscapes' for 19 classes, ADE20K's for 150 and
+    `generic_table(K)` for any other K."""
     num_classes = num_classes_of(model)
-    if class_names is None:
-        class_names = list(default_class_names(num_classes))
-    if len(class_names) != num_classes:
-        raise SegcompareError(
-            f"{len(class_names)} class names for a model with {num_classes} classes"
-        )
-    return [str(name) for name in class_names]
+    if class_names is not None:
+        if len(class_names) != num_classes:
+            raise SegcompareError(
+                f"{len(class_names)} class names for a model with {num_classes} classes"
+            )
+        named = classes_table([str(n) for n in class_names], None, num_classes)
+        return named or generic_table(num_classes)  # placeholder names class_0, ...
+    table = getattr(model, "class_table", None)
+    if table is not None and table.num_classes == num_classes:
+        return table
+    # no names: Cityscapes' for 19 classes, ADE20K's for 150, else class_0, class_1, ...
+    return classes_table(None, None, num_classes) or generic_table(num_classes)
 
 
-def save_weights(model: nn.Module, path: PathLike, class_names: Optional[list[str]] = None) -> Path:
+def save_weights(
+    model: nn.Module,
+    path: PathLike,
+    class_names: Optional[list[str]] = None,
+    class_table: Optional[ClassTable] = None,
+) -> Path:
     """Write `model` as our safetensors file, with the metadata that rebuilds it alone.
 
-    Metadata (all strings): format, model (the variant name), num_classes, class_names (JSON),
-    settings (JSON: the `build_model` settings), version (of segcompare). `class_names` default:
-    the 19 Cityscapes classes for a 19-class model, else class_0, class_1, ...
+    Metadata (all strings): format, model (the variant name), num_classes, settings (JSON: the
+    `build_model` settings), version (of segcompare), and its classes: class_table (JSON:
+    `ClassTable.to_json`, names, colours, ignore index, reduce_zero_label, label ids),
+    class_names and palette (JSON lists, the same names and colours for readers of the names
+    alone). `class_table` (a table) or `class_names`, else `model_classes(model)`.
     """
     if not getattr(model, "variant", None) or getattr(model, "settings", None) is None:
         raise ValueError("save_weights needs a model made by build_model (variant, settings)")
-    names = _class_names(model, class_names)
+    table = class_table if class_table is not None else model_classes(model, class_names)
+    if table.num_classes != num_classes_of(model):
+        raise SegcompareError(
+            f"a table of {table.num_classes} classes for a model with {num_classes_of(model)}"
+        )
     metadata = {
         "format": OUR_FORMAT_TAG,
         "model": model.variant,
-        "num_classes": str(len(names)),
-        "class_names": json.dumps(names),
+        "num_classes": str(table.num_classes),
+        "class_names": json.dumps(list(table.names)),
+        "palette": json.dumps([list(c) for c in table.palette]),
+        "class_table": json.dumps(table.to_json()),
         "settings": json.dumps(model.settings),
         "version": __version__,
     }
@@ -112,32 +136,25 @@ def hf_config(model: nn.Module, class_names: Optional[list[str]] = None) -> dict
     s = model.settings
     if not s.get("qkv_bias", True):
         raise SegcompareError("transformers' SegFormer always has q/k/v biases; qkv_bias=False")
-    names = _class_names(model, class_names)
+    names = list(model_classes(model, class_names).names)
     return {
         "architectures": ["SegformerForSemanticSegmentation"],
-        "model_type": "segformer",
-        "num_channels": 3,
+        **HF_FIXED,  # what checkpoint.check_hf_config reads back
         "num_encoder_blocks": len(s["depths"]),
-        "depths": list(s["depths"]),
-        "sr_ratios": list(s["sr_ratios"]),
-        "hidden_sizes": list(s["embed_dims"]),
-        "patch_sizes": list(s["patch_sizes"]),
-        "strides": list(s["strides"]),
-        "num_attention_heads": list(s["num_heads"]),
-        "mlp_ratios": list(s["mlp_ratios"]),
-        "hidden_act": "gelu",
+        **{key: _listed(s[name]) for key, name in HF_SETTINGS.items()},
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         "classifier_dropout_prob": s.get("dropout", 0.1),
         "drop_path_rate": s.get("drop_path_rate", 0.1),
         "initializer_range": 0.02,
-        "layer_norm_eps": 1e-6,
-        "decoder_hidden_size": s["decoder_dim"],
         "semantic_loss_ignore_index": 255,
-        "reshape_last_stage": True,
         "id2label": {str(i): name for i, name in enumerate(names)},
         "label2id": {name: i for i, name in enumerate(names)},
     }
+
+
+def _listed(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 # What transformers' SegformerImageProcessor.from_pretrained and pipeline() read.
@@ -215,9 +232,11 @@ def convert_checkpoint(
     classes = num_classes or spec.num_classes or NUM_CLASSES
     model = create(name, num_classes=classes, **spec.settings)
     fmt = load_weights(model, spec.checkpoint, backbone_only=backbone_only, num_classes=num_classes)
-    names = spec.class_names if spec.class_names and len(spec.class_names) == classes else None
+    # the file's own classes, unless its classifier (and so its classes) starts anew
+    table = spec.classes if spec.num_classes == classes else None
+    names = list(table.names) if table is not None else None
     if str(dst).endswith(".safetensors"):
-        save_weights(model, dst, class_names=names)
+        save_weights(model, dst, class_table=table)
         what = "segcompare safetensors"
     else:
         export_hf(model, dst, class_names=names)

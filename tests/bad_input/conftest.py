@@ -205,3 +205,17 @@ def full_fs(tmp_path) -> Path:
         yield path
     finally:
         _umount(path)
+
+
+# --- Hypothesis profiles (test_fuzz.py) ---------------------------------------------------------
+# "fast" (the default, CI): tens of examples per property, the same ones every run (derandomized),
+# no example database written into the checkout. "deep" (SEGCOMPARE_HYPOTHESIS=deep): thousands,
+# random, with the database in .hypothesis/ so that a failure found is replayed first next time.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_NO_FIXTURE_CHECK = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+settings.register_profile("fast", max_examples=25, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=_NO_FIXTURE_CHECK)
+settings.register_profile("deep", max_examples=2000, deadline=None,
+                          suppress_health_check=_NO_FIXTURE_CHECK)
+settings.load_profile(os.environ.get("SEGCOMPARE_HYPOTHESIS", "fast"))

@@ -117,8 +117,9 @@ def test_other_class_count_in_load_weights_is_an_error_unless_asked(seven_classe
     with caplog.at_level(logging.WARNING):
         load_weights(model, seven_classes, num_classes=19)  # asked: said once
     assert [r.getMessage() for r in caplog.records if "classes" in r.getMessage()] == [
-        f"{seven_classes} has 7 classes, the model 19: the classifier "
-        "(decode_head.linear_pred.*) stays initialised"
+        f"{seven_classes} has 7 classes, the model 19: the classifier stays initialised: "
+        "decode_head.linear_pred.weight (file [7, 32, 1, 1], model [19, 32, 1, 1]), "
+        "decode_head.linear_pred.bias (file [7], model [19])"
     ]
     file_state = load_file(str(seven_classes))
     got = model.state_dict()
@@ -236,6 +237,7 @@ def sharded(tiny_weights, tmp_path) -> Path:
     half = len(keys) // 2
     save_file({k: state[k] for k in keys[:half]}, str(folder / "part1.safetensors"))
     save_file({k: state[k] for k in keys[half:]}, str(tmp_path / "outside.safetensors"))
+    (folder / "config.json").write_text('{"model_type": "segformer"}')  # as every HF folder has
     return folder
 
 
