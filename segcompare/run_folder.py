@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from segcompare.config import Config, changed_keys, config_to_dict
-from segcompare.utils import SegcompareError, is_temporary
+from segcompare.utils import SegcompareError, flock_or_holder, is_temporary
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,6 @@ def lock_run_folder(out: Path) -> RunLock:
     kernel drops the lock when its process ends, however it ends, so with the lock held the
     temporaries (`.*.tmp`) left in the folder are a dead process's: they are removed. A run that
     fails before its first output calls `RunLock.discard` to leave no folder of its own behind."""
-    import fcntl
 
     for _ in range(10):  # a lock file removed by a failed run between our open and flock: again
         created_dirs = _missing_folders(out)
@@ -166,16 +165,12 @@ def lock_run_folder(out: Path) -> RunLock:
         except OSError as err:
             _remove_empty(created_dirs)
             raise SegcompareError(f"{out}: cannot use as the run folder: {err.strerror}") from None
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            holder = lock.read().decode(errors="replace").strip() or "unknown"
-            lock.close()
+        holder = flock_or_holder(lock)
+        if holder is not None:
             raise SegcompareError(
                 f"{out} is in use by another run (PID {holder}, lock {out / RUN_LOCK_NAME}); "
                 "wait for it to end or choose another --out"
-            ) from None
+            )
         if _is_current(lock, out / RUN_LOCK_NAME):
             break
         lock.close()

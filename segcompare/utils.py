@@ -265,10 +265,24 @@ class OutputFolder:
 _OPEN_FOLDERS: list = []
 
 
+def flock_or_holder(lock: Any) -> Optional[str]:
+    """Take an exclusive flock on the open lock file `lock` without waiting: None when taken;
+    otherwise the PID its holder wrote into it (or "unknown"), and `lock` is closed."""
+    import fcntl
+
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().decode(errors="replace").strip() or "unknown"
+        lock.close()
+        return holder
+
+
 def _lock_folder(root: Path) -> Any:
     """An exclusive, non-blocking flock on ROOT/.segcompare.lock (its PID written in it); the
     open file holds it. SegcompareError naming the holder when another process has it."""
-    import fcntl
 
     for _ in range(10):  # a lock file its holder removed between our open and our flock: again
         path = root / FOLDER_LOCK_NAME
@@ -276,16 +290,12 @@ def _lock_folder(root: Path) -> Any:
             lock = open(path, "a+b", buffering=0)  # held open: the lock lives with it
         except OSError as err:
             raise write_error(path, err) from None
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            holder = lock.read().decode(errors="replace").strip() or "unknown"
-            lock.close()
+        holder = flock_or_holder(lock)
+        if holder is not None:
             raise SegcompareError(
                 f"{root}: another segcompare process (PID {holder}) is writing into it; wait for "
                 "it, or choose another folder"
-            ) from None
+            )
         if _inode_is(lock, path):  # still the file at ROOT/.segcompare.lock
             try:
                 lock.truncate(0)
