@@ -242,10 +242,17 @@ def test_per_image_matrices_under_torchrun_come_in_image_order(
     rc, _, err = _run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", str(script),
                        str(synth_root), str(weights), str(tmp_path / "mats.npy")])
     assert rc == 0, err[-3000:]
+    import torch
+
     cm = ConfusionMatrix(per_image=True)
-    predictor = Predictor(build_model(weights=weights), InferenceSettings(mode="whole"))
-    evaluate_model(predictor.scores, eval_dataset(synth_root, "val", build_test_transform()),
-                   progress=False, confusion=cm)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1): the same sums, bit
+    try:  # for bit, so that no pixel's argmax can tip between the two runs
+        predictor = Predictor(build_model(weights=weights), InferenceSettings(mode="whole"))
+        evaluate_model(predictor.scores, eval_dataset(synth_root, "val", build_test_transform()),
+                       progress=False, confusion=cm)
+    finally:
+        torch.set_num_threads(threads)
     one = cm.image_matrices()
     two = np.load(tmp_path / "mats.npy")
     assert one.shape[0] == 5 and len({m.tobytes() for m in one}) == 5  # five different images
