@@ -220,6 +220,11 @@ evaluate_model(predictor.scores, eval_dataset(sys.argv[1], "val", build_test_tra
                progress=False, confusion=cm)
 if rank == 0:
     np.save(sys.argv[3], cm.image_matrices())
+# leave the process group before exit, as the CLI does: a gloo group torn down at interpreter
+# exit can abort a rank ("terminate called without an active exception")
+import torch.distributed as dist
+dist.barrier()
+dist.destroy_process_group()
 """
 
 

@@ -357,7 +357,8 @@ def test_a_log_line_is_written_above_the_progress_bar_not_on_it():
     stream = io.StringIO()
     handler = _TqdmHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    with tqdm(total=4, file=stream, desc="train", ascii=True) as bar:
+    # position 0: a bar another test left open in this process would push a new one down a line
+    with tqdm(total=4, file=stream, desc="train", ascii=True, position=0) as bar:
         bar.update(1)
         handler.emit(logging.makeLogRecord({"msg": "TensorBoard: scalars in runs/b0/tb"}))
         bar.update(1)
