@@ -33,3 +33,22 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+class QuarterNet(torch.nn.Module):
+    """A tiny real segmentation net with the model contract: logits at 1/4 of the input size;
+    `seen` records the (H, W) of every input it was given."""
+
+    def __init__(self, num_classes: int = 19):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, num_classes, 3, stride=2, padding=1),
+        )
+        self.seen: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(x.shape[-2:]))
+        return self.body(x)

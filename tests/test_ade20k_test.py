@@ -14,28 +14,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from helpers import QuarterNet
 
 from segcompare.data.transforms import MEAN, STD
 from segcompare.evaluate import inference, official_settings
 from segcompare.models.variants import FAMILIES
-
-
-class QuarterNet(torch.nn.Module):
-    """A tiny real segmentation net: logits at 1/4 of the input size; records its inputs."""
-
-    def __init__(self, num_classes=5):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
-            torch.nn.ReLU(),
-            torch.nn.Conv2d(8, num_classes, 3, stride=2, padding=1),
-        )
-        self.seen: list[tuple[int, int]] = []
-
-    def forward(self, x):
-        self.seen.append(tuple(x.shape[-2:]))
-        return self.body(x)
 
 
 def _up(x, hw):
@@ -62,7 +45,7 @@ def test_the_official_ade20k_sizes():
 def test_segformer_aligned_resize_whole_image():
     torch.manual_seed(1)
     image = torch.randn(1, 3, 75, 100)
-    model = QuarterNet().eval()
+    model = QuarterNet(5).eval()
     settings = official_settings("segformer", "ade20k")
     with torch.no_grad():
         ours = inference(model, image, settings)
@@ -77,7 +60,7 @@ def test_segformer_aligned_resize_whole_image():
 def test_hrnet_520_test_pads_and_crops():
     torch.manual_seed(2)
     image = torch.randn(1, 3, 100, 130)
-    model = QuarterNet().eval()
+    model = QuarterNet(5).eval()
     settings = official_settings("hrnet", "ade20k")
     with torch.no_grad():
         ours = inference(model, image, settings)

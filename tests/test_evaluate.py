@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import QuarterNet
 from PIL import Image
 
 from segcompare.data.labels import CATEGORY_NAMES, CLASS_NAMES, ID_TO_TRAIN_ID, LABELS
@@ -137,22 +138,6 @@ def test_hand_computed_case():
 
 
 # --- inference modes ------------------------------------------------------------------------------
-class QuarterNet(torch.nn.Module):
-    """A tiny real segmentation net with the model contract: logits at 1/4 of the input size."""
-
-    def __init__(self, num_classes=19):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
-            torch.nn.ReLU(),
-            torch.nn.Conv2d(8, num_classes, 3, stride=2, padding=1),
-        )
-
-    def forward(self, x):
-        return self.body(x)
-
-
 class WindowMean(torch.nn.Module):
     """Output depends on the whole window: every pixel gets the window's channel means."""
 
