@@ -219,3 +219,16 @@ settings.register_profile("fast", max_examples=25, deadline=None, derandomize=Tr
 settings.register_profile("deep", max_examples=2000, deadline=None,
                           suppress_health_check=_NO_FIXTURE_CHECK)
 settings.load_profile(os.environ.get("SEGCOMPARE_HYPOTHESIS", "fast"))
+if settings().database is None:
+    # Hypothesis also keeps caches (constants/, unicode_data/) in its home folder, ./.hypothesis by
+    # default: the fast profile puts them in a temporary folder, so the suite writes nothing into
+    # the checkout (.ci/run checks that as the unprivileged user).
+    import atexit  # noqa: E402
+    import shutil  # noqa: E402
+    import tempfile  # noqa: E402
+
+    from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
+
+    _HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="segcompare-hypothesis-")
+    set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+    atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
