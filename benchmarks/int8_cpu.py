@@ -172,10 +172,12 @@ def ort_int8(model: torch.nn.Module, calib: list[torch.Tensor], threads: int, wo
     return run, calib_s, compile_s
 
 
-def build_int8(path: str, model, fp32, calib_hw, ort_hw, work: Path):
+def build_int8(path, model, fp32, data, n, calib_hw, ort_hw, threads, work: Path):
+    """(run, calibration s, compile s) of int8 path `path` ('pt2e' | 'ort') for `model`
+    (`fp32`: its prepared model), calibrated on `n` training images of `data`."""
     if path == "pt2e":
-        return pt2e_int8(fp32, calibration_images(ARGS.data, ARGS.calib, calib_hw))
-    return ort_int8(model, calibration_images(ARGS.data, ARGS.calib, ort_hw), ARGS.threads, work)
+        return pt2e_int8(fp32, calibration_images(data, n, calib_hw))
+    return ort_int8(model, calibration_images(data, n, ort_hw), threads, work)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +212,9 @@ def miou_rows(name: str, weights: str, paths: list[str]) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for path in paths:
-            run, calib_s, _ = build_int8(path, model, fp32, size, size, Path(tmp))
+            run, calib_s, _ = build_int8(
+                path, model, fp32, ARGS.data, ARGS.calib, size, size, ARGS.threads, Path(tmp)
+            )
             got = miou(run, ARGS.data)
             rows.append(
                 {
@@ -243,8 +247,9 @@ def speed_rows(name: str, size_hw: tuple[int, int], paths: list[str]) -> list[di
         for path in paths:
             print(f"{name} {path}: calibrating and compiling ...", file=sys.stderr, flush=True)
             run, calib_s, compile_s = build_int8(
-                path, model, fp32, size_hw, hw(ARGS.ort_calib_size), Path(tmp)
-            )
+                path, model, fp32, ARGS.data, ARGS.calib, size_hw, hw(ARGS.ort_calib_size),
+                ARGS.threads, Path(tmp),
+            )  # fmt: skip
             built[path] = (calib_s, compile_s)
             candidates.append(bench.Candidate(path, run))
         with torch.no_grad():

@@ -30,6 +30,7 @@ from segcompare.utils import (
     atomic_write_text,
     log_to_console,
     make_dirs,
+    user_cache,
 )
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,7 @@ TINY = DemoPlan(
 
 
 def default_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "segcompare"
+    return user_cache()
 
 
 def synth_data(plan: DemoPlan, cache: Path, fresh: bool, progress: bool) -> Path:
