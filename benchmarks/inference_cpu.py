@@ -12,6 +12,14 @@ Weights are random but scaled like trained ones (BatchNorm statistics included),
     python benchmarks/inference_cpu.py                                 # everything (long)
     python benchmarks/inference_cpu.py --models segformer-b0 --cases 512x1024x1
     python benchmarks/inference_cpu.py --models hrnet-w48 --bf16       # adds an "ours bf16" row
+    python benchmarks/inference_cpu.py --cases 1024x2048x1 --precision fp32,bf16,int8 \\
+        --data $SYNTH --trained hrnet-w18-small-v1=runs/hrnet_w18_small_v1/final.safetensors
+
+--precision adds our model in each precision (`segcompare.precision`; int8 through
+`segcompare.infer.quantize`, only for the families it is offered for, calibrated on --calib
+training images of --data, else on smooth random images) and prints the precision table; with
+--trained (weights of the demo's models) it also scores each precision on --data's val split
+(whole image at its own size) and prints the mIoU change against fp32.
 
 Large tensors go on transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE) and glibc keeps
 freed memory for reuse (`tune_cpu_allocator`), for both models, as the segcompare CLI does;
@@ -26,6 +34,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +52,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--bf16", action="store_true", help="also time ours in bfloat16")
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, int8")
+    p.add_argument("--data", default=None, help="synthetic Cityscapes root: int8 calibration, mIoU")
+    p.add_argument("--calib", type=int, default=32, help="int8 calibration images")
+    p.add_argument("--trained", action="append", default=[], help="MODEL=WEIGHTS: mIoU change")
     p.add_argument("--no-thp", action="store_true", help="leave PyTorch's allocator as it is")
     p.add_argument(
         "--no-tune-alloc", action="store_true", help="leave glibc's malloc settings as they are"
@@ -54,13 +67,17 @@ def parse_args() -> argparse.Namespace:
 if "--no-thp" not in sys.argv:  # read by torch once, when it loads: set before the import below
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from segcompare import bench  # noqa: E402
+from segcompare.infer import quantize  # noqa: E402
 from segcompare.infer.fast import prepare_for_inference, tune_cpu_allocator  # noqa: E402
 from segcompare.models import build_model, family_of  # noqa: E402
+from segcompare.precision import PRECISIONS, TABLE  # noqa: E402
 from segcompare.utils import atomic_write_text  # noqa: E402
 
 
@@ -107,6 +124,12 @@ def run_case(name: str, h: int, w: int, batch: int) -> dict:
     if ARGS.bf16:
         ours_bf16 = prepare_for_inference(model, dtype=torch.bfloat16)
         candidates.append(bench.Candidate("ours bf16", ours_bf16))
+    if "int8" in ARGS.precisions and int8_offered(model):
+        cache = tempfile.mkdtemp(prefix="int8-")
+        ours_int8 = quantize.int8_model(
+            model, calibration_images(ARGS.data, ARGS.calib, (h, w)), (h, w), cache=cache
+        )
+        candidates.append(bench.Candidate("ours int8", ours_int8))
     x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         logits = {c.name: c.run(x).float() for c in candidates}
@@ -137,7 +160,104 @@ def run_case(name: str, h: int, w: int, batch: int) -> dict:
         diff, agree = agreement(logits["ours bf16"], logits["reference"])
         row["bf16_max_abs_diff"] = float(f"{diff:.3g}")
         row["bf16_argmax_agree"] = round(agree, 6)
+    if "ours int8" in timings:
+        row["int8_ms"] = timings["ours int8"]["latency_ms"]
+        diff, agree = agreement(logits["ours int8"], logits["ours"])
+        row["int8_argmax_agree_fp32"] = round(agree, 6)
     return row
+
+
+def int8_offered(model: nn.Module) -> bool:
+    return family_of(model) in quantize.INT8_FAMILIES
+
+
+def calibration_images(root: str | None, n: int, size_hw: tuple[int, int]) -> list[torch.Tensor]:
+    """`n` normalised 1×3×H×W images: the first `n` training images of `root` resized to
+    `size_hw`, or (no root) smooth random colour fields, seed 0."""
+    if root is None:
+        g = torch.Generator().manual_seed(0)
+        low = [torch.randn(1, 3, 8, 16, generator=g) for _ in range(n)]
+        return [F.interpolate(x, size_hw, mode="bilinear", align_corners=False) for x in low]
+    from segcompare.data.transforms import normalize
+    from segcompare.evaluate import eval_dataset
+
+    data = eval_dataset(root, "train")
+    out = []
+    for i in range(min(n, len(data))):
+        x = normalize(data[i]["image"])[None]
+        out.append(F.interpolate(x, size_hw, mode="bilinear", align_corners=False))
+    return out
+
+
+def miou(run, root: str) -> float:
+    """mIoU (%) of `run` on the val split of `root`: whole image at its own size, logits
+    upsampled bilinearly to it (the same for every precision: only the change is read)."""
+    from segcompare.data.transforms import normalize
+    from segcompare.evaluate import eval_dataset
+    from segcompare.metrics import ConfusionMatrix
+
+    data = eval_dataset(root, "val")
+    cm = ConfusionMatrix()
+    with torch.no_grad():
+        for i in range(len(data)):
+            item = data[i]
+            x = normalize(item["image"])[None]
+            logits = F.interpolate(run(x), x.shape[-2:], mode="bilinear", align_corners=False)
+            labels = torch.from_numpy(np.asarray(item["label"])).long()[None]
+            cm.update(logits.argmax(1), labels)
+    return 100 * cm.compute()["miou"]
+
+
+def miou_row(name: str, weights: str) -> dict:
+    """mIoU of our prepared model in each of --precision on trained weights."""
+    from segcompare.evaluate import eval_dataset
+
+    model = build_model(name, weights=weights).eval()
+    size = tuple(eval_dataset(ARGS.data, "val")[0]["image"].shape[:2])
+    row = {"model": name, "weights": weights, "size": f"{size[0]}x{size[1]}"}
+    for p in ARGS.precisions:
+        if p == "int8":
+            if not int8_offered(model):
+                continue
+            calib = calibration_images(ARGS.data, ARGS.calib, size)
+            run = quantize.int8_model(model, calib, size, cache=tempfile.mkdtemp(prefix="int8-"))
+        else:
+            run = prepare_for_inference(model, dtype=getattr(torch, TABLE[p].dtype))
+        row[f"miou_{p}"] = round(miou(run, ARGS.data), 2)
+    return row
+
+
+def precision_table(rows: list[dict], accuracy: list[dict]) -> str:
+    """Latency in each precision (and against fp32), then the mIoU change on trained weights."""
+    lines = [
+        "| model | input | fp32 ms | bf16 ms | bf16 vs fp32 | int8 ms | int8 vs fp32 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        cells = []
+        for p in ("bf16", "int8"):
+            ms = r.get(f"{p}_ms")
+            note = "not offered" if p == "int8" and "int8" in ARGS.precisions else "-"
+            cells += [f"{ms:.0f}", f"{ms / r['ours_ms']:.2f}×"] if ms else [note, "-"]
+        lines.append(
+            f"| {r['model']} | {r['batch']}×3×{r['size'].replace('x', '×')} | {r['ours_ms']:.0f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    if accuracy:
+        lines += [
+            "",
+            "| model (trained weights) | val size | mIoU fp32 | bf16 change | int8 change |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
+        for a in accuracy:
+            base = a["miou_fp32"]
+            change = [f"{a[f'miou_{p}'] - base:+.2f}" if f"miou_{p}" in a else "-"
+                      for p in ("bf16", "int8")]  # fmt: skip
+            lines.append(
+                f"| {a['model']} | {a['size']} | {base:.2f} | " + " | ".join(change) + " |"
+            )
+    return "\n".join(lines)
 
 
 def write_rows(
@@ -184,6 +304,13 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     global ARGS
     ARGS = parse_args()
+    ARGS.precisions = [p for p in ARGS.precision.split(",") if p]
+    for p in ARGS.precisions:
+        if p not in (*PRECISIONS, "int8"):
+            raise SystemExit(f"--precision {p!r}: valid: {', '.join(PRECISIONS)}, int8")
+    ARGS.bf16 = ARGS.bf16 or "bf16" in ARGS.precisions
+    if ARGS.trained and (ARGS.data is None or "fp32" not in ARGS.precisions):
+        raise SystemExit("--trained needs --data (its val split) and fp32 among --precision")
     torch.set_num_threads(ARGS.threads)
     tuned = False if ARGS.no_tune_alloc else tune_cpu_allocator()
     models = [m for m in ARGS.models.split(",") if m]
@@ -198,8 +325,12 @@ def main() -> int:
     meta.update(thp=not ARGS.no_thp, tuned_malloc=tuned, warmup=ARGS.warmup, iters=ARGS.iters)
     write_rows(Path(ARGS.out), meta, rows)
     print(table(rows))
+    if ARGS.precisions != ["fp32"]:
+        accuracy = [miou_row(*spec.split("=", 1)) for spec in ARGS.trained]
+        print("\n" + precision_table(rows, accuracy))
     print(
-        f"\n{meta['cpu']}, {ARGS.threads} threads, torch {meta['torch']}, THP {meta['thp']}, "
+        f"\n{meta['cpu']}, {meta['cores']} cores, {time.strftime('%Y-%m-%d')}, "
+        f"{ARGS.threads} threads, torch {meta['torch']}, THP {meta['thp']}, "
         f"glibc malloc tuned {tuned}"
     )
     return 0

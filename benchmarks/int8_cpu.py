@@ -42,13 +42,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as inference_cpu.py: before torch loads
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from inference_cpu import trained_like, write_rows  # noqa: E402
+from inference_cpu import calibration_images, miou, trained_like, write_rows  # noqa: E402
 
 from segcompare import bench  # noqa: E402
 from segcompare.infer.fast import prepare_for_inference, tune_cpu_allocator  # noqa: E402
@@ -76,28 +74,6 @@ def parse_args() -> argparse.Namespace:
 def hw(text: str) -> tuple[int, int]:
     h, w = text.split("x")
     return int(h), int(w)
-
-
-# ---------------------------------------------------------------------------------------------
-# Calibration images
-
-
-def calibration_images(root: str | None, n: int, size_hw: tuple[int, int]) -> list[torch.Tensor]:
-    """`n` normalised 1×3×H×W images: the first `n` training images of `root` resized to
-    `size_hw`, or (no root) images of smooth random colour fields, seed 0."""
-    if root is None:
-        g = torch.Generator().manual_seed(0)
-        low = [torch.randn(1, 3, 8, 16, generator=g) for _ in range(n)]
-        return [F.interpolate(x, size_hw, mode="bilinear", align_corners=False) for x in low]
-    from segcompare.data.transforms import normalize
-    from segcompare.evaluate import eval_dataset
-
-    data = eval_dataset(root, "train")
-    out = []
-    for i in range(min(n, len(data))):
-        x = normalize(data[i]["image"])[None]
-        out.append(F.interpolate(x, size_hw, mode="bilinear", align_corners=False))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,24 +158,6 @@ def build_int8(path, model, fp32, data, n, calib_hw, ort_hw, threads, work: Path
 
 # ---------------------------------------------------------------------------------------------
 # mIoU on trained weights
-
-
-def miou(run, root: str) -> float:
-    """mIoU (%) of `run` on the val split of `root`: whole image at its own size, logits
-    upsampled bilinearly to it (the same for fp32 and int8: only the change is read)."""
-    from segcompare.data.transforms import normalize
-    from segcompare.evaluate import eval_dataset
-    from segcompare.metrics import ConfusionMatrix
-
-    data = eval_dataset(root, "val")
-    cm = ConfusionMatrix()
-    with torch.no_grad():
-        for i in range(len(data)):
-            item = data[i]
-            x = normalize(item["image"])[None]
-            logits = F.interpolate(run(x), x.shape[-2:], mode="bilinear", align_corners=False)
-            cm.update(logits.argmax(1), torch.from_numpy(np.asarray(item["label"])).long()[None])
-    return 100 * cm.compute()["miou"]
 
 
 def miou_rows(name: str, weights: str, paths: list[str]) -> list[dict]:
