@@ -17,9 +17,9 @@ Weights are random but scaled like trained ones (BatchNorm statistics included),
 
 --precision adds our model in each precision (`segcompare.precision`; int8 through
 `segcompare.infer.quantize`, only for the families it is offered for, calibrated on --calib
-training images of --data, else on smooth random images) and prints the precision table; with
---trained (weights of the demo's models) it also scores each precision on --data's val split
-(whole image at its own size) and prints the mIoU change against fp32.
+training images of --data at --calib-size, else on smooth random images) and prints the
+precision table; with --trained (weights of the demo's models) it also scores each precision
+on --data's val split (whole image at its own size) and prints the mIoU change against fp32.
 
 Large tensors go on transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE) and glibc keeps
 freed memory for reuse (`tune_cpu_allocator`), for both models, as the segcompare CLI does;
@@ -55,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, int8")
     p.add_argument("--data", default=None, help="synthetic Cityscapes root: int8 calibration, mIoU")
     p.add_argument("--calib", type=int, default=32, help="int8 calibration images")
+    p.add_argument("--calib-size", default="256x512", help="HxW of int8 calibration images")
     p.add_argument("--trained", action="append", default=[], help="MODEL=WEIGHTS: mIoU change")
     p.add_argument("--no-thp", action="store_true", help="leave PyTorch's allocator as it is")
     p.add_argument(
@@ -126,9 +127,8 @@ def run_case(name: str, h: int, w: int, batch: int) -> dict:
         candidates.append(bench.Candidate("ours bf16", ours_bf16))
     if "int8" in ARGS.precisions and int8_offered(model):
         cache = tempfile.mkdtemp(prefix="int8-")
-        ours_int8 = quantize.int8_model(
-            model, calibration_images(ARGS.data, ARGS.calib, (h, w)), (h, w), cache=cache
-        )
+        calib = calibration_images(ARGS.data, ARGS.calib, hw(ARGS.calib_size))
+        ours_int8 = quantize.int8_model(model, calib, cache=cache)
         candidates.append(bench.Candidate("ours int8", ours_int8))
     x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -165,6 +165,11 @@ def run_case(name: str, h: int, w: int, batch: int) -> dict:
         diff, agree = agreement(logits["ours int8"], logits["ours"])
         row["int8_argmax_agree_fp32"] = round(agree, 6)
     return row
+
+
+def hw(text: str) -> tuple[int, int]:
+    h, w = text.split("x")
+    return int(h), int(w)
 
 
 def int8_offered(model: nn.Module) -> bool:
@@ -220,7 +225,7 @@ def miou_row(name: str, weights: str) -> dict:
             if not int8_offered(model):
                 continue
             calib = calibration_images(ARGS.data, ARGS.calib, size)
-            run = quantize.int8_model(model, calib, size, cache=tempfile.mkdtemp(prefix="int8-"))
+            run = quantize.int8_model(model, calib, cache=tempfile.mkdtemp(prefix="int8-"))
         else:
             run = prepare_for_inference(model, dtype=getattr(torch, TABLE[p].dtype))
         row[f"miou_{p}"] = round(miou(run, ARGS.data), 2)

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from inference_cpu import calibration_images, miou, trained_like, write_rows  # noqa: E402
+from inference_cpu import calibration_images, hw, miou, trained_like, write_rows  # noqa: E402
 
 from segcompare import bench  # noqa: E402
 from segcompare.infer.fast import prepare_for_inference, tune_cpu_allocator  # noqa: E402
@@ -69,11 +69,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/int8_cpu.json"))
     return p.parse_args()
-
-
-def hw(text: str) -> tuple[int, int]:
-    h, w = text.split("x")
-    return int(h), int(w)
 
 
 # ---------------------------------------------------------------------------------------------

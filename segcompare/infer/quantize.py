@@ -1,22 +1,25 @@
 """int8 inference on the CPU: post-training static quantization with onnxruntime (QDQ).
 
-    run = int8_model(model, calibration, size_hw=(1024, 2048))   # built once, then cached
-    logits = run(images)                                          # N×3×H×W -> N×C×H/4×W/4
+    run = int8_model(model, calibration)   # built once, then cached
+    logits = run(images)                   # N×3×H×W -> N×C×H/4×W/4, any H, W
 
 The model is exported as `segcompare.export` exports it (`prepare_for_inference`: BN folded, the
 heads per branch), then onnxruntime's `quantize_static` puts int8 quantize/dequantize pairs
 around every convolution: activations uint8 per tensor, weights int8 per output channel, scales
 from the min/max the calibration images (normalised, N×3×H×W) produce. Only convolutions are
-quantized: LayerNorm, softmax and attention's scores stay float32.
+quantized: LayerNorm, softmax and attention's scores stay float32. The graph has free batch,
+height and width, so one int8 model serves every input size. onnxruntime's calibration keeps
+every conv output of every calibration image in memory (about 1 GB per 1024×2048 image for
+HRNet-W18-Small): calibrate on images of training-crop size (benchmarks/int8_cpu.py: 256×512).
 
 Offered only for the families in `INT8_FAMILIES`: where benchmarks/int8_cpu.py measured int8 at
 least 1.5× faster than our fp32 model at 1024×2048 and its mIoU on the demo's trained weights
 within 0.5 points of fp32 (benchmarks/RESULTS.md, "int8"). `check_int8` refuses the others.
 
 The quantized model is an ONNX file: data, no code. It is cached under the user cache folder
-(`segcompare.utils.user_cache`) per model weights, input size and calibration images, so the
-calibration (minutes at 1024×2048 on two cores) runs once; loading it back runs no code from
-the file. Needs `pip install segcompare[onnx]` (onnx, onnxruntime).
+(`segcompare.utils.user_cache`) per model weights and calibration images (their size
+included), so the calibration (a minute for 32 images of 256×512 on two cores) runs once;
+loading it back runs no code from the file. Needs `pip install segcompare[onnx]`.
 """
 
 from __future__ import annotations
@@ -65,17 +68,16 @@ def _onnxruntime():
     return onnxruntime, quantization
 
 
-def cache_key(
-    model: nn.Module, size_hw: tuple[int, int], calibration: Sequence[torch.Tensor]
-) -> str:
-    """A digest of what decides the int8 model: the variant, every weight (names, shapes, values),
-    the input size and the calibration images."""
+def cache_key(model: nn.Module, calibration: Sequence[torch.Tensor]) -> str:
+    """A digest of what decides the int8 model: the variant, every weight (names, shapes, values)
+    and the calibration images (shapes and values)."""
     h = hashlib.sha256()
-    h.update(f"{getattr(model, 'variant', type(model).__name__)} {size_hw}".encode())
+    h.update(str(getattr(model, "variant", type(model).__name__)).encode())
     for name, t in model.state_dict().items():
         h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     for x in calibration:
+        h.update(str(tuple(x.shape)).encode())
         h.update(x.detach().cpu().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -91,11 +93,9 @@ class _Reader:
         return None if x is None else {"images": x.detach().cpu().float().numpy()}
 
 
-def quantize_to_onnx(
-    model: nn.Module, calibration: Sequence[torch.Tensor], size_hw: tuple[int, int], out: PathLike
-) -> Path:
+def quantize_to_onnx(model: nn.Module, calibration: Sequence[torch.Tensor], out: PathLike) -> Path:
     """Write the int8 (QDQ) ONNX model of `model` at `out`, atomically, calibrated on
-    `calibration` (normalised N×3×H×W images at `size_hw`)."""
+    `calibration` (normalised N×3×H×W images, all of one size)."""
     from segcompare.export import export_onnx
 
     _, quantization = _onnxruntime()
@@ -105,7 +105,7 @@ def quantize_to_onnx(
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp, atomic_path(out) as dst:
         fp32 = Path(tmp) / "fp32.onnx"
-        export_onnx(model, fp32, size_hw=size_hw)
+        export_onnx(model, fp32, size_hw=tuple(calibration[0].shape[-2:]), dynamic=True)
         quantization.quantize_static(
             str(fp32), str(dst), _Reader(calibration),
             quant_format=quantization.QuantFormat.QDQ, per_channel=True,
@@ -129,14 +129,8 @@ class Int8Model:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.size_hw = tuple(self.session.get_inputs()[0].shape[-2:])
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if tuple(images.shape[-2:]) != self.size_hw:
-            raise SegcompareError(
-                f"int8 model {self.path.name} was built for {self.size_hw[0]}×{self.size_hw[1]} "
-                f"inputs, got {images.shape[-2]}×{images.shape[-1]}"
-            )
         x = images.detach().cpu().float().contiguous().numpy()
         logits = torch.from_numpy(self.session.run(None, {"images": x})[0])
         return logits.to(images.device)
@@ -145,21 +139,24 @@ class Int8Model:
 def int8_model(
     model: nn.Module,
     calibration: Sequence[torch.Tensor],
-    size_hw: tuple[int, int],
     cache: Optional[PathLike] = None,
 ) -> Int8Model:
-    """The int8 model of `model` at `size_hw`: built and calibrated once (time logged), then
-    read back from `cache` (default: the user cache folder's int8/)."""
+    """The int8 model of `model`, calibrated on `calibration`: built once (calibration time
+    logged), then read back from `cache` (default: the user cache folder's int8/)."""
     check_int8(model)
+    if not calibration:
+        raise SegcompareError("--precision int8: no calibration images")
     folder = Path(cache) if cache is not None else user_cache() / "int8"
     variant = getattr(model, "variant", type(model).__name__)
-    key = cache_key(model, size_hw, calibration)
-    path = folder / f"{variant}-{size_hw[0]}x{size_hw[1]}-{key}.onnx"
+    h, w = calibration[0].shape[-2:]
+    path = (
+        folder / f"{variant}-calib{len(calibration)}x{h}x{w}-{cache_key(model, calibration)}.onnx"
+    )
     if path.is_file():
         log.info("int8: reusing %s", path)
     else:
         t0 = time.perf_counter()
-        quantize_to_onnx(model, calibration, size_hw, path)
+        quantize_to_onnx(model, calibration, path)
         log.info(
             "int8: %s calibrated on %d images in %.1f s -> %s",
             variant, len(calibration), time.perf_counter() - t0, path,
