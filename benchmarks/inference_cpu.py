@@ -15,8 +15,8 @@ Weights are random but scaled like trained ones (BatchNorm statistics included),
     python benchmarks/inference_cpu.py --cases 1024x2048x1 --precision fp32,bf16,int8 \\
         --data $SYNTH --trained hrnet-w18-small-v1=runs/hrnet_w18_small_v1/final.safetensors
 
---precision adds our model in each precision (`segcompare.precision`; int8 through
-`segcompare.infer.quantize`, only for the families it is offered for, calibrated on --calib
+--precision adds our model in each precision (`segcompare.precision`; int8, which no command
+offers (RESULTS.md, "int8"), as `int8_cpu.py`'s onnxruntime path, calibrated on --calib
 training images of --data at --calib-size, else on smooth random images) and prints the
 precision table; with --trained (weights of the demo's models) it also scores each precision
 on --data's val split (whole image at its own size) and prints the mIoU change against fp32.
@@ -75,7 +75,6 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from segcompare import bench  # noqa: E402
-from segcompare.infer import quantize  # noqa: E402
 from segcompare.infer.fast import prepare_for_inference, tune_cpu_allocator  # noqa: E402
 from segcompare.models import build_model, family_of  # noqa: E402
 from segcompare.precision import PRECISIONS, TABLE  # noqa: E402
@@ -125,11 +124,9 @@ def run_case(name: str, h: int, w: int, batch: int) -> dict:
     if ARGS.bf16:
         ours_bf16 = prepare_for_inference(model, dtype=torch.bfloat16)
         candidates.append(bench.Candidate("ours bf16", ours_bf16))
-    if "int8" in ARGS.precisions and int8_offered(model):
-        cache = tempfile.mkdtemp(prefix="int8-")
+    if "int8" in ARGS.precisions:
         calib = calibration_images(ARGS.data, ARGS.calib, hw(ARGS.calib_size))
-        ours_int8 = quantize.int8_model(model, calib, cache=cache)
-        candidates.append(bench.Candidate("ours int8", ours_int8))
+        candidates.append(bench.Candidate("ours int8", ort_int8(model, calib)))
     x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         logits = {c.name: c.run(x).float() for c in candidates}
@@ -172,8 +169,13 @@ def hw(text: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def int8_offered(model: nn.Module) -> bool:
-    return family_of(model) in quantize.INT8_FAMILIES
+def ort_int8(model: nn.Module, calib: list[torch.Tensor]):
+    """`int8_cpu.py`'s onnxruntime path (static QDQ, convolutions only) for `model`."""
+    from int8_cpu import ort_int8 as build  # here: int8_cpu imports this module
+
+    with tempfile.TemporaryDirectory() as tmp:  # the session holds the model in memory
+        run, _, _ = build(model, calib, ARGS.threads, Path(tmp))
+    return run
 
 
 def calibration_images(root: str | None, n: int, size_hw: tuple[int, int]) -> list[torch.Tensor]:
@@ -222,10 +224,8 @@ def miou_row(name: str, weights: str) -> dict:
     row = {"model": name, "weights": weights, "size": f"{size[0]}x{size[1]}"}
     for p in ARGS.precisions:
         if p == "int8":
-            if not int8_offered(model):
-                continue
             calib = calibration_images(ARGS.data, ARGS.calib, size)
-            run = quantize.int8_model(model, calib, cache=tempfile.mkdtemp(prefix="int8-"))
+            run = ort_int8(model, calib)
         else:
             run = prepare_for_inference(model, dtype=getattr(torch, TABLE[p].dtype))
         row[f"miou_{p}"] = round(miou(run, ARGS.data), 2)
@@ -242,8 +242,7 @@ def precision_table(rows: list[dict], accuracy: list[dict]) -> str:
         cells = []
         for p in ("bf16", "int8"):
             ms = r.get(f"{p}_ms")
-            note = "not offered" if p == "int8" and "int8" in ARGS.precisions else "-"
-            cells += [f"{ms:.0f}", f"{ms / r['ours_ms']:.2f}×"] if ms else [note, "-"]
+            cells += [f"{ms:.0f}", f"{ms / r['ours_ms']:.2f}×"] if ms else ["-", "-"]
         lines.append(
             f"| {r['model']} | {r['batch']}×3×{r['size'].replace('x', '×')} | {r['ours_ms']:.0f} | "
             + " | ".join(cells)

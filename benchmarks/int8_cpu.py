@@ -95,7 +95,7 @@ def pt2e_int8(fp32: torch.nn.Module, calib: list[torch.Tensor]):
     inductor_config.freezing = True  # constant weights: prepacked int8 oneDNN kernels
     t0 = time.perf_counter()
     compiled = torch.compile(q)
-    with torch.no_grad():
+    with torch.inference_mode():  # as segcompare.bench runs it (else it compiles again there)
         compiled(calib[0])
     return compiled, calib_s, time.perf_counter() - t0
 

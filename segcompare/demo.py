@@ -30,7 +30,6 @@ from segcompare.utils import (
     atomic_write_text,
     log_to_console,
     make_dirs,
-    user_cache,
 )
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,8 @@ TINY = DemoPlan(
 
 
 def default_cache() -> Path:
-    return user_cache()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "segcompare"
 
 
 def synth_data(plan: DemoPlan, cache: Path, fresh: bool, progress: bool) -> Path:

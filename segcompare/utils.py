@@ -26,13 +26,6 @@ class SegcompareError(ValueError):
     working; but only this class is a user error to the CLI: any other exception is a bug."""
 
 
-def user_cache() -> Path:
-    """The folder segcompare keeps what it can rebuild in (the demo's data, int8 models):
-    $XDG_CACHE_HOME/segcompare, else ~/.cache/segcompare."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "segcompare"
-
-
 def first_line(err: BaseException) -> str:
     """The first sentence of an error's message: the part a user needs."""
     text = str(err).strip().splitlines()

@@ -4,7 +4,6 @@ and the inference rewrites that make the model faster.
     predictor.py   Predictor (the one place a model is called), predict_files, render_prediction
     video.py       render_video: input | model 1 | model 2 ..., titled, with a class legend
     fast.py        prepare_for_inference: BN folded, fused oneDNN convs, the heads per branch
-    quantize.py    int8_model: the prepared model as an int8 ONNX (onnxruntime QDQ), cached
 """
 
 from segcompare.infer.fast import prepare_for_inference, tune_cpu_allocator
