@@ -16,10 +16,11 @@ Weights are random but scaled like trained ones (BatchNorm statistics included),
         --data $SYNTH --trained hrnet-w18-small-v1=runs/hrnet_w18_small_v1/final.safetensors
 
 --precision adds our model in each precision (`segcompare.precision`; int8, which no command
-offers (RESULTS.md, "int8"), as `int8_cpu.py`'s onnxruntime path, calibrated on --calib
-training images of --data at --calib-size, else on smooth random images) and prints the
-precision table; with --trained (weights of the demo's models) it also scores each precision
-on --data's val split (whole image at its own size) and prints the mIoU change against fp32.
+offers yet (RESULTS.md, "int8"), by `int8_cpu.py`'s --int8-path (pt2e: at the timed size; ort:
+at --calib-size), calibrated on --calib training images of --data, else smooth random images)
+and prints the precision table; with --trained (weights of the demo's models) it also scores
+each precision on --data's val split (whole image at its own size) and prints the mIoU change
+against fp32.
 
 Large tensors go on transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE) and glibc keeps
 freed memory for reuse (`tune_cpu_allocator`), for both models, as the segcompare CLI does;
@@ -55,7 +56,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, int8")
     p.add_argument("--data", default=None, help="synthetic Cityscapes root: int8 calibration, mIoU")
     p.add_argument("--calib", type=int, default=32, help="int8 calibration images")
-    p.add_argument("--calib-size", default="256x512", help="HxW of int8 calibration images")
+    p.add_argument("--calib-size", default="256x512", help="HxW of ort's calibration images")
+    p.add_argument("--int8-path", default="pt2e", choices=("pt2e", "ort"), help="see int8_cpu.py")
     p.add_argument("--trained", action="append", default=[], help="MODEL=WEIGHTS: mIoU change")
     p.add_argument("--no-thp", action="store_true", help="leave PyTorch's allocator as it is")
     p.add_argument(
@@ -125,8 +127,8 @@ def run_case(name: str, h: int, w: int, batch: int) -> dict:
         ours_bf16 = prepare_for_inference(model, dtype=torch.bfloat16)
         candidates.append(bench.Candidate("ours bf16", ours_bf16))
     if "int8" in ARGS.precisions:
-        calib = calibration_images(ARGS.data, ARGS.calib, hw(ARGS.calib_size))
-        candidates.append(bench.Candidate("ours int8", ort_int8(model, calib)))
+        int8 = build_int8(model, ours, (h, w), hw(ARGS.calib_size))
+        candidates.append(bench.Candidate("ours int8", int8))
     x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         logits = {c.name: c.run(x).float() for c in candidates}
@@ -169,12 +171,13 @@ def hw(text: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def ort_int8(model: nn.Module, calib: list[torch.Tensor]):
-    """`int8_cpu.py`'s onnxruntime path (static QDQ, convolutions only) for `model`."""
-    from int8_cpu import ort_int8 as build  # here: int8_cpu imports this module
+def build_int8(model: nn.Module, fp32: nn.Module, size_hw, ort_hw):
+    """`int8_cpu.py`'s --int8-path for `model` (`fp32`: its prepared model)."""
+    from int8_cpu import build_int8 as build  # here: int8_cpu imports this module
 
-    with tempfile.TemporaryDirectory() as tmp:  # the session holds the model in memory
-        run, _, _ = build(model, calib, ARGS.threads, Path(tmp))
+    with tempfile.TemporaryDirectory() as tmp:  # the model is in memory once built
+        run, _, _ = build(ARGS.int8_path, model, fp32, ARGS.data, ARGS.calib, size_hw, ort_hw,
+                          ARGS.threads, Path(tmp))  # fmt: skip
     return run
 
 
@@ -224,8 +227,7 @@ def miou_row(name: str, weights: str) -> dict:
     row = {"model": name, "weights": weights, "size": f"{size[0]}x{size[1]}"}
     for p in ARGS.precisions:
         if p == "int8":
-            calib = calibration_images(ARGS.data, ARGS.calib, size)
-            run = ort_int8(model, calib)
+            run = build_int8(model, prepare_for_inference(model), size, size)
         else:
             run = prepare_for_inference(model, dtype=getattr(torch, TABLE[p].dtype))
         row[f"miou_{p}"] = round(miou(run, ARGS.data), 2)
