@@ -59,6 +59,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     import contextlib
 
     from segcompare.evaluate import run_eval
+    from segcompare.infer.fast import describe_layer_precision
     from segcompare.metrics import format_results, write_results
     from segcompare.utils import SegcompareError, check_output, init_distributed, output_folder
 
@@ -95,9 +96,13 @@ def _run_eval(args: argparse.Namespace) -> int:
                                save_pred_dir=args.save_pred, meta=meta,
                                model_classes=classes.names if classes else None,
                                map_classes=args.map_classes, **_layout_values(args))
+            if predictor.amp:  # below fp32: what each layer ran in, on this CPU
+                results["layer_precision"] = predictor.layer_precision()
     if rank != 0:
         return 0  # rank 0 holds the summed counts too, and reports
     print(format_results(results))
+    for report in results.get("layer_precision", []):
+        print(describe_layer_precision(report))
     for p in results["processes"] if results["world_size"] > 1 else []:
         print(f"process {p['rank']}: {p['images']} images in {p['seconds']:.1f} s "
               f"({p['images_per_s'] or 0:.2f}/s)")
@@ -167,6 +172,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         count = int(total.item())
     if rank == 0:
         print(f"wrote {count} {args.format} file(s) to {args.out}")
+        for line in predictor.describe_layers():
+            print(line)
     return 0
 
 

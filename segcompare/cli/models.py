@@ -165,6 +165,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps({"models": rows, "meta": meta}, indent=2) + "\n")
     print(bench.format_table(rows, meta))
+    from segcompare.infer.fast import describe_layer_precision
+
+    for name, reports in meta.get("layer_precision", {}).items():
+        for report in reports:
+            print(f"{name}: {describe_layer_precision(report)}")
     return 0
 
 
