@@ -23,6 +23,11 @@ only run forward. Nothing here changes what is computed (up to float rounding); 
 5. **Fused attention**: `F.scaled_dot_product_attention` (no L×L' matrix in memory), fed
    with views of the q/kv projections.
 
+6. **bfloat16 where it pays**: a bfloat16 SegFormer on the CPU times each layer once per input
+   shape (`BF16Probe`) and runs it the fastest way there: bfloat16, float32, or for attention
+   bfloat16 matmuls; the whole float32 model where that is faster. `layer_precision` says what
+   ran in which precision.
+
 Each idea was kept only if `benchmarks/inference_cpu.py` measured it faster (RESULTS.md there).
 The prepared model is for inference only (no gradients, no `train()`): its weights are frozen.
 """
@@ -480,6 +485,9 @@ class FastAttention(nn.Module):
 # them (what AMX or AVX512-BF16 matmuls may run faster than the fused kernel).
 ATTENTION_WAYS = ("fp32", "bf16", "bf16 matmuls")
 SCORES_PER_CHUNK = 1 << 22  # bf16 scores held at once by "bf16 matmuls" (8 MB)
+# The queries (of all of them, with every key) on which BF16Probe times an attention: enough for
+# its cost per query (1024×2048's stage 1 has 131072 queries: timing them all would cost seconds)
+PROBE_QUERIES = 8192
 
 
 def _attention(
@@ -687,6 +695,7 @@ def _probe_layer(module: nn.Module, x: torch.Tensor) -> dict[str, float]:
     if isinstance(module, FastAttention):
         q, k, v = module.qkv(x)
         key = ("attention", tuple(q.shape), tuple(k.shape))
+        q = q[:, :, :PROBE_QUERIES]  # its cost is linear in the queries: time a share of them
         return probe_ms(key, {way: partial(_attention, q, k, v, way) for way in ATTENTION_WAYS})
     key = ("conv", tuple(module.weight.shape), tuple(module.stride), tuple(module.padding),
            module.groups, module.act, tuple(x.shape), x.is_contiguous())  # fmt: skip
