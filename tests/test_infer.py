@@ -446,3 +446,27 @@ def test_compare_cli_refuses_a_5_class_model_before_any_step(synth, tmp_path, ca
     (line,) = [ln for ln in err.strip().splitlines() if "error:" in ln]
     assert "k5.safetensors" in line and "5 classes" in line
     assert not (tmp_path / "cmp").exists()
+
+
+def test_predict_and_eval_say_what_each_layer_ran_in_below_fp32(synth, tmp_path, capsys):
+    """--precision bf16: one line of what ran in which precision (which layers that is depends
+    on this CPU's timings; the shape of the report does not), and eval's JSON holds it per
+    layer. fp32 prints no such line."""
+    import json
+
+    images = synth / "city" / "leftImg8bit" / "val"
+    common = ("--weights", synth / "b0.safetensors", "--device", "cpu", "--mode", "whole")
+    rc, out, _ = _cli(capsys, "predict", images, "--out", tmp_path / "p", *common,
+                      "--precision", "bf16")  # fmt: skip
+    lines = [line for line in out.splitlines() if line.startswith("layer precision")]
+    assert rc == 0 and len(lines) == 1 and lines[0].startswith("layer precision at 1x3x64x128: ")
+    assert "30 LayerNorm" not in lines[0] and " 4 attention" in lines[0]  # the tiny B0: 4 blocks
+    rc, out, _ = _cli(capsys, "eval", "--data", synth / "city", *common, "--precision", "bf16",
+                      "--json", tmp_path / "e.json")  # fmt: skip
+    doc = json.loads((tmp_path / "e.json").read_text())
+    assert rc == 0 and doc["precision"] == "bf16" and "layer precision at" in out
+    roles = {row["role"] for row in doc["layer_precision"][0]["layers"]}
+    assert roles == {"patch embeddings", "attention", "attention projections", "LayerNorm",
+                     "Mix-FFN linears", "Mix-FFN depthwise", "decode head"}
+    rc, out, _ = _cli(capsys, "predict", images, "--out", tmp_path / "q", *common)
+    assert rc == 0 and "layer precision" not in out

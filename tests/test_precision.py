@@ -234,6 +234,8 @@ def _fake_probe(monkeypatch, conv_ms, attention_ms, whole_ms, calls=None):
 
     def time_each(ways):
         assert tuple(ways) == ("fp32", "bf16")
+        if calls is not None:
+            calls.append("whole")
         return whole_ms
 
     monkeypatch.setattr(fast, "probe_ms", probe_ms)
@@ -271,7 +273,7 @@ def test_each_layer_runs_the_way_the_probe_found_fastest(monkeypatch):
 
 def test_the_whole_model_runs_in_fp32_where_that_is_faster(monkeypatch):
     """A CPU without bfloat16 units: the float32 model runs, and gives float32's logits."""
-    _fake_probe(monkeypatch, lambda key: {"fp32": 2.0, "bf16": 1.0},
+    _fake_probe(monkeypatch, lambda key: {"fp32": 1.0, "bf16": 2.0},
                 lambda key: {"fp32": 2.0, "bf16": 1.0, "bf16 matmuls": 3.0},
                 {"fp32": 1.0, "bf16": 2.0})
     model = _tiny_b0()
@@ -300,6 +302,7 @@ def test_the_probe_runs_once_per_input_shape(monkeypatch):
         assert len(calls) == first > 0
         fast_model(torch.randn(1, 3, 64, 96))
     assert len(calls) == 2 * first
+    assert "whole" not in calls  # every layer was faster in bf16: no need to time the whole
     # each conv and attention is probed at the shape it really meets: stage 1 of a 64×96
     # image is 16×24 tokens
     assert ("attention", (1, 1, 16 * 24, 32), (1, 1, 2 * 3, 32)) in calls

@@ -172,12 +172,16 @@ class FusedConv(nn.Module):
         self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, inplace: bool = False
     ) -> torch.Tensor:
         """A bfloat16 map through this conv in float32; the result in bfloat16 again."""
-        if self._float32_weights is None:
-            self._float32_weights = (self.weight.detach().float(), _to(self.bias, torch.float32))
         with torch.autocast(x.device.type, enabled=False):  # Predictor's autocast: not here
             out = self._conv(x.float(), _to(residual, torch.float32), inplace,
-                             *self._float32_weights)  # fmt: skip
+                             *self.float32_weights())  # fmt: skip
         return out.to(x.dtype)
+
+    def float32_weights(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(weight, bias) in float32, copied once."""
+        if self._float32_weights is None:
+            self._float32_weights = (self.weight.detach().float(), _to(self.bias, torch.float32))
+        return self._float32_weights
 
     def _conv(
         self, x: torch.Tensor, residual: Optional[torch.Tensor], inplace: bool,
@@ -625,6 +629,9 @@ class BF16Probe:
             (name, m) for name, m in net.named_modules()
             if isinstance(m, FastAttention) or (isinstance(m, FusedConv) and not m.keep_float32)
         ]  # fmt: skip
+        for _, module in self.layers:  # made here, not in the probe's inference mode
+            if isinstance(module, FusedConv):
+                module.float32_weights()
         # input shape -> layer name -> {way: ms}
         self.timings: dict[tuple[int, ...], dict[str, dict[str, float]]] = {}
         # input shape -> {"fp32": ms, "bf16": ms}: the whole model in float32, and in bfloat16
@@ -640,9 +647,11 @@ class BF16Probe:
             self.timings[shape] = self.probe(shape)
         for name, module in self.layers:
             module.way = fastest(self.timings[shape][name])
-        if shape not in self.whole:
-            self.whole[shape] = self.probe_whole(shape)
-        return self.net_float32 if fastest(self.whole[shape]) == "fp32" else self.net
+        if shape not in self.whole:  # needed only where some layer is faster in float32
+            slower = any(module.way == "fp32" for _, module in self.layers)
+            self.whole[shape] = self.probe_whole(shape) if slower else {}
+        whole = self.whole[shape]
+        return self.net_float32 if whole and fastest(whole) == "fp32" else self.net
 
     def probe_whole(self, shape: tuple[int, ...]) -> dict[str, float]:
         """{"fp32": ms, "bf16": ms} of the whole model on a random input of `shape`."""
