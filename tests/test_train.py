@@ -15,10 +15,19 @@ import torch
 import yaml
 from helpers import TINY_SEGFORMER, assert_same_state, model_state
 from helpers import write_yaml as _write
+from reference import load_io, load_manifest, official_error, seeded_state_dict
 
 from segcompare.config import OptimConfig, config_from_dict, load_config
 from segcompare.losses import cross_entropy, ohem_cross_entropy
-from segcompare.train import build_optimizer, learning_rate, param_groups, set_learning_rate
+from segcompare.models import build_model
+from segcompare.models.segformer import UNUSED_OFFICIAL_KEYS
+from segcompare.train import (
+    build_optimizer,
+    learning_rate,
+    param_groups,
+    set_learning_rate,
+    split_head,
+)
 from segcompare.utils import SegcompareError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -485,3 +494,53 @@ def test_init_reinitialises_only_the_classifier_and_auto_weights(
     recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert recorded["train"]["class_weights"] == pytest.approx(expected, abs=1e-6)
     assert np.isfinite(expected).all()
+
+
+# -- the training model: its head's fuse conv split by branch (train.split_head) ----------------
+SPLIT_CASES = [("segformer_b0", (3, 4)), ("hrnet_w18_small_v1", (3,)), ("hrnet_w18_small_v2", (3,))]
+
+
+def _official_model(stem: str) -> torch.nn.Module:
+    family = stem.split("_")[0]
+    state = seeded_state_dict(load_manifest(stem), family)
+    for key in UNUSED_OFFICIAL_KEYS if family == "segformer" else ():
+        del state[key]
+    overrides = {"drop_path_rate": 0.0, "dropout": 0.0} if family == "segformer" else {}
+    model = build_model(stem.replace("_", "-"), **overrides)  # no randomness in train mode
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("stem, low", SPLIT_CASES)
+def test_split_head_gives_the_official_logits(stem, low):
+    model = _official_model(stem).eval()
+    assert split_head(model) == low  # the far, wide branches run at their own resolution
+    io = load_io(stem)
+    with torch.no_grad():
+        logits = model(io["input"])
+    official_error(logits, io["logits_quarter"], stem)
+
+
+@pytest.mark.parametrize("stem, low", SPLIT_CASES)
+def test_split_head_gives_the_official_gradients(stem, low):
+    """One training-mode step (batch statistics) of the split head against the official order
+    of operations (the eager model, equal to the official code: the fixtures)."""
+    official = _official_model(stem).train()
+    split = _official_model(stem).train()
+    split_head(split)
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 96)
+    labels = torch.randint(0, 19, (2, 64, 96))
+    for model in (official, split):
+        cross_entropy(model(images), labels).backward()
+    # relative to each parameter's largest gradient, or to a thousandth of the model's for the
+    # biases before a BatchNorm, whose gradient is 0 but for rounding (1e-9 here)
+    model_scale = max(p.grad.abs().max().item() for p in official.parameters())
+    worst = 0.0
+    for a, b in zip(official.parameters(), split.parameters()):
+        scale = max(a.grad.abs().max().item(), 1e-3 * model_scale)
+        worst = max(worst, (a.grad - b.grad).abs().max().item() / scale)
+    print(f"{stem}: largest relative gradient difference {worst:.2g}")
+    assert worst < 1e-4
+    for a, b in zip(official.buffers(), split.buffers()):  # BN running statistics
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
