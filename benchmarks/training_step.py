@@ -95,7 +95,6 @@ def our_step(model, images, labels, amp):
     """The step of `segcompare train`: its model preparation, optimizer and loss."""
     model = train.prepare_for_training(model, amp_dtype=torch.bfloat16 if ARGS.bf16 else None)
     optimizer = train.build_optimizer(model, OPTIM)
-    images = train.to_model_layout(images, model)
 
     def step() -> float:
         with amp():
