@@ -64,7 +64,6 @@ from segcompare.config import (
 )
 from segcompare.data.labels import IGNORE_INDEX
 from segcompare.losses import cross_entropy, ohem_cross_entropy
-from segcompare.models.hrnet import HRNet
 from segcompare.models.precision import guard_bf16
 from segcompare.models.segformer import AllMLPHead
 from segcompare.run_folder import (
@@ -143,24 +142,22 @@ def prepare_for_training(
 
 
 def split_head(model: nn.Module) -> tuple[int, ...]:
-    """Let the head of `model` (SegFormer or HRNet) apply its fuse conv's columns for a far
-    branch of C_j channels at that branch's resolution, then upsample the conv's D output
-    channels, wherever C_j >= D/2 (SegFormer-B0: stages 3 and 4, HRNet-W18-Small: branch 3):
-    the same function with fewer MACs (`AllMLPHead.forward_split`, `HRNet.forward_head_split`).
+    """Let a SegFormer's head apply its fuse conv's columns for a far stage of C_j channels at
+    that stage's resolution, then upsample the conv's D output channels, wherever C_j >= D/2
+    (B0: stages 3 and 4): the same function with fewer MACs (`AllMLPHead.forward_split`).
     Measured on a training step of 4×3×128×256 (1 thread, fp32 and bf16 autocast, 2-core Intel
-    Xeon VM, 2026-12-04, benchmarks/RESULTS.md): a branch that upsamples D instead of C_j < D/2
-    channels loses more in resizing than it saves in MACs. Returns the low branches."""
+    Xeon VM, 2026-12-04, benchmarks/RESULTS.md): a stage that upsamples D instead of C_j < D/2
+    channels loses more in resizing than it saves in MACs. Returns the low stages.
+
+    HRNet's head is left in the official order: split, its step gained under a tenth, while the
+    other rounding, through OHEM's pixel selection and SGD at lr 0.05, moved the demo's HRNet
+    run away from the unsplit one within 20 iterations (loss 2.367 against 2.313)."""
     head = getattr(model, "decode_head", None)
     if isinstance(head, AllMLPHead):
         d = head.linear_fuse.conv.out_channels
         widths = [getattr(head, f"linear_c{s}").proj.in_features for s in range(1, 5)]
         head.low_stages = tuple(s for s, c in enumerate(widths, 1) if s > 1 and 2 * c >= d)
         return head.low_stages
-    if isinstance(model, HRNet):
-        widths = model.stage4[-1].out_channels
-        d = sum(widths)
-        model.head_low = tuple(j for j, c in enumerate(widths) if j > 0 and 2 * c >= d)
-        return model.head_low
     return ()
 
 

@@ -381,9 +381,6 @@ class HRNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(concat_ch, num_classes, final_conv_kernel, padding=final_conv_kernel // 2),
         )
-        # branches (> 0) whose part of the head's first conv runs at the branch's own resolution
-        # (`forward_head_split`; `segcompare.train` sets them); none: the official order
-        self.head_low: tuple[int, ...] = ()
         # one momentum for every BN of the network, as the official file's BN_MOMENTUM
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -419,27 +416,9 @@ class HRNet(nn.Module):
 
     def forward_head(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Upsample every branch to the first one's size, concatenate, classify."""
-        if self.head_low:
-            return self.forward_head_split(features)
         high = features[0]
         x = torch.cat([high] + [resize_to(f, high) for f in features[1:]], dim=1)
         return self.last_layer(x)  # N×num_classes×H/4×W/4
-
-    def forward_head_split(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """`forward_head` without the whole concatenation, for training (same parameters, same
-        function, other rounding): the head's first 1×1 conv split by branch, W = [W_0 ... W_3];
-        since a per-pixel linear map commutes with bilinear resizing, the branches j of
-        `head_low` apply W_j at their own resolution and upsample its D channels, the others
-        upsample their C_j channels into one conv at 1/4 with W_0."""
-        high = features[0]
-        conv = self.last_layer[HEAD_CONV]
-        w = torch.split(conv.weight, [f.shape[1] for f in features], dim=1)  # D×C_j×1×1
-        near = [j for j in range(len(features)) if j not in self.head_low]
-        x = torch.cat([high] + [resize_to(features[j], high) for j in near[1:]], dim=1)
-        x = F.conv2d(x, torch.cat([w[j] for j in near], dim=1), conv.bias)
-        for j in self.head_low:  # N×D×h_j×w_j, upsampled and added
-            x = x + resize_to(F.conv2d(features[j], w[j]), high)
-        return self.last_layer[HEAD_CONV + 1 :](x)  # N×num_classes×H/4×W/4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
