@@ -341,8 +341,9 @@ def with_data_classes(cfg: Config, num_classes: int, source: str) -> Config:
     given = cfg.model.num_classes
     if given is not None and given != num_classes:
         raise SegcompareError(
-            f"model.num_classes is {given} but {source} has {num_classes} classes: "
-            "set model.num_classes to null (the data set's count) or to that count"
+            f"model.num_classes is {given} but {source} has {num_classes} classes: pass "
+            f"--set model.num_classes=null (the data set's count) or --set "
+            f"model.num_classes={num_classes}"
         )
     _check_classes(cfg, num_classes)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
