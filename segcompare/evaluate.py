@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 Model = Callable[[torch.Tensor], torch.Tensor]  # N×3×H×W normalised -> N×C×h×w logits
 
-# Each family's multi-scale test (`aug_test`, `--aug-test`): its scales and flip, cited there.
 @dataclass(frozen=True)
 class InferenceSettings:
     """How to run a model at test time: one value, built once (by the CLI from its options) and

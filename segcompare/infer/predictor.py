@@ -79,7 +79,7 @@ class Predictor:
         self.class_table: Optional[ClassTable] = getattr(model, "class_table", None)
         self._fitted: list[tuple[int, int, int]] = []  # batch shapes whose memory was checked
         self.settings = dataclasses.replace(
-            settings, family=settings.family or _family(model)
+            settings, family=settings.family or _family_name(model)
         ).resolved()  # aug_test: the family's own scales and flip
         self.amp = settings.amp
         self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
@@ -206,7 +206,7 @@ def _num_classes(model: torch.nn.Module) -> Optional[int]:
         return None
 
 
-def _family(model: torch.nn.Module) -> str:
+def _family_name(model: torch.nn.Module) -> str:
     from segcompare.models import family_of
 
     try:
