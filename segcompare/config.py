@@ -345,6 +345,14 @@ def with_data_classes(cfg: Config, num_classes: int, source: str) -> Config:
             f"--set model.num_classes=null (the data set's count) or --set "
             f"model.num_classes={num_classes}"
         )
+    weights = cfg.train.class_weights
+    if isinstance(weights, (list, tuple)) and len(weights) != num_classes:
+        raise SegcompareError(
+            f"train.class_weights has {len(weights)} values (one per class of the data set the "
+            f"recipe was written for) but {source} has {num_classes} classes: pass --set "
+            "train.class_weights=auto (this data set's median-frequency weights) or --set "
+            "train.class_weights=null"
+        )
     _check_classes(cfg, num_classes)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
 

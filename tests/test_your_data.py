@@ -270,3 +270,17 @@ def test_a_19_class_count_or_set_is_not_cityscapes():
     cm = ConfusionMatrix(CITYSCAPES)
     cm.update(pred, pred)
     assert "category_miou" in cm.compute()
+
+
+def test_a_recipe_with_another_sets_class_weights_says_what_to_pass(folder_set, tmp_path, capsys):
+    """HRNet's Cityscapes recipes weight the 19 Cityscapes classes (its official
+    class_weights): on a 5-class set that is one line naming both counts and what to --set."""
+    sets = [f"data.root={folder_set}", "train.max_iters=1", "train.batch_size=2",
+            "train.num_workers=0", "train.eval_every=0", "optim.warmup_iters=0"]  # fmt: skip
+    rc = main(["train", "synthcity_hrnet_w18_small_v1.yaml", "--out", str(tmp_path / "run"),
+               *[a for s in sets for a in ("--set", s)]])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    assert "train.class_weights has 19 values" in err and "5 classes" in err
+    assert "--set train.class_weights=auto" in err and "--set train.class_weights=null" in err
+    assert not (tmp_path / "run").exists()
