@@ -284,3 +284,44 @@ def test_a_recipe_with_another_sets_class_weights_says_what_to_pass(folder_set, 
     assert "train.class_weights has 19 values" in err and "5 classes" in err
     assert "--set train.class_weights=auto" in err and "--set train.class_weights=null" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_on_an_ade20k_set_scores_its_150_classes_after_reduce_zero_label(tmp_path, capsys):
+    """compare on an ADE20K-layout set: the 150 ADE20K names, each model run by its family's
+    official ADE20K test (whole image, AlignedResize), every per-class IoU equal to mmseg's
+    IoUMetric in NumPy on the masks after reduce_zero_label and the predictions eval saved."""
+    from segcompare.data.labels import ADE20K
+    from segcompare.data.synth.io import make_synthetic_layout
+    from segcompare.models import build_model
+    from segcompare.models.save import save_weights
+
+    torch.set_num_threads(1)
+    root = tmp_path / "ade"
+    make_synthetic_layout(root, "ade20k", train=0, val=2, size=(48, 64), seed=0)
+    torch.manual_seed(0)
+    model = build_model("segformer-b0", num_classes=150, depths=(1, 1, 1, 1),
+                        embed_dims=(8, 16, 24, 32), num_heads=(1, 1, 1, 1), decoder_dim=16)
+    weights = save_weights(model, tmp_path / "ade_b0.safetensors")  # a nameless 150: ADE20K's
+    _cli(capsys, "compare", "--weights", weights, "--data", root, "--out", tmp_path / "report",
+         "--device", "cpu", "--images", "1", "--bench-iters", "1", "--bench-warmup", "0",
+         "--bootstrap", "0")
+    doc = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert doc["classes"]["name"] == "ade20k" and doc["classes"]["reduce_zero_label"]
+    (entry,) = doc["models"]
+    assert tuple(entry["per_class"]) == ADE20K.names
+    assert doc["meta"]["tests"][entry["label"]]["mode"] == "whole"
+    assert "AlignedResize" in (tmp_path / "report" / "report.md").read_text()
+    _cli(capsys, "eval", "--weights", weights, "--data", root, "--workers", "0", "--device",
+         "cpu", "--save-pred", tmp_path / "pred")
+    masks_dir = root / "ADEChallengeData2016" / "annotations" / "validation"
+    if not masks_dir.is_dir():
+        masks_dir = root / "annotations" / "validation"
+    stems = sorted(p.stem for p in masks_dir.glob("*.png"))
+    lut = np.full(256, 255, np.uint8)  # reduce_zero_label, by hand: 0 -> 255, v -> v - 1
+    lut[1:151] = np.arange(150)
+    masks = [lut[np.array(Image.open(masks_dir / f"{s}.png"))] for s in stems]
+    preds = [lut[np.array(Image.open(tmp_path / "pred" / f"{s}.png"))] for s in stems]
+    hand = _mmseg_iou(preds, masks, 150)
+    got = np.array([entry["per_class"][n]["iou"] for n in ADE20K.names], np.float64)
+    np.testing.assert_allclose(got, hand["iou"], atol=1e-9)
+    assert entry["miou"] == pytest.approx(np.nanmean(hand["iou"]), abs=1e-9)
