@@ -68,13 +68,14 @@ def _mmseg_iou(preds: list[np.ndarray], masks: list[np.ndarray], k: int) -> dict
 
 
 def _cli(capsys, *args: str) -> str:
+    """Run a command that must succeed; its stdout and stderr together."""
     rc = main([str(a) for a in args])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    return out
+    return out + err
 
 
-def test_a_hand_made_folder_set_through_the_whole_chain(folder_set, tmp_path, capsys):
+def test_a_hand_made_folder_set_through_the_whole_chain(folder_set, tmp_path, capsys, caplog):
     transformers = pytest.importorskip("transformers")
     from segcompare.models import build_model
     from segcompare.models.save import save_weights
@@ -98,8 +99,12 @@ def test_a_hand_made_folder_set_through_the_whole_chain(folder_set, tmp_path, ca
     for name, init in (("init", tmp_path / "city.safetensors"), ("scratch", None)):
         sets = [*common, *([f"model.init={init}"] if init else [])]
         runs[name] = tmp_path / f"run_{name}"
+        caplog.clear()
         _cli(capsys, "train", "finetune_segformer_b0_folder.yaml", "--out", runs[name],
              *[a for s in sets for a in ("--set", s)])
+        # from the 19-class file only the classifier starts anew, said once
+        said = [r for r in caplog.records if "has 19 classes, the model 5" in r.getMessage()]
+        assert len(said) == (init is not None)
     weights = runs["init"] / "final.safetensors"
 
     # 3. eval: the set's names; every figure equals mmseg's IoUMetric in NumPy, computed from the
