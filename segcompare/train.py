@@ -433,6 +433,10 @@ def _datasets(cfg: Config, world: int) -> Tuple[str, Any, Any]:
     val_set = None if cfg.train.eval_every == 0 else CityscapesDataset(
         dc.root, split=dc.val_split, transform=build_test_transform(), layout=train_set.layout,
         reduce_zero_label=dc.reduce_zero_label, ignore_index=dc.ignore_index)
+    if val_set is not None:  # validation runs the official test: an image too small fails now
+        from segcompare.evaluate import check_test_sizes, official_settings
+
+        check_test_sizes(val_set, official_settings(family, val_set.table.name))
     return family, train_set, val_set
 
 

@@ -221,17 +221,25 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "HRNet-W18-Small-v1 with configs/synthcity_*.yaml, compare their final weights "
         "(report.html, metrics.json) and render the side-by-side GIF. Each step is skipped when "
         "its output exists, so a rerun takes seconds. With --data and --weights the same "
-        "comparison runs on real Cityscapes and real weights.",
+        "comparison runs on real data (Cityscapes, ADE20K or a folder set) and real weights; with "
+        "--data alone both models are fine-tuned on it briefly (from --init, or from the demo's "
+        "synthetic-Cityscapes weights) and compared.",
     )
     p.add_argument("--out", default="segcompare-demo", help="output folder (segcompare-demo)")
     p.add_argument("--fresh", action="store_true", help="recompute every step")
     p.add_argument("--tiny", action="store_true", help="tiny sizes and few iterations (a test)")
     p.add_argument("--cache", help="where the synthetic data set is kept (~/.cache/segcompare)")
-    p.add_argument("--data", help="a real Cityscapes root: compare --weights on it, no training")
+    p.add_argument("--data", help="a data set of any layout: compare --weights on it (no "
+                   "training), or fine-tune both demo models on it and compare them")
     p.add_argument(
         "--weights", action="append", default=[], metavar="W",
         help="the checkpoints (or run folders) to compare with --data: --weights A --weights B, "
         "or A,B",
+    )  # fmt: skip
+    p.add_argument(
+        "--init", action="append", default=[], metavar="W",
+        help="with --data alone: the weights both models are fine-tuned from (SegFormer-B0's, "
+        "then HRNet-W18-Small-v1's: --init A,B); default: the demo's synthetic-Cityscapes ones",
     )  # fmt: skip
     p.set_defaults(func=_run_demo)
 
@@ -244,12 +252,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     from segcompare.utils import check_output, log_to_console
 
     log_to_console(logging.INFO)
-    check_output(args.out, "--out", [args.data, *split_list(args.weights)], folder=True)
+    weights, init = split_list(args.weights), split_list(args.init)
+    check_output(args.out, "--out", [args.data, *weights, *init], folder=True)
     start = time.time()
-    weights = split_list(args.weights)
     doc = run_demo(
         args.out, fresh=args.fresh, tiny=args.tiny, data=args.data, weights=weights,
-        cache=args.cache,
+        cache=args.cache, init=init,
     )  # fmt: skip
     print(summary_table(doc))
     files = doc["files"]

@@ -118,16 +118,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _official_test_of_the_data(predictor: Any, args: argparse.Namespace) -> None:
     """The family's official test of the data set's layout (ADE20K: SegFormer's AlignedResize,
     HRNet's 520 test; `variants.Family.tests`), unless --mode says otherwise."""
-    import dataclasses
-
     from segcompare.data.layouts import detect_layout
-    from segcompare.models.variants import FAMILIES
+    from segcompare.evaluate import test_of_dataset
 
     dataset = detect_layout(args.data, args.layout).name
-    s = predictor.settings
-    mode = args.mode or FAMILIES[s.family].test_for(dataset).mode
-    settings = dataclasses.replace(s, dataset=dataset, mode=mode)
-    predictor.settings = settings.resolved() if settings.aug_test else settings
+    predictor.settings = test_of_dataset(predictor.settings, dataset, keep_mode=bool(args.mode))
 
 
 # --- segcompare predict ------------------------------------------------------------------------
@@ -240,7 +235,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "names come from the files).",
     )
     _add_model_options(p, repeatable=True)
-    p.add_argument("--data", required=True, metavar="ROOT", help="Cityscapes root folder")
+    p.add_argument("--data", required=True, metavar="ROOT",
+                   help="data set folder: Cityscapes, ADE20K or a folder of img_dir/ + ann_dir/")
+    _add_layout_options(p)
     p.add_argument("--split", default="val", help="split (default val)")
     p.add_argument("--out", default="compare", metavar="DIR", help="report folder (compare)")
     p.add_argument(
@@ -334,6 +331,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         bench_iters=args.bench_iters, bench_warmup=args.bench_warmup, boundary_frac=frac,
         checkpoint=args.checkpoint, runs=groups, overwrite=args.overwrite,
         **({} if args.bootstrap is None else {"bootstrap": args.bootstrap}),
+        keep_mode=bool(args.mode), **_layout_values(args),
     ))  # fmt: skip
     # tables in percent, GMACs with two decimals (metrics.json keeps fractions)
     print(f"{'model':<24}{'mIoU % (95% interval)':>24}{'B-IoU %':>9}{'GMACs':>10}{'ms':>9}")

@@ -27,6 +27,7 @@ from segcompare.data.layouts import (
     class_table,
     detect_layout,
     mask_to_train_ids,
+    palette_size,
     read_mask,
     resolve_root,
     scan_split,
@@ -107,6 +108,14 @@ def check_pair(image: Path, mask: Path, table: ClassTable, layout: Layout,
     except BadSampleError as err:
         problems.append(str(err))
         return problems, warnings, None
+    colours = palette_size(mask)
+    used = [v for v in np.flatnonzero(values) if v != IGNORE_INDEX and v != table.ignore_index]
+    if colours is not None and used and used[-1] >= colours:
+        warnings.append(
+            f"{mask}: a palette mask with {colours} colour(s) holds index {used[-1]}: read by "
+            "index, as train and eval read it (its colours are not used; palette.json gives "
+            "the classes' colours)"
+        )
     counts = np.bincount(ids.ravel(), minlength=256)
     hist = np.append(counts[: table.num_classes], counts[IGNORE_INDEX])
     return problems, warnings, hist

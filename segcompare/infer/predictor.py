@@ -85,7 +85,7 @@ class Predictor:
         self.class_table: Optional[ClassTable] = getattr(model, "class_table", None)
         self._fitted: list[tuple[int, int, int]] = []  # batch shapes whose memory was checked
         self.settings = dataclasses.replace(
-            settings, family=settings.family or _family(model)
+            settings, family=settings.family or _family_name(model)
         ).resolved()  # aug_test: the family's own scales and flip
         # what the model computes in here (`segcompare.precision.TABLE`); below float32 the
         # model runs under autocast, prepared in that dtype
@@ -234,7 +234,7 @@ def _num_classes(model: torch.nn.Module) -> Optional[int]:
         return None
 
 
-def _family(model: torch.nn.Module) -> str:
+def _family_name(model: torch.nn.Module) -> str:
     from segcompare.models import family_of
 
     try:
