@@ -201,11 +201,13 @@ def check_output(
     inputs: Iterable[Optional[PathLike]] = (),
     overwrite: bool = False,
     folder: bool = False,
+    outside: bool = False,
 ) -> Path:
     """The one rule for a path a command writes (`what` names it for the user: "--json", ...):
     not empty; not one of the command's `inputs` (files, or folders it reads from: a `folder`
-    output may not lie inside one either); and a file that exists is replaced only with
-    `overwrite`. Returns the path; SegcompareError otherwise, before anything is written."""
+    output, or any with `outside`, may not lie inside one either); and a file that exists is
+    replaced only with `overwrite`. Returns the path; SegcompareError otherwise, before anything
+    is written."""
     if path is None or not str(path).strip():
         raise SegcompareError(f"{what}: an empty path; name the {'folder' if folder else 'file'}")
     out = Path(path)
@@ -215,7 +217,7 @@ def check_output(
             continue
         src = _resolved(item)
         inside = src.is_dir() and (src == real or src in real.parents)
-        if _same(real, src) or (folder and inside):
+        if _same(real, src) or ((folder or outside) and inside):
             where = "is" if _same(real, src) else "lies inside"
             raise SegcompareError(
                 f"{what} {out} {where} the input {item}; write the output elsewhere"
@@ -414,8 +416,7 @@ def _hold_folder(root: Path, what: str, overwrite: bool, names: list) -> Iterato
         finally:
             _OPEN_FOLDERS.remove(folder)
         ok = True
-        files = sorted(folder.written | set(names))  # names: other processes' files too
-        atomic_write_text(root / OUTPUTS_NAME, json.dumps({"files": files}, indent=1) + "\n")
+        write_outputs_list(root, folder.written | set(names))  # names: other processes' too
     finally:
         if not ok:
             for name in folder.written:
@@ -428,6 +429,13 @@ def _hold_folder(root: Path, what: str, overwrite: bool, names: list) -> Iterato
         if not ok and created:
             with contextlib.suppress(OSError):
                 root.rmdir()  # only if empty
+
+
+def write_outputs_list(root: Path, files: Iterable[str]) -> None:
+    """ROOT/.segcompare-outputs: the files (relative paths) a run wrote into the folder ROOT,
+    which the next run into it replaces (`output_folder`, with overwrite)."""
+    text = json.dumps({"files": sorted(set(files))}, indent=1) + "\n"
+    atomic_write_text(root / OUTPUTS_NAME, text)
 
 
 def _remove_empty_dirs(root: Path, rel_dirs: Iterable[str]) -> None:
