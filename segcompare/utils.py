@@ -347,10 +347,38 @@ def output_folder(
             with _rank0_first(rank, root):
                 held = _hold_folder(root, what, overwrite, names) if rank == 0 else None
                 folder = stack.enter_context(held) if held else OutputFolder(root)
-            yield folder
+            with _recording(folder) if rank != 0 else contextlib.nullcontext():
+                yield folder
+            _gather_written(folder)  # rank 0 lists (and counts) every process's files
         return
     with _hold_folder(root, what, overwrite, names) as folder:
         yield folder
+
+
+@contextlib.contextmanager
+def _recording(folder: OutputFolder) -> Iterator[None]:
+    """Record the files this process writes into `folder` (a rank other than 0, which does not
+    hold it); on failure remove them, as the holder removes its own."""
+    _OPEN_FOLDERS.append(folder)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        _OPEN_FOLDERS.remove(folder)
+        if not ok:
+            for name in folder.written:
+                with contextlib.suppress(OSError):
+                    (folder.root / name).unlink()
+
+
+def _gather_written(folder: OutputFolder) -> None:
+    """Every process's written files into each `folder.written` (a collective: all ranks)."""
+    import torch.distributed as dist
+
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(folder.written))
+    folder.written = {name for names in gathered for name in names}
 
 
 def _process_group() -> tuple[int, int]:

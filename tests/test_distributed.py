@@ -168,6 +168,12 @@ def test_eval_two_processes_equals_one(tmp_path: Path, one_process: tuple, synth
     assert out.count("pixel accuracy") == 1, out
     assert "process 0: 2 images" in out and "process 1: 3 images" in out
     assert "5 images in" in out and "on 2 process(es)" in out
+    # the folder's list of its files, and the count printed, hold both processes' predictions
+    _, pred_dir = one_process
+    expected = sorted(p.relative_to(pred_dir).as_posix() for p in pred_dir.rglob("*.png"))
+    assert len(expected) == 5
+    assert json.loads((tmp_path / "pred" / OUTPUTS_NAME).read_text())["files"] == expected
+    assert f"wrote 5 prediction PNG(s) to {tmp_path / 'pred'}" in out, out
     # one progress bar, process 0's (2 images); process 1's (3 images) is not drawn
     assert "| 2/2 [" in err and "/3 [" not in err, err[-2000:]
 

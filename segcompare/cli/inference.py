@@ -75,9 +75,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.json is not None:
         check_output(args.json, "--json", inputs, args.overwrite)
     rank, _ = init_distributed()  # under torchrun: each process scores its share of the images
+    saved = None  # the --save-pred folder: every process's files, once it is closed
     with contextlib.ExitStack() as stack:
         if args.save_pred is not None:
-            stack.enter_context(
+            saved = stack.enter_context(
                 output_folder(args.save_pred, "--save-pred", inputs, args.overwrite)
             )
         if args.pred_dir:
@@ -104,6 +105,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     seconds = results["seconds"]
     print(f"{results['num_images']} images in {seconds:.1f} s ({results['images_per_s']:.2f}/s) "
           f"on {results['world_size']} process(es)")
+    if saved is not None:
+        print(f"wrote {len(saved.written)} prediction PNG(s) to {args.save_pred}")
     if args.json:
         write_results(results, args.json)
         print(f"wrote {args.json}")
