@@ -488,21 +488,45 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 
 class _TqdmHandler(logging.StreamHandler):
-    """A log line through tqdm.write: printed above this process's progress bars, not on them."""
+    """A log line through tqdm.write: printed above this process's progress bars, not on them.
+
+    `shared`: processes side by side draw their bars on one terminal (the demo's trainings),
+    each at its own line below the cursor, and hold one tqdm lock (`tqdm.set_lock`), so one
+    process writes at a time. tqdm.write clears only this process's bars; the line therefore
+    first erases everything from the cursor down (ANSI "erase below", as tqdm's own cursor
+    moves are ANSI), where the other processes' bars are: the line never lands on a bar. They
+    draw theirs again at their next update, one line lower."""
+
+    def __init__(self, stream: Any = None, shared: bool = False) -> None:
+        super().__init__(stream)
+        self.shared = shared
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             from tqdm import tqdm
 
-            tqdm.write(self.format(record), file=self.stream)
+            line = self.format(record)
+            tqdm.write(f"\r\x1b[J{line}" if self.shared else line, file=self.stream)
         except Exception:  # as logging's own handlers: a failed log line is not the run's error
             self.handleError(record)
 
 
-def log_to_console(level: int = logging.INFO) -> None:
-    """The CLI's logging: one-line messages on stderr, written around the progress bars."""
+def log_to_console(level: int = logging.INFO, shared_terminal: bool = False) -> None:
+    """The CLI's logging: one-line messages on stderr, written around the progress bars.
+
+    `shared_terminal`: this process draws bars beside others on one terminal, under a tqdm lock
+    they share (`_TqdmHandler`'s shared). The package's own lines then go through a handler on
+    the `segcompare` logger, which train's `logging_redirect_tqdm` (it swaps the root logger's
+    console handlers for tqdm's plain one) leaves in place."""
     logging.basicConfig(level=level, format="%(message)s", handlers=[_TqdmHandler()])
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notices
+    if shared_terminal:
+        handler = _TqdmHandler(shared=True)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package = logging.getLogger("segcompare")
+        package.handlers = [handler]
+        package.setLevel(level)
+        package.propagate = False  # else root's handler prints it a second time
 
 
 def available_memory() -> int:
