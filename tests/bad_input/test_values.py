@@ -310,6 +310,45 @@ def test_synth_and_run_eval_check_their_numbers(tmp_path, tiny_data):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "section, key, value, override",
+    [
+        ("optim", "lr", math.inf, "optim.lr=.inf"),
+        ("optim", "lr", 1e30, "optim.lr=1.0e+30"),
+        ("train", "num_workers", 100000, "train.num_workers=100000"),
+        ("train", "seed", -1, "train.seed=-1"),
+        ("train", "batch_size", True, "train.batch_size=true"),
+        ("data", "crop_size", (8, 8), "data.crop_size=[8,8]"),  # a relation: the smallest input
+        ("optim", "warmup_iters", 10, "optim.warmup_iters=10"),  # a relation: < max_iters (10)
+        ("model", "overrides", {"embed_dims": [32, 64, 160]},
+         "model.overrides.embed_dims=[32,64,160]"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and "=" in v else "",
+)
+def test_train_checks_a_config_built_in_python_as_a_recipe(tmp_path, tiny_data, section, key,
+                                                           value, override):
+    """train(cfg) with a Config changed in Python refuses a value with the line that
+    `segcompare train` (a recipe or --set) gives for it, before it writes anything."""
+    from segcompare.config import config_from_dict
+    from segcompare.train import train
+
+    cfg = config_from_dict({**TINY, "data": {"root": str(tiny_data)}})
+    setattr(getattr(cfg, section), key, value)
+    with pytest.raises(SegcompareError) as err:
+        train(cfg, tmp_path / "run", device="cpu")
+    recipe = _recipe(tmp_path)
+    # the same line, less the recipe file that the Python API has not got
+    assert _refused(recipe, f"data.root={tiny_data}", override) == f"config {recipe}: {err.value}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_takes_only_a_config():
+    from segcompare.train import train
+
+    with pytest.raises(SegcompareError, match="Config .* got dict"):
+        train({"model": {"name": "segformer-b0"}}, "run")
+
+
 # --- B7: the table -----------------------------------------------------------------------------
 def test_every_recipe_key_has_one_row_of_its_type():
     import dataclasses
