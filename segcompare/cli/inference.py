@@ -275,7 +275,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", action="append", default=[], metavar="NAME",
                    help="the row name of the --runs in the same position (repeatable)")
     p.add_argument(
-        "--bootstrap", type=int, default=None, metavar="N",
+        "--bootstrap", type=option("--bootstrap"), default=None, metavar="N",
         help="resamples of the paired bootstrap over images that gives every accuracy figure "
         "its 95%% interval and each pair of models a verdict (1000; 0: off)",
     )  # fmt: skip
