@@ -21,8 +21,6 @@ from torch import nn
 from segcompare.utils import synchronize
 from segcompare.values import check
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass
 class Candidate:
@@ -199,7 +197,7 @@ def bench_models(
     size_hw: tuple[int, int],
     batch: int = 1,
     device: str = "cpu",
-    dtype: str = "fp32",
+    precision: str = "fp32",
     warmup: int = 2,
     iters: int = 5,
     num_classes: int = 19,
@@ -209,9 +207,12 @@ def bench_models(
 ) -> tuple[list[dict], dict]:
     """`segcompare bench`: time each variant of `names` (untrained weights: speed does not
     depend on them) on a random batch; with `reference`, also each one's reference
-    implementation (`reference_for`). Returns the table rows and the machine's description."""
+    implementation (`reference_for`). `precision` (`segcompare.precision.TABLE`): below fp32
+    every model runs under autocast, and ours is prepared in that dtype, as `Predictor` runs it.
+    Returns the table rows and the machine's description."""
     from segcompare.infer.fast import prepare_for_inference
     from segcompare.models import build_model
+    from segcompare.precision import precision_for
     from segcompare.stats import check_forward_memory
     from segcompare.utils import select_device
 
@@ -219,22 +220,23 @@ def bench_models(
     for flag, value in (("--batch", batch), ("--warmup", warmup), ("--iters", iters)):
         check(flag, value, name=flag[2:])
     dev = select_device(device)
+    dtype = getattr(torch, precision_for(precision, dev.type).dtype)
     if dev.type in ("cpu", "cuda"):  # refuse, with the figure, a size that would not fit
         for name in names:
             check_forward_memory(name, size_hw, batch, num_classes, dev)
     candidates = []
     for name in names:
         model = build_model(name, num_classes=num_classes).eval()
-        runnable = prepare_for_inference(model.to(dev)) if optimize else model
-        candidates.append(model_candidate(name, runnable.to(dev), DTYPES[dtype]))
+        runnable = prepare_for_inference(model.to(dev), dtype) if optimize else model
+        candidates.append(model_candidate(name, runnable.to(dev), dtype))
         if not reference:
             continue
         what, ref, run = reference_for(model)
         if ref is not model or optimize:  # else the eager model is the row above
-            candidates.append(model_candidate(f"{name} ({what})", ref.to(dev), DTYPES[dtype], run))
+            candidates.append(model_candidate(f"{name} ({what})", ref.to(dev), dtype, run))
     x = torch.randn(batch, 3, *size_hw, device=dev)
     rows = benchmark(candidates, x, warmup, iters)
-    meta = machine_info(dev, torch.get_num_threads(), dtype)
+    meta = machine_info(dev, torch.get_num_threads(), precision)
     meta.update(batch=batch, size=list(size_hw), optimized=optimize)
     return rows, meta
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import InitVar, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -25,7 +25,15 @@ import torch.nn.functional as F
 
 from segcompare.metrics import ConfusionMatrix, label_ids_to_pred
 from segcompare.models.variants import FAMILIES, OFFICIAL_TEST_HW, OfficialTest, TestResize
-from segcompare.utils import PathLike, SegcompareError, atomic_path, shard, torchrun_rank_world
+from segcompare.precision import amp_precision, check_precision
+from segcompare.utils import (
+    PathLike,
+    SegcompareError,
+    atomic_path,
+    select_device,
+    shard,
+    torchrun_rank_world,
+)
 from segcompare.values import check
 
 log = logging.getLogger(__name__)
@@ -51,9 +59,12 @@ class InferenceSettings:
         official ones, each side scaled from 1024×2048 to the test size (SegFormer on a 64×128
         image: window 64×64, stride 48×48).
     device: 'auto' | 'cpu' | 'cuda' | 'mps'.
-    amp: autocast the model (float16 on CUDA and MPS, bfloat16 on CPU).
+    precision: what the model computes in, a name of `segcompare.precision.PRECISIONS`
+        ('fp32', 'bf16', 'fp16'; its `TABLE` says what each means on each device).
+    amp: the older switch, kept as an alias: True sets `precision` to bfloat16 on the CPU and
+        float16 on a GPU (the device `device` resolves to); not stored.
     optimize: run the model through `prepare_for_inference` (the same logits, faster; in
-        bfloat16 / float16 with `amp`); False runs the eager model.
+        the precision's dtype); False runs the eager model (under autocast below fp32).
     aug_test: the family's official multi-scale test: its scales and flip (SegFormer 0.5-2.0,
         HRNet 0.5-1.75, both with flip, on Cityscapes) replace `scales` and `flip` (`resolved`).
     dataset: whose official test recipe (`Family.test_for`) gives the default window, the
@@ -70,12 +81,20 @@ class InferenceSettings:
     window_hw: Optional[tuple[int, int]] = None
     stride_hw: Optional[tuple[int, int]] = None
     device: str = "auto"
-    amp: bool = False
+    precision: str = "fp32"
     optimize: bool = True
     aug_test: bool = False
     dataset: str = "cityscapes"
+    amp: InitVar[bool] = False
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, amp: bool) -> None:
+        check_precision(self.precision)
+        if amp:  # the alias: the 16-bit type of the device this resolves to
+            meant = amp_precision(select_device(self.device).type)
+            if self.precision not in ("fp32", meant):
+                raise SegcompareError(f"--amp means --precision {meant} here, not "
+                                      f"{self.precision}: give one of the two")
+            object.__setattr__(self, "precision", meant)
         if self.family is not None and self.family not in FAMILIES:
             raise SegcompareError(f"unknown model family {self.family!r}; valid: segformer, hrnet")
         if self.mode not in ("whole", "slide"):
@@ -112,7 +131,7 @@ class InferenceSettings:
 
         return {
             "mode": self.mode, "size": hw(self.size_hw), "scales": list(self.scales),
-            "flip": self.flip, "amp": self.amp, "optimize": self.optimize,
+            "flip": self.flip, "precision": self.precision, "optimize": self.optimize,
             "window": hw(self.window_hw), "stride": hw(self.stride_hw), "aug_test": self.aug_test,
             "dataset": self.dataset,
         }  # fmt: skip
@@ -207,7 +226,7 @@ def _crop_resize(
 def official_settings(family: str, dataset: str, **kwargs: Any) -> InferenceSettings:
     """The official single-scale test of `family` on `dataset` ('cityscapes', 'ade20k', or any
     other name: tested as Cityscapes), as `variants.Family.tests` records it; `kwargs` set other
-    fields (device, amp, aug_test, ...)."""
+    fields (device, precision, aug_test, ...)."""
     recipe = FAMILIES[family].test_for(dataset)
     return InferenceSettings(family=family, mode=recipe.mode, dataset=dataset, **kwargs)
 

@@ -391,9 +391,9 @@ def test_markdown_and_html_escape_what_comes_from_file_names(tmp_path):
 
 
 def test_mixed_precision_is_reported_against_float32(report):
-    """With amp, each model is scored again in float32: that figure equals the float32 compare's
-    (the fixture's), and the report gives the change. The bf16 figures themselves are not
-    checked: they differ between CPUs."""
+    """With --amp (bf16 on the CPU), each model is scored again in float32: that figure equals
+    the float32 compare's (the fixture's), and the report gives the change. The bf16 figures
+    themselves are not checked: they differ between CPUs."""
     name, weights = "hrnet-w18-small-v1", report["weights"]["hrnet-w18-small-v1"]
     out = report["root"] / "report_amp"
     doc = compare.run_compare(compare.CompareSpec(
@@ -405,7 +405,8 @@ def test_mixed_precision_is_reported_against_float32(report):
     assert entry["miou_fp32"] == fp32["miou"]
     assert entry["amp_miou_change"] == entry["miou"] - fp32["miou"]
     text = (out / "report.md").read_text()
-    assert "fp32 mIoU" in text and "mixed precision" in text
+    assert "fp32 mIoU" in text and "bf16 precision" in text and "lower − fp32" in text
+    assert doc["meta"]["inference"]["precision"] == "bf16"
     assert "fp32 mIoU" not in (report["out"] / "report.md").read_text()
     assert fp32["miou_fp32"] is None and fp32["amp_miou_change"] is None
 

@@ -117,3 +117,95 @@ def test_onednn_bfloat16_small_strided_conv_is_found_and_guarded(verdicts, kerne
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x.float())
     assert relative_error(out) < 0.01  # bfloat16 rounding (~0.002), or float32 when guarded
+
+
+# ---------------------------------------------------------------------------------------------
+# --precision (segcompare.precision): one value in InferenceSettings; --amp stays its alias
+
+
+def _settings(argv: list[str]):
+    """The InferenceSettings `segcompare predict` builds from its options."""
+    from segcompare.cli import build_parser
+    from segcompare.cli.args import _inference_settings
+
+    args = build_parser().parse_args(["predict", "x.png", "--out", "o", "--device", "cpu", *argv])
+    return _inference_settings(args)
+
+
+def test_amp_is_bf16_on_the_cpu_as_before():
+    """--amp meant bfloat16 autocast on a CPU (README, 'bf16'): it is --precision bf16 there."""
+    assert _settings([]).precision == "fp32"
+    assert _settings(["--amp"]).precision == "bf16"
+    assert _settings(["--amp", "--precision", "bf16"]).precision == "bf16"
+    assert _settings(["--precision", "fp16"]).precision == "fp16"
+    from segcompare.evaluate import InferenceSettings
+
+    assert InferenceSettings(device="cpu", amp=True).precision == "bf16"  # the Python API too
+
+
+def test_amp_and_another_precision_is_one_clear_error():
+    from segcompare.utils import SegcompareError
+
+    with pytest.raises(SegcompareError, match="--amp means --precision bf16 here, not fp16"):
+        _settings(["--amp", "--precision", "fp16"])
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "compare", "video", "bench"])
+def test_every_inference_command_offers_every_precision(command, capsys):
+    from segcompare.cli import build_parser
+    from segcompare.precision import PRECISIONS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"--precision {{{','.join(PRECISIONS)}}}" in text and "--amp" in text
+
+
+def test_an_unknown_precision_names_the_choices():
+    from segcompare.evaluate import InferenceSettings
+    from segcompare.utils import SegcompareError
+
+    with pytest.raises(SegcompareError, match="'fp8': valid: fp32, bf16, fp16"):
+        InferenceSettings(precision="fp8")
+
+
+def test_settings_written_before_precision_still_read():
+    """eval's and compare's JSON said `"amp": true` before `precision` existed."""
+    from segcompare.compare.report import describe_inference
+
+    old = {"mode": "slide", "scales": [1.0], "amp": True, "optimize": True}
+    new = {"mode": "slide", "scales": [1.0], "precision": "bf16", "optimize": True}
+    assert "mixed precision" in describe_inference(old)
+    assert "bf16 precision" in describe_inference(new)
+    assert "precision" not in describe_inference({**old, "amp": False})
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_the_predictor_prepares_the_model_in_its_precision(name):
+    """The prepared model's weights are in the precision's dtype (bf16 ones kept in float32 by
+    the self-check aside) and the logits come back as float32."""
+    from segcompare.evaluate import InferenceSettings
+    from segcompare.infer import Predictor
+
+    torch.manual_seed(0)
+    model = build_model("segformer-b0", num_classes=5, **TINY_B0)
+    predictor = Predictor(model, InferenceSettings(device="cpu", precision=name, mode="whole"))
+    want = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    dtypes = {p.dtype for m in predictor.forward.modules()
+              if not getattr(m, "keep_float32", False) for p in m.parameters(recurse=False)}
+    assert dtypes == {want}
+    assert predictor.describe()["precision"] == name
+    assert predictor.run_model(torch.randn(1, 3, 64, 64)).dtype == torch.float32
+
+
+def test_bench_dtype_is_the_older_name_of_precision(tmp_path):
+    import json
+
+    from segcompare.cli import main
+
+    out = tmp_path / "b.json"
+    argv = ["bench", "segformer-b0", "--size", "64x64", "--warmup", "0", "--iters", "1",
+            "--device", "cpu", "--json", str(out)]
+    assert main([*argv, "--dtype", "bf16"]) == 0
+    assert json.loads(out.read_text())["meta"]["dtype"] == "bf16"
+    assert main([*argv, "--precision", "fp16", "--dtype", "bf16", "--overwrite"]) != 0

@@ -66,11 +66,7 @@ def _add_test_options(p: argparse.ArgumentParser) -> None:
         "--stride", type=option("--stride"), metavar="HxW", help="slide stride at the test size"
     )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
-    g.add_argument(
-        "--amp", action="store_true",
-        help="mixed precision: bfloat16 on the CPU, float16 on a GPU (compare also scores each "
-        "model in float32 and reports the mIoU change)",
-    )  # fmt: skip
+    _add_precision_option(g)
     g.add_argument(
         "--no-optimize", action="store_true",
         help="run the eager model instead of prepare_for_inference's rewrite (which gives the "
@@ -92,7 +88,23 @@ def _inference_settings(args: argparse.Namespace) -> Any:
         mode=args.mode or InferenceSettings.mode, scales=tuple(args.scales or (1.0,)),
         flip=args.flip, aug_test=args.aug_test,
         size_hw=args.size, window_hw=args.window, stride_hw=args.stride, device=args.device,
-        amp=args.amp, optimize=not args.no_optimize,
+        precision=args.precision or "fp32", amp=args.amp, optimize=not args.no_optimize,
+    )  # fmt: skip
+
+
+def _add_precision_option(g: Any) -> None:
+    """--precision, and --amp (its older alias) on a parser or argument group."""
+    from segcompare.precision import PRECISIONS
+
+    g.add_argument(
+        "--precision", choices=PRECISIONS, default=None,
+        help="what the model computes in (default fp32); in bf16 on a CPU, convs oneDNN gets "
+        "wrong there stay fp32; compare also scores each model in fp32 and reports the mIoU "
+        "change",
+    )  # fmt: skip
+    g.add_argument(
+        "--amp", action="store_true",
+        help="alias: --precision bf16 on the CPU, fp16 on a GPU",
     )  # fmt: skip
 
 

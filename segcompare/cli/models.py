@@ -8,12 +8,14 @@ from typing import Any
 from segcompare.cli.args import (
     _add_model_options,
     _add_overwrite,
+    _add_precision_option,
     check_model_size,
     model_names,
     one_model,
     option,
     run_weights_of,
 )
+from segcompare.precision import PRECISIONS
 
 
 # --- segcompare models -------------------------------------------------------------------------
@@ -106,9 +108,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--batch", type=option("--batch"), default=1, metavar="N", help="images per forward (1)"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
-    p.add_argument(
-        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="(default fp32)"
-    )
+    _add_precision_option(p)
+    p.add_argument("--dtype", choices=PRECISIONS, help="older name of --precision")
     p.add_argument(
         "--threads", type=option("--threads"), default=None, help="CPU threads (default: torch's)"
     )
@@ -139,7 +140,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from segcompare import bench
-    from segcompare.utils import atomic_write_text, check_output
+    from segcompare.utils import SegcompareError, atomic_write_text, check_output
 
     names = model_names(args.names)
     if args.json is not None:
@@ -147,8 +148,18 @@ def _run_bench(args: argparse.Namespace) -> int:
     check_model_size(args.size, "--size")
     if args.threads:
         torch.set_num_threads(args.threads)
+    given = {p for p in (args.precision, args.dtype) if p}
+    if args.amp:
+        from segcompare.precision import amp_precision
+        from segcompare.utils import select_device
+
+        given.add(amp_precision(select_device(args.device).type))
+    if len(given) > 1:
+        raise SegcompareError(f"--precision, --dtype and --amp name {' and '.join(sorted(given))}: "
+                              "give one")
+    precision = given.pop() if given else "fp32"
     rows, meta = bench.bench_models(
-        names, args.size, args.batch, args.device, args.dtype, args.warmup, args.iters,
+        names, args.size, args.batch, args.device, precision, args.warmup, args.iters,
         args.num_classes, optimize=not args.no_optimize, reference=args.reference,
     )  # fmt: skip
     if args.json:

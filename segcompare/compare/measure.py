@@ -109,7 +109,7 @@ class ModelRun:
     stats: dict[str, Any] = field(default_factory=dict)
     bench: dict[str, Any] = field(default_factory=dict)
     robustness: dict[str, Any] = field(default_factory=dict)
-    fp32: dict[str, Any] = field(default_factory=dict)  # with --amp: the float32 scores
+    fp32: dict[str, Any] = field(default_factory=dict)  # below fp32: the float32 scores
 
 
 def _labels(models: Sequence[tuple[str, Optional[str]]]) -> list[str]:
@@ -194,15 +194,15 @@ def evaluate_run(
 
 
 def evaluate_fp32(run: ModelRun, dataset: Any, progress: bool = True, bar: Any = None) -> None:
-    """With mixed precision (`InferenceSettings.amp`): score the same model again in float32,
-    otherwise the same way, so the report can say what mixed precision changed
+    """Below float32 (`InferenceSettings.precision`): score the same model again in float32,
+    otherwise the same way, so the report can say what the lower precision changed
     (`ModelRun.fp32`: the float32 mIoU and category mIoU)."""
     import dataclasses
 
     from segcompare.evaluate import evaluate_model
     from segcompare.infer import Predictor
 
-    settings = dataclasses.replace(run.predictor.settings, amp=False)
+    settings = dataclasses.replace(run.predictor.settings, precision="fp32")
     predictor = Predictor(run.predictor.model, settings)
 
     def on_batch(pred: torch.Tensor, labels: torch.Tensor, batch: dict[str, Any]) -> None:
@@ -304,14 +304,13 @@ def measure_stats(runs: Sequence[ModelRun], eval_hw: tuple[int, int], progress: 
 def measure_speed(
     runs: Sequence[ModelRun],
     eval_hw: tuple[int, int],
-    amp: bool,
     iters: int,
     warmup: int,
     progress: bool,
 ) -> dict[str, Any]:
     """Fill `run.bench` (latency, throughput, memory of one batch-1 forward pass at `eval_hw`,
-    the models interleaved: `segcompare.bench`); returns the benchmark's metadata. amp: whether
-    the predictors autocast (`InferenceSettings.amp`), for the metadata's dtype."""
+    the models interleaved: `segcompare.bench`); returns the benchmark's metadata, whose dtype
+    is the predictors' precision."""
     from segcompare import bench
 
     predictor = runs[0].predictor
@@ -320,7 +319,7 @@ def measure_speed(
     rows = bench.benchmark(candidates, x, warmup, iters, progress=progress)
     for run, row in zip(runs, rows):
         run.bench = row
-    dtype = str(predictor.amp_dtype).replace("torch.", "") + " autocast" if amp else "fp32"
+    dtype = predictor.precision.name
     meta = bench.machine_info(predictor.device, torch.get_num_threads(), dtype)
     meta.update(iters=iters, warmup=warmup, size=list(eval_hw), batch=1)
     return meta

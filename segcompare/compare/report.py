@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 from segcompare.data.corrupt import CORRUPTION_LEVELS, SEVERITIES
 from segcompare.data.labels import CLASS_NAMES
+from segcompare.precision import recorded_precision
 from segcompare.utils import atomic_write_text
 
 if TYPE_CHECKING:
@@ -83,8 +84,9 @@ def describe_inference(inference: dict[str, Any]) -> str:
         words.append(f"window {inference['window'][0]}x{inference['window'][1]}")
     if inference.get("stride"):
         words.append(f"stride {inference['stride'][0]}x{inference['stride'][1]}")
-    if inference.get("amp"):
-        words.append("mixed precision")
+    precision = recorded_precision(inference)  # 'amp' in files written before --precision
+    if precision != "fp32":
+        words.append("mixed precision" if precision == "amp" else f"{precision} precision")
     if inference.get("flip"):
         words.append("with flip")
     words.append("through prepare_for_inference" if inference.get("optimize") else "eager model")
@@ -210,7 +212,7 @@ def model_entry(run: ModelRun) -> dict[str, Any]:
         "images_per_s": run.bench.get("images_per_s"),
         "memory_mb": run.bench.get("memory_mb"),
         "robustness": run.robustness,
-        # with mixed precision: the same model scored in float32, and what mixed precision changed
+        # below fp32: the same model scored in float32, and what the lower precision changed
         "miou_fp32": run.fp32.get("miou"),
         "amp_miou_change": r["miou"] - run.fp32["miou"] if run.fp32 else None,
         # the paired bootstrap's 95 % intervals (absent with --bootstrap 0)
@@ -313,7 +315,7 @@ def summary_section(runs: Sequence[ModelRun], doc: dict[str, Any]) -> Section:
     robustness = any(run.robustness for run in runs)
     header = _SUMMARY_HEADER + (["corrupted mIoU", "rel. robustness"] if robustness else [])
     fp32 = all(run.fp32 for run in runs)
-    header += ["fp32 mIoU", "mixed − fp32 (points)"] if fp32 else []
+    header += ["fp32 mIoU", "lower − fp32 (points)"] if fp32 else []
     rows = [_summary_row(run, robustness, fp32) for run in runs]
     text = (
         f"{doc['num_images']} images of {doc['data']} ({doc['split']}), {h}x{w} (H×W), "
@@ -336,7 +338,7 @@ def summary_section(runs: Sequence[ModelRun], doc: dict[str, Any]) -> Section:
     if fp32:
         text += (
             " Every model was also scored in float32, otherwise the same way: 'fp32 mIoU', and "
-            "what mixed precision changed, in points of mIoU."
+            "what the lower precision changed, in points of mIoU."
         )
     return Section("Summary", [text], (header, rows))
 

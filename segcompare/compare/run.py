@@ -152,7 +152,7 @@ def _compare(spec: CompareSpec, out: Path, models: list) -> dict[str, Any]:
             evaluate_run(run, dataset, d, spec.progress, bar)
         run.training = training_of(run.weights)
     runs = _rows(spec, built, len(models))
-    if spec.inference.amp:  # what mixed precision changed: each model again in float32
+    if spec.inference.precision != "fp32":  # what it changed: each model again in float32
         for run in runs:
             with tqdm(total=len(dataset), desc=f"eval fp32 {run.label}", unit="img",
                       disable=not spec.progress) as bar:
@@ -161,7 +161,7 @@ def _compare(spec: CompareSpec, out: Path, models: list) -> dict[str, Any]:
     pairwise = bootstrap_intervals(runs, spec.bootstrap, spec.bootstrap_seed)
     boot_s = time.perf_counter() - boot_start
     measure_stats(runs, eval_hw, spec.progress)
-    bench_meta = measure_speed(runs, eval_hw, spec.inference.amp, spec.bench_iters,
+    bench_meta = measure_speed(runs, eval_hw, spec.bench_iters,
                                spec.bench_warmup, spec.progress)  # fmt: skip
     subset = len(corrupt_set) < len(dataset)
     evaluate_corruptions(runs, corrupt_set, spec.corruptions, subset, spec.progress)

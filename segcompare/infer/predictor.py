@@ -26,6 +26,7 @@ from segcompare.evaluate import InferenceSettings, inference
 from segcompare.infer.fast import prepare_for_inference
 from segcompare.models.precision import guard_bf16
 from segcompare.models.variants import check_input_hw
+from segcompare.precision import precision_for
 from segcompare.utils import (
     PathLike,
     SegcompareError,
@@ -61,7 +62,7 @@ class Predictor:
 
     model: a segmentation model (N×3×H×W normalised -> N×C×H/4×W/4 logits).
     settings: how to run it (`InferenceSettings`: test mode, size, scales, flip, windows,
-        device, amp, optimize); its family, when not set, is the model's.
+        device, precision, optimize); its family, when not set, is the model's.
     """
 
     def __init__(
@@ -81,22 +82,31 @@ class Predictor:
         self.settings = dataclasses.replace(
             settings, family=settings.family or _family(model)
         ).resolved()  # aug_test: the family's own scales and flip
-        self.amp = settings.amp
-        self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        # what the model computes in here (`segcompare.precision.TABLE`); below float32 the
+        # model runs under autocast, prepared in that dtype
+        self.precision = precision_for(settings.precision, self.device.type)
+        self.amp = self.precision.reduced
+        self.amp_dtype: torch.dtype = getattr(torch, self.precision.dtype)
+        if self.amp_dtype is torch.bfloat16 and self.device.type == "cuda" and not (
+                torch.cuda.is_bf16_supported(including_emulation=False)):
+            raise SegcompareError(
+                f"--precision bf16: {torch.cuda.get_device_name(self.device)} has no bfloat16 "
+                "units (CUDA compute capability 8.0 or newer); use --precision fp16"
+            )
         # What run_model calls: the model itself, or what prepare_for_inference makes of it.
         self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model
-        if settings.amp and self.device.type == "cpu" and not settings.optimize:
+        if self.amp_dtype is torch.bfloat16 and self.device.type == "cpu" and not settings.optimize:
             guard_bf16(self.model, self.name)  # autocast: layers bf16 gets wrong here stay fp32
         if settings.optimize:
-            dtype = self.amp_dtype if settings.amp else torch.float32
-            self.forward = prepare_for_inference(self.model, dtype=dtype)
+            self.forward = prepare_for_inference(self.model, dtype=self.amp_dtype)
 
     def describe(self) -> dict[str, Any]:
         """The model and how it runs, as `segcompare eval` records them."""
         s = self.settings
         return {
             "model": self.name, "mode": s.mode, "size": list(s.size_hw) if s.size_hw else None,
-            "scales": list(s.scales), "flip": s.flip, "device": str(self.device), "amp": s.amp,
+            "scales": list(s.scales), "flip": s.flip, "device": str(self.device),
+            "precision": self.precision.name,
         }  # fmt: skip
 
     def run_model(self, images: torch.Tensor) -> torch.Tensor:
