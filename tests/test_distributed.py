@@ -209,6 +209,26 @@ def test_predict_two_processes_write_each_file_once(
         assert np.array_equal(got, predictor.predict(image)), image.name
 
 
+def test_video_under_torchrun_is_rendered_once(tmp_path: Path, synth_root: Path,
+                                               weights: Path) -> None:
+    """A video has no shares: under torchrun process 0 renders it, once; the other process
+    checks the same options and ends."""
+    from PIL import Image
+
+    frames = sorted((synth_root / "leftImg8bit" / "val").iterdir())[0]
+    out = tmp_path / "v.gif"
+    rc, stdout, err = _run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m",
+                            "segcompare", "video", str(frames), "--weights", str(weights),
+                            "--mode", "whole", "--out", str(out)])
+    assert rc == 0, err[-3000:]
+    count = len(list(frames.glob("*.png")))
+    assert stdout.count("wrote ") == 1, stdout
+    assert f"wrote {out}: {count} frames, 1 model(s)" in stdout
+    with Image.open(out) as gif:
+        assert gif.n_frames == count
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.gif"]
+
+
 _PER_IMAGE_SCRIPT = """
 import sys
 import numpy as np

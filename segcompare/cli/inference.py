@@ -209,11 +209,14 @@ def _add_video(sub: argparse._SubParsersAction) -> None:
 
 def _run_video(args: argparse.Namespace) -> int:
     from segcompare.infer import render_video
-    from segcompare.utils import check_output
+    from segcompare.utils import check_output, torchrun_rank_world
 
     models = _model_list(args.model, args.weights)
     models = [(n, run_weights_of(w, args.checkpoint)) for n, w in models]
     check_output(args.out, "--out", [args.source, *(w for _, w in models)], args.overwrite)
+    rank, _ = torchrun_rank_world()
+    if rank != 0:  # under torchrun: one video, rendered once, by process 0
+        return 0
     settings = _inference_settings(args)
     predictors = [_predictor(settings, n, w) for n, w in models]  # run folders resolved above
     # --size is the test size; the panels are drawn at it, or smaller to fit --max-width
