@@ -295,6 +295,19 @@ def config_from_dict(raw: dict) -> Config:
     return cfg
 
 
+def check_config(cfg: Config) -> Config:
+    """A `Config` built or changed in Python, checked by the rules a recipe and --set pass
+    (`config_from_dict`: each value by its row of values.RULES, then the relations between
+    keys), so `train(cfg)` refuses what `segcompare train` refuses, with the same line. Returns
+    the checked Config (values as a recipe gives them: lists as tuples where a row says so)."""
+    if not isinstance(cfg, Config):
+        raise SegcompareError(
+            f"a training configuration must be a segcompare.config.Config (load_config or "
+            f"config_from_dict make one), got {type(cfg).__name__}"
+        )
+    return config_from_dict(config_to_dict(cfg))
+
+
 def _check_values(cfg: Config) -> None:
     """Relations between keys and facts of other rooms; each key's own range is `values.RULES`."""
 

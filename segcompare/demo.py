@@ -155,12 +155,8 @@ def train_models(
     if not parallel or len(todo) < 2:
         return [train_model(recipe, data_root, run_dir, plan, extra.get(run_dir, ()))
                 for recipe, run_dir in jobs]  # fmt: skip
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     log.info("train: %d models side by side, one process and one core each", len(todo))
-    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
-    with ProcessPoolExecutor(len(todo), mp_context=spawn, initializer=_child_logging) as pool:
+    with side_by_side_pool(len(todo)) as pool:
         futures = [
             pool.submit(train_model, recipe, data_root, run_dir, plan,
                         (*SIDE_BY_SIDE, *extra.get(run_dir, ())), position)
@@ -177,8 +173,23 @@ def train_models(
     return [run_dir / "final.safetensors" for _, run_dir in jobs]
 
 
-def _child_logging() -> None:
-    log_to_console(logging.INFO)
+def side_by_side_pool(processes: int) -> Any:
+    """A pool of fresh interpreters (spawn: no forked torch state) that draw their progress bars
+    on this terminal side by side: one tqdm lock for all, and log lines that never land on
+    another process's bar (`log_to_console(shared_terminal=True)`)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    spawn = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(processes, mp_context=spawn, initializer=_child_logging,
+                               initargs=(spawn.RLock(),))
+
+
+def _child_logging(lock: Any) -> None:
+    from tqdm import tqdm
+
+    tqdm.set_lock(lock)  # one process at a time writes to the terminal: no bar split by a line
+    log_to_console(logging.INFO, shared_terminal=True)
 
 
 def render_demo_video(

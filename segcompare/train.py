@@ -59,6 +59,7 @@ from segcompare.config import (
     Config,
     OptimConfig,
     check_class_weights,
+    check_config,
     config_to_dict,
     with_data_classes,
 )
@@ -809,6 +810,7 @@ def train(
     from segcompare.models import build_model
 
     t_start = time.time()
+    cfg = check_config(cfg)  # a Config built in Python passes the recipe's checks too
     out = Path(out_dir)
     tc, oc = cfg.train, cfg.optim
 

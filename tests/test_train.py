@@ -438,9 +438,11 @@ def test_non_finite_loss_stops_naming_the_iteration(
 ) -> None:
     from segcompare.train import train
 
-    # the lr warms up from 1e-3 at iteration 1 to 1e29 at iteration 2: diverges at 3
-    cfg = config_from_dict(_tiny_run_config(synth_root, max_iters=12, checkpoint_every=1))
-    cfg.optim.lr, cfg.optim.warmup_iters, cfg.optim.warmup_ratio = 1e30, 10, 1e-33
+    # SGD at the largest learning rate the value rule allows (100), no warm-up: a few steps
+    # make the weights explode (the loss was nan at iteration 4 when measured)
+    raw = _tiny_run_config(synth_root, max_iters=12, checkpoint_every=1)
+    raw["optim"].update(name="sgd", lr=100.0, momentum=0.9, warmup_iters=0)
+    cfg = config_from_dict(raw)
     out = tmp_path / "run"
     with pytest.raises(SegcompareError, match=r"non-finite loss .* at iteration (\d+)") as err:
         train(cfg, out)

@@ -65,11 +65,17 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         "Nothing in SRC changes; a colour not in the palette is named, and nothing is written.",
     )
     m.add_argument("src", metavar="SRC", help="the data set root to read")
-    m.add_argument("dst", metavar="DST", help="the new root to write (new or empty)")
+    m.add_argument("dst", metavar="DST", help="the new root to write (new or empty, else "
+                   "--overwrite)")
     m.add_argument("--map", action="append", default=[], metavar="OLD:NEW",
                    help="map a mask value (repeatable), after colours became indices")
     m.add_argument("--layout", choices=("ade20k", "folder"), help="SRC's layout (detected)")
     m.add_argument("--copy", action="store_true", help="copy the images instead of linking")
+    m.add_argument(
+        "--overwrite", action="store_true",
+        help="write into a DST that is not empty: its files of the same names, and those of the "
+        "last conversion into it, are replaced; other files are kept",
+    )  # fmt: skip
     m.set_defaults(func=_run_data_convert)
 
     y = data.add_parser(
@@ -131,8 +137,8 @@ def _run_data_check(args: argparse.Namespace) -> int:
     from segcompare.utils import check_output
 
     layout = detect_layout(args.root, args.layout)
-    if args.histogram is not None:  # never over an image or mask of the set; else --overwrite
-        check_output(args.histogram, "--histogram", [args.root], args.overwrite)
+    if args.histogram is not None:  # never inside the set (over one of its masks); --overwrite
+        check_output(args.histogram, "--histogram", [args.root], args.overwrite, outside=True)
     problems, notes, counts = [], [], {}
     if layout.name == "cityscapes":  # its own files (color, instanceIds, polygons) first
         cs = check_dataset(args.root, _splits(args.split), args.workers)
@@ -166,7 +172,8 @@ def _run_data_convert(args: argparse.Namespace) -> int:
     from segcompare.utils import check_output
 
     check_output(args.dst, "DST", [args.src], folder=True)  # never SRC or inside it
-    counts = convert_masks(args.src, args.dst, args.map, args.layout, args.copy)
+    counts = convert_masks(args.src, args.dst, args.map, args.layout, args.copy,
+                           overwrite=args.overwrite)
     print(f"wrote {args.dst}: {counts['masks']} masks ({counts['colour_masks']} from colours), "
           f"{counts['images']} images {'copied' if args.copy else 'linked'}")
     return 0

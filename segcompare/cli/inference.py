@@ -76,9 +76,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.json is not None:
         check_output(args.json, "--json", inputs, args.overwrite)
     rank, _ = init_distributed()  # under torchrun: each process scores its share of the images
+    saved = None  # the --save-pred folder: every process's files, once it is closed
     with contextlib.ExitStack() as stack:
         if args.save_pred is not None:
-            stack.enter_context(
+            saved = stack.enter_context(
                 output_folder(args.save_pred, "--save-pred", inputs, args.overwrite)
             )
         if args.pred_dir:
@@ -109,6 +110,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     seconds = results["seconds"]
     print(f"{results['num_images']} images in {seconds:.1f} s ({results['images_per_s']:.2f}/s) "
           f"on {results['world_size']} process(es)")
+    if saved is not None:
+        print(f"wrote {len(saved.written)} prediction PNG(s) to {args.save_pred}")
     if args.json:
         write_results(results, args.json)
         print(f"wrote {args.json}")
@@ -208,11 +211,14 @@ def _add_video(sub: argparse._SubParsersAction) -> None:
 
 def _run_video(args: argparse.Namespace) -> int:
     from segcompare.infer import render_video
-    from segcompare.utils import check_output
+    from segcompare.utils import check_output, torchrun_rank_world
 
     models = _model_list(args.model, args.weights)
     models = [(n, run_weights_of(w, args.checkpoint)) for n, w in models]
     check_output(args.out, "--out", [args.source, *(w for _, w in models)], args.overwrite)
+    rank, _ = torchrun_rank_world()
+    if rank != 0:  # under torchrun: one video, rendered once, by process 0
+        return 0
     settings = _inference_settings(args)
     predictors = [_predictor(settings, n, w) for n, w in models]  # run folders resolved above
     # --size is the test size; the panels are drawn at it, or smaller to fit --max-width
@@ -276,7 +282,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", action="append", default=[], metavar="NAME",
                    help="the row name of the --runs in the same position (repeatable)")
     p.add_argument(
-        "--bootstrap", type=int, default=None, metavar="N",
+        "--bootstrap", type=option("--bootstrap"), default=None, metavar="N",
         help="resamples of the paired bootstrap over images that gives every accuracy figure "
         "its 95%% interval and each pair of models a verdict (1000; 0: off)",
     )  # fmt: skip

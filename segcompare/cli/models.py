@@ -352,7 +352,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--batch", type=option("--batch"), default=1, metavar="N", help="traced batch size (1)"
     )
     p.add_argument("--dynamic", action="store_true", help="batch, height and width left free")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=option("--opset"), default=17, metavar="N",
+                   help="ONNX opset (default 17, the oldest with LayerNormalization)")
     _add_overwrite(p)
     p.set_defaults(func=_run_export)
 

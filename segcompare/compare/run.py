@@ -40,6 +40,7 @@ from segcompare.metrics import (
 )
 from segcompare.run_folder import run_weights
 from segcompare.utils import PathLike, SegcompareError, atomic_write_text, output_folder
+from segcompare.values import check
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,7 @@ class CompareSpec:
         object.__setattr__(self, "corruptions", tuple(self.corruptions))
         if not self.models and not self.runs:
             raise SegcompareError("compare needs at least one model")
-        if self.bootstrap < 0:
-            raise SegcompareError(f"--bootstrap must be >= 0 (0: off), got {self.bootstrap}")
+        check("--bootstrap", self.bootstrap, name="bootstrap")  # its row of values.RULES
         for label, weights in self.runs:
             if not label or not weights:
                 raise SegcompareError(f"--runs {label!r}: give a label and weights files")
