@@ -224,11 +224,13 @@ def bench_models(
     if dev.type in ("cpu", "cuda"):  # refuse, with the figure, a size that would not fit
         for name in names:
             check_forward_memory(name, size_hw, batch, num_classes, dev)
-    candidates = []
+    candidates, layers = [], {}
     for name in names:
         model = build_model(name, num_classes=num_classes).eval()
         runnable = prepare_for_inference(model.to(dev), dtype) if optimize else model
         candidates.append(model_candidate(name, runnable.to(dev), dtype))
+        if dtype != torch.float32:  # what each layer ran in, once the benchmark has run
+            layers[name] = runnable
         if not reference:
             continue
         what, ref, run = reference_for(model)
@@ -238,6 +240,13 @@ def bench_models(
     rows = benchmark(candidates, x, warmup, iters)
     meta = machine_info(dev, torch.get_num_threads(), precision)
     meta.update(batch=batch, size=list(size_hw), optimized=optimize)
+    if layers:
+        from segcompare.infer.fast import Prepared, layer_precision
+
+        meta["layer_precision"] = {
+            name: m.layer_precision() if isinstance(m, Prepared) else [layer_precision(m, dtype)]
+            for name, m in layers.items()
+        }  # fmt: skip
     return rows, meta
 
 

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from segcompare.data.labels import IGNORE_INDEX
 from segcompare.data.layouts import LAYOUTS
 from segcompare.utils import SegcompareError
 from segcompare.values import check, shown
@@ -56,7 +57,7 @@ class DataConfig:
     img_scale: Optional[Tuple[int, int]] = None
     train_split: str = "train"
     val_split: str = "val"
-    ignore_index: int = 255  # the mask value that is ignored (255 always is)
+    ignore_index: int = IGNORE_INDEX  # the mask value that is ignored (255 always is)
 
 
 @dataclass
@@ -294,6 +295,19 @@ def config_from_dict(raw: dict) -> Config:
     return cfg
 
 
+def check_config(cfg: Config) -> Config:
+    """A `Config` built or changed in Python, checked by the rules a recipe and --set pass
+    (`config_from_dict`: each value by its row of values.RULES, then the relations between
+    keys), so `train(cfg)` refuses what `segcompare train` refuses, with the same line. Returns
+    the checked Config (values as a recipe gives them: lists as tuples where a row says so)."""
+    if not isinstance(cfg, Config):
+        raise SegcompareError(
+            f"a training configuration must be a segcompare.config.Config (load_config or "
+            f"config_from_dict make one), got {type(cfg).__name__}"
+        )
+    return config_from_dict(config_to_dict(cfg))
+
+
 def _check_values(cfg: Config) -> None:
     """Relations between keys and facts of other rooms; each key's own range is `values.RULES`."""
 
@@ -330,8 +344,8 @@ def _check_values(cfg: Config) -> None:
 def _check_classes(cfg: Config, num_classes: Optional[int]) -> None:
     """The values that depend on the class count, once it is known (null: the data set's)."""
     check_class_weights(cfg.train.class_weights, num_classes)
-    if not 0 <= cfg.data.ignore_index <= 255 or cfg.data.ignore_index < (num_classes or 0):
-        raise SegcompareError(f"data.ignore_index must be in [num_classes, 255], got "
+    if not 0 <= cfg.data.ignore_index <= IGNORE_INDEX or cfg.data.ignore_index < (num_classes or 0):
+        raise SegcompareError(f"data.ignore_index must be in [num_classes, {IGNORE_INDEX}], got "
                               f"{cfg.data.ignore_index!r}")
 
 
@@ -341,8 +355,17 @@ def with_data_classes(cfg: Config, num_classes: int, source: str) -> Config:
     given = cfg.model.num_classes
     if given is not None and given != num_classes:
         raise SegcompareError(
-            f"model.num_classes is {given} but {source} has {num_classes} classes: "
-            "set model.num_classes to null (the data set's count) or to that count"
+            f"model.num_classes is {given} but {source} has {num_classes} classes: pass "
+            f"--set model.num_classes=null (the data set's count) or --set "
+            f"model.num_classes={num_classes}"
+        )
+    weights = cfg.train.class_weights
+    if isinstance(weights, (list, tuple)) and len(weights) != num_classes:
+        raise SegcompareError(
+            f"train.class_weights has {len(weights)} values (one per class of the data set the "
+            f"recipe was written for) but {source} has {num_classes} classes: pass --set "
+            "train.class_weights=auto (this data set's median-frequency weights) or --set "
+            "train.class_weights=null"
         )
     _check_classes(cfg, num_classes)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))

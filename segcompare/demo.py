@@ -9,7 +9,10 @@
 
 Every step writes its files atomically and is skipped when its output exists, so a rerun takes
 seconds and a rerun after Ctrl-C continues (training resumes from its last checkpoint).
-With `data` and `weights` the same comparison runs on real Cityscapes with real weights.
+With `data` and `weights` the same comparison runs on real data (any layout: Cityscapes, ADE20K,
+a folder set) with real weights. With `data` alone, both demo recipes are fine-tuned briefly on it
+(`model.init`: the `init` weights, or the synthetic-Cityscapes weights the demo trains when none
+are given; only the classifier starts anew where the class counts differ), then compared.
 """
 
 from __future__ import annotations
@@ -52,9 +55,15 @@ class DemoPlan:
     bench_iters: int = 5
     fps: float = 8.0
     extra: dict = field(default_factory=dict)
+    # `demo --data DIR` without weights: the fine-tuning of both recipes on DIR (after train_set)
+    finetune: tuple[str, ...] = ()
 
 
-FULL = DemoPlan(train=100, val=20, video=48, size=(256, 512))
+FULL = DemoPlan(
+    train=100, val=20, video=48, size=(256, 512),
+    finetune=("train.max_iters=200", "train.eval_every=200", "train.checkpoint_every=100",
+              "optim.warmup_iters=20"),
+)  # fmt: skip
 TINY = DemoPlan(
     train=4, val=2, video=3, size=(64, 128),
     train_set=(
@@ -134,23 +143,23 @@ def side_by_side(runs: int) -> bool:
 
 def train_models(
     jobs: Sequence[tuple[Path, Path]], data_root: Path, plan: DemoPlan,
-    parallel: Optional[bool] = None,
+    parallel: Optional[bool] = None, overrides: Sequence[Sequence[str]] = (),
 ) -> list[Path]:  # fmt: skip
     """Train every (recipe, run folder) of `jobs`; returns their weights, in order. `parallel`:
-    one process per run at the same time (default: where `side_by_side` says it is faster)."""
+    one process per run at the same time (default: where `side_by_side` says it is faster).
+    overrides: each job's own `--set` values (none by default)."""
+    extra = {job[1]: tuple(o) for job, o in zip(jobs, overrides)}
     todo = [job for job in jobs if not (job[1] / "final.safetensors").exists()]
     if parallel is None:
         parallel = side_by_side(len(todo))
     if not parallel or len(todo) < 2:
-        return [train_model(recipe, data_root, run_dir, plan) for recipe, run_dir in jobs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
+        return [train_model(recipe, data_root, run_dir, plan, extra.get(run_dir, ()))
+                for recipe, run_dir in jobs]  # fmt: skip
     log.info("train: %d models side by side, one process and one core each", len(todo))
-    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
-    with ProcessPoolExecutor(len(todo), mp_context=spawn, initializer=_child_logging) as pool:
+    with side_by_side_pool(len(todo)) as pool:
         futures = [
-            pool.submit(train_model, recipe, data_root, run_dir, plan, SIDE_BY_SIDE, position)
+            pool.submit(train_model, recipe, data_root, run_dir, plan,
+                        (*SIDE_BY_SIDE, *extra.get(run_dir, ())), position)
             for position, (recipe, run_dir) in enumerate(todo)
         ]
         try:
@@ -164,8 +173,23 @@ def train_models(
     return [run_dir / "final.safetensors" for _, run_dir in jobs]
 
 
-def _child_logging() -> None:
-    log_to_console(logging.INFO)
+def side_by_side_pool(processes: int) -> Any:
+    """A pool of fresh interpreters (spawn: no forked torch state) that draw their progress bars
+    on this terminal side by side: one tqdm lock for all, and log lines that never land on
+    another process's bar (`log_to_console(shared_terminal=True)`)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    spawn = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(processes, mp_context=spawn, initializer=_child_logging,
+                               initargs=(spawn.RLock(),))
+
+
+def _child_logging(lock: Any) -> None:
+    from tqdm import tqdm
+
+    tqdm.set_lock(lock)  # one process at a time writes to the terminal: no bar split by a line
+    log_to_console(logging.INFO, shared_terminal=True)
 
 
 def render_demo_video(
@@ -193,40 +217,65 @@ def run_demo(
     weights: Sequence[PathLike] = (),
     cache: Optional[PathLike] = None,
     progress: bool = True,
+    init: Sequence[PathLike] = (),
 ) -> dict[str, Any]:
-    """Run the demo into `out`; returns the comparison's metrics.json document plus `files`."""
+    """Run the demo into `out`; returns the comparison's metrics.json document plus `files`.
+
+    data: a data set of any layout. With `weights`: those are compared on it, nothing trained.
+    Without: both recipes are fine-tuned on it from `init` (SegFormer's, HRNet's weights), or
+    from the synthetic-Cityscapes weights the demo trains (into out/runs) when none are given."""
     from segcompare.compare import CompareSpec, run_compare
 
     plan = TINY if tiny else FULL
     out = Path(out)
+    if weights and (data is None or init):
+        raise SegcompareError("--weights goes with --data alone (the checkpoints to compare); "
+                              "--init with --data fine-tunes from given weights")  # fmt: skip
+    if init and len(init) != len(RECIPES):
+        raise SegcompareError(f"--init takes {len(RECIPES)} weights (SegFormer-B0's, then "
+                              f"HRNet-W18-Small-v1's), got {len(init)}")  # fmt: skip
+    data_root = None if data is None else Path(data)
+    if data_root is not None and not data_root.is_dir():
+        raise SegcompareError(f"--data {data_root}: no such directory")
+    for w in (*weights, *init):
+        if not str(w).startswith("hf://") and not Path(w).exists():
+            raise SegcompareError(f"{'--init' if w in init else '--weights'} {w}: no such file")
+    recipes = [shipped_recipe(r) for r in RECIPES]
+    runs = [r.removesuffix(".yaml").removeprefix("synthcity_") for r in RECIPES]
 
-    if data is not None:  # real data, real weights: nothing to train
-        if not weights:
-            raise SegcompareError("--data needs --weights A,B (the checkpoints to compare)")
-        data_root = Path(data)
-        if not data_root.is_dir():
-            raise SegcompareError(f"--data {data_root}: no such directory")
-        for w in weights:
-            if not Path(w).exists():
-                raise SegcompareError(f"--weights {w}: no such file")
+    if data_root is not None and weights:  # real data, real weights: nothing to train
+        from segcompare.data.layouts import detect_layout
+
+        detect_layout(data_root)  # a folder of no known layout fails before anything is written
         model_weights = [run_weights(w) for w in weights]  # a run folder: its final weights
-        frames = data_root / "leftImg8bit" / "demoVideo" / "stuttgart_00"
-        if not frames.is_dir():
-            frames = data_root / "leftImg8bit_demoVideo" / "stuttgart_00"
         _open_out(out, fresh)
+    elif data_root is not None:  # fine-tune both recipes on the given data
+        from segcompare.data.layouts import detect_layout
+
+        detect_layout(data_root)
+        _open_out(out, fresh)
+        if init:
+            starts = [str(run_weights(w)) if not str(w).startswith("hf://") else str(w)
+                      for w in init]  # fmt: skip
+        else:  # the demo's own synthetic-Cityscapes weights
+            synth = synth_data(plan, Path(cache) if cache is not None else default_cache(),
+                               fresh, progress)  # fmt: skip
+            synth_jobs = [(p, out / "runs" / f"synthcity_{r}") for p, r in zip(recipes, runs)]
+            starts = [str(w) for w in train_models(synth_jobs, synth, plan)]
+        jobs = [(p, out / "runs" / f"finetune_{r}") for p, r in zip(recipes, runs)]
+        # a recipe's own class weights are its data set's (HRNet's Cityscapes ones): this set's
+        overrides = [(*plan.finetune, f"model.init={w}", *_own_class_weights(p))
+                     for p, w in zip(recipes, starts)]  # fmt: skip
+        model_weights = train_models(jobs, data_root, plan, overrides=overrides)
     else:
-        if weights:
-            raise SegcompareError("--weights goes with --data; the synthetic demo trains its own")
-        recipes = [shipped_recipe(r) for r in RECIPES]
         _open_out(out, fresh)  # the arguments are checked: nothing is left on an error in them
         cache_dir = Path(cache) if cache is not None else default_cache()
         data_root = synth_data(plan, cache_dir, fresh, progress)
-        jobs = [
-            (path, out / "runs" / r.removesuffix(".yaml").removeprefix("synthcity_"))
-            for path, r in zip(recipes, RECIPES)
-        ]
+        jobs = [(path, out / "runs" / r) for path, r in zip(recipes, runs)]
         model_weights = train_models(jobs, data_root, plan)
-        frames = data_root / "leftImg8bit_demoVideo" / "stuttgart_00"
+    frames = data_root / "leftImg8bit_demoVideo" / "stuttgart_00"
+    if not frames.is_dir():
+        frames = data_root / "leftImg8bit" / "demoVideo" / "stuttgart_00"
 
     metrics_path = out / "metrics.json"
     if metrics_path.exists() and not fresh and _same_models(metrics_path, model_weights):
@@ -246,6 +295,15 @@ def run_demo(
     }
     atomic_write_text(out / "demo.json", json.dumps(doc["files"], indent=2) + "\n")
     return doc
+
+
+def _own_class_weights(recipe: Path) -> tuple[str, ...]:
+    """`--set train.class_weights=auto` for a recipe that lists class weights (they are its data
+    set's), so it fine-tunes with the given data set's median-frequency weights; else nothing."""
+    import yaml
+
+    weights = (yaml.safe_load(recipe.read_text()).get("train") or {}).get("class_weights")
+    return ("train.class_weights=auto",) if isinstance(weights, list) else ()
 
 
 def _open_out(out: Path, fresh: bool) -> None:
@@ -296,7 +354,7 @@ def summary_table(doc: dict[str, Any]) -> str:
     for m in doc["models"]:
         relative = (m.get("robustness") or {}).get("relative_miou")
         lines.append(
-            f"| {m['name']} | {100 * m['miou']:.1f} | {100 * m['category_miou']:.1f} | "
+            f"| {m['name']} | {100 * m['miou']:.1f} | {num(m.get('category_miou'), '.1f', 100)} | "
             f"{num(m.get('boundary_iou'), '.1f', 100)} | {num(relative, '.2f')} | "
             f"{m['parameters']:,} | {m['gmacs']:.2f} | {num(m.get('latency_ms'), '.0f')} |"
         )

@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 
 Model = Callable[[torch.Tensor], torch.Tensor]  # N×3×H×W normalised -> N×C×h×w logits
 
-# Each family's multi-scale test (`aug_test`, `--aug-test`): its scales and flip, cited there.
 @dataclass(frozen=True)
 class InferenceSettings:
     """How to run a model at test time: one value, built once (by the CLI from its options) and
@@ -229,6 +228,43 @@ def official_settings(family: str, dataset: str, **kwargs: Any) -> InferenceSett
     fields (device, precision, aug_test, ...)."""
     recipe = FAMILIES[family].test_for(dataset)
     return InferenceSettings(family=family, mode=recipe.mode, dataset=dataset, **kwargs)
+
+
+def test_of_dataset(
+    settings: InferenceSettings, dataset: str, keep_mode: bool = False
+) -> InferenceSettings:
+    """`settings` (its family set, as a `Predictor` holds them) for a data set of layout `dataset`:
+    the family's official test of it (its mode, resize and window; with aug_test its scales and
+    flip), as `segcompare eval` and `compare` run a model; keep_mode: the mode as given (--mode)."""
+    mode = settings.mode if keep_mode else FAMILIES[settings.family].test_for(dataset).mode
+    tested = replace(settings, dataset=dataset, mode=mode)
+    return tested.resolved() if tested.aug_test else tested
+
+
+def check_test_sizes(dataset: Any, settings: InferenceSettings) -> None:
+    """Every image of `dataset` (its `samples`: (image, mask) paths) is large enough for the model
+    as `settings` test it; the first that is not is one error naming it and both sizes, before
+    any work (the official tests do not pad an image at test time; training pads its crops).
+    Only the files' headers are read; a file that does not decode is left to the data set."""
+    from PIL import Image
+
+    from segcompare.models.variants import MIN_INPUT_SIDE
+
+    for image_path, _ in getattr(dataset, "samples", ()):
+        try:
+            with Image.open(image_path) as im:
+                w, h = im.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue
+        mh, mw = settings.model_input_hw((h, w))
+        if min(mh, mw) < MIN_INPUT_SIDE:
+            raise SegcompareError(
+                f"{image_path}: a {h}x{w} image, which the {settings.family or 'model'} test "
+                f"({settings.dataset}) gives the model at {mh}x{mw}, smaller than "
+                f"{MIN_INPUT_SIDE}x{MIN_INPUT_SIDE}, the smallest input both families accept: "
+                f"enlarge (or pad) the images of this split to at least {MIN_INPUT_SIDE} px a "
+                "side"
+            )
 
 
 def _resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:

@@ -23,9 +23,9 @@ from torch import nn
 from segcompare.data.transforms import MEAN, STD
 from segcompare.infer.fast import prepare_for_inference
 from segcompare.utils import PathLike, SegcompareError, atomic_path
-from segcompare.values import check
+from segcompare.values import MIN_OPSET, check
 
-OPSET = 17  # LayerNormalization is an ONNX op from 17 on; onnxruntime >= 1.11 runs it
+OPSET = MIN_OPSET  # the default: the oldest that has LayerNormalization (values.MIN_OPSET)
 
 
 def max_opset() -> int:
@@ -37,13 +37,16 @@ def max_opset() -> int:
     return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", OPSET))
 
 
-def check_opset(opset: int) -> None:
-    """SegcompareError for an opset the export cannot write."""
-    if not OPSET <= opset <= max_opset():
+def check_opset(opset: int) -> int:
+    """The opset, checked by its row of values.RULES and against what the installed torch
+    writes (an older one may stop below values.MAX_OPSET); SegcompareError otherwise."""
+    opset = check("--opset", opset, name="opset")
+    if opset > max_opset():
         raise SegcompareError(
-            f"--opset {opset}: the export writes opsets {OPSET} (LayerNormalization) to "
-            f"{max_opset()} (this torch's exporter)"
+            f"opset must be at most {max_opset()} (the newest this torch's exporter writes), "
+            f"got {opset}"
         )
+    return opset
 
 
 def export_onnx(

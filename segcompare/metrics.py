@@ -43,7 +43,7 @@ from segcompare.data.labels import (
     NUM_CLASSES,
     TRAIN_LABELS,
     ClassTable,
-    generic_table,
+    nameless_table,
 )
 from segcompare.utils import PathLike, SegcompareError, atomic_write_text
 
@@ -132,10 +132,11 @@ class ConfusionMatrix:
     def __init__(
         self, classes: Union[int, ClassTable] = CITYSCAPES, per_image: bool = False
     ) -> None:
-        """classes: the data set's class table, or a class count (`generic_table(K)`: Cityscapes'
-        for 19). Cityscapes' table, which has instances and categories, adds iIoU and the
-        category figures."""
-        table = classes if isinstance(classes, ClassTable) else generic_table(classes)
+        """classes: the data set's class table, or a class count (`nameless_table(K)`: K classes
+        class_0, class_1, ..., whatever K is). Only Cityscapes' table, which has instances and
+        categories, adds iIoU and the category figures: a 19-class count or another 19-class
+        data set is not Cityscapes."""
+        table = classes if isinstance(classes, ClassTable) else nameless_table(classes)
         self.classes = table
         self.num_classes = table.num_classes
         self.names = table.names

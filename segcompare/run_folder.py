@@ -207,7 +207,7 @@ def last_checkpoint(out: Path, cfg: Config, resume: bool) -> Tuple[Optional[Path
         return None, None
     skipped = []
     for _, path in reversed(found):
-        checkpoint = read_checkpoint(path)
+        checkpoint = read_training_checkpoint(path)
         if isinstance(checkpoint, dict):
             break
         skipped.append(f"{path.name} ({checkpoint})")
@@ -231,7 +231,7 @@ def last_checkpoint(out: Path, cfg: Config, resume: bool) -> Tuple[Optional[Path
 CHECKPOINT_KEYS = ("iter", "model", "optimizer", "scaler", "rng", "world_size", "best", "config")
 
 
-def read_checkpoint(path: Path) -> Union[dict, str]:
+def read_training_checkpoint(path: Path) -> Union[dict, str]:
     """The contents of checkpoint `path`, or why it cannot be resumed from (a string)."""
     import pickle
     import zipfile

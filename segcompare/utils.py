@@ -201,11 +201,13 @@ def check_output(
     inputs: Iterable[Optional[PathLike]] = (),
     overwrite: bool = False,
     folder: bool = False,
+    outside: bool = False,
 ) -> Path:
     """The one rule for a path a command writes (`what` names it for the user: "--json", ...):
     not empty; not one of the command's `inputs` (files, or folders it reads from: a `folder`
-    output may not lie inside one either); and a file that exists is replaced only with
-    `overwrite`. Returns the path; SegcompareError otherwise, before anything is written."""
+    output, or any with `outside`, may not lie inside one either); and a file that exists is
+    replaced only with `overwrite`. Returns the path; SegcompareError otherwise, before anything
+    is written."""
     if path is None or not str(path).strip():
         raise SegcompareError(f"{what}: an empty path; name the {'folder' if folder else 'file'}")
     out = Path(path)
@@ -215,7 +217,7 @@ def check_output(
             continue
         src = _resolved(item)
         inside = src.is_dir() and (src == real or src in real.parents)
-        if _same(real, src) or (folder and inside):
+        if _same(real, src) or ((folder or outside) and inside):
             where = "is" if _same(real, src) else "lies inside"
             raise SegcompareError(
                 f"{what} {out} {where} the input {item}; write the output elsewhere"
@@ -345,10 +347,38 @@ def output_folder(
             with _rank0_first(rank, root):
                 held = _hold_folder(root, what, overwrite, names) if rank == 0 else None
                 folder = stack.enter_context(held) if held else OutputFolder(root)
-            yield folder
+            with _recording(folder) if rank != 0 else contextlib.nullcontext():
+                yield folder
+            _gather_written(folder)  # rank 0 lists (and counts) every process's files
         return
     with _hold_folder(root, what, overwrite, names) as folder:
         yield folder
+
+
+@contextlib.contextmanager
+def _recording(folder: OutputFolder) -> Iterator[None]:
+    """Record the files this process writes into `folder` (a rank other than 0, which does not
+    hold it); on failure remove them, as the holder removes its own."""
+    _OPEN_FOLDERS.append(folder)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        _OPEN_FOLDERS.remove(folder)
+        if not ok:
+            for name in folder.written:
+                with contextlib.suppress(OSError):
+                    (folder.root / name).unlink()
+
+
+def _gather_written(folder: OutputFolder) -> None:
+    """Every process's written files into each `folder.written` (a collective: all ranks)."""
+    import torch.distributed as dist
+
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(folder.written))
+    folder.written = {name for names in gathered for name in names}
 
 
 def _process_group() -> tuple[int, int]:
@@ -414,8 +444,7 @@ def _hold_folder(root: Path, what: str, overwrite: bool, names: list) -> Iterato
         finally:
             _OPEN_FOLDERS.remove(folder)
         ok = True
-        files = sorted(folder.written | set(names))  # names: other processes' files too
-        atomic_write_text(root / OUTPUTS_NAME, json.dumps({"files": files}, indent=1) + "\n")
+        write_outputs_list(root, folder.written | set(names))  # names: other processes' too
     finally:
         if not ok:
             for name in folder.written:
@@ -428,6 +457,13 @@ def _hold_folder(root: Path, what: str, overwrite: bool, names: list) -> Iterato
         if not ok and created:
             with contextlib.suppress(OSError):
                 root.rmdir()  # only if empty
+
+
+def write_outputs_list(root: Path, files: Iterable[str]) -> None:
+    """ROOT/.segcompare-outputs: the files (relative paths) a run wrote into the folder ROOT,
+    which the next run into it replaces (`output_folder`, with overwrite)."""
+    text = json.dumps({"files": sorted(set(files))}, indent=1) + "\n"
+    atomic_write_text(root / OUTPUTS_NAME, text)
 
 
 def _remove_empty_dirs(root: Path, rel_dirs: Iterable[str]) -> None:
@@ -452,21 +488,45 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 
 class _TqdmHandler(logging.StreamHandler):
-    """A log line through tqdm.write: printed above this process's progress bars, not on them."""
+    """A log line through tqdm.write: printed above this process's progress bars, not on them.
+
+    `shared`: processes side by side draw their bars on one terminal (the demo's trainings),
+    each at its own line below the cursor, and hold one tqdm lock (`tqdm.set_lock`), so one
+    process writes at a time. tqdm.write clears only this process's bars; the line therefore
+    first erases everything from the cursor down (ANSI "erase below", as tqdm's own cursor
+    moves are ANSI), where the other processes' bars are: the line never lands on a bar. They
+    draw theirs again at their next update, one line lower."""
+
+    def __init__(self, stream: Any = None, shared: bool = False) -> None:
+        super().__init__(stream)
+        self.shared = shared
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             from tqdm import tqdm
 
-            tqdm.write(self.format(record), file=self.stream)
+            line = self.format(record)
+            tqdm.write(f"\r\x1b[J{line}" if self.shared else line, file=self.stream)
         except Exception:  # as logging's own handlers: a failed log line is not the run's error
             self.handleError(record)
 
 
-def log_to_console(level: int = logging.INFO) -> None:
-    """The CLI's logging: one-line messages on stderr, written around the progress bars."""
+def log_to_console(level: int = logging.INFO, shared_terminal: bool = False) -> None:
+    """The CLI's logging: one-line messages on stderr, written around the progress bars.
+
+    `shared_terminal`: this process draws bars beside others on one terminal, under a tqdm lock
+    they share (`_TqdmHandler`'s shared). The package's own lines then go through a handler on
+    the `segcompare` logger, which train's `logging_redirect_tqdm` (it swaps the root logger's
+    console handlers for tqdm's plain one) leaves in place."""
     logging.basicConfig(level=level, format="%(message)s", handlers=[_TqdmHandler()])
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache notices
+    if shared_terminal:
+        handler = _TqdmHandler(shared=True)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package = logging.getLogger("segcompare")
+        package.handlers = [handler]
+        package.setLevel(level)
+        package.propagate = False  # else root's handler prints it a second time
 
 
 def available_memory() -> int:

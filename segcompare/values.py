@@ -34,6 +34,10 @@ MAX_SCALE = 1e4  # a test scale; what fits in memory is decided by the memory es
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 MAX_CLASSES = 65535
 MAX_BATCH = 65536
+MIN_OPSET = 17  # ONNX has LayerNormalization from opset 17 on; onnxruntime >= 1.11 runs it
+MAX_OPSET = 20  # the newest torch's TorchScript-based exporter writes (torch 2.13); export.py
+# also asks the installed torch (`max_opset`), which may write fewer
+MAX_RESAMPLES = 100_000  # bootstrap resamples: each holds a C×C matrix per model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +162,9 @@ RULES: dict[str, Rule] = {
     "--seed": _SEED,
     "--classes": _count(1, MAX_CLASSES),
     "--ignore-index": _count(0, 255),
+    "--opset": _count(MIN_OPSET, MAX_OPSET, why="LayerNormalization is an ONNX op from 17 on; "
+                      f"{MAX_OPSET} is the newest torch's exporter writes"),
+    "--bootstrap": _count(0, MAX_RESAMPLES, why="0: off"),
 }
 
 

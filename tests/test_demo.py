@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -149,3 +150,43 @@ def test_make_figures_takes_every_figure_from_one_run(demo, tmp_path):
         assert make_figures.main([str(out), "--docs", str(tmp_path / "d2"), "--readme",
                                   "none"]) == 1
         assert not (tmp_path / "d2").exists()  # refused before anything was made
+
+
+def test_demo_fine_tunes_both_models_on_a_folder_set(demo, tmp_path, capsys):
+    """`demo --data DIR --init A,B` on a folder set of 3 classes (made here by hand): both recipes
+    fine-tuned from the demo's 19-class weights (only the classifiers start anew), compared on
+    the set's own classes."""
+    import numpy as np
+    import yaml
+
+    out, _ = demo
+    root = tmp_path / "fields"
+    rng = np.random.default_rng(5)
+    for split, n in (("train", 2), ("val", 2)):
+        (root / "img_dir" / split).mkdir(parents=True)
+        (root / "ann_dir" / split).mkdir(parents=True)
+        for i in range(n):
+            mask = np.zeros((64, 128), np.uint8)
+            mask[20:50, 10:60], mask[5:30, 70:120] = 1, 2
+            image = np.array([(30, 30, 30), (40, 200, 40), (200, 40, 40)], np.uint8)[mask]
+            image = (image + rng.integers(0, 20, image.shape)).astype(np.uint8)
+            Image.fromarray(image).save(root / "img_dir" / split / f"f{i}.jpg")
+            Image.fromarray(mask, mode="L").save(root / "ann_dir" / split / f"f{i}.png")
+    names = ["soil", "crop", "barn"]
+    (root / "id2label.json").write_text(json.dumps(dict(enumerate(names))))
+    runs = ("segformer_b0", "hrnet_w18_small_v1")
+    init = [out / "runs" / run / "final.safetensors" for run in runs]
+    given = tmp_path / "mine"
+    argv = ["demo", "--tiny", "--out", str(given), "--data", str(root),
+            "--init", ",".join(str(w) for w in init)]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads((given / "metrics.json").read_text())
+    assert doc["classes"]["names"] == names
+    assert [m["name"] for m in doc["models"]] == ["segformer-b0", "hrnet-w18-small-v1"]
+    for m, start, run in zip(doc["models"], init, runs):
+        assert list(m["per_class"]) == names and m["category_miou"] is None
+        assert Path(m["weights"]) == given / "runs" / f"finetune_{run}" / "final.safetensors"
+        recorded = yaml.safe_load((given / "runs" / f"finetune_{run}" / "config.yaml").read_text())
+        assert recorded["model"]["init"] == str(start)
+    printed = capsys.readouterr().out
+    assert "| segformer-b0 |" in printed and "| - |" in printed  # no category mIoU here

@@ -168,6 +168,12 @@ def test_eval_two_processes_equals_one(tmp_path: Path, one_process: tuple, synth
     assert out.count("pixel accuracy") == 1, out
     assert "process 0: 2 images" in out and "process 1: 3 images" in out
     assert "5 images in" in out and "on 2 process(es)" in out
+    # the folder's list of its files, and the count printed, hold both processes' predictions
+    _, pred_dir = one_process
+    expected = sorted(p.relative_to(pred_dir).as_posix() for p in pred_dir.rglob("*.png"))
+    assert len(expected) == 5
+    assert json.loads((tmp_path / "pred" / OUTPUTS_NAME).read_text())["files"] == expected
+    assert f"wrote 5 prediction PNG(s) to {tmp_path / 'pred'}" in out, out
     # one progress bar, process 0's (2 images); process 1's (3 images) is not drawn
     assert "| 2/2 [" in err and "/3 [" not in err, err[-2000:]
 
@@ -201,6 +207,26 @@ def test_predict_two_processes_write_each_file_once(
     for image in images:
         got = np.array(Image.open(tmp_path / image.relative_to(folder)))
         assert np.array_equal(got, predictor.predict(image)), image.name
+
+
+def test_video_under_torchrun_is_rendered_once(tmp_path: Path, synth_root: Path,
+                                               weights: Path) -> None:
+    """A video has no shares: under torchrun process 0 renders it, once; the other process
+    checks the same options and ends."""
+    from PIL import Image
+
+    frames = sorted((synth_root / "leftImg8bit" / "val").iterdir())[0]
+    out = tmp_path / "v.gif"
+    rc, stdout, err = _run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m",
+                            "segcompare", "video", str(frames), "--weights", str(weights),
+                            "--mode", "whole", "--out", str(out)])
+    assert rc == 0, err[-3000:]
+    count = len(list(frames.glob("*.png")))
+    assert stdout.count("wrote ") == 1, stdout
+    assert f"wrote {out}: {count} frames, 1 model(s)" in stdout
+    with Image.open(out) as gif:
+        assert gif.n_frames == count
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.gif"]
 
 
 _PER_IMAGE_SCRIPT = """

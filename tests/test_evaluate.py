@@ -318,6 +318,7 @@ def test_eval_cli_equals_cityscapesscripts_and_pred_dir(synth, tmp_path, capsys,
         "--save-pred", tmp_path / "pred",
     )  # fmt: skip
     assert rc == 0 and "mean" in out and "3 images" in out
+    assert f"wrote 3 prediction PNG(s) to {tmp_path / 'pred'}" in out
     ours = json.loads((tmp_path / "model.json").read_text())
     assert ours["model"] == "segformer-b0" and ours["mode"] == "slide" and ours["num_images"] == 3
     assert set(ours["per_class"]["car"]) == {

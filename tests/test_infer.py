@@ -446,3 +446,31 @@ def test_compare_cli_refuses_a_5_class_model_before_any_step(synth, tmp_path, ca
     (line,) = [ln for ln in err.strip().splitlines() if "error:" in ln]
     assert "k5.safetensors" in line and "5 classes" in line
     assert not (tmp_path / "cmp").exists()
+
+
+def test_predict_and_eval_say_what_each_layer_ran_in_below_fp32(synth, tmp_path, capsys):
+    """--precision bf16: one line of what ran in which precision (which layers that is depends
+    on this CPU's timings; the shape of the report does not), and eval's JSON holds it per
+    layer. fp32 prints no such line."""
+    import json
+
+    images = synth / "city" / "leftImg8bit" / "val"
+    common = ("--weights", synth / "b0.safetensors", "--device", "cpu", "--mode", "whole")
+    rc, out, _ = _cli(capsys, "predict", images, "--out", tmp_path / "p", *common,
+                      "--precision", "bf16")  # fmt: skip
+    lines = [line for line in out.splitlines() if line.startswith("layer precision")]
+    assert rc == 0 and len(lines) == 1 and lines[0].startswith("layer precision at 1x3x64x128: ")
+    rc, out, _ = _cli(capsys, "eval", "--data", synth / "city", *common, "--precision", "bf16",
+                      "--json", tmp_path / "e.json")  # fmt: skip
+    doc = json.loads((tmp_path / "e.json").read_text())
+    assert rc == 0 and doc["precision"] == "bf16" and "layer precision at" in out
+    rows = doc["layer_precision"][0]["layers"]
+    roles = [row["role"] for row in rows]
+    assert set(roles) == {"patch embeddings", "attention", "attention projections", "LayerNorm",
+                          "Mix-FFN linears", "Mix-FFN depthwise", "decode head"}
+    # the tiny B0 (one block per stage): 4 attentions; per stage the patch embedding's, norm1,
+    # norm2, the reduction's (stages 1-3) and the closing LayerNorm: 5 + 5 + 5 + 4
+    assert roles.count("attention") == 4 and roles.count("LayerNorm") == 19
+    assert all(row["precision"] == "bf16" or row["why"] for row in rows)
+    rc, out, _ = _cli(capsys, "predict", images, "--out", tmp_path / "q", *common)
+    assert rc == 0 and "layer precision" not in out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import subprocess
 import sys
 import warnings
@@ -365,3 +366,59 @@ def test_a_log_line_is_written_above_the_progress_bar_not_on_it():
     before = stream.getvalue().split("TensorBoard:")[0]
     assert before.endswith("\r"), repr(before[-40:])  # the bar was cleared: the line is its own
     assert "TensorBoard: scalars in runs/b0/tb\n" in stream.getvalue()
+
+
+_SIDE_BY_SIDE_SCRIPT = """
+import logging, sys, time
+from pathlib import Path
+from tqdm import tqdm
+from segcompare.demo import side_by_side_pool
+
+LINES = 12
+
+
+def draw(position, folder):
+    # both processes start drawing only when both are up (spawn takes a while), so their bars
+    # and lines interleave as two trainings' do
+    (Path(folder) / f"ready{position}").touch()
+    while len(list(Path(folder).glob("ready*"))) < 2:
+        time.sleep(0.01)
+    # as a training side by side: a bar at its own line, a log line after each step
+    log = logging.getLogger("segcompare.train")
+    with tqdm(total=LINES, position=position, desc=f"model{position}", ncols=70, ascii=True,
+              mininterval=0) as bar:
+        for i in range(LINES):
+            time.sleep(0.01)
+            bar.update(1)
+            log.info("model%d: log line %d of the run", position, i)
+
+
+if __name__ == "__main__":
+    with side_by_side_pool(2) as pool:
+        for future in [pool.submit(draw, p, sys.argv[1]) for p in range(2)]:
+            future.result()
+"""
+
+
+def test_log_lines_of_processes_side_by_side_never_land_on_a_bar(tmp_path):
+    """The demo's two trainings draw a bar each on one terminal and log lines between steps.
+    Their captured stderr, replayed on a terminal emulator (pyte), shows every log line whole on
+    a line of its own: no line lands on the other process's bar or splits one."""
+    import pyte  # the test extra
+    script = tmp_path / "side_by_side.py"
+    script.write_text(_SIDE_BY_SIDE_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    screen = pyte.Screen(100, 200)  # tall enough that nothing scrolls away
+    screen.set_mode(pyte.modes.LNM)  # "\n" as a terminal's line discipline turns it: CR LF
+    pyte.ByteStream(screen).feed(proc.stderr)
+    shown = [line.rstrip() for line in screen.display]
+    expected = [f"model{p}: log line {i} of the run" for p in range(2) for i in range(12)]
+    for line in expected:
+        assert shown.count(line) == 1, (line, "\n".join(s for s in shown if s))
+    fragments = [s for s in shown if "log line" in s and s not in expected]
+    assert not fragments, fragments  # a log line glued to a bar, or a bar drawn over a line
+    for p in range(2):  # both bars finished whole
+        assert any(s.startswith(f"model{p}: 100%|") and s.endswith("it/s]") for s in shown)

@@ -209,3 +209,185 @@ def test_bench_dtype_is_the_older_name_of_precision(tmp_path):
     assert main([*argv, "--dtype", "bf16"]) == 0
     assert json.loads(out.read_text())["meta"]["dtype"] == "bf16"
     assert main([*argv, "--precision", "fp16", "--dtype", "bf16", "--overwrite"]) != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16 where it pays: the timing probe (segcompare.models.precision.probe_ms / time_each)
+# and BF16Probe, which picks each layer's way. What this CPU's bfloat16 costs must not decide
+# these tests: the timings are injected (or the clock is).
+
+
+def _fake_probe(monkeypatch, conv_ms, attention_ms, whole_ms, calls=None):
+    """Make the probe 'measure' given timings: conv_ms(key) and attention_ms(key) -> {way: ms}
+    for each layer (key: what `_probe_layer` names it by), whole_ms -> {way: ms} for the whole
+    model. Checks the ways offered are the ones the rule chooses among."""
+    from segcompare.infer import fast
+
+    def probe_ms(key, ways):
+        if calls is not None:
+            calls.append(key)
+        if key[0] == "attention":
+            assert tuple(ways) == fast.ATTENTION_WAYS
+            return attention_ms(key)
+        assert tuple(ways) == ("fp32", "bf16")
+        return conv_ms(key)
+
+    def time_each(ways):
+        assert tuple(ways) == ("fp32", "bf16")
+        if calls is not None:
+            calls.append("whole")
+        return whole_ms
+
+    monkeypatch.setattr(fast, "probe_ms", probe_ms)
+    monkeypatch.setattr(fast, "time_each", time_each)
+
+
+def _tiny_b0(num_classes=5):
+    torch.manual_seed(0)
+    return build_model("segformer-b0", num_classes=num_classes, **TINY_B0).eval()
+
+
+def test_each_layer_runs_the_way_the_probe_found_fastest(monkeypatch):
+    """Depthwise convs slower in bf16, attention fastest as bf16 matmuls, every other conv
+    faster in bf16: the model runs each so, and the report says it in one line."""
+    from segcompare.infer.fast import FastAttention, FusedConv, describe_layer_precision
+
+    def conv_ms(key):  # key: ("conv", weight shape, stride, padding, groups, ...)
+        return {"fp32": 1.0, "bf16": 2.0} if key[4] > 1 else {"fp32": 2.0, "bf16": 1.0}
+
+    _fake_probe(monkeypatch, conv_ms, lambda key: {"fp32": 3.0, "bf16": 2.0, "bf16 matmuls": 1.0},
+                {"fp32": 2.0, "bf16": 1.0})
+    fast_model = prepare_for_inference(_tiny_b0(), torch.bfloat16)
+    fast_model(torch.randn(1, 3, 64, 64))
+    ways = {name: m.way for name, m in fast_model.net.named_modules()
+            if isinstance(m, (FusedConv, FastAttention))}
+    assert ways["stages.0.blocks.0.dwconv"] == "fp32"
+    assert ways["stages.0.blocks.0.attn"] == "bf16 matmuls"
+    assert ways["stages.0.blocks.0.fc1"] == ways["head.linear_pred"] == "bf16"
+    assert sum(w == "fp32" for w in ways.values()) == 4  # one depthwise conv per block
+    line = describe_layer_precision(fast_model.layer_precision()[0])
+    assert line.startswith("layer precision at 1x3x64x64: bf16: ")
+    assert "4 attention (as bf16 matmuls, faster here)" in line
+    assert "fp32: 4 Mix-FFN depthwise (slower in bf16 here)" in line
+
+
+def test_the_whole_model_runs_in_fp32_where_that_is_faster(monkeypatch):
+    """A CPU without bfloat16 units: the float32 model runs, and gives float32's logits."""
+    _fake_probe(monkeypatch, lambda key: {"fp32": 1.0, "bf16": 2.0},
+                lambda key: {"fp32": 2.0, "bf16": 1.0, "bf16 matmuls": 3.0},
+                {"fp32": 1.0, "bf16": 2.0})
+    model = _tiny_b0()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # as Predictor
+        got = prepare_for_inference(model, torch.bfloat16)
+        logits = got(x)
+    with torch.inference_mode():
+        want = prepare_for_inference(model)(x)
+    assert logits.dtype == torch.float32 and torch.equal(logits, want)
+    report = got.layer_precision()[0]
+    assert {row["precision"] for row in report["layers"]} == {"fp32"}
+    assert report["whole_ms"] == {"fp32": 1.0, "bf16": 2.0}
+
+
+def test_the_probe_runs_once_per_input_shape(monkeypatch):
+    calls: list = []
+    _fake_probe(monkeypatch, lambda key: {"fp32": 2.0, "bf16": 1.0},
+                lambda key: {"fp32": 2.0, "bf16": 1.0, "bf16 matmuls": 3.0},
+                {"fp32": 2.0, "bf16": 1.0}, calls)
+    fast_model = prepare_for_inference(_tiny_b0(), torch.bfloat16)
+    with torch.inference_mode():
+        fast_model(torch.randn(1, 3, 64, 64))
+        first = len(calls)
+        fast_model(torch.randn(1, 3, 64, 64))
+        assert len(calls) == first > 0
+        fast_model(torch.randn(1, 3, 64, 96))
+    assert len(calls) == 2 * first
+    assert "whole" not in calls  # every layer was faster in bf16: no need to time the whole
+    # each conv and attention is probed at the shape it really meets: stage 1 of a 64×96
+    # image is 16×24 tokens
+    assert ("attention", (1, 1, 16 * 24, 32), (1, 1, 2 * 3, 32)) in calls
+    assert [r["input"] for r in fast_model.layer_precision()] == [[1, 3, 64, 64], [1, 3, 64, 96]]
+
+
+def test_time_each_keeps_the_fastest_run_of_each_way(monkeypatch):
+    """A clock that each run advances by a set amount: the fastest run of each counts, the ways
+    alternate, and a small op runs until PROBE_MS have passed (not beyond PROBE_MAX_RUNS)."""
+    now = [0.0]
+    order = []
+    costs = {"a": iter([9.0, 5.0, 4.0, 6.0] + [7.0] * 30), "b": iter([9.0, 2.0, 3.0] + [8.0] * 30)}
+
+    def run(way):
+        order.append(way)
+        now[0] += next(costs[way]) / 1000
+
+    monkeypatch.setattr(precision.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(precision, "PROBE_MS", 30.0)
+    got = precision.time_each({"a": lambda: run("a"), "b": lambda: run("b")})
+    assert got == pytest.approx({"a": 4.0, "b": 2.0})  # rounds 1-2: 25 ms; 3 ends past 30
+    assert order == ["a", "b"] * 3
+    monkeypatch.setattr(precision, "PROBE_MS", 1e9)
+    costs = {"a": iter([1.0] * 100), "b": iter([1.0] * 100)}
+    order.clear()
+    precision.time_each({"a": lambda: run("a"), "b": lambda: run("b")})
+    assert len(order) == 2 * precision.PROBE_MAX_RUNS
+
+
+def test_the_rule_prefers_fp32_at_equal_times():
+    assert precision.fastest({"fp32": 1.0, "bf16": 1.0}) == "fp32"
+    assert precision.fastest({"fp32": 1.0, "bf16": 0.9, "bf16 matmuls": 0.5}) == "bf16 matmuls"
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy: bfloat16 logits against a float64 reference, within a bound from bfloat16's unit
+# roundoff (2^-8), whatever way each layer takes. Measured on this CPU (2026-12-04): at most
+# 0.011 of the largest logit (2.8 units), for every combination; the bound is 6 units.
+
+BF16_UNIT = 2.0**-8
+LOGIT_BOUND = 6 * BF16_UNIT  # × the largest |logit|
+
+
+@pytest.mark.parametrize("conv_way", ["bf16", "fp32"])
+@pytest.mark.parametrize("attention_way", ["fp32", "bf16", "bf16 matmuls"])
+def test_bf16_logits_are_within_the_bound_of_float64(conv_way, attention_way):
+    from segcompare.infer.fast import FastAttention, FusedConv
+
+    model = _tiny_b0()
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        fast_model = prepare_for_inference(model, torch.bfloat16, probe=False)
+        for m in fast_model.net.modules():
+            if isinstance(m, FusedConv):
+                m.way = conv_way
+            elif isinstance(m, FastAttention):
+                m.way = attention_way
+        logits = fast_model(x).double()
+        ref = copy_double(model)(x.double())
+    scale = ref.abs().max()
+    assert (logits - ref).abs().max() <= LOGIT_BOUND * scale
+    # hence every pixel whose two best classes lie more than twice the bound apart keeps its
+    # class; on these random weights that is most of them
+    top2 = ref.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * LOGIT_BOUND * scale
+    assert clear.float().mean() > 0.5
+    assert torch.equal(logits.argmax(1)[clear], ref.argmax(1)[clear])
+
+
+def copy_double(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+def test_attention_as_bf16_matmuls_equals_the_float64_formula(monkeypatch):
+    """softmax(q kᵀ/√d) v in float64 on the same bfloat16 numbers, in several chunks of
+    queries: within bfloat16's rounding of the scores, the probabilities and the output."""
+    from segcompare.infer import fast
+
+    monkeypatch.setattr(fast, "SCORES_PER_CHUNK", 3 * 2 * 24)  # chunks of 3 query rows
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g).bfloat16() for n in (10, 24, 24))
+    out = fast._attention(q, k, v, "bf16 matmuls").double()
+    qd, kd, vd = q.double(), k.double(), v.double()
+    ref = torch.softmax(qd @ kd.transpose(-1, -2) / 8**0.5, -1) @ vd
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= 4 * BF16_UNIT * vd.abs().max()

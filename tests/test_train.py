@@ -7,6 +7,7 @@ a tiny synthetic Cityscapes for a few iterations on the CPU.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -15,10 +16,19 @@ import torch
 import yaml
 from helpers import TINY_SEGFORMER, assert_same_state, model_state
 from helpers import write_yaml as _write
+from reference import load_io, load_manifest, official_error, seeded_state_dict
 
 from segcompare.config import OptimConfig, config_from_dict, load_config
 from segcompare.losses import cross_entropy, ohem_cross_entropy
-from segcompare.train import build_optimizer, learning_rate, param_groups, set_learning_rate
+from segcompare.models import build_model
+from segcompare.models.segformer import UNUSED_OFFICIAL_KEYS
+from segcompare.train import (
+    build_optimizer,
+    learning_rate,
+    param_groups,
+    set_learning_rate,
+    split_head,
+)
 from segcompare.utils import SegcompareError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -428,9 +438,11 @@ def test_non_finite_loss_stops_naming_the_iteration(
 ) -> None:
     from segcompare.train import train
 
-    # the lr warms up from 1e-3 at iteration 1 to 1e29 at iteration 2: diverges at 3
-    cfg = config_from_dict(_tiny_run_config(synth_root, max_iters=12, checkpoint_every=1))
-    cfg.optim.lr, cfg.optim.warmup_iters, cfg.optim.warmup_ratio = 1e30, 10, 1e-33
+    # SGD at the largest learning rate the value rule allows (100), no warm-up: a few steps
+    # make the weights explode (the loss was nan at iteration 4 when measured)
+    raw = _tiny_run_config(synth_root, max_iters=12, checkpoint_every=1)
+    raw["optim"].update(name="sgd", lr=100.0, momentum=0.9, warmup_iters=0)
+    cfg = config_from_dict(raw)
     out = tmp_path / "run"
     with pytest.raises(SegcompareError, match=r"non-finite loss .* at iteration (\d+)") as err:
         train(cfg, out)
@@ -485,3 +497,101 @@ def test_init_reinitialises_only_the_classifier_and_auto_weights(
     recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert recorded["train"]["class_weights"] == pytest.approx(expected, abs=1e-6)
     assert np.isfinite(expected).all()
+
+
+# -- the training model: its head's fuse conv split by branch (train.split_head) ----------------
+SPLIT_CASES = [("segformer_b0", (3, 4))]
+
+
+def test_split_head_leaves_hrnet_in_the_official_order():
+    """HRNet trains with the official head (train.split_head says why): bit for bit."""
+    official, model = (_official_model("hrnet_w18_small_v1").train() for _ in range(2))
+    assert split_head(model) == ()
+    images = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(images), official(images))
+
+
+def _official_model(stem: str) -> torch.nn.Module:
+    family = stem.split("_")[0]
+    state = seeded_state_dict(load_manifest(stem), family)
+    for key in UNUSED_OFFICIAL_KEYS if family == "segformer" else ():
+        del state[key]
+    overrides = {"drop_path_rate": 0.0, "dropout": 0.0} if family == "segformer" else {}
+    model = build_model(stem.replace("_", "-"), **overrides)  # no randomness in train mode
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("stem, low", SPLIT_CASES)
+def test_split_head_gives_the_official_logits(stem, low):
+    model = _official_model(stem).eval()
+    assert split_head(model) == low  # the far, wide branches run at their own resolution
+    io = load_io(stem)
+    with torch.no_grad():
+        logits = model(io["input"])
+    official_error(logits, io["logits_quarter"], stem)
+
+
+@pytest.mark.parametrize("stem, low", SPLIT_CASES)
+def test_split_head_gives_the_official_gradients(stem, low):
+    """One training-mode step (batch statistics) of the split head against the official order
+    of operations (the eager model, equal to the official code: the fixtures)."""
+    official = _official_model(stem).train()
+    split = _official_model(stem).train()
+    split_head(split)
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 96)
+    labels = torch.randint(0, 19, (2, 64, 96))
+    for model in (official, split):
+        cross_entropy(model(images), labels).backward()
+    # relative to each parameter's largest gradient, or to a thousandth of the model's for the
+    # biases before a BatchNorm, whose gradient is 0 but for rounding (1e-9 here)
+    model_scale = max(p.grad.abs().max().item() for p in official.parameters())
+    worst = 0.0
+    for a, b in zip(official.parameters(), split.parameters()):
+        scale = max(a.grad.abs().max().item(), 1e-3 * model_scale)
+        worst = max(worst, (a.grad - b.grad).abs().max().item() / scale)
+    print(f"{stem}: largest relative gradient difference {worst:.2g}")
+    assert worst < 1e-4
+    for a, b in zip(official.buffers(), split.buffers()):  # BN running statistics
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["segformer-b0", "hrnet-w18-small-v1"])
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+def test_fused_optimizer_steps_as_the_per_parameter_loop(name, optim):
+    """Two steps of `build_optimizer`'s fused kernel, the second after a checkpoint round trip
+    of the optimizer, against torch's per-parameter loop, with the gradients of a real backward
+    pass of the training model (SegFormer's depthwise-conv gradients come back with other
+    strides than their weights: the fused kernel must read them right)."""
+    from segcompare.train import prepare_for_training
+
+    torch.manual_seed(0)
+    overrides = {"drop_path_rate": 0.0, "dropout": 0.0} if name.startswith("segformer") else {}
+    ours = prepare_for_training(build_model(name, num_classes=5, **overrides).train(), None)
+    plain = copy.deepcopy(ours)
+    cross_entropy(ours(torch.randn(2, 3, 64, 96)), torch.randint(0, 5, (2, 64, 96))).backward()
+    grads = [p.grad.clone(memory_format=torch.preserve_format) for p in ours.parameters()]
+    cfg = OptimConfig(name=optim, lr=0.01, weight_decay=5e-4)
+    fused = build_optimizer(ours, cfg)
+    assert fused.defaults["fused"]
+    groups = param_groups(plain, cfg)
+    loop = (
+        torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        if optim == "adamw"
+        else torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    )
+    for step in range(2):
+        if step == 1:  # as a resumed run
+            saved = copy.deepcopy(fused.state_dict())
+            fused = build_optimizer(ours, cfg)
+            fused.load_state_dict(saved)
+        for model, opt in ((plain, loop), (ours, fused)):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone(memory_format=torch.preserve_format)
+            opt.step()
+    worst = max((a - b).abs().max().item() for a, b in zip(plain.parameters(), ours.parameters()))
+    print(f"{name} {optim}: largest weight difference after 2 steps {worst:.2g}")
+    assert worst < 1e-6

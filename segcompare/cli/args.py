@@ -98,9 +98,10 @@ def _add_precision_option(g: Any) -> None:
 
     g.add_argument(
         "--precision", choices=PRECISIONS, default=None,
-        help="what the model computes in (default fp32); in bf16 on a CPU, convs oneDNN gets "
-        "wrong there stay fp32; compare also scores each model in fp32 and reports the mIoU "
-        "change",
+        help="what the model computes in (default fp32). bf16 on a CPU: layers oneDNN gets "
+        "wrong there, and SegFormer layers a probe finds slower in bf16 there (timed once per "
+        "input size), run in fp32, and a line says which. compare also scores each model in "
+        "fp32 and reports the mIoU change",
     )  # fmt: skip
     g.add_argument(
         "--amp", action="store_true",

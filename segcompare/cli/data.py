@@ -65,11 +65,17 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         "Nothing in SRC changes; a colour not in the palette is named, and nothing is written.",
     )
     m.add_argument("src", metavar="SRC", help="the data set root to read")
-    m.add_argument("dst", metavar="DST", help="the new root to write (new or empty)")
+    m.add_argument("dst", metavar="DST", help="the new root to write (new or empty, else "
+                   "--overwrite)")
     m.add_argument("--map", action="append", default=[], metavar="OLD:NEW",
                    help="map a mask value (repeatable), after colours became indices")
     m.add_argument("--layout", choices=("ade20k", "folder"), help="SRC's layout (detected)")
     m.add_argument("--copy", action="store_true", help="copy the images instead of linking")
+    m.add_argument(
+        "--overwrite", action="store_true",
+        help="write into a DST that is not empty: its files of the same names, and those of the "
+        "last conversion into it, are replaced; other files are kept",
+    )  # fmt: skip
     m.set_defaults(func=_run_data_convert)
 
     y = data.add_parser(
@@ -131,8 +137,8 @@ def _run_data_check(args: argparse.Namespace) -> int:
     from segcompare.utils import check_output
 
     layout = detect_layout(args.root, args.layout)
-    if args.histogram is not None:  # never over an image or mask of the set; else --overwrite
-        check_output(args.histogram, "--histogram", [args.root], args.overwrite)
+    if args.histogram is not None:  # never inside the set (over one of its masks); --overwrite
+        check_output(args.histogram, "--histogram", [args.root], args.overwrite, outside=True)
     problems, notes, counts = [], [], {}
     if layout.name == "cityscapes":  # its own files (color, instanceIds, polygons) first
         cs = check_dataset(args.root, _splits(args.split), args.workers)
@@ -166,7 +172,8 @@ def _run_data_convert(args: argparse.Namespace) -> int:
     from segcompare.utils import check_output
 
     check_output(args.dst, "DST", [args.src], folder=True)  # never SRC or inside it
-    counts = convert_masks(args.src, args.dst, args.map, args.layout, args.copy)
+    counts = convert_masks(args.src, args.dst, args.map, args.layout, args.copy,
+                           overwrite=args.overwrite)
     print(f"wrote {args.dst}: {counts['masks']} masks ({counts['colour_masks']} from colours), "
           f"{counts['images']} images {'copied' if args.copy else 'linked'}")
     return 0
@@ -221,17 +228,25 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "HRNet-W18-Small-v1 with configs/synthcity_*.yaml, compare their final weights "
         "(report.html, metrics.json) and render the side-by-side GIF. Each step is skipped when "
         "its output exists, so a rerun takes seconds. With --data and --weights the same "
-        "comparison runs on real Cityscapes and real weights.",
+        "comparison runs on real data (Cityscapes, ADE20K or a folder set) and real weights; with "
+        "--data alone both models are fine-tuned on it briefly (from --init, or from the demo's "
+        "synthetic-Cityscapes weights) and compared.",
     )
     p.add_argument("--out", default="segcompare-demo", help="output folder (segcompare-demo)")
     p.add_argument("--fresh", action="store_true", help="recompute every step")
     p.add_argument("--tiny", action="store_true", help="tiny sizes and few iterations (a test)")
     p.add_argument("--cache", help="where the synthetic data set is kept (~/.cache/segcompare)")
-    p.add_argument("--data", help="a real Cityscapes root: compare --weights on it, no training")
+    p.add_argument("--data", help="a data set of any layout: compare --weights on it (no "
+                   "training), or fine-tune both demo models on it and compare them")
     p.add_argument(
         "--weights", action="append", default=[], metavar="W",
         help="the checkpoints (or run folders) to compare with --data: --weights A --weights B, "
         "or A,B",
+    )  # fmt: skip
+    p.add_argument(
+        "--init", action="append", default=[], metavar="W",
+        help="with --data alone: the weights both models are fine-tuned from (SegFormer-B0's, "
+        "then HRNet-W18-Small-v1's: --init A,B); default: the demo's synthetic-Cityscapes ones",
     )  # fmt: skip
     p.set_defaults(func=_run_demo)
 
@@ -244,12 +259,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     from segcompare.utils import check_output, log_to_console
 
     log_to_console(logging.INFO)
-    check_output(args.out, "--out", [args.data, *split_list(args.weights)], folder=True)
+    weights, init = split_list(args.weights), split_list(args.init)
+    check_output(args.out, "--out", [args.data, *weights, *init], folder=True)
     start = time.time()
-    weights = split_list(args.weights)
     doc = run_demo(
         args.out, fresh=args.fresh, tiny=args.tiny, data=args.data, weights=weights,
-        cache=args.cache,
+        cache=args.cache, init=init,
     )  # fmt: skip
     print(summary_table(doc))
     files = doc["files"]

@@ -59,6 +59,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     import contextlib
 
     from segcompare.evaluate import run_eval
+    from segcompare.infer.fast import describe_layer_precision
     from segcompare.metrics import format_results, write_results
     from segcompare.utils import SegcompareError, check_output, init_distributed, output_folder
 
@@ -75,9 +76,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.json is not None:
         check_output(args.json, "--json", inputs, args.overwrite)
     rank, _ = init_distributed()  # under torchrun: each process scores its share of the images
+    saved = None  # the --save-pred folder: every process's files, once it is closed
     with contextlib.ExitStack() as stack:
         if args.save_pred is not None:
-            stack.enter_context(
+            saved = stack.enter_context(
                 output_folder(args.save_pred, "--save-pred", inputs, args.overwrite)
             )
         if args.pred_dir:
@@ -95,15 +97,21 @@ def _run_eval(args: argparse.Namespace) -> int:
                                save_pred_dir=args.save_pred, meta=meta,
                                model_classes=classes.names if classes else None,
                                map_classes=args.map_classes, **_layout_values(args))
+            if predictor.amp:  # below fp32: what each layer ran in, on this CPU
+                results["layer_precision"] = predictor.layer_precision()
     if rank != 0:
         return 0  # rank 0 holds the summed counts too, and reports
     print(format_results(results))
+    for report in results.get("layer_precision", []):
+        print(describe_layer_precision(report))
     for p in results["processes"] if results["world_size"] > 1 else []:
         print(f"process {p['rank']}: {p['images']} images in {p['seconds']:.1f} s "
               f"({p['images_per_s'] or 0:.2f}/s)")
     seconds = results["seconds"]
     print(f"{results['num_images']} images in {seconds:.1f} s ({results['images_per_s']:.2f}/s) "
           f"on {results['world_size']} process(es)")
+    if saved is not None:
+        print(f"wrote {len(saved.written)} prediction PNG(s) to {args.save_pred}")
     if args.json:
         write_results(results, args.json)
         print(f"wrote {args.json}")
@@ -113,16 +121,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _official_test_of_the_data(predictor: Any, args: argparse.Namespace) -> None:
     """The family's official test of the data set's layout (ADE20K: SegFormer's AlignedResize,
     HRNet's 520 test; `variants.Family.tests`), unless --mode says otherwise."""
-    import dataclasses
-
     from segcompare.data.layouts import detect_layout
-    from segcompare.models.variants import FAMILIES
+    from segcompare.evaluate import test_of_dataset
 
     dataset = detect_layout(args.data, args.layout).name
-    s = predictor.settings
-    mode = args.mode or FAMILIES[s.family].test_for(dataset).mode
-    settings = dataclasses.replace(s, dataset=dataset, mode=mode)
-    predictor.settings = settings.resolved() if settings.aug_test else settings
+    predictor.settings = test_of_dataset(predictor.settings, dataset, keep_mode=bool(args.mode))
 
 
 # --- segcompare predict ------------------------------------------------------------------------
@@ -167,6 +170,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         count = int(total.item())
     if rank == 0:
         print(f"wrote {count} {args.format} file(s) to {args.out}")
+        for line in predictor.describe_layers():
+            print(line)
     return 0
 
 
@@ -206,11 +211,14 @@ def _add_video(sub: argparse._SubParsersAction) -> None:
 
 def _run_video(args: argparse.Namespace) -> int:
     from segcompare.infer import render_video
-    from segcompare.utils import check_output
+    from segcompare.utils import check_output, torchrun_rank_world
 
     models = _model_list(args.model, args.weights)
     models = [(n, run_weights_of(w, args.checkpoint)) for n, w in models]
     check_output(args.out, "--out", [args.source, *(w for _, w in models)], args.overwrite)
+    rank, _ = torchrun_rank_world()
+    if rank != 0:  # under torchrun: one video, rendered once, by process 0
+        return 0
     settings = _inference_settings(args)
     predictors = [_predictor(settings, n, w) for n, w in models]  # run folders resolved above
     # --size is the test size; the panels are drawn at it, or smaller to fit --max-width
@@ -233,7 +241,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "names come from the files).",
     )
     _add_model_options(p, repeatable=True)
-    p.add_argument("--data", required=True, metavar="ROOT", help="Cityscapes root folder")
+    p.add_argument("--data", required=True, metavar="ROOT",
+                   help="data set folder: Cityscapes, ADE20K or a folder of img_dir/ + ann_dir/")
+    _add_layout_options(p)
     p.add_argument("--split", default="val", help="split (default val)")
     p.add_argument("--out", default="compare", metavar="DIR", help="report folder (compare)")
     p.add_argument(
@@ -272,7 +282,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", action="append", default=[], metavar="NAME",
                    help="the row name of the --runs in the same position (repeatable)")
     p.add_argument(
-        "--bootstrap", type=int, default=None, metavar="N",
+        "--bootstrap", type=option("--bootstrap"), default=None, metavar="N",
         help="resamples of the paired bootstrap over images that gives every accuracy figure "
         "its 95%% interval and each pair of models a verdict (1000; 0: off)",
     )  # fmt: skip
@@ -327,6 +337,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         bench_iters=args.bench_iters, bench_warmup=args.bench_warmup, boundary_frac=frac,
         checkpoint=args.checkpoint, runs=groups, overwrite=args.overwrite,
         **({} if args.bootstrap is None else {"bootstrap": args.bootstrap}),
+        keep_mode=bool(args.mode), **_layout_values(args),
     ))  # fmt: skip
     # tables in percent, GMACs with two decimals (metrics.json keeps fractions)
     print(f"{'model':<24}{'mIoU % (95% interval)':>24}{'B-IoU %':>9}{'GMACs':>10}{'ms':>9}")

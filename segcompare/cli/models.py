@@ -165,6 +165,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps({"models": rows, "meta": meta}, indent=2) + "\n")
     print(bench.format_table(rows, meta))
+    from segcompare.infer.fast import describe_layer_precision
+
+    for name, reports in meta.get("layer_precision", {}).items():
+        for report in reports:
+            print(f"{name}: {describe_layer_precision(report)}")
     return 0
 
 
@@ -347,7 +352,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--batch", type=option("--batch"), default=1, metavar="N", help="traced batch size (1)"
     )
     p.add_argument("--dynamic", action="store_true", help="batch, height and width left free")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=option("--opset"), default=17, metavar="N",
+                   help="ONNX opset (default 17, the oldest with LayerNormalization)")
     _add_overwrite(p)
     p.set_defaults(func=_run_export)
 

@@ -1,5 +1,6 @@
-"""What the comparison measures, model by model: the Cityscapes metrics of `segcompare eval` with
-Boundary IoU, per-image mIoU and the confusion matrix in the same pass, parameters and GMACs
+"""What the comparison measures, model by model: the metrics of `segcompare eval` on the data set's
+classes (any layout: Cityscapes, ADE20K, a folder set; its `ClassTable`) with Boundary IoU,
+per-image mIoU and the confusion matrix in the same pass, parameters and GMACs
 (`segcompare.stats`), latency and memory (`segcompare.bench`), mIoU under corruptions, and the
 hardest images."""
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from segcompare.data.corrupt import SEVERITIES, corrupt
-from segcompare.data.labels import NUM_CLASSES
+from segcompare.data.labels import ClassTable
 from segcompare.evaluate import InferenceSettings
 from segcompare.metrics import BoundaryIoU, image_scores
 from segcompare.utils import PathLike, SegcompareError
@@ -42,6 +43,10 @@ class _Subset:
             raise IndexError(index)
         return self.dataset[index]
 
+    @property
+    def table(self) -> ClassTable:
+        return self.dataset.table  # the data set's classes, for `evaluate_model`
+
 
 class _Corrupted:
     """A raw (uint8) dataset seen through a corruption (None: none), then normalised like the test
@@ -64,21 +69,39 @@ class _Corrupted:
         sample["image"], sample["label"] = self.transform(image, sample["label"])
         return sample
 
+    @property
+    def table(self) -> ClassTable:
+        return self.dataset.table
+
 
 def compare_datasets(
-    data_root: PathLike, split: str, max_images: Optional[int], corrupt_images: Optional[int]
+    data_root: PathLike,
+    split: str,
+    max_images: Optional[int],
+    corrupt_images: Optional[int],
+    layout: Optional[str] = None,
+    reduce_zero_label: Optional[bool] = None,
+    ignore_index: Optional[int] = None,
 ) -> tuple[Any, Any, Any]:
-    """The split's datasets the comparison reads: (the first `max_images` images, test-transformed
-    and with instances, for scoring; the same raw (uint8), for plots; the first `corrupt_images`
-    of those raw ones, for the corruptions). None: all images."""
+    """The split's datasets the comparison reads, in any layout (`layout` None: detected;
+    `reduce_zero_label` / `ignore_index`: the data.* keys, as `segcompare eval` takes them): (the
+    first `max_images` images, test-transformed as `segcompare eval` reads them (Cityscapes with
+    instances, for iIoU), for scoring; the same raw (uint8), for plots; the first
+    `corrupt_images` of those raw ones, for the corruptions). None: all images. Each has the
+    data set's `table`."""
     from segcompare.data.cityscapes import CityscapesDataset
     from segcompare.data.transforms import build_test_transform
+    from segcompare.evaluate import eval_dataset
 
-    dataset = _Subset(
-        CityscapesDataset(data_root, split, transform=build_test_transform(), with_instances=True),
-        max_images,
+    scored = eval_dataset(
+        data_root, split, build_test_transform(), layout, reduce_zero_label, ignore_index
     )
-    raw = _Subset(CityscapesDataset(data_root, split), max_images)
+    dataset = _Subset(scored, max_images)
+    raw = _Subset(
+        CityscapesDataset(data_root, split, layout=scored.layout,
+                          reduce_zero_label=reduce_zero_label, ignore_index=ignore_index),
+        max_images,
+    )  # fmt: skip
     return dataset, raw, _Subset(raw, corrupt_images)
 
 
@@ -112,6 +135,12 @@ class ModelRun:
     fp32: dict[str, Any] = field(default_factory=dict)  # below fp32: the float32 scores
 
 
+def class_names(run: ModelRun) -> list[str]:
+    """The data set's class names, in class order: the keys of the scored results (the
+    `ConfusionMatrix` names them by the data set's table)."""
+    return list(run.results["per_class"])
+
+
 def _labels(models: Sequence[tuple[str, Optional[str]]]) -> list[str]:
     """Display names: the variant, plus the weights file's stem where a variant repeats."""
     names = [name for name, _ in models]
@@ -129,14 +158,23 @@ def _labels(models: Sequence[tuple[str, Optional[str]]]) -> list[str]:
 
 
 def build_runs(
-    models: Sequence[tuple[Optional[str], Optional[PathLike]]], inference: InferenceSettings
+    models: Sequence[tuple[Optional[str], Optional[PathLike]]],
+    inference: InferenceSettings,
+    table: Optional[ClassTable] = None,
+    keep_mode: bool = False,
 ) -> list[ModelRun]:
     """Build every model (so that a bad name or file fails before any long step) and wrap each in
-    a `Predictor` with `inference`. Weights None: random weights, seed 0, as `segcompare eval`."""
+    a `Predictor` with `inference`, run as its family's official test of the data set's layout
+    (`evaluate.test_of_dataset`; keep_mode: the inference's mode as given), as `segcompare eval`
+    runs it. Weights None: random weights, seed 0, as `segcompare eval`. table: the data set's
+    classes (default Cityscapes'); a model trained on other classes is refused (as eval does)."""
+    from segcompare.data.labels import CITYSCAPES
+    from segcompare.evaluate import match_classes, test_of_dataset
     from segcompare.infer import Predictor
     from segcompare.models import build_model
     from segcompare.models.save import num_classes_of
 
+    table = table or CITYSCAPES
     resolved = []
     for name, weights in models:
         if name is None and weights is None:
@@ -144,19 +182,23 @@ def build_runs(
         torch.manual_seed(0)  # without weights: the random model `segcompare eval` builds
         model = build_model(name, weights=weights)
         classes = num_classes_of(model)
-        if classes != NUM_CLASSES:  # evaluate_model would refuse it, after the models before it
+        if classes != table.num_classes:  # evaluate_model would refuse it, after the others
             raise SegcompareError(
-                f"{weights or name}: the model predicts {classes} classes; the comparison scores "
-                f"the {NUM_CLASSES} Cityscapes train classes: compare {NUM_CLASSES}-class models"
+                f"{weights or name}: the model predicts {classes} classes; the data set "
+                f"({table.name}) has {table.num_classes}: compare {table.num_classes}-class models"
             )
+        named = getattr(model, "class_table", None)  # the file's classes, where it names them
+        match_classes(named.names if named else None, table.names, model=str(weights or name))
         if weights is None:
             log.warning("no weights for %s: random weights (seed 0); figures mean nothing", name)
         resolved.append((model.variant, None if weights is None else str(weights), model))
     labels = _labels([(n, w) for n, w, _ in resolved])
-    return [
-        ModelRun(name, weights, label, Predictor(model, inference))
-        for (name, weights, model), label in zip(resolved, labels)
-    ]
+    runs = []
+    for (name, weights, model), label in zip(resolved, labels):
+        predictor = Predictor(model, inference)
+        predictor.settings = test_of_dataset(predictor.settings, table.name, keep_mode)
+        runs.append(ModelRun(name, weights, label, predictor))
+    return runs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,8 +216,8 @@ def evaluate_run(
     from segcompare.evaluate import evaluate_model
     from segcompare.metrics import ConfusionMatrix
 
-    cm = ConfusionMatrix(per_image=True)
-    run.boundary = BoundaryIoU(d)
+    cm = ConfusionMatrix(dataset.table, per_image=True)  # the data set's classes
+    run.boundary = BoundaryIoU(d, cm.num_classes)
 
     def on_batch(pred: torch.Tensor, labels: torch.Tensor, batch: dict[str, Any]) -> None:
         run.boundary.update(pred, labels)
@@ -212,7 +254,7 @@ def evaluate_fp32(run: ModelRun, dataset: Any, progress: bool = True, bar: Any =
     results = evaluate_model(
         predictor.scores, dataset, progress=progress and bar is None, on_batch=on_batch
     )
-    run.fp32 = {"miou": results["miou"], "category_miou": results["category_miou"]}
+    run.fp32 = {"miou": results["miou"], "category_miou": results.get("category_miou")}
 
 
 def evaluate_corruptions(
@@ -389,7 +431,6 @@ def bootstrap_intervals(
     {class: [lo, hi]}, "iou_diff_ci": {class: the interval of IoU minus the first model's}}) and
     returns every pairwise mIoU difference ({"a", "b", "diff", "ci", "verdict"}). resamples 0:
     nothing (empty intervals, no pairs)."""
-    from segcompare.data.labels import CLASS_NAMES
     from segcompare.metrics import bootstrap_draws, bootstrap_scores, interval, pairwise_differences
 
     if resamples <= 0 or not runs:
@@ -400,8 +441,10 @@ def bootstrap_intervals(
         members = run.seeds or [run]
         samples.append(bootstrap_scores([m.image_mats for m in members], draws))
 
+    names = class_names(runs[0])
+
     def pairs(ci: np.ndarray) -> dict[str, list[float]]:  # 2×C -> {class: [lo, hi]}
-        return {name: [float(ci[0, c]), float(ci[1, c])] for c, name in enumerate(CLASS_NAMES)}
+        return {name: [float(ci[0, c]), float(ci[1, c])] for c, name in enumerate(names)}
 
     for run, s in zip(runs, samples):
         run.uncertainty = {

@@ -11,11 +11,18 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 
 from segcompare.data.corrupt import SEVERITIES
-from segcompare.data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, colorize
+from segcompare.data.labels import CITYSCAPES, IGNORE_INDEX, ClassTable
 from segcompare.utils import atomic_path
 
 if TYPE_CHECKING:
     from segcompare.compare.measure import ModelRun
+
+
+def _names(runs: Sequence[ModelRun]) -> list[str]:
+    """The data set's class names, in class order (those the runs were scored on)."""
+    from segcompare.compare.measure import class_names
+
+    return class_names(runs[0])
 
 # One colour per model, in order (matplotlib's tab10); families keep their marker in scatters.
 _MARKERS = {"segformer": "o", "hrnet": "s"}
@@ -57,17 +64,32 @@ def _grouped_bars(ax: Any, names: Sequence[str], series: Sequence[Sequence[float
     for i, (values, label, color) in enumerate(zip(series, labels, colors)):
         ax.bar(x + (i - (n - 1) / 2) * width, _nan_to_zero(values), width, label=label,
                color=color)
-    ax.set_xticks(x, names, rotation=45, ha="right")
-    ax.set_xlim(-0.6, len(names) - 0.4)
+    _class_ticks(ax, names)
     ax.grid(axis="y", alpha=0.3)
+
+
+def _class_ticks(ax: Any, names: Sequence[str]) -> None:
+    """One tick per class, named; with many classes (ADE20K's 150) smaller and upright."""
+    x = np.arange(len(names))
+    if len(names) > 40:
+        ax.set_xticks(x, names, rotation=90, fontsize=max(3, 9 - len(names) // 30))
+    else:
+        ax.set_xticks(x, names, rotation=45, ha="right")
+    ax.set_xlim(-0.6, len(names) - 0.4)
+
+
+def _class_width(n: int) -> float:
+    """Figure width (inches) for a per-class plot of n classes."""
+    return max(12.0, 0.12 * n)
 
 
 def plot_per_class(runs: Sequence[ModelRun], path: Path) -> Path:
     """Per-class IoU, one bar per model."""
-    fig = _figure(12, 4.2)
+    names = _names(runs)
+    fig = _figure(_class_width(len(names)), 4.2)
     ax = fig.add_subplot()
-    series = [[100 * run.results["per_class"][c]["iou"] for c in CLASS_NAMES] for run in runs]
-    _grouped_bars(ax, CLASS_NAMES, series, [r.label for r in runs], _colors(len(runs)))
+    series = [[100 * run.results["per_class"][c]["iou"] for c in names] for run in runs]
+    _grouped_bars(ax, names, series, [r.label for r in runs], _colors(len(runs)))
     ax.set_ylabel("IoU (%)")  # plots and tables in percent, as the report's summary
     ax.set_ylim(0, 100)
     ax.set_title("Per-class IoU")
@@ -81,30 +103,31 @@ def _diff_whiskers(run: ModelRun, diff: np.ndarray) -> Optional[np.ndarray]:
     ci = run.uncertainty.get("iou_diff_ci")
     if not ci:
         return None
-    lo = 100 * np.array([ci[c][0] for c in CLASS_NAMES], dtype=np.float64)  # percent points
-    hi = 100 * np.array([ci[c][1] for c in CLASS_NAMES], dtype=np.float64)
+    names = _names([run])
+    lo = 100 * np.array([ci[c][0] for c in names], dtype=np.float64)  # percent points
+    hi = 100 * np.array([ci[c][1] for c in names], dtype=np.float64)
     return np.nan_to_num(np.stack([diff - lo, hi - diff]), nan=0.0).clip(min=0)
 
 
 def plot_per_class_difference(runs: Sequence[ModelRun], path: Path) -> Path:
     """IoU of each model minus the first model's, per class: where each model wins; whiskers:
     the 95 % bootstrap interval of each difference."""
-    fig = _figure(12, 4.2)
+    names = _names(runs)
+    fig = _figure(_class_width(len(names)), 4.2)
     ax = fig.add_subplot()
-    base = np.array([100 * runs[0].results["per_class"][c]["iou"] for c in CLASS_NAMES])
+    base = np.array([100 * runs[0].results["per_class"][c]["iou"] for c in names])
     others = runs[1:]
     series = [
-        np.array([100 * run.results["per_class"][c]["iou"] for c in CLASS_NAMES]) - base
+        np.array([100 * run.results["per_class"][c]["iou"] for c in names]) - base
         for run in others
     ]
-    x = np.arange(len(CLASS_NAMES))
+    x = np.arange(len(names))
     reach = [np.abs(v) for v in series]  # how far the bars and whiskers go
     if len(others) == 1:  # two models: colour each bar by the winner
         diff = _nan_to_zero(series[0])
         c0, c1 = _colors(2)
         ax.bar(x, diff, 0.7, color=[c1 if v >= 0 else c0 for v in diff])
-        ax.set_xticks(x, CLASS_NAMES, rotation=45, ha="right")
-        ax.set_xlim(-0.6, len(CLASS_NAMES) - 0.4)
+        _class_ticks(ax, names)
         ax.grid(axis="y", alpha=0.3)
         from matplotlib.patches import Patch
 
@@ -113,7 +136,7 @@ def plot_per_class_difference(runs: Sequence[ModelRun], path: Path) -> Path:
                   loc="upper right", fontsize=9)
         offsets = [0.0]
     else:
-        _grouped_bars(ax, CLASS_NAMES, series, [r.label for r in others], _colors(len(runs))[1:])
+        _grouped_bars(ax, names, series, [r.label for r in others], _colors(len(runs))[1:])
         ax.legend(loc="upper right", fontsize=9)
         width = 0.8 / len(others)
         offsets = [(i - (len(others) - 1) / 2) * width for i in range(len(others))]
@@ -175,7 +198,8 @@ def plot_scatter(runs: Sequence[ModelRun], x_key: str, x_label: str, path: Path,
 
 def plot_boundary(runs: Sequence[ModelRun], d: int, path: Path) -> Path:
     """Left: mIoU and Boundary IoU per model; right: Boundary IoU per class."""
-    fig = _figure(14, 4.2)
+    names = _names(runs)
+    fig = _figure(_class_width(len(names)) + 2, 4.2)
     left, right = fig.subplots(1, 2, width_ratios=[1, 4])
     x = np.arange(len(runs))
     colors = _colors(len(runs))
@@ -190,7 +214,7 @@ def plot_boundary(runs: Sequence[ModelRun], d: int, path: Path) -> Path:
     left.set_title("whole masks vs edges")
     left.grid(axis="y", alpha=0.3)
     series = [100 * np.asarray(r.boundary.per_class()) for r in runs]
-    _grouped_bars(right, CLASS_NAMES, series, [r.label for r in runs], colors)
+    _grouped_bars(right, names, series, [r.label for r in runs], colors)
     right.set_ylim(0, 100)
     right.set_ylabel("Boundary IoU (%)")
     right.set_title(f"Boundary IoU per class (band d = {d} px)")
@@ -204,16 +228,19 @@ def plot_confusion(run: ModelRun, path: Path) -> Path:
     rows = mat.sum(1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         norm = np.where(rows > 0, mat / np.maximum(rows, 1), np.nan)
-    fig = _figure(7.5, 6.6)
+    names = _names([run])
+    n = len(names)
+    side = max(6.6, 0.09 * n)  # inches: ADE20K's 150 classes need room
+    fig = _figure(side + 0.9, side)
     ax = fig.add_subplot()
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    n = len(CLASS_NAMES)
-    ax.set_xticks(range(n), CLASS_NAMES, rotation=90, fontsize=8)
-    ax.set_yticks(range(n), CLASS_NAMES, fontsize=8)
+    fontsize = 8 if n <= 40 else 4
+    ax.set_xticks(range(n), names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(n), names, fontsize=fontsize)
     for i in range(n):
         for j in range(n):
             v = norm[i, j]
-            if np.isfinite(v) and v >= 0.1:
+            if n <= 40 and np.isfinite(v) and v >= 0.1:
                 ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6,
                         color="white" if v > 0.6 else "black")
     ax.set_xlabel("predicted")
@@ -307,9 +334,10 @@ DIFFERENT_TITLE = "Where the models differ most: largest spread of per-image mIo
 
 def plot_hardest(
     runs: Sequence[ModelRun], raw_dataset: Any, indices: Sequence[int], path: Path,
-    progress: bool = True, heading: str = _HARDEST_TITLE,
+    progress: bool = True, heading: str = _HARDEST_TITLE, table: ClassTable = CITYSCAPES,
 ) -> Path:
-    """A row per image: image | ground truth | each model | where they disagree."""
+    """A row per image: image | ground truth | each model | where they disagree; the label and
+    the predictions in the data set's colours (`table`)."""
     from matplotlib.patches import Patch
     from tqdm import tqdm
 
@@ -326,13 +354,10 @@ def plot_hardest(
         sample = sample0 if row == 0 else raw_dataset[index]
         image, label = sample["image"], sample["label"]
         preds = [run.predictor.predict(image) for run in runs]
-        # The label in the Cityscapes palette; each prediction in its model's (`palette`: the
-        # same for the 19-class models compare scores).
-        panels = [_thumb(image, width, False), _thumb(colorize(label, NUM_CLASSES), width, True)]
-        panels += [
-            _thumb(colorize(p, run.predictor.num_classes), width, True)
-            for p, run in zip(preds, runs)
-        ]
+        # the label and every prediction in the data set's colours (black: ignored)
+        colours = table.palette_256()
+        panels = [_thumb(image, width, False), _thumb(colours[label], width, True)]
+        panels += [_thumb(colours[p], width, True) for p in preds]
         panels.append(_thumb(disagreement_map(image, label, preds, colors), width, True))
         titles = [sample["name"], "ground truth"]
         titles += [f"{run.label}: {100 * run.image_miou[index]:.1f}% mIoU" for run in runs]
@@ -368,12 +393,13 @@ def draw_plots(
     eval_hw: Sequence[int],
     device_type: str,
     progress: bool = True,
+    table: ClassTable = CITYSCAPES,
 ) -> dict[str, Any]:
     """Every plot of the report into `out`; returns their file names by key ("confusion": one per
     run label). raw_dataset / hardest / different: the uint8 images, the hardest ones' indices
     and those where the models differ most; front: the labels on the accuracy-latency Pareto
     front; d: the Boundary IoU band; eval_hw and device_type: what GMACs and latency were
-    measured at / on."""
+    measured at / on; table: the data set's classes (the gallery's colours)."""
     files: dict[str, Any] = {}
     files["per_class"] = plot_per_class(runs, out / "per_class_iou.png").name
     if len(runs) > 1:
@@ -386,11 +412,11 @@ def draw_plots(
     files["boundary"] = plot_boundary(runs, d, out / "boundary_iou.png").name
     if hardest:
         files["hardest"] = plot_hardest(runs, raw_dataset, hardest, out / "hardest_images.png",
-                                        progress).name
+                                        progress, table=table).name
     if different:
         files["different"] = plot_hardest(runs, raw_dataset, different,
                                           out / "most_different_images.png", progress,
-                                          DIFFERENT_TITLE).name
+                                          DIFFERENT_TITLE, table).name
     if any(member.training for run in runs for member in (run.seeds or [run])):
         files["training"] = plot_training(runs, out / "training_curves.png").name
     files["confusion"] = {

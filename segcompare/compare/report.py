@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from urllib.parse import quote
 
 from segcompare.data.corrupt import CORRUPTION_LEVELS, SEVERITIES
-from segcompare.data.labels import CLASS_NAMES
 from segcompare.precision import recorded_precision
 from segcompare.utils import atomic_write_text
 
@@ -72,8 +71,14 @@ def describe_inference(inference: dict[str, Any]) -> str:
     """The inference settings of metrics.json's meta in words."""
     mode = {"slide": "sliding windows (the official test)", "whole": "whole-image"}
     size = inference.get("size")
+    dataset = inference.get("dataset", "cityscapes")
+    if inference.get("official_test") and dataset == "ade20k":  # each family its own
+        how = ("each family's official ADE20K test (SegFormer: the whole image, AlignedResize of "
+               "the short side to 512; HRNet: its 520 test)")
+    else:
+        how = f"{mode.get(inference['mode'], inference['mode'])} inference"
     words = [
-        f"{mode.get(inference['mode'], inference['mode'])} inference",
+        how,
         f"at {size[0]}x{size[1]}" if size else "at each image's own size",
         "each family's official multi-scale test (SegFormer scales 0.5-2.0, HRNet 0.5-1.75)"
         if inference.get("aug_test")
@@ -203,7 +208,7 @@ def model_entry(run: ModelRun) -> dict[str, Any]:
         "pixel_acc": r["pixel_acc"],
         "boundary_iou": run.boundary.mean() if run.boundary else float("nan"),
         "per_class": r["per_class"],
-        "boundary_iou_per_class": dict(zip(CLASS_NAMES, run.boundary.per_class().tolist()))
+        "boundary_iou_per_class": dict(zip(r["per_class"], run.boundary.per_class().tolist()))
         if run.boundary
         else {},
         "parameters": run.stats.get("parameters"),
@@ -287,13 +292,20 @@ _SUMMARY_HEADER = ["model", "mIoU (95 % interval)", "mAcc (95 % interval)", "iIo
                    "params (M)", "GMACs", "latency ms", "images/s", "memory MB"]  # fmt: skip
 
 
-def _summary_row(run: ModelRun, robustness: bool, fp32: bool = False) -> list[str]:
+def _has_categories(runs: Sequence[ModelRun]) -> bool:
+    """Whether the data set has iIoU and categories (Cityscapes); other data sets have neither."""
+    return any(run.results.get("category_miou") is not None for run in runs)
+
+
+def _summary_row(
+    run: ModelRun, robustness: bool, fp32: bool = False, categories: bool = True
+) -> list[str]:
     r = run.results
     row = [
         run.label,
         _pct(r["miou"]) + _spread(run) + _ci(run.uncertainty.get("miou_ci")),
         with_interval(r["mean_acc"], run.uncertainty.get("mean_acc_ci")),
-        _pct(r.get("miiou")), _pct(r.get("category_miou")),
+        *([_pct(r.get("miiou")), _pct(r.get("category_miou"))] if categories else []),
         _pct(r["pixel_acc"]), _pct(run.boundary.mean()),
         _num(run.stats["parameters"] / 1e6, ".2f"), _gmacs(run.stats["gmacs"]),
         _num(run.bench.get("latency_ms"), ".1f"), _num(run.bench.get("images_per_s"), ".2f"),
@@ -313,14 +325,20 @@ def summary_section(runs: Sequence[ModelRun], doc: dict[str, Any]) -> Section:
     h, w = meta["eval_size"]
     bench_meta = meta.get("bench", {})
     robustness = any(run.robustness for run in runs)
-    header = _SUMMARY_HEADER + (["corrupted mIoU", "rel. robustness"] if robustness else [])
+    categories = _has_categories(runs)
+    header = [h for h in _SUMMARY_HEADER if categories or h not in ("iIoU", "cat. mIoU")]
+    header += ["corrupted mIoU", "rel. robustness"] if robustness else []
     fp32 = all(run.fp32 for run in runs)
     header += ["fp32 mIoU", "lower − fp32 (points)"] if fp32 else []
-    rows = [_summary_row(run, robustness, fp32) for run in runs]
+    rows = [_summary_row(run, robustness, fp32, categories) for run in runs]
+    classes = doc.get("classes") or {}
+    how = ("as cityscapesscripts computes them" if categories else
+           f"as mmseg's IoUMetric defines them, over the {len(classes.get('names', []))} "
+           f"classes of the data set ({classes.get('name', '?')})")  # fmt: skip
     text = (
         f"{doc['num_images']} images of {doc['data']} ({doc['split']}), {h}x{w} (H×W), "
         f"evaluated on {meta['device']} with {describe_inference(meta['inference'])}. IoU "
-        "figures in %, as cityscapesscripts computes them (the same code as "
+        f"figures in %, {how} (the same code as "
         f"`segcompare eval`). GMACs and latency are for one forward pass at {h}x{w}, batch 1 "
         f"({bench_meta.get('iters')} timed runs after {bench_meta.get('warmup')} warm-up, "
         f"median; {bench_meta.get('gpu') or bench_meta.get('cpu')}, "

@@ -40,6 +40,7 @@ from segcompare.metrics import (
 )
 from segcompare.run_folder import run_weights
 from segcompare.utils import PathLike, SegcompareError, atomic_write_text, output_folder
+from segcompare.values import check
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,10 @@ class CompareSpec:
 
     models: (name, weights) pairs; name None reads the variant from the weights file, weights
         None gives random weights (seed 0, as `segcompare eval` does without --weights).
-    data_root / split: the Cityscapes folder and split the models are scored on.
+    data_root / split: the data set folder and split the models are scored on, in any layout
+        (Cityscapes, ADE20K, a folder set: `segcompare.data.layouts`); layout None: detected.
+        reduce_zero_label / ignore_index: the data.* keys of a folder set (None: the layout's).
+        Class names, class count, ignore index and colours are the data set's `ClassTable`.
     out_dir: the report folder.
     images: K, the number of hardest images shown (0: none).
     corruptions: corruption names (`CORRUPTIONS`), each measured at `SEVERITIES`.
@@ -66,6 +70,8 @@ class CompareSpec:
         under that label, after `models`: the mean over the runs, ± their standard deviation.
     bootstrap / bootstrap_seed: resamples of the paired bootstrap over images that gives every
         accuracy figure its 95 % interval (0: none), and the seed of its draws.
+    keep_mode: run every model in `inference.mode` (--mode given); by default each runs its
+        family's official test of the data set's layout, as `segcompare eval` does.
     """
 
     models: tuple[tuple[Optional[str], Optional[PathLike]], ...]
@@ -86,6 +92,10 @@ class CompareSpec:
     runs: tuple[tuple[str, tuple[PathLike, ...]], ...] = ()
     bootstrap: int = BOOTSTRAP_RESAMPLES
     bootstrap_seed: int = BOOTSTRAP_SEED
+    layout: Optional[str] = None
+    reduce_zero_label: Optional[bool] = None
+    ignore_index: Optional[int] = None
+    keep_mode: bool = False
 
     def __post_init__(self) -> None:
         # Lists are welcome; a frozen value holds tuples.
@@ -94,8 +104,7 @@ class CompareSpec:
         object.__setattr__(self, "corruptions", tuple(self.corruptions))
         if not self.models and not self.runs:
             raise SegcompareError("compare needs at least one model")
-        if self.bootstrap < 0:
-            raise SegcompareError(f"--bootstrap must be >= 0 (0: off), got {self.bootstrap}")
+        check("--bootstrap", self.bootstrap, name="bootstrap")  # its row of values.RULES
         for label, weights in self.runs:
             if not label or not weights:
                 raise SegcompareError(f"--runs {label!r}: give a label and weights files")
@@ -131,15 +140,18 @@ def _compare(spec: CompareSpec, out: Path, models: list) -> dict[str, Any]:
     from tqdm import tqdm
 
     dataset, raw, corrupt_set = compare_datasets(
-        spec.data_root, spec.split, spec.max_images, spec.corrupt_images
+        spec.data_root, spec.split, spec.max_images, spec.corrupt_images, spec.layout,
+        spec.reduce_zero_label, spec.ignore_index,
     )
+    table = dataset.table  # the data set's classes: names, count, ignore index, colours
     label_hw = tuple(raw[0]["label"].shape)  # predictions are scored at the label size
     eval_hw = spec.inference.size_hw or label_hw  # the size the models run at
     d = boundary_width(label_hw, spec.boundary_frac)
     groups = [[run_weights(w, spec.checkpoint) for w in ws] for _, ws in spec.runs]
-    built = build_runs(models, spec.inference) if models else []
+    built = build_runs(models, spec.inference, table, spec.keep_mode) if models else []
     if groups:  # every model is built before the first is evaluated: a bad file fails early
-        members = build_runs([(None, w) for ws in groups for w in ws], spec.inference)
+        members = build_runs([(None, w) for ws in groups for w in ws], spec.inference, table,
+                             spec.keep_mode)
         labels = [f"{label} run {k + 1}" for (label, _), ws in zip(spec.runs, groups)
                   for k in range(len(ws))]  # fmt: skip
         for member, label in zip(members, labels):
@@ -174,6 +186,7 @@ def _compare(spec: CompareSpec, out: Path, models: list) -> dict[str, Any]:
         "models": [model_entry(run) for run in runs],
         "data": str(spec.data_root),
         "split": spec.split,
+        "classes": table.to_json(),  # the data set's class table: names, colours, ignore, ids
         "num_images": len(dataset),
         "pairwise": pairwise,
         "pareto_front": pareto_front(runs),
@@ -183,7 +196,7 @@ def _compare(spec: CompareSpec, out: Path, models: list) -> dict[str, Any]:
     }
     device_type = runs[0].predictor.device.type
     files = draw_plots(runs, out, raw, hardest, different, doc["pareto_front"], d, eval_hw,
-                       device_type, spec.progress)  # fmt: skip
+                       device_type, spec.progress, table)  # fmt: skip
     files["per_image"] = write_per_image_csv(out / "per_image.csv", runs).name
     write_report(out, runs, doc, files)
     atomic_write_text(out / "metrics.json", results_to_json(doc))
@@ -225,7 +238,10 @@ def _meta(
         "device": str(runs[0].predictor.device),
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "eval_size": list(eval_hw),
-        "inference": spec.inference.describe(),
+        # as given; each model ran its family's official test of the data set unless keep_mode
+        "inference": {**spec.inference.describe(), "dataset": runs[0].predictor.settings.dataset,
+                      "official_test": not spec.keep_mode},
+        "tests": {run.label: run.predictor.settings.describe() for run in runs},
         "bench": bench_meta,
         "stats_size": list(eval_hw),
         "boundary": {"d_px": d, "frac": spec.boundary_frac},

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -27,12 +26,21 @@ from segcompare.data.layouts import (
     class_table,
     detect_layout,
     mask_to_train_ids,
+    palette_size,
     read_mask,
     resolve_root,
     scan_split,
     split_dirs,
 )
-from segcompare.utils import SegcompareError, atomic_write_bytes, make_dirs, write_error
+from segcompare.utils import (
+    SegcompareError,
+    atomic_write_bytes,
+    make_dirs,
+    output_folder,
+    temporary_folder,
+    write_error,
+    write_outputs_list,
+)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -107,6 +115,14 @@ def check_pair(image: Path, mask: Path, table: ClassTable, layout: Layout,
     except BadSampleError as err:
         problems.append(str(err))
         return problems, warnings, None
+    colours = palette_size(mask)
+    used = [v for v in np.flatnonzero(values) if v != IGNORE_INDEX and v != table.ignore_index]
+    if colours is not None and used and used[-1] >= colours:
+        warnings.append(
+            f"{mask}: a palette mask with {colours} colour(s) holds index {used[-1]}: read by "
+            "index, as train and eval read it (its colours are not used; palette.json gives "
+            "the classes' colours)"
+        )
     counts = np.bincount(ids.ravel(), minlength=256)
     hist = np.append(counts[: table.num_classes], counts[IGNORE_INDEX])
     return problems, warnings, hist
@@ -267,12 +283,18 @@ def convert_masks(
     layout: Optional[str] = None,
     copy: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, int]:
     """Write a new data set root `dst` from `src`: RGB colour masks become class-index PNGs by
     the class table's palette, `--map OLD:NEW` value maps apply, the images are hard-linked (or
     copied: `copy`, or another file system) and id2label.json / palette.json carried over.
-    Nothing in `src` changes; `dst` appears only when every mask converted. A colour not in the
-    palette is an error that names each such colour, its pixels and a file."""
+    Nothing in `src` changes. A colour not in the palette is an error that names each such
+    colour, its pixels and a file.
+
+    `dst` is new or empty, or with `overwrite` a folder whose files of the same names, and those
+    the last conversion into it wrote, are replaced (others are kept: the output rule of
+    `segcompare.utils.output_folder`). The new set is made whole in a temporary folder beside
+    `dst` first, so a conversion that fails leaves `dst` as it was."""
     from PIL import Image
     from tqdm import tqdm
 
@@ -287,16 +309,18 @@ def convert_masks(
     if dst_root == src_root.resolve() or src_root.resolve() in dst_root.parents:
         raise SegcompareError(f"{dst}: the new root must lie outside {src_root} (nothing is "
                               "changed in place)")
-    if dst_root.exists() and (not dst_root.is_dir() or any(dst_root.iterdir())):
-        raise SegcompareError(f"{dst_root}: exists and is not an empty folder; give a new one")
+    if dst_root.exists() and not dst_root.is_dir():
+        raise SegcompareError(f"DST {dst}: exists and is not a folder")
+    entries = sorted(p.name for p in dst_root.iterdir()) if dst_root.is_dir() else []
+    if entries and not overwrite:
+        raise SegcompareError(
+            f"DST {dst}: not empty (holds {len(entries)} entries, e.g. {entries[0]}); give "
+            "--overwrite to replace its files, or a new folder"
+        )
     lut = np.arange(256, dtype=np.uint8)
     for a, b in mapping.items():
         lut[a] = b
-    make_dirs(dst_root.parent)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst_root.name}.convert-", dir=dst_root.parent))
-    except OSError as err:
-        raise write_error(dst_root.parent, err) from None
+    tmp = temporary_folder(dst_root)  # a killed conversion's is removed by the next one
     counts = {"masks": 0, "colour_masks": 0, "images": 0}
     unknown: dict[tuple[int, int, int], list] = {}
     try:
@@ -337,14 +361,28 @@ def convert_masks(
         for name in ("id2label.json", "palette.json"):
             if (src_root / name).is_file():
                 shutil.copyfile(src_root / name, tmp / name)
-        if dst_root.exists():
-            dst_root.rmdir()  # empty, checked above
-        os.replace(tmp, dst_root)
+        _publish(tmp, dst_root, src_root)
     except OSError as err:
         raise write_error(dst_root, err) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return counts
+
+
+def _publish(tmp: Path, root: Path, src_root: Path) -> None:
+    """The finished set in `tmp` -> `root`, with the list of its files (`write_outputs_list`):
+    one rename where `root` is new or empty; else, holding `root` as an output folder, the last
+    conversion's files removed and each new file renamed into place."""
+    files = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
+    if not root.exists() or not any(root.iterdir()):
+        write_outputs_list(tmp, files)
+        os.replace(tmp, root)  # rename(2) replaces an empty folder
+        return
+    with output_folder(root, "DST", [src_root], overwrite=True, names=files) as folder:
+        for rel in files:
+            make_dirs((root / rel).parent)
+            os.replace(tmp / rel, root / rel)
+            folder.record(root / rel)
 
 
 def _carry(src: Path, dst: Path, copy: bool) -> None:

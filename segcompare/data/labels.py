@@ -402,18 +402,23 @@ ADE20K = ClassTable(
 )
 
 
-def generic_table(k: int) -> ClassTable:
-    """The table of a K-class model with no names: class_0, class_1, ... and K distinct colours
-    of the bit-interleaving colour map (PASCAL VOC's, from its colour 1: none is black);
-    Cityscapes' for K = 19, so a 19-class model keeps the official palette."""
+def nameless_table(k: int) -> ClassTable:
+    """The table of K classes known by count only: class_0, class_1, ... and K distinct colours
+    of the bit-interleaving colour map (PASCAL VOC's, from its colour 1: none is black); never
+    Cityscapes' (no iIoU or categories), whatever K is."""
     _check_class_count(k)
-    if k == NUM_CLASSES:
-        return CITYSCAPES
     return ClassTable(
         name="folder",
         names=tuple(f"class_{i}" for i in range(k)),
         palette=tuple(_bit_interleaved(i + 1) for i in range(k)),
     )
+
+
+def generic_table(k: int) -> ClassTable:
+    """The table of a K-class model with no names: `nameless_table(k)`, but Cityscapes' for
+    K = 19, so a 19-class model keeps the official palette and names."""
+    _check_class_count(k)
+    return CITYSCAPES if k == NUM_CLASSES else nameless_table(k)
 
 
 def palette(num_classes: int = NUM_CLASSES) -> np.ndarray:

@@ -22,6 +22,7 @@ Masks of ade20k and folder: single-channel index PNGs (L, or P whose indices are
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from segcompare.data.labels import (
 from segcompare.utils import SegcompareError, worker_message
 
 PathLike = Union[str, "os.PathLike[str]"]
+log = logging.getLogger(__name__)
 
 
 
@@ -286,8 +288,23 @@ def _folder_palette(root: Path, k: int) -> tuple[tuple[int, int, int], ...]:
     return tuple(_bit_interleaved(i + 1) for i in range(k))
 
 
+def palette_size(path: PathLike) -> Optional[int]:
+    """The number of colours in a palette (P-mode) PNG's palette; None for any other file. A
+    mask's values are its indices whatever this says (`read_mask`)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.mode != "P":
+                return None
+            return len(im.getpalette() or []) // 3
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def _p_mode_palette(root: Path, k: int) -> Optional[tuple[tuple[int, int, int], ...]]:
-    """The palette of the first P-mode mask of ann_dir, if its first k colours are distinct."""
+    """The palette of the first P-mode mask of ann_dir, if it has k distinct first colours (a
+    palette shorter than the class count gives none: every class gets a generated colour)."""
     from PIL import Image
 
     masks = sorted((root / "ann_dir").glob("*/*.png"))[:1]
@@ -302,6 +319,9 @@ def _p_mode_palette(root: Path, k: int) -> Optional[tuple[tuple[int, int, int], 
         colours = [tuple(flat[3 * i : 3 * i + 3]) for i in range(k)]
         if len(flat) >= 3 * k and len(set(colours)) == k:
             return tuple((int(c[0]), int(c[1]), int(c[2])) for c in colours)
+        if len(flat) < 3 * k:
+            log.warning("%s: its palette has %d colour(s) for %d classes: the classes' colours "
+                        "are generated (palette.json sets them)", path, len(flat) // 3, k)
     return None
 
 

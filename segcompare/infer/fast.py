@@ -23,6 +23,11 @@ only run forward. Nothing here changes what is computed (up to float rounding); 
 5. **Fused attention**: `F.scaled_dot_product_attention` (no L×L' matrix in memory), fed
    with views of the q/kv projections.
 
+6. **bfloat16 where it pays**: a bfloat16 SegFormer on the CPU times each layer once per input
+   shape (`BF16Probe`) and runs it the fastest way there: bfloat16, float32, or for attention
+   bfloat16 matmuls; the whole float32 model where that is faster. `layer_precision` says what
+   ran in which precision.
+
 Each idea was kept only if `benchmarks/inference_cpu.py` measured it faster (RESULTS.md there).
 The prepared model is for inference only (no gradients, no `train()`): its weights are frozen.
 """
@@ -31,14 +36,23 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Optional, Sequence
+from functools import partial
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from segcompare.models import hrnet, segformer
-from segcompare.models.precision import bf16_conv_is_wrong, guard_bf16, report_float32
+from segcompare.models.precision import (
+    Float32Conv2d,
+    bf16_conv_is_wrong,
+    fastest,
+    guard_bf16,
+    probe_ms,
+    report_float32,
+    time_each,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +133,10 @@ class FusedConv(nn.Module):
         # set by `_to_bf16_guarded` for a conv that bfloat16 computes wrongly on this CPU: its
         # weights stay float32 and it computes in float32 whatever the input's dtype
         self.keep_float32 = False
+        # set per input size by `BF16Probe` in a bfloat16 model: 'fp32' where this conv is
+        # slower in bfloat16 here (it then computes on float32 copies of its weights)
+        self.way = "bf16"
+        self._float32_weights: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
     @classmethod
     def fold(
@@ -146,9 +164,32 @@ class FusedConv(nn.Module):
             # a map of another dtype (CUDA autocast runs layer_norm in float32 and hands its
             # float32 output to a float16 model): computed in the weights' dtype
             x, residual = x.to(self.weight.dtype), _to(residual, self.weight.dtype)
+        elif self.way == "fp32" and x.dtype == torch.bfloat16:
+            return self.forward_float32(x, residual, inplace)
+        return self._conv(x, residual, inplace, self.weight, self.bias)
+
+    def forward_float32(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, inplace: bool = False
+    ) -> torch.Tensor:
+        """A bfloat16 map through this conv in float32; the result in bfloat16 again."""
+        with torch.autocast(x.device.type, enabled=False):  # Predictor's autocast: not here
+            out = self._conv(x.float(), _to(residual, torch.float32), inplace,
+                             *self.float32_weights())  # fmt: skip
+        return out.to(x.dtype)
+
+    def float32_weights(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(weight, bias) in float32, copied once."""
+        if self._float32_weights is None:
+            self._float32_weights = (self.weight.detach().float(), _to(self.bias, torch.float32))
+        return self._float32_weights
+
+    def _conv(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor], inplace: bool,
+        weight: torch.Tensor, bias: Optional[torch.Tensor],
+    ) -> torch.Tensor:  # fmt: skip
         post, algorithm, plain = _ACTS[self.act]
         if _use_onednn(x):
-            args = (self.weight, self.bias, self.padding, self.stride, [1, 1], self.groups)
+            args = (weight, bias, self.padding, self.stride, [1, 1], self.groups)
             if residual is None:
                 return torch.ops.mkldnn._convolution_pointwise(x, *args, post, [], algorithm)
             unary = None if self.act is None else post
@@ -157,7 +198,7 @@ class FusedConv(nn.Module):
                 binary = torch.ops.mkldnn._convolution_pointwise_.binary
                 x, residual = residual, x  # the in-place op takes the destination first
             return binary(x, residual, *args, "add", None, unary, [], algorithm)
-        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        y = F.conv2d(x, weight, bias, self.stride, self.padding, 1, self.groups)
         return plain(y if residual is None else y + residual)
 
     def extra_repr(self) -> str:
@@ -417,17 +458,62 @@ class FastAttention(nn.Module):
         self.proj = FusedConv.from_linear(attn.proj)
         self.sr = FusedConv.fold(attn.sr) if attn.sr_ratio > 1 else None
         self.norm = attn.norm if attn.sr_ratio > 1 else None
+        # set per input size by `BF16Probe` in a bfloat16 model: how the attention itself
+        # (not its projections) runs fastest here, one of ATTENTION_WAYS
+        self.way = "bf16"
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        n, dim, h, w = x.shape
+        out = self.attend(*self.qkv(x))  # N×heads×L×d
+        out = out.transpose(1, 2).reshape(n, h, w, dim).permute(0, 3, 1, 2)  # N×C×h×w
+        return self.proj(out, residual, inplace=True)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (N×heads×L×d) and k, v (N×heads×L'×d, after the spatial reduction): views of the
+        projections' channels_last maps."""
         n, dim, h, w = x.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
         q = _tokens(self.q(x)).view(n, h * w, heads, head_dim).transpose(1, 2)  # N×heads×L×d
         if self.sr is not None:
             x = _layer_norm(self.norm, self.sr(x))  # N×C×h/sr×w/sr
         kv = _tokens(self.kv(x)).view(n, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1])  # N×heads×L×d
-        out = out.transpose(1, 2).reshape(n, h, w, dim).permute(0, 3, 1, 2)  # N×C×h×w
-        return self.proj(out, residual, inplace=True)
+        return q, kv[0], kv[1]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q kᵀ/√d) v: fused, in the maps' dtype unless `way` says otherwise."""
+        return _attention(q, k, v, self.way if q.dtype == torch.bfloat16 else "bf16")
+
+
+# How a bfloat16 model's attention may run: the fused kernel in bfloat16, the fused kernel in
+# float32 (casts included), or two bfloat16 matmuls per chunk of queries with the softmax between
+# them (what AMX or AVX512-BF16 matmuls may run faster than the fused kernel).
+ATTENTION_WAYS = ("fp32", "bf16", "bf16 matmuls")
+SCORES_PER_CHUNK = 1 << 22  # bf16 scores held at once by "bf16 matmuls" (8 MB)
+# The queries (of all of them, with every key) on which BF16Probe times an attention: enough for
+# its cost per query (1024×2048's stage 1 has 131072 queries: timing them all would cost seconds)
+PROBE_QUERIES = 8192
+
+
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, way: str = "bf16"
+) -> torch.Tensor:
+    """softmax(q kᵀ/√d) v (N×heads×L×d) computed one of `ATTENTION_WAYS`; 'bf16' is the fused
+    kernel in the maps' own dtype."""
+    if way == "bf16":
+        return F.scaled_dot_product_attention(q, k, v)
+    if way == "fp32":
+        with torch.autocast(q.device.type, enabled=False):  # autocast would make it bf16 again
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        return out.to(q.dtype)
+    n, heads, length, d = q.shape
+    rows = max(1, SCORES_PER_CHUNK // (n * heads * k.shape[-2]))
+    kt = k.transpose(-1, -2) * d**-0.5  # N×heads×d×L', scaled once
+    out = []
+    for i in range(0, length, rows):
+        scores = torch.matmul(q[:, :, i : i + rows], kt)  # N×heads×rows×L'
+        # torch's CPU softmax of bfloat16 accumulates in float32
+        out.append(torch.matmul(torch.softmax(scores, -1), v))
+    return torch.cat(out, 2) if len(out) > 1 else out[0]
 
 
 class FastBlock(nn.Module):
@@ -521,25 +607,245 @@ class FastSegFormer(nn.Module):
 # The entry point
 
 
+class BF16Probe:
+    """How each layer of a bfloat16 SegFormer runs fastest on this CPU, decided per input shape
+    (N×3×H×W) the first time it is seen: in bfloat16, or in float32 where that is faster.
+
+    Each convolution (patch embeddings, the attention's projections, the Mix-FFN's linears and
+    depthwise conv, the decode head) is timed at the shape it meets for that input in bfloat16
+    and in float32 with the casts, and each attention each of `ATTENTION_WAYS`
+    (`segcompare.models.precision.probe_ms`, cached per process by op and shape, so blocks of
+    one shape, models of one variant and later Predictors pay nothing); the fastest way runs.
+    The shapes come from one forward pass of a copy of the model on the meta device: no real
+    computation. The probe costs about three forward passes in each way, once per input shape
+    and process.
+    """
+
+    def __init__(self, net: nn.Module, net_float32: nn.Module, channels_last: bool):
+        self.net = net
+        self.net_float32 = net_float32  # the same model in float32
+        self.channels_last = channels_last
+        self.layers = [
+            (name, m) for name, m in net.named_modules()
+            if isinstance(m, FastAttention) or (isinstance(m, FusedConv) and not m.keep_float32)
+        ]  # fmt: skip
+        for _, module in self.layers:  # made here, not in the probe's inference mode
+            if isinstance(module, FusedConv):
+                module.float32_weights()
+        # input shape -> layer name -> {way: ms}
+        self.timings: dict[tuple[int, ...], dict[str, dict[str, float]]] = {}
+        # input shape -> {"fp32": ms, "bf16": ms}: the whole model in float32, and in bfloat16
+        # with each layer's fastest way
+        self.whole: dict[tuple[int, ...], dict[str, float]] = {}
+
+    def apply(self, shape: tuple[int, ...]) -> nn.Module:
+        """Set each layer's `way` for an input of `shape` (probed the first time); returns the
+        net to run: this one, or the float32 one where the whole model is faster in float32
+        (a CPU without bfloat16 units: the casts and the bfloat16 LayerNorms cost more than
+        the layers left in bfloat16 save)."""
+        if shape not in self.timings:
+            self.timings[shape] = self.probe(shape)
+        for name, module in self.layers:
+            module.way = fastest(self.timings[shape][name])
+        if shape not in self.whole:  # needed only where some layer is faster in float32
+            slower = any(module.way == "fp32" for _, module in self.layers)
+            self.whole[shape] = self.probe_whole(shape) if slower else {}
+        whole = self.whole[shape]
+        return self.net_float32 if whole and fastest(whole) == "fp32" else self.net
+
+    def probe_whole(self, shape: tuple[int, ...]) -> dict[str, float]:
+        """{"fp32": ms, "bf16": ms} of the whole model on a random input of `shape`."""
+        x = torch.randn(shape)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x16 = x.to(torch.bfloat16)
+        with torch.autocast("cpu", enabled=False):
+            return time_each({"fp32": partial(self.net_float32, x), "bf16": partial(self.net, x16)})
+
+    def probe(self, shape: tuple[int, ...]) -> dict[str, dict[str, float]]:
+        """name -> {way: ms} of each layer for an input of `shape`."""
+        inputs = self.input_shapes(shape)
+        found = {}
+        with torch.inference_mode(), torch.autocast("cpu", enabled=False):
+            for name, module in self.layers:
+                x = torch.randn(inputs[name], dtype=torch.bfloat16)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                found[name] = _probe_layer(module, x)
+        return found
+
+    def input_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """name -> the shape of the map each probed layer receives for an input of `shape`."""
+        meta = copy.deepcopy(self.net).to("meta")
+        wanted = {name for name, _ in self.layers}
+        found: dict[str, tuple[int, ...]] = {}
+        hooks = []
+        for name, module in meta.named_modules():
+            if name in wanted:
+                module.way = "bf16"  # its float32 weights are not on the meta device
+
+                def record(module: nn.Module, args: tuple, name: str = name) -> None:
+                    found[name] = tuple(args[0].shape)
+
+                hooks.append(module.register_forward_pre_hook(record))
+        x = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            meta(x)
+        for hook in hooks:
+            hook.remove()
+        return found
+
+
+def _probe_layer(module: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """{way: ms} of `module` (a FusedConv: 'fp32' with the casts, 'bf16'; a FastAttention: each
+    of `ATTENTION_WAYS`) on `x`, its real input."""
+    if isinstance(module, FastAttention):
+        q, k, v = module.qkv(x)
+        key = ("attention", tuple(q.shape), tuple(k.shape))
+        q = q[:, :, :PROBE_QUERIES]  # its cost is linear in the queries: time a share of them
+        return probe_ms(key, {way: partial(_attention, q, k, v, way) for way in ATTENTION_WAYS})
+    key = ("conv", tuple(module.weight.shape), tuple(module.stride), tuple(module.padding),
+           module.groups, module.act, tuple(x.shape), x.is_contiguous())  # fmt: skip
+    return probe_ms(key, {
+        "fp32": partial(module.forward_float32, x),
+        "bf16": partial(module._conv, x, None, False, module.weight, module.bias),
+    })  # fmt: skip
+
+
 class Prepared(nn.Module):
     """Wraps a fast model: casts the input to the model's dtype and memory format, and the
-    logits back to the input's dtype."""
+    logits back to the input's dtype. `probe`: a bfloat16 SegFormer's `BF16Probe`, applied to
+    each input shape before the model runs."""
 
-    def __init__(self, net: nn.Module, dtype: torch.dtype, channels_last: bool):
+    def __init__(
+        self, net: nn.Module, dtype: torch.dtype, channels_last: bool,
+        probe: Optional[BF16Probe] = None,
+    ):  # fmt: skip
         super().__init__()
         self.net = net
         self.dtype = dtype
         self.channels_last = channels_last
+        self.probe = probe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = x.dtype
-        x = x.to(self.dtype)
+        net, dtype = self.net, self.dtype
+        if self.probe is not None and not (
+            torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch.onnx.is_in_onnx_export()
+        ):  # fmt: skip
+            net = self.probe.apply(tuple(x.shape))
+            if net is not self.net:  # the whole model is faster in float32 here
+                dtype = torch.float32
+        x = x.to(dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.net(x)
+        if net is self.net:
+            logits = net(x)
+        else:  # the caller's bfloat16 autocast would turn the float32 model's attention back
+            with torch.autocast(x.device.type, enabled=False):
+                logits = net(x)
         if not self.channels_last:
             logits = logits.contiguous()
         return logits.to(out_dtype)
+
+    def layer_precision(self) -> list[dict[str, Any]]:
+        """What each layer computed in: one `layer_precision` report per input shape seen (in a
+        probed model), else one for the model as it stands."""
+        if self.probe is None or not self.probe.timings:
+            return [layer_precision(self.net, self.dtype)]
+        reports = []
+        for shape, timings in self.probe.timings.items():
+            whole = self.probe.whole.get(shape)
+            report = layer_precision(self.net, self.dtype, timings, shape)
+            if whole and fastest(whole) == "fp32":  # the float32 model ran instead
+                for row in report["layers"]:
+                    row["precision"], row["why"] = "fp32", "the whole model is faster in fp32 here"
+            report["whole_ms"] = whole
+            reports.append(report)
+        return reports
+
+
+# ---------------------------------------------------------------------------------------------
+# What precision each layer ran in
+
+
+def _role(name: str, module: nn.Module) -> Optional[str]:
+    """What a layer is, in the words of the papers (None: not a layer the report counts)."""
+    if isinstance(module, FastAttention):
+        return "attention"
+    if isinstance(module, nn.LayerNorm):
+        return "LayerNorm"
+    if not isinstance(module, (FusedConv, nn.Conv2d, nn.Linear)):
+        return None
+    last = name.rsplit(".", 1)[-1]
+    if name.startswith(("head.", "decode_head.")):
+        return "decode head"
+    if ".attn." in name:
+        return "attention projections"
+    if last == "dwconv":
+        return "Mix-FFN depthwise"
+    if last in ("fc1", "fc2"):
+        return "Mix-FFN linears"
+    if (name.startswith("stages.") and last == "proj") or "patch_embed" in name:
+        return "patch embeddings"
+    return "linears" if isinstance(module, nn.Linear) else "convs"
+
+
+def layer_precision(
+    net: nn.Module, dtype: torch.dtype,
+    timings: Optional[dict[str, dict[str, float]]] = None,
+    shape: Optional[tuple[int, ...]] = None,
+) -> dict[str, Any]:  # fmt: skip
+    """{"input": shape or None, "layers": [{"name", "role", "precision", "why"[, "ms"]}]}:
+    what each convolution, linear, attention and LayerNorm of `net` (prepared, or eager under
+    autocast in `dtype`) computes in. why: 'wrong in bf16 here' (the self-check), 'slower in
+    bf16 here' or 'as bf16 matmuls, faster here' (`BF16Probe`'s `timings`: {way: ms}, which
+    the rows carry as "ms"), 'autocast' (an eager model's LayerNorm: autocast keeps it
+    float32)."""
+    low = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    timings = timings or {}
+    eager = not any(isinstance(m, (FusedConv, FastAttention)) for m in net.modules())
+    rows = []
+    for name, module in net.named_modules():
+        role = _role(name, module)
+        if role is None:
+            continue
+        why = ""
+        if getattr(module, "keep_float32", False) or isinstance(module, Float32Conv2d):
+            why = "wrong in bf16 here"
+        elif name in timings and fastest(timings[name]) == "fp32":
+            why = "slower in bf16 here"
+        elif name in timings and fastest(timings[name]) == "bf16 matmuls":
+            why = "as bf16 matmuls, faster here"
+        elif eager and role == "LayerNorm" and low != "fp32":
+            why = "autocast"
+        fp32 = why and why != "as bf16 matmuls, faster here"
+        row = {"name": name, "role": role, "precision": "fp32" if fp32 else low, "why": why}
+        if name in timings:  # the probe's figures, and the layer's own fastest way
+            row["ms"] = {way: round(ms, 3) for way, ms in timings[name].items()}
+            row["fastest"] = fastest(timings[name])
+        rows.append(row)
+    return {"input": list(shape) if shape else None, "layers": rows}
+
+
+def describe_layer_precision(report: dict[str, Any]) -> str:
+    """One line: 'bf16: 16 Mix-FFN linears, 8 attention, ...; fp32: 8 attention (slower in
+    bf16 here), ...' (the layers of a `layer_precision` report, counted by role)."""
+    groups: dict[tuple[str, str], dict[str, int]] = {}
+    for row in report["layers"]:
+        counts = groups.setdefault((row["precision"], row["why"]), {})
+        counts[row["role"]] = counts.get(row["role"], 0) + 1
+    parts = []
+    for (precision, why), counts in sorted(groups.items(), key=lambda g: (g[0][0] == "fp32", g[0])):
+        what = ", ".join(f"{n} {role}" for role, n in counts.items())
+        parts.append(f"{precision}: {what}" + (f" ({why})" if why else ""))
+    where = ""
+    if report["input"]:
+        where = " at " + "x".join(str(v) for v in report["input"])
+    return f"layer precision{where}: " + "; ".join(parts)
 
 
 def _to_bf16_guarded(net: nn.Module, channels_last: bool) -> list[str]:
@@ -590,6 +896,7 @@ def prepare_for_inference(
     dtype: torch.dtype = torch.float32,
     channels_last: bool = True,
     compile: bool = False,
+    probe: bool = True,
 ) -> nn.Module:
     """A faster model that computes the same logits as `model` (which is left untouched).
 
@@ -597,9 +904,11 @@ def prepare_for_inference(
     is deep-copied and only put in eval mode and `dtype`.
 
     `dtype=torch.bfloat16` runs in bfloat16 (opt-in: about 3 significant digits); the logits
-    come back in the input's dtype. `channels_last` runs the convolutions in NHWC, the fast
-    layout of oneDNN on CPU. `compile=True` wraps the result in `torch.compile`. The result is
-    in eval mode, with frozen weights: use it for inference only.
+    come back in the input's dtype. A bfloat16 SegFormer on the CPU computes in float32 the
+    layers that are slower in bfloat16 there (`BF16Probe`, at the first call of each input
+    shape; `probe=False` keeps every layer bfloat16). `channels_last` runs the convolutions in
+    NHWC, the fast layout of oneDNN on CPU. `compile=True` wraps the result in
+    `torch.compile`. The result is in eval mode, with frozen weights: use it for inference only.
     """
     src = copy.deepcopy(model).eval()
     if isinstance(src, hrnet.HRNet):
@@ -616,14 +925,22 @@ def prepare_for_inference(
         if hasattr(model, attr):
             setattr(net, attr, copy.deepcopy(getattr(model, attr)))
     on_cpu = all(p.device.type == "cpu" for p in net.parameters())
-    if dtype == torch.bfloat16 and on_cpu:
+    bf16_cpu = dtype == torch.bfloat16 and on_cpu
+    if probe and bf16_cpu and isinstance(net, FastSegFormer):  # what BF16Probe compares with
+        net_float32 = copy.deepcopy(net)
+        if channels_last:
+            net_float32 = net_float32.to(memory_format=torch.channels_last)
+    if bf16_cpu:
         guard_bf16(net)  # plain convs of a model that is not ours
         _to_bf16_guarded(net, channels_last)
     else:
         net = net.to(dtype)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    fast: nn.Module = Prepared(net, dtype, channels_last).eval()
+    found = None
+    if probe and bf16_cpu and isinstance(net, FastSegFormer):
+        found = BF16Probe(net, net_float32, channels_last)
+    fast: nn.Module = Prepared(net, dtype, channels_last, found).eval()
     for attr in ("variant", "settings"):
         if hasattr(net, attr):
             setattr(fast, attr, getattr(net, attr))

@@ -23,7 +23,12 @@ from PIL import Image
 from segcompare.data.images import ACCEPTED, pil_to_rgb8, to_rgb8
 from segcompare.data.labels import MAX_CLASSES, NUM_CLASSES, ClassTable, generic_table
 from segcompare.evaluate import InferenceSettings, inference
-from segcompare.infer.fast import prepare_for_inference
+from segcompare.infer.fast import (
+    Prepared,
+    describe_layer_precision,
+    layer_precision,
+    prepare_for_inference,
+)
 from segcompare.models.precision import guard_bf16
 from segcompare.models.variants import check_input_hw
 from segcompare.precision import precision_for
@@ -80,7 +85,7 @@ class Predictor:
         self.class_table: Optional[ClassTable] = getattr(model, "class_table", None)
         self._fitted: list[tuple[int, int, int]] = []  # batch shapes whose memory was checked
         self.settings = dataclasses.replace(
-            settings, family=settings.family or _family(model)
+            settings, family=settings.family or _family_name(model)
         ).resolved()  # aug_test: the family's own scales and flip
         # what the model computes in here (`segcompare.precision.TABLE`); below float32 the
         # model runs under autocast, prepared in that dtype
@@ -108,6 +113,19 @@ class Predictor:
             "scales": list(s.scales), "flip": s.flip, "device": str(self.device),
             "precision": self.precision.name,
         }  # fmt: skip
+
+    def layer_precision(self) -> list[dict[str, Any]]:
+        """What each layer computed in (`segcompare.infer.fast.layer_precision`: one report per
+        input shape a probed bfloat16 SegFormer has met), below float32; [] in float32."""
+        if not self.amp:
+            return []
+        if isinstance(self.forward, Prepared):
+            return self.forward.layer_precision()
+        return [layer_precision(self.model, self.amp_dtype)]  # the eager model under autocast
+
+    def describe_layers(self) -> list[str]:
+        """`layer_precision` as one line per input shape (what the CLI prints)."""
+        return [describe_layer_precision(r) for r in self.layer_precision()]
 
     def run_model(self, images: torch.Tensor) -> torch.Tensor:
         """The one place the model is called: N×3×H×W normalised -> N×C×H/4×W/4 float logits."""
@@ -216,7 +234,7 @@ def _num_classes(model: torch.nn.Module) -> Optional[int]:
         return None
 
 
-def _family(model: torch.nn.Module) -> str:
+def _family_name(model: torch.nn.Module) -> str:
     from segcompare.models import family_of
 
     try:

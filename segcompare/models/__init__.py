@@ -8,11 +8,17 @@
 The modules behind it, each importing only those above it in this list (none imports this one):
 
     segformer.py, hrnet.py   a family each: its blocks, model class and VARIANTS settings table
-    variants.py              the 11 variants, each family's facts, family_of, create
+    variants.py              each family's facts (FAMILIES), the 11 variants (FAMILY_OF_VARIANT),
+                             family_of, create
     convert.py               one pure state_dict -> state_dict function per foreign layout
-    hub.py                   a HuggingFace Hub id to a local directory
-    checkpoint.py            read every format, load strictly, save ours, export HuggingFace's
-    fast.py                  prepare_for_inference: the same model, rewritten to run faster
+    hub.py                   a HuggingFace Hub id to a local directory (the only network code)
+    checkpoint.py            read every format (read_checkpoint), recognise it, load strictly;
+                             a file's classes (classes_table)
+    save.py                  our safetensors with the class table, HuggingFace's export
+                             (config.json id2label from the class table), convert_checkpoint
+    precision.py             the bf16 self-check (guard_bf16)
+
+(`prepare_for_inference`, the same model rewritten to run faster, is `segcompare.infer.fast`.)
 """
 
 from __future__ import annotations

@@ -436,7 +436,7 @@ def _plain_file_name(name: Any) -> bool:
 
 
 # --- loading --------------------------------------------------------------------------------
-def _family(model: nn.Module) -> Family:
+def model_family(model: nn.Module) -> Family:
     """The family of a model whose state dict is in our (official) names: a SegFormer or an
     HRNet itself, not a rewrite of one (`prepare_for_inference`) that only carries its name."""
     family = FAMILIES[family_of(model)]
@@ -486,7 +486,7 @@ def load_weights(
     """
     checkpoint = read_checkpoint(src)
     fmt, state = to_official(checkpoint, backbone_only)
-    family = _family(model)
+    family = model_family(model)
     if "hf_config" in checkpoint.metadata and family.name == "segformer":
         check_hf_config(
             checkpoint.metadata["hf_config"], f"{checkpoint.source}/{HF_CONFIG_NAME}",

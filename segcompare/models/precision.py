@@ -9,12 +9,21 @@ build, so nothing here is a list of shapes: `bf16_is_wrong` runs each geometry o
 and in float32 on the same (bfloat16-rounded) numbers, and calls it wrong when they disagree
 far beyond bfloat16's rounding. `guard_bf16` then makes the convolutions it finds run in
 float32, says so once, and leaves every other layer in bfloat16.
+
+bfloat16 that pays: a layer is not always faster in bfloat16. Where the CPU has no bfloat16
+units (no AVX512-BF16, no AMX) oneDNN emulates it, and even with them some kernels are slower
+(torch 2.13's CPU attention for SegFormer's head size 32, on an AMD EPYC with AVX512-BF16).
+`probe_ms` times one op at its real shape once per process, in bfloat16, in float32 (the
+casts to and from float32 included) and, for attention, as bfloat16 matmuls, and `fastest`
+picks the way to run it; nothing here is a constant tuned on one CPU. `segcompare.infer.fast`
+asks it for each layer of a bfloat16 SegFormer.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+import time
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -114,3 +123,47 @@ def report_float32(names: Sequence[str], what: str = "") -> None:
             "they run in float32 (%s)", f" of {what}" if what else "", len(names),
             ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""),
         )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The timing probe
+
+# op key (what it is and its input shapes) -> {way: fastest ms}, once per process
+_TIMINGS: dict[tuple, dict[str, float]] = {}
+# Runs of each way, alternated; the fastest counts (the first, which also creates oneDNN's
+# kernels and faults the memory in, can only lose). At least PROBE_RUNS, and more (up to
+# PROBE_MAX_RUNS) until PROBE_MS have passed, so that a small op is timed often enough for a
+# busy machine's pauses to miss one of its runs.
+PROBE_RUNS, PROBE_MAX_RUNS, PROBE_MS = 2, 25, 30.0
+
+
+def probe_ms(key: tuple, ways: dict[str, Callable[[], Any]]) -> dict[str, float]:
+    """{way: ms} of the op `key` names (its kind and real input shapes), each way of computing
+    it ('fp32' with the casts, 'bf16', ...) timed once per key and process."""
+    if key not in _TIMINGS:
+        _TIMINGS[key] = time_each(ways)
+        log.debug("bf16 probe %s: %s", key, _TIMINGS[key])
+    return _TIMINGS[key]
+
+
+def fastest(ms: dict[str, float]) -> str:
+    """The rule: the way that ran fastest; at equal times the first listed ('fp32' comes
+    first: the more accurate)."""
+    return min(ms, key=ms.__getitem__)
+
+
+def time_each(ways: dict[str, Callable[[], Any]]) -> dict[str, float]:
+    """{way: the fastest of its runs, in ms}, the ways alternated so that a slow moment of a
+    shared machine hurts them alike."""
+    best = dict.fromkeys(ways, float("inf"))
+    with torch.inference_mode():
+        start, rounds = time.perf_counter(), 0
+        while rounds < PROBE_RUNS or (
+            rounds < PROBE_MAX_RUNS and 1000 * (time.perf_counter() - start) < PROBE_MS
+        ):  # fmt: skip
+            for way, run in ways.items():
+                t0 = time.perf_counter()
+                run()
+                best[way] = min(best[way], 1000 * (time.perf_counter() - t0))
+            rounds += 1
+    return best

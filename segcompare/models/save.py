@@ -23,11 +23,11 @@ from segcompare.models.checkpoint import (
     HF_SETTINGS,
     OUR_FORMAT_TAG,
     StateDict,
-    _family,
     _variant_of,
     classes_table,
     describe_weights,
     load_weights,
+    model_family,
 )
 from segcompare.models.hub import HF_CONFIG_NAME, WEIGHTS_NAME
 from segcompare.models.variants import (
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 def num_classes_of(model: nn.Module) -> int:
     """The number of classes a model predicts (the classifier's output channels)."""
-    classifier = _family(model).classifier_prefix
+    classifier = model_family(model).classifier_prefix
     return int(model.state_dict()[classifier + "weight"].shape[0])
 
 
@@ -129,7 +129,7 @@ def write_safetensors(path: PathLike, state: StateDict, metadata: dict[str, str]
 
 def hf_config(model: nn.Module, class_names: Optional[list[str]] = None) -> dict[str, Any]:
     """The config.json of transformers' SegformerForSemanticSegmentation for our SegFormer."""
-    if _family(model).name != "segformer":
+    if model_family(model).name != "segformer":
         raise SegcompareError(
             f"{_variant_of(model)}: only SegFormer has a HuggingFace transformers counterpart"
         )

@@ -308,8 +308,13 @@ class AllMLPHead(nn.Module):
         self.linear_fuse = ConvBNReLU(self.num_stages * dim, dim)
         self.dropout = nn.Dropout2d(dropout)  # mmseg BaseDecodeHead's dropout_ratio
         self.linear_pred = nn.Conv2d(dim, num_classes, 1)
+        # stages whose part of `linear_fuse` runs at the stage's own resolution (`forward_split`;
+        # `segcompare.train` sets them); none: the official order of operations
+        self.low_stages: tuple[int, ...] = ()
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.low_stages:
+            return self.forward_split(features)
         size = features[0].shape[2:]  # the 1/4 grid
         unified = []
         for s in reversed(range(self.num_stages)):  # c4, c3, c2, c1
@@ -320,11 +325,43 @@ class AllMLPHead(nn.Module):
         x = self.linear_fuse(torch.cat(unified, dim=1))  # N×D×H/4×W/4
         return self.linear_pred(self.dropout(x))  # N×classes×H/4×W/4
 
+    def forward_split(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`forward` without the N×4D×H/4×W/4 concatenation, for training (same parameters, same
+        function, other rounding): `linear_c{s}` and the D×D columns of `linear_fuse.conv` that
+        stage s meets merge into one D×C_s map A_s = W_s·P_s (bias W_s·b_s), and since a per-pixel
+        linear map commutes with bilinear resizing, the stages of `low_stages` apply theirs at
+        their own resolution and upsample D channels; the others upsample their C_s channels and
+        meet their A_s in one conv at 1/4. B0's 4D·D = 1024·256 MACs per pixel at 1/4 become
+        (32 + 64)·256 with stages 3 and 4 low."""
+        size = features[0].shape[2:]  # the 1/4 grid
+        w = self.linear_fuse.conv.weight[:, :, 0, 0]  # D×4D
+        # the merged weights in float32 even under autocast (they are small)
+        with torch.autocast(w.device.type, enabled=False):
+            merged, bias = [], 0.0
+            for s in range(1, self.num_stages + 1):
+                proj = getattr(self, f"linear_c{s}").proj
+                cols = w[:, self.fuse_channels(s)]  # D×D
+                merged.append(cols @ proj.weight)  # D×C_s
+                bias = bias + cols @ proj.bias  # D
+        near = [s for s in range(1, self.num_stages + 1) if s not in self.low_stages]
+        x = torch.cat([_resize(features[s - 1], size) for s in near], dim=1)
+        x = F.conv2d(x, torch.cat([merged[s - 1] for s in near], dim=1)[:, :, None, None], bias)
+        for s in self.low_stages:  # N×D×h_s×w_s, upsampled and added
+            x = x + _resize(F.conv2d(features[s - 1], merged[s - 1][:, :, None, None]), size)
+        x = self.linear_fuse.relu(self.linear_fuse.bn(x))  # N×D×H/4×W/4
+        return self.linear_pred(self.dropout(x))  # N×classes×H/4×W/4
+
     def fuse_channels(self, s: int) -> slice:
         """The input channels of `linear_fuse` that hold stage `s` (1-based): [c4, ..., c1]."""
         dim = self.linear_fuse.conv.out_channels
         k = self.num_stages - s
         return slice(k * dim, (k + 1) * dim)
+
+
+def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    if x.shape[2:] == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class SegFormer(nn.Module):

@@ -175,20 +175,21 @@ HRNET = Family(
 FAMILIES: dict[str, Family] = {family.name: family for family in (SEGFORMER, HRNET)}
 
 # variant name -> its family, SegFormers first: one dict lookup, no registry.
-VARIANTS: dict[str, Family] = {
+FAMILY_OF_VARIANT: dict[str, Family] = {
     name: family for family in FAMILIES.values() for name in family.variants
 }
 
 
 def list_models() -> list[str]:
     """The variant names, SegFormers first."""
-    return list(VARIANTS)
+    return list(FAMILY_OF_VARIANT)
 
 
 def _family_of_name(name: str) -> Family:
-    if name not in VARIANTS:
-        raise SegcompareError(f"unknown model {name!r}; valid names: {', '.join(VARIANTS)}")
-    return VARIANTS[name]
+    if name not in FAMILY_OF_VARIANT:
+        valid = ", ".join(FAMILY_OF_VARIANT)
+        raise SegcompareError(f"unknown model {name!r}; valid names: {valid}")
+    return FAMILY_OF_VARIANT[name]
 
 
 def family_of(model_or_name: Union[str, nn.Module]) -> str:
@@ -212,7 +213,7 @@ def family_of(model_or_name: Union[str, nn.Module]) -> str:
 def model_settings(name: str, **overrides: Any) -> dict[str, Any]:
     """The variant's settings with `overrides` applied; a wrong override is a SegcompareError."""
     defaults = _family_of_name(name).variants[name]
-    # Deep copy: the stage settings are nested dicts and must never alias the VARIANTS table.
+    # Deep copy: the stage settings are nested dicts and must never alias a family's VARIANTS.
     return copy.deepcopy({**defaults, **check_settings(name, overrides)})
 
 
@@ -277,4 +278,4 @@ def create(name: str, num_classes: int = 19, **overrides: Any) -> nn.Module:
     it carries `model.variant` (the name) and `model.settings` (the resolved settings)."""
     settings = model_settings(name, **overrides)
     check_num_classes(num_classes)
-    return VARIANTS[name].model_class(num_classes, variant=name, **settings)
+    return FAMILY_OF_VARIANT[name].model_class(num_classes, variant=name, **settings)

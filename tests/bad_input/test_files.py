@@ -570,7 +570,8 @@ def test_a_folder_where_a_file_is_needed_is_one_line(cli, tiny_weights, tiny_dat
 @pytest.mark.parametrize(
     "argv, named",
     [(["--weights", "x.st"], ["--weights", "--data"]),  # --weights needs --data
-     (["--data", "nowhere"], ["--data", "--weights"]),  # --data needs --weights
+     (["--data", "nowhere"], ["--data", "nowhere"]),  # --data alone fine-tunes: on a folder
+     (["--data", "nowhere", "--init", "a,b,c"], ["--init", "3"]),  # two --init weights
      (["--data", "nowhere", "--weights", "a"], ["nowhere"])],
 )  # fmt: skip
 def test_demo_argument_errors_leave_no_out_folder(cli, tmp_path, argv, named):

@@ -241,6 +241,13 @@ def test_the_shipped_recipes_still_load():
         (["stats", "segformer-b0", "--size", "64x1e3"], "--size"),
         (["bench", "segformer-b0", "--threads", "100000"], "--threads"),
         (["models", "--num-classes", "nan"], "--num-classes"),
+        (["export", "{tmp}/x.onnx", "--model", "segformer-b0", "--opset", "16"], "--opset"),
+        (["export", "{tmp}/x.onnx", "--model", "segformer-b0", "--opset", "21"], "--opset"),
+        (["export", "{tmp}/x.onnx", "--model", "segformer-b0", "--opset", "17.5"], "--opset"),
+        (["compare", "--model", "segformer-b0", "--data", "{data}", "--out", "{tmp}/c",
+          "--bootstrap", "-1"], "--bootstrap"),
+        (["compare", "--model", "segformer-b0", "--data", "{data}", "--out", "{tmp}/c",
+          "--bootstrap", "1e9"], "--bootstrap"),
     ],
     ids=lambda v: " ".join(v[:1] + v[-2:]) if isinstance(v, list) else None,
 )
@@ -310,6 +317,45 @@ def test_synth_and_run_eval_check_their_numbers(tmp_path, tiny_data):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "section, key, value, override",
+    [
+        ("optim", "lr", math.inf, "optim.lr=.inf"),
+        ("optim", "lr", 1e30, "optim.lr=1.0e+30"),
+        ("train", "num_workers", 100000, "train.num_workers=100000"),
+        ("train", "seed", -1, "train.seed=-1"),
+        ("train", "batch_size", True, "train.batch_size=true"),
+        ("data", "crop_size", (8, 8), "data.crop_size=[8,8]"),  # a relation: the smallest input
+        ("optim", "warmup_iters", 10, "optim.warmup_iters=10"),  # a relation: < max_iters (10)
+        ("model", "overrides", {"embed_dims": [32, 64, 160]},
+         "model.overrides.embed_dims=[32,64,160]"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and "=" in v else "",
+)
+def test_train_checks_a_config_built_in_python_as_a_recipe(tmp_path, tiny_data, section, key,
+                                                           value, override):
+    """train(cfg) with a Config changed in Python refuses a value with the line that
+    `segcompare train` (a recipe or --set) gives for it, before it writes anything."""
+    from segcompare.config import config_from_dict
+    from segcompare.train import train
+
+    cfg = config_from_dict({**TINY, "data": {"root": str(tiny_data)}})
+    setattr(getattr(cfg, section), key, value)
+    with pytest.raises(SegcompareError) as err:
+        train(cfg, tmp_path / "run", device="cpu")
+    recipe = _recipe(tmp_path)
+    # the same line, less the recipe file that the Python API has not got
+    assert _refused(recipe, f"data.root={tiny_data}", override) == f"config {recipe}: {err.value}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_takes_only_a_config():
+    from segcompare.train import train
+
+    with pytest.raises(SegcompareError, match="Config .* got dict"):
+        train({"model": {"name": "segformer-b0"}}, "run")
+
+
 # --- B7: the table -----------------------------------------------------------------------------
 def test_every_recipe_key_has_one_row_of_its_type():
     import dataclasses
@@ -334,11 +380,6 @@ def test_every_recipe_key_has_one_row_of_its_type():
                 assert rule.kind is inner and rule.items is None, field.name
 
 
-# Options checked where their facts live: export.check_opset (the opsets torch exports),
-# CompareSpec (--bootstrap, from the compare work; not yet moved into the table).
-OWN_CHECK = ("opset", "bootstrap")
-
-
 def test_every_numeric_option_of_the_command_line_uses_the_table():
     from segcompare.cli import build_parser
 
@@ -350,9 +391,9 @@ def test_every_numeric_option_of_the_command_line_uses_the_table():
         for action in p._actions:
             if action.choices and isinstance(action.choices, dict):
                 stack.extend(action.choices.values())
-            elif action.type in (int, float) and action.dest not in OWN_CHECK:
+            elif action.type in (int, float):
                 unchecked.append(f"{p.prog} {action.option_strings}")
-            elif action.type is not None and action.dest not in OWN_CHECK:
+            elif action.type is not None:
                 assert action.type.__name__ in RULES, action.option_strings
     assert unchecked == []
 
@@ -430,6 +471,31 @@ def test_eval_batch_of_images_of_different_sizes_is_one_line(cli, mixed_sizes, t
                        "--batch", "1", "--device", "cpu")
     assert rc == 0, err
     assert "2 images" in out
+
+
+def test_the_opset_row_is_what_this_torch_exports():
+    """The table's newest opset is the installed torch's (torch.onnx's own constant): a torch
+    that writes more or fewer makes this fail, so the row is moved with it."""
+    from torch.onnx import _constants
+
+    row = RULES["--opset"]
+    assert (row.low, row.high) == (17, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+
+
+def test_export_and_compare_check_opset_and_bootstrap_by_their_rows(tmp_path):
+    from segcompare.compare import CompareSpec
+    from segcompare.export import check_opset
+
+    for bad in (16, 21, 17.0, True, "17"):
+        with pytest.raises(SegcompareError, match="opset must be an integer in .17, 20."):
+            check_opset(bad)
+    assert check_opset(18) == 18
+    for bad in (-1, 10**9, 2.5, None):
+        with pytest.raises(SegcompareError, match=r"bootstrap must be an integer in \[0, "):
+            CompareSpec(models=(("segformer-b0", None),), data_root=tmp_path, out_dir=tmp_path,
+                        bootstrap=bad)
+    assert CompareSpec(models=(("segformer-b0", None),), data_root=tmp_path, out_dir=tmp_path,
+                       bootstrap=0).bootstrap == 0
 
 
 def test_bench_export_and_build_model_check_their_numbers(tmp_path):
