@@ -229,6 +229,33 @@ def test_video_under_torchrun_is_rendered_once(tmp_path: Path, synth_root: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.gif"]
 
 
+def test_one_process_bad_image_is_one_line_on_every_process(
+    tmp_path: Path, synth_root: Path, weights: Path
+) -> None:
+    """Under torchrun, an image only process 1 reads is truncated: process 1 says so in its one
+    line, and process 0, left waiting in the collective, says in one line that another process
+    failed: no gloo "Connection closed by peer" traceback."""
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(synth_root, root)
+    images = sorted((root / "leftImg8bit" / "val").rglob("*.png"))
+    bad = images[-1]  # the last of 5: process 1's share (2 + 3)
+    bad.write_bytes(bad.read_bytes()[:100])
+    rc, _, err = _run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "segcompare",
+                       "eval", "--weights", str(weights), "--data", str(root), "--workers", "0",
+                       "--mode", "whole"])
+    assert rc != 0
+    ours = [line for line in err.splitlines() if line.startswith("segcompare eval: ")]
+    line = f"segcompare eval: error: {bad}: cannot decode (truncated, not an image, or too large)"
+    assert line in ours, err[-3000:]
+    ours.remove(line)
+    # process 0 may be stopped by torchrun before it speaks; if it speaks, it is this line
+    assert ours in ([], ["segcompare eval: error: process 0 stopped: another process failed "
+                         "(see its error line)"]), ours
+    assert "closed by peer" not in err and "[rank0]: Traceback" not in err, err[-3000:]
+
+
 _PER_IMAGE_SCRIPT = """
 import sys
 import numpy as np

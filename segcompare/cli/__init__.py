@@ -89,8 +89,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"segcompare {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        rank = _rank_left_by_a_peer(err)
+        if rank is None:
+            raise
+        # under torchrun, another process stopped on its error (its own one line) and closed its
+        # connections while this one waited in a collective: one line here too, not gloo's
+        print(f"segcompare {args.command}: error: process {rank} stopped: another process "
+              "failed (see its error line)", file=sys.stderr)
+        return 1
     finally:
         _leave_process_group()
+
+
+def _rank_left_by_a_peer(err: RuntimeError) -> Optional[int]:
+    """This process's rank if `err` is a collective's failure because another process of the
+    group went away (gloo: "Connection closed by peer"; NCCL: a remote error), else None."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    text = str(err)
+    if not any(s in text for s in ("closed by peer", "reset by peer", "remote process exited",
+                                   "Broken pipe")):
+        return None
+    return dist.get_rank()
 
 
 def _leave_process_group() -> None:
