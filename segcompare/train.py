@@ -156,7 +156,8 @@ def split_head(model: nn.Module) -> tuple[int, ...]:
     head = getattr(model, "decode_head", None)
     if isinstance(head, AllMLPHead):
         d = head.linear_fuse.conv.out_channels
-        widths = [getattr(head, f"linear_c{s}").proj.in_features for s in range(1, 5)]
+        widths = [getattr(head, f"linear_c{s}").proj.in_features
+                  for s in range(1, head.num_stages + 1)]
         head.low_stages = tuple(s for s, c in enumerate(widths, 1) if s > 1 and 2 * c >= d)
         return head.low_stages
     return ()

@@ -319,9 +319,7 @@ class AllMLPHead(nn.Module):
         unified = []
         for s in reversed(range(self.num_stages)):  # c4, c3, c2, c1
             x = getattr(self, f"linear_c{s + 1}")(features[s])  # N×D×h_s×w_s
-            if x.shape[2:] != size:
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            unified.append(x)
+            unified.append(_resize(x, size))
         x = self.linear_fuse(torch.cat(unified, dim=1))  # N×D×H/4×W/4
         return self.linear_pred(self.dropout(x))  # N×classes×H/4×W/4
 
@@ -359,6 +357,7 @@ class AllMLPHead(nn.Module):
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """`x` bilinearly resized to `size` (the head's 1/4 grid), as the official head does."""
     if x.shape[2:] == size:
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
