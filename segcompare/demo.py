@@ -243,23 +243,21 @@ def run_demo(
     recipes = [shipped_recipe(r) for r in RECIPES]
     runs = [r.removesuffix(".yaml").removeprefix("synthcity_") for r in RECIPES]
 
-    if data_root is not None and weights:  # real data, real weights: nothing to train
+    cache_dir = Path(cache) if cache is not None else default_cache()
+    if data_root is not None:
         from segcompare.data.layouts import detect_layout
 
         detect_layout(data_root)  # a folder of no known layout fails before anything is written
+    if data_root is not None and weights:  # real data, real weights: nothing to train
         model_weights = [run_weights(w) for w in weights]  # a run folder: its final weights
         _open_out(out, fresh)
     elif data_root is not None:  # fine-tune both recipes on the given data
-        from segcompare.data.layouts import detect_layout
-
-        detect_layout(data_root)
         _open_out(out, fresh)
         if init:
             starts = [str(run_weights(w)) if not str(w).startswith("hf://") else str(w)
                       for w in init]  # fmt: skip
         else:  # the demo's own synthetic-Cityscapes weights
-            synth = synth_data(plan, Path(cache) if cache is not None else default_cache(),
-                               fresh, progress)  # fmt: skip
+            synth = synth_data(plan, cache_dir, fresh, progress)
             synth_jobs = [(p, out / "runs" / f"synthcity_{r}") for p, r in zip(recipes, runs)]
             starts = [str(w) for w in train_models(synth_jobs, synth, plan)]
         jobs = [(p, out / "runs" / f"finetune_{r}") for p, r in zip(recipes, runs)]
@@ -269,7 +267,6 @@ def run_demo(
         model_weights = train_models(jobs, data_root, plan, overrides=overrides)
     else:
         _open_out(out, fresh)  # the arguments are checked: nothing is left on an error in them
-        cache_dir = Path(cache) if cache is not None else default_cache()
         data_root = synth_data(plan, cache_dir, fresh, progress)
         jobs = [(path, out / "runs" / r) for path, r in zip(recipes, runs)]
         model_weights = train_models(jobs, data_root, plan)
