@@ -229,6 +229,29 @@ def test_video_under_torchrun_is_rendered_once(tmp_path: Path, synth_root: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.gif"]
 
 
+@pytest.mark.parametrize("env, starts_on_new_line", [
+    ({"WORLD_SIZE": "2", "RANK": "1"}, True),  # process 0's open progress bar may hold the line
+    ({"WORLD_SIZE": "2", "RANK": "0"}, False),
+    ({}, False),  # no torchrun
+])
+def test_error_line_of_a_process_other_than_0_starts_a_new_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, env: dict,
+    starts_on_new_line: bool
+) -> None:
+    """CI caught process 1's error line glued to process 0's progress bar ("eval: 0%|...| 0/2
+    [...]segcompare eval: error: ..."): both write to one stream, and the bar redraws with a
+    carriage return, leaving its line open."""
+    from segcompare.cli import _say
+
+    for key in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    _say("segcompare eval: error: x")
+    err = capsys.readouterr().err
+    assert err == ("\n" if starts_on_new_line else "") + "segcompare eval: error: x\n"
+
+
 def test_one_process_bad_image_is_one_line_on_every_process(
     tmp_path: Path, synth_root: Path, weights: Path
 ) -> None:

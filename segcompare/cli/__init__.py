@@ -84,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SegcompareError as err:
-        print(f"segcompare {args.command}: error: {err}", file=sys.stderr)
+        _say(f"segcompare {args.command}: error: {err}")
         return 1
     except KeyboardInterrupt:
         print(f"segcompare {args.command}: interrupted", file=sys.stderr)
@@ -95,11 +95,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         # under torchrun, another process stopped on its error (its own one line) and closed its
         # connections while this one waited in a collective: one line here too, not gloo's
-        print(f"segcompare {args.command}: error: process {rank} stopped: another process "
-              "failed (see its error line)", file=sys.stderr)
+        _say(f"segcompare {args.command}: error: process {rank} stopped: another process failed "
+             "(see its error line)")
         return 1
     finally:
         _leave_process_group()
+
+
+def _say(line: str) -> None:
+    """Print a one-line error to stderr. Under torchrun, every process writes to the same stream
+    and process 0's progress bar leaves its line open (it redraws with a carriage return), so a
+    process other than 0 starts its line on a new one: it is never glued to the bar."""
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
+    print(("\n" if rank != "0" else "") + line, file=sys.stderr)
 
 
 def _rank_left_by_a_peer(err: RuntimeError) -> Optional[int]:
