@@ -13,12 +13,12 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from segcompare.utils import synchronize
+from segcompare.utils import SegcompareError, synchronize
 from segcompare.values import check
 
 
@@ -204,11 +204,15 @@ def bench_models(
     *,
     optimize: bool = True,
     reference: bool = False,
+    calib: Optional[str] = None,
+    calib_images: int = 32,
 ) -> tuple[list[dict], dict]:
     """`segcompare bench`: time each variant of `names` (untrained weights: speed does not
     depend on them) on a random batch; with `reference`, also each one's reference
     implementation (`reference_for`). `precision` (`segcompare.precision.TABLE`): below fp32
     every model runs under autocast, and ours is prepared in that dtype, as `Predictor` runs it.
+    int8 (`segcompare.infer.quantize`) quantizes ours after a calibration on `calib_images`
+    images of `calib`, and adds our float32 model as a row ("NAME (fp32)"), the ratio's base.
     Returns the table rows and the machine's description."""
     from segcompare.infer.fast import prepare_for_inference
     from segcompare.models import build_model
@@ -227,8 +231,14 @@ def bench_models(
     candidates, layers = [], {}
     for name in names:
         model = build_model(name, num_classes=num_classes).eval()
-        runnable = prepare_for_inference(model.to(dev), dtype) if optimize else model
-        candidates.append(model_candidate(name, runnable.to(dev), dtype))
+        if precision == "int8":
+            runnable = _int8(model, dev, calib, calib_images, optimize)
+            candidates.append(Candidate(name, runnable))
+            candidates.append(model_candidate(f"{name} (fp32)", runnable.prepared, dtype))
+            layers[name] = runnable
+        else:
+            runnable = prepare_for_inference(model.to(dev), dtype) if optimize else model
+            candidates.append(model_candidate(name, runnable.to(dev), dtype))
         if dtype != torch.float32:  # what each layer ran in, once the benchmark has run
             layers[name] = runnable
         if not reference:
@@ -242,12 +252,28 @@ def bench_models(
     meta.update(batch=batch, size=list(size_hw), optimized=optimize)
     if layers:
         from segcompare.infer.fast import Prepared, layer_precision
+        from segcompare.infer.quantize import Int8Model
 
         meta["layer_precision"] = {
-            name: m.layer_precision() if isinstance(m, Prepared) else [layer_precision(m, dtype)]
+            name: m.layer_precision() if isinstance(m, (Prepared, Int8Model))
+            else [layer_precision(m, dtype)]
             for name, m in layers.items()
         }  # fmt: skip
     return rows, meta
+
+
+def _int8(model: Any, dev: torch.device, calib: Optional[str], count: int, optimize: bool) -> Any:
+    """`model`'s int8 forward for bench; one error line where int8 cannot be built."""
+    from segcompare.infer.fast import prepare_for_inference
+    from segcompare.infer.quantize import Calibration, Int8Model, check_int8
+
+    check_int8(model, dev)
+    if not calib:
+        raise SegcompareError("--precision int8 needs calibration images: --calib DIR (a data "
+                              "set root, whose train split is used, or a folder of images)")
+    if not optimize:
+        raise SegcompareError("--precision int8 quantizes the optimized model: drop --no-optimize")
+    return Int8Model(prepare_for_inference(model), model, Calibration(calib, count))
 
 
 def format_table(rows: Sequence[dict], meta: dict) -> str:

@@ -59,7 +59,9 @@ class InferenceSettings:
         image: window 64×64, stride 48×48).
     device: 'auto' | 'cpu' | 'cuda' | 'mps'.
     precision: what the model computes in, a name of `segcompare.precision.PRECISIONS`
-        ('fp32', 'bf16', 'fp16'; its `TABLE` says what each means on each device).
+        ('fp32', 'bf16', 'fp16', 'int8'; its `TABLE` says what each means on each device).
+    calib / calib_images: int8's calibration images (`segcompare.infer.quantize.Calibration`: a
+        data set root, whose train split is used, or a folder of images) and how many.
     amp: the older switch, kept as an alias: True sets `precision` to bfloat16 on the CPU and
         float16 on a GPU (the device `device` resolves to); not stored.
     optimize: run the model through `prepare_for_inference` (the same logits, faster; in
@@ -81,6 +83,8 @@ class InferenceSettings:
     stride_hw: Optional[tuple[int, int]] = None
     device: str = "auto"
     precision: str = "fp32"
+    calib: Optional[str] = None
+    calib_images: int = 32
     optimize: bool = True
     aug_test: bool = False
     dataset: str = "cityscapes"
@@ -133,6 +137,8 @@ class InferenceSettings:
             "flip": self.flip, "precision": self.precision, "optimize": self.optimize,
             "window": hw(self.window_hw), "stride": hw(self.stride_hw), "aug_test": self.aug_test,
             "dataset": self.dataset,
+            **({"calib": self.calib, "calib_images": self.calib_images}
+               if self.precision == "int8" else {}),
         }  # fmt: skip
 
     def windows_for(self, test_hw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from segcompare.utils import SegcompareError
 
-PRECISIONS = ("fp32", "bf16", "fp16")  # --precision's choices
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # --precision's choices
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,21 @@ class Precision:
 
     @property
     def reduced(self) -> bool:
-        """Whether the model runs below float32 (under autocast, and compared with fp32)."""
+        """Whether the model runs below float32 (compare scores it in fp32 too)."""
         return self.name != "fp32"
+
+    @property
+    def quantized(self) -> bool:
+        """int8: a quantized graph (`segcompare.infer.quantize`), not autocast."""
+        return self.name == "int8"
 
 
 TABLE = {
     "fp32": Precision("fp32", "float32", ("cpu", "cuda", "mps"), "float32"),
     "bf16": Precision("bf16", "bfloat16", ("cpu", "cuda", "mps"), "bfloat16"),
     "fp16": Precision("fp16", "float16", ("cpu", "cuda", "mps"), "float16"),
+    # int8 convolutions, float32 maps in and out (segcompare.infer.quantize): HRNet on the CPU
+    "int8": Precision("int8", "float32", ("cpu",), "int8"),
 }
 
 # --amp: mixed precision in the 16-bit type each device computes fastest (the CPU's oneDNN has

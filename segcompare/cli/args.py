@@ -89,7 +89,16 @@ def _inference_settings(args: argparse.Namespace) -> Any:
         flip=args.flip, aug_test=args.aug_test,
         size_hw=args.size, window_hw=args.window, stride_hw=args.stride, device=args.device,
         precision=args.precision or "fp32", amp=args.amp, optimize=not args.no_optimize,
+        calib=_calibration(args), calib_images=args.calib_images,
     )  # fmt: skip
+
+
+def _calibration(args: argparse.Namespace) -> Any:
+    """--calib, else for int8 the data set a command scores (eval's and compare's --data: its
+    train split's images), else None."""
+    if args.calib or args.precision != "int8":
+        return args.calib
+    return getattr(args, "data", None)
 
 
 def _add_precision_option(g: Any) -> None:
@@ -98,14 +107,24 @@ def _add_precision_option(g: Any) -> None:
 
     g.add_argument(
         "--precision", choices=PRECISIONS, default=None,
-        help="what the model computes in (default fp32). bf16 on a CPU: layers oneDNN gets "
-        "wrong there, and SegFormer layers a probe finds slower in bf16 there (timed once per "
-        "input size), run in fp32, and a line says which. compare also scores each model in "
-        "fp32 and reports the mIoU change",
+        help="what the model computes in (default fp32). int8: HRNet on the CPU, convolutions in "
+        "int8 after a calibration (--calib), compiled once per input size (minutes). bf16 on a "
+        "CPU: layers oneDNN gets wrong there, and SegFormer layers a probe finds slower in "
+        "bf16 there (timed once per input size), run in fp32, and a line says which. compare "
+        "also scores each model in fp32 and reports the mIoU change",
     )  # fmt: skip
     g.add_argument(
         "--amp", action="store_true",
         help="alias: --precision bf16 on the CPU, fp16 on a GPU",
+    )  # fmt: skip
+    g.add_argument(
+        "--calib", metavar="DIR",
+        help="int8: calibration images, a data set root (its train split) or a folder of images "
+        "(default for eval and compare: --data). The statistics are cached per model and size",
+    )  # fmt: skip
+    g.add_argument(
+        "--calib-images", type=int, default=32, metavar="N",
+        help="int8: how many calibration images, spread over the folder (default 32)",
     )  # fmt: skip
 
 

@@ -97,7 +97,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                                save_pred_dir=args.save_pred, meta=meta,
                                model_classes=classes.names if classes else None,
                                map_classes=args.map_classes, **_layout_values(args))
-            if predictor.amp:  # below fp32: what each layer ran in, on this CPU
+            if predictor.precision.reduced:  # below fp32: what each layer ran in, here
                 results["layer_precision"] = predictor.layer_precision()
     if rank != 0:
         return 0  # rank 0 holds the summed counts too, and reports

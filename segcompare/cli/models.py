@@ -161,6 +161,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     rows, meta = bench.bench_models(
         names, args.size, args.batch, args.device, precision, args.warmup, args.iters,
         args.num_classes, optimize=not args.no_optimize, reference=args.reference,
+        calib=args.calib, calib_images=args.calib_images,
     )  # fmt: skip
     if args.json:
         atomic_write_text(args.json, json.dumps({"models": rows, "meta": meta}, indent=2) + "\n")

@@ -90,7 +90,7 @@ class Predictor:
         # what the model computes in here (`segcompare.precision.TABLE`); below float32 the
         # model runs under autocast, prepared in that dtype
         self.precision = precision_for(settings.precision, self.device.type)
-        self.amp = self.precision.reduced
+        self.amp = self.precision.reduced and not self.precision.quantized  # autocast
         self.amp_dtype: torch.dtype = getattr(torch, self.precision.dtype)
         if self.amp_dtype is torch.bfloat16 and self.device.type == "cuda" and not (
                 torch.cuda.is_bf16_supported(including_emulation=False)):
@@ -102,7 +102,9 @@ class Predictor:
         self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model
         if self.amp_dtype is torch.bfloat16 and self.device.type == "cpu" and not settings.optimize:
             guard_bf16(self.model, self.name)  # autocast: layers bf16 gets wrong here stay fp32
-        if settings.optimize:
+        if self.precision.quantized:
+            self.forward = _int8_forward(self.model, self.device, settings)
+        elif settings.optimize:
             self.forward = prepare_for_inference(self.model, dtype=self.amp_dtype)
 
     def describe(self) -> dict[str, Any]:
@@ -112,11 +114,15 @@ class Predictor:
             "model": self.name, "mode": s.mode, "size": list(s.size_hw) if s.size_hw else None,
             "scales": list(s.scales), "flip": s.flip, "device": str(self.device),
             "precision": self.precision.name,
+            **(self.forward.calibration.describe() if self.precision.quantized else {}),
         }  # fmt: skip
 
     def layer_precision(self) -> list[dict[str, Any]]:
         """What each layer computed in (`segcompare.infer.fast.layer_precision`: one report per
-        input shape a probed bfloat16 SegFormer has met), below float32; [] in float32."""
+        input shape a probed bfloat16 SegFormer, or an int8 model, has met), below float32; []
+        in float32."""
+        if self.precision.quantized:
+            return self.forward.layer_precision()
         if not self.amp:
             return []
         if isinstance(self.forward, Prepared):
@@ -198,6 +204,23 @@ class Predictor:
                 f"{MAX_CLASSES}: use Predictor.predict_scores (or --format logits)"
             )
         return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
+
+
+def _int8_forward(model: torch.nn.Module, device: torch.device, settings: Any) -> Any:
+    """`--precision int8`'s forward (`segcompare.infer.quantize.Int8Model`), where it is offered;
+    one error line where it is not, or where no calibration images are given."""
+    from segcompare.infer.quantize import Calibration, Int8Model, check_int8
+
+    check_int8(model, device)
+    if not settings.calib:
+        raise SegcompareError(
+            "--precision int8 needs calibration images: --calib DIR (a data set root, whose "
+            f"train split is used, or a folder of images; --calib-images {settings.calib_images})"
+        )
+    if not settings.optimize:
+        raise SegcompareError("--precision int8 quantizes the optimized model: drop --no-optimize")
+    prepared = prepare_for_inference(model)
+    return Int8Model(prepared, model, Calibration(settings.calib, settings.calib_images))
 
 
 def _image_rgb8(image: Any, method: str) -> np.ndarray:
