@@ -165,6 +165,7 @@ RULES: dict[str, Rule] = {
     "--opset": _count(MIN_OPSET, MAX_OPSET, why="LayerNormalization is an ONNX op from 17 on; "
                       f"{MAX_OPSET} is the newest torch's exporter writes"),
     "--bootstrap": _count(0, MAX_RESAMPLES, why="0: off"),
+    "--calib-images": _count(1),
 }
 
 

@@ -71,7 +71,6 @@ def test_predict_without_calibration_images_is_one_line(synth, tmp_path, capsys,
 @pytest.mark.parametrize("flag, value, says", [
     ("--calib", "missing", "--calib {tmp}/missing: not a folder"),
     ("--calib", "empty", "--calib {tmp}/empty: no images"),
-    ("--calib-images", "0", "--calib-images 0: must be 1 or more"),
 ])
 def test_bad_calibration_values_are_one_line(synth, tmp_path, capsys, cache, flag, value,
                                              says) -> None:
@@ -110,6 +109,8 @@ def test_calibration_reads_the_train_split_spread_evenly(synth, tmp_path) -> Non
         (tmp_path / "a" / ("b" if i else "") / f"{i}.png").write_bytes(path.read_bytes())
     (tmp_path / "a" / "notes.txt").write_text("not an image")
     assert [p.name for p in Calibration(tmp_path / "a", 8).files] == ["0.png", "1.png"]
+    with pytest.raises(SegcompareError, match="--calib-images 0: must be 1 or more"):
+        Calibration(synth, 0)
     tensors = Calibration(synth, 2).tensors((32, 48))
     assert [tuple(t.shape) for t in tensors] == [(1, 3, 32, 48)] * 2
 

@@ -123,7 +123,7 @@ def _add_precision_option(g: Any) -> None:
         "(default for eval and compare: --data). The statistics are cached per model and size",
     )  # fmt: skip
     g.add_argument(
-        "--calib-images", type=int, default=32, metavar="N",
+        "--calib-images", type=option("--calib-images"), default=32, metavar="N",
         help="int8: how many calibration images, spread over the folder (default 32)",
     )  # fmt: skip
 

@@ -197,7 +197,11 @@ class Int8Model:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         hw = (int(x.shape[-2]), int(x.shape[-1]))
         graph = self._graphs[hw] if hw in self._graphs else self._build(hw)
-        return torch.cat([graph(x[i : i + 1].contiguous()) for i in range(x.shape[0])])
+        # each image as an inference-mode copy, as the graph was compiled for: a tensor made
+        # outside inference mode carries another dispatch key, which would make dynamo compile
+        # the graph again (minutes)
+        with torch.inference_mode():
+            return torch.cat([graph(x[i : i + 1].clone()) for i in range(x.shape[0])])
 
     def layer_precision(self) -> list[dict[str, Any]]:
         """One report per input size (`segcompare.infer.fast.layer_precision`'s form): each
