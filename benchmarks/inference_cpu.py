@@ -15,9 +15,10 @@ Weights are random but scaled like trained ones (BatchNorm statistics included),
     python benchmarks/inference_cpu.py --cases 1024x2048x1 --precision fp32,bf16,int8 \\
         --data $SYNTH --trained hrnet-w18-small-v1=runs/hrnet_w18_small_v1/final.safetensors
 
---precision adds our model in each precision (`segcompare.precision`; int8, which no command
-offers yet (RESULTS.md, "int8"), by `int8_cpu.py`'s --int8-path (pt2e: at the timed size; ort:
-at --calib-size), calibrated on --calib training images of --data, else smooth random images)
+--precision adds our model in each precision (`segcompare.precision`; int8 as
+`--precision int8` runs it (`segcompare.infer.quantize`, HRNet, calibrated on --calib training
+images of --data), for other families or without --data by `int8_cpu.py`'s --int8-path (pt2e:
+at the timed size; ort: at --calib-size) on those images, else smooth random images)
 and prints the precision table; with --trained (weights of the demo's models) it also scores
 each precision on --data's val split (whole image at its own size) and prints the mIoU change
 against fp32.
@@ -31,9 +32,11 @@ benchmarks/results/inference_cpu.json by (model, size, batch), so subsets can be
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -57,7 +60,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data", default=None, help="synthetic Cityscapes root: int8 calibration, mIoU")
     p.add_argument("--calib", type=int, default=32, help="int8 calibration images")
     p.add_argument("--calib-size", default="256x512", help="HxW of ort's calibration images")
-    p.add_argument("--int8-path", default="pt2e", choices=("pt2e", "ort"), help="see int8_cpu.py")
+    p.add_argument("--int8-path", default="segcompare", choices=("segcompare", "pt2e", "ort"),
+                   help="segcompare: --precision int8 as the commands run it (HRNet; needs "
+                   "--data), other families by pt2e; pt2e, ort: see int8_cpu.py")
     p.add_argument("--trained", action="append", default=[], help="MODEL=WEIGHTS: mIoU change")
     p.add_argument("--no-thp", action="store_true", help="leave PyTorch's allocator as it is")
     p.add_argument(
@@ -172,11 +177,26 @@ def hw(text: str) -> tuple[int, int]:
 
 
 def build_int8(model: nn.Module, fp32: nn.Module, size_hw, ort_hw):
-    """`int8_cpu.py`'s --int8-path for `model` (`fp32`: its prepared model)."""
+    """--int8-path for `model` (`fp32`: its prepared model): segcompare's `Int8Model` (what
+    `--precision int8` runs, calibrated on --calib images of --data, statistics cached in a
+    temporary folder so that the calibration is always measured), or `int8_cpu.py`'s paths."""
     from int8_cpu import build_int8 as build  # here: int8_cpu imports this module
 
+    from segcompare.infer.quantize import INT8_FAMILIES, Calibration, Int8Model
+    from segcompare.models import family_of
+
+    path = ARGS.int8_path
+    if path == "segcompare" and family_of(model) in INT8_FAMILIES and ARGS.data:
+        cache = tempfile.mkdtemp(prefix="int8-")
+        atexit.register(shutil.rmtree, cache, True)
+        q = Int8Model(fp32, model, Calibration(ARGS.data, ARGS.calib), cache=Path(cache))
+        with torch.inference_mode():
+            q(torch.zeros(1, 3, *size_hw))  # calibrate and compile here, not in the timing
+        return q
+    path = "pt2e" if path == "segcompare" else path
+
     with tempfile.TemporaryDirectory() as tmp:  # the model is in memory once built
-        run, _, _ = build(ARGS.int8_path, model, fp32, ARGS.data, ARGS.calib, size_hw, ort_hw,
+        run, _, _ = build(path, model, fp32, ARGS.data, ARGS.calib, size_hw, ort_hw,
                           ARGS.threads, Path(tmp))  # fmt: skip
     return run
 

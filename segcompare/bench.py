@@ -13,12 +13,12 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from segcompare.utils import SegcompareError, synchronize
+from segcompare.utils import synchronize
 from segcompare.values import check
 
 
@@ -232,7 +232,9 @@ def bench_models(
     for name in names:
         model = build_model(name, num_classes=num_classes).eval()
         if precision == "int8":
-            runnable = _int8(model, dev, calib, calib_images, optimize)
+            from segcompare.infer.quantize import int8_forward
+
+            runnable = int8_forward(model, dev, calib, calib_images, optimize)
             candidates.append(Candidate(name, runnable))
             candidates.append(model_candidate(f"{name} (fp32)", runnable.prepared, dtype))
             layers[name] = runnable
@@ -260,20 +262,6 @@ def bench_models(
             for name, m in layers.items()
         }  # fmt: skip
     return rows, meta
-
-
-def _int8(model: Any, dev: torch.device, calib: Optional[str], count: int, optimize: bool) -> Any:
-    """`model`'s int8 forward for bench; one error line where int8 cannot be built."""
-    from segcompare.infer.fast import prepare_for_inference
-    from segcompare.infer.quantize import Calibration, Int8Model, check_int8
-
-    check_int8(model, dev)
-    if not calib:
-        raise SegcompareError("--precision int8 needs calibration images: --calib DIR (a data "
-                              "set root, whose train split is used, or a folder of images)")
-    if not optimize:
-        raise SegcompareError("--precision int8 quantizes the optimized model: drop --no-optimize")
-    return Int8Model(prepare_for_inference(model), model, Calibration(calib, count))
 
 
 def format_table(rows: Sequence[dict], meta: dict) -> str:

@@ -103,7 +103,10 @@ class Predictor:
         if self.amp_dtype is torch.bfloat16 and self.device.type == "cpu" and not settings.optimize:
             guard_bf16(self.model, self.name)  # autocast: layers bf16 gets wrong here stay fp32
         if self.precision.quantized:
-            self.forward = _int8_forward(self.model, self.device, settings)
+            from segcompare.infer.quantize import int8_forward
+
+            self.forward = int8_forward(self.model, self.device, settings.calib,
+                                        settings.calib_images, settings.optimize)
         elif settings.optimize:
             self.forward = prepare_for_inference(self.model, dtype=self.amp_dtype)
 
@@ -204,23 +207,6 @@ class Predictor:
                 f"{MAX_CLASSES}: use Predictor.predict_scores (or --format logits)"
             )
         return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
-
-
-def _int8_forward(model: torch.nn.Module, device: torch.device, settings: Any) -> Any:
-    """`--precision int8`'s forward (`segcompare.infer.quantize.Int8Model`), where it is offered;
-    one error line where it is not, or where no calibration images are given."""
-    from segcompare.infer.quantize import Calibration, Int8Model, check_int8
-
-    check_int8(model, device)
-    if not settings.calib:
-        raise SegcompareError(
-            "--precision int8 needs calibration images: --calib DIR (a data set root, whose "
-            f"train split is used, or a folder of images; --calib-images {settings.calib_images})"
-        )
-    if not settings.optimize:
-        raise SegcompareError("--precision int8 quantizes the optimized model: drop --no-optimize")
-    prepared = prepare_for_inference(model)
-    return Int8Model(prepared, model, Calibration(settings.calib, settings.calib_images))
 
 
 def _image_rgb8(image: Any, method: str) -> np.ndarray:

@@ -22,7 +22,7 @@ images' bytes, the size and the library versions. Loading the cache reads tensor
 runs from the file. Compilation is redone in each process (inductor keeps its own cache of the
 kernels it generates, so a second run compiles faster). Each step's time is logged.
 
-Needs torchao (`pip install segcompare[int8]`): PyTorch's PT2E quantization lives there.
+Needs torchao (the int8 extra: `pip install -e '.[int8]'`): PyTorch's PT2E quantization lives there.
 """
 
 from __future__ import annotations
@@ -71,8 +71,27 @@ def check_int8(model: nn.Module, device: torch.device) -> None:
     try:
         _torchao()
     except ImportError as err:
-        raise SegcompareError(f"--precision int8 needs torchao ({err}): "
-                              "pip install 'segcompare[int8]'") from None
+        raise SegcompareError(f"--precision int8 needs torchao ({err}): install the int8 "
+                              "extra, pip install -e '.[int8]' in a clone") from None
+
+
+def int8_forward(
+    model: nn.Module, device: torch.device, calib: Optional[str], count: int, optimize: bool
+) -> Int8Model:
+    """What `--precision int8` runs for `model` (`Predictor`, `segcompare bench`): its prepared
+    model, quantized after a calibration on `count` images of `calib`; one error line where
+    int8 is not offered, or where no calibration images are given."""
+    from segcompare.infer.fast import prepare_for_inference
+
+    check_int8(model, device)
+    if not calib:
+        raise SegcompareError(
+            "--precision int8 needs calibration images: --calib DIR (a data set root, whose "
+            f"train split is used, or a folder of images; --calib-images {count})"
+        )
+    if not optimize:
+        raise SegcompareError("--precision int8 quantizes the optimized model: drop --no-optimize")
+    return Int8Model(prepare_for_inference(model), model, Calibration(calib, count))
 
 
 def _torchao() -> Any:
