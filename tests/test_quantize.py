@@ -220,3 +220,15 @@ def test_eval_int8_compiles_reports_and_reuses_the_calibration(synth, tmp_path, 
     rc, _, err = _cli(capsys, *common, "--precision", "int8", "--calib-images", "4")
     assert rc == 0
     assert "calibration statistics from" in err and "calibrated on" not in err, err
+
+
+def test_compare_report_says_how_int8_ran() -> None:
+    from segcompare.compare.report import describe_inference
+    from segcompare.evaluate import InferenceSettings
+
+    inference = InferenceSettings(precision="int8", calib="data/city", calib_images=32).describe()
+    words = describe_inference({**inference, "calib_images": 20})  # what compare records: used
+    assert "int8 convolutions (PT2E, calibrated on 20 images of data/city)" in words, words
+    assert words.endswith("compiled by inductor"), words
+    fp32 = describe_inference(InferenceSettings().describe())
+    assert "calib" not in fp32 and fp32.endswith("through prepare_for_inference"), fp32

@@ -90,11 +90,18 @@ def describe_inference(inference: dict[str, Any]) -> str:
     if inference.get("stride"):
         words.append(f"stride {inference['stride'][0]}x{inference['stride'][1]}")
     precision = recorded_precision(inference)  # 'amp' in files written before --precision
-    if precision != "fp32":
+    if precision == "int8":  # segcompare.infer.quantize: a calibrated, compiled int8 graph
+        words.append(f"int8 convolutions (PT2E, calibrated on {inference.get('calib_images')} "
+                     f"images of {inference.get('calib')})")
+    elif precision != "fp32":
         words.append("mixed precision" if precision == "amp" else f"{precision} precision")
     if inference.get("flip"):
         words.append("with flip")
-    words.append("through prepare_for_inference" if inference.get("optimize") else "eager model")
+    if precision == "int8":
+        words.append("compiled by inductor")
+    else:
+        words.append("through prepare_for_inference" if inference.get("optimize")
+                     else "eager model")
     return ", ".join(words)
 
 

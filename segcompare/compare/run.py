@@ -240,7 +240,10 @@ def _meta(
         "eval_size": list(eval_hw),
         # as given; each model ran its family's official test of the data set unless keep_mode
         "inference": {**spec.inference.describe(), "dataset": runs[0].predictor.settings.dataset,
-                      "official_test": not spec.keep_mode},
+                      "official_test": not spec.keep_mode,
+                      # int8: the calibration images really used (no more than there are)
+                      **{k: v for k, v in runs[0].predictor.describe().items()
+                         if k in ("calib", "calib_images")}},
         "tests": {run.label: run.predictor.settings.describe() for run in runs},
         "bench": bench_meta,
         "stats_size": list(eval_hw),
