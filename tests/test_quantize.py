@@ -232,3 +232,19 @@ def test_compare_report_says_how_int8_ran() -> None:
     assert words.endswith("compiled by inductor"), words
     fp32 = describe_inference(InferenceSettings().describe())
     assert "calib" not in fp32 and fp32.endswith("through prepare_for_inference"), fp32
+
+
+@pytest.mark.slow
+def test_bench_int8_times_int8_beside_our_fp32(synth, tmp_path, capsys, cache) -> None:
+    import json
+
+    rc, out, err = _cli(capsys, "bench", "hrnet-w18-small-v1", "--size", "64x128",
+                        "--precision", "int8", "--calib", synth, "--calib-images", "2",
+                        "--warmup", "1", "--iters", "1", "--json", tmp_path / "b.json")
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert [r["name"] for r in doc["models"]] == ["hrnet-w18-small-v1",
+                                                  "hrnet-w18-small-v1 (fp32)"]
+    assert doc["meta"]["dtype"] == "int8"
+    assert all(r["latency_ms"] > 0 for r in doc["models"])
+    assert re.search(r"hrnet-w18-small-v1: layer precision at 1x3x64x128: int8: \d+ convs", out)
