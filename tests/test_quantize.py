@@ -159,15 +159,26 @@ def test_cached_statistics_give_the_same_int8_graph(synth, tmp_path, capsys) -> 
     x = Calibration(synth / "leftImg8bit" / "val", 1).tensors(SIZE)[0]
 
     def quantized() -> tuple[torch.Tensor, str]:
+        nonlocal q
         q = Int8Model(prepared, model, Calibration(synth, 3), cache=tmp_path)
         with torch.no_grad():
             out = q._quantize(SIZE)(x)
         return out, capsys.readouterr().err
 
+    q = None
     with torch.no_grad():
         fp32 = prepared(x)
     first, err = quantized()
     assert "calibrated on 3 image(s)" in err, err
+    # every convolution of the prepared model is in the report, in int8
+    (report,) = q.layer_precision()
+    convs = [n for n, m in prepared.named_modules() if isinstance(m, torch.nn.Conv2d)
+             or type(m).__name__ == "FusedConv"]
+    assert report["input"] == [1, 3, *SIZE]
+    assert sorted(r["name"] for r in report["layers"]) == sorted(convs)
+    assert {r["precision"] for r in report["layers"]} == {"int8"}
+    roles = [r["role"] for r in report["layers"]]
+    assert roles.count("decode head") == sum(".head." in n for n in convs) > 0
     files = list(tmp_path.glob("*.safetensors"))
     assert len(files) == 1
     stats = load_file(str(files[0]))
@@ -208,7 +219,7 @@ def test_eval_int8_compiles_reports_and_reuses_the_calibration(synth, tmp_path, 
     assert re.search(r"int8 hrnet-w18-small-v1 at 64x128: compiled in \d+ s", err), err
     layers = [line for line in out.splitlines() if line.startswith("layer precision")]
     assert len(layers) == 1 and re.fullmatch(
-        r"layer precision at 1x3x64x128: int8: \d+ convs(, \d+ decode head)?", layers[0]
+        r"layer precision at 1x3x64x128: int8: \d+ convs, \d+ decode head", layers[0]
     ), layers
     import json
 

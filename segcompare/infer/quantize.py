@@ -341,7 +341,8 @@ def _int8_report(graph: torch.fx.GraphModule, hw: tuple[int, int]) -> dict[str, 
         )
         stack = node.meta.get("nn_module_stack") or {}
         name = list(stack.values())[-1][0] if stack else node.name
-        role = "decode head" if str(name).startswith(("head", "last_layer")) else "convs"
+        # the prepared model's modules: net.stem..., net.head... (the decode head)
+        role = "decode head" if ".head." in f".{name}." or "last_layer" in name else "convs"
         rows.append({"name": str(name), "role": role,
                      "precision": "int8" if quantized else "fp32",
                      "why": "" if quantized else "not quantized"})  # fmt: skip
