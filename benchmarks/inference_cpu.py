@@ -68,7 +68,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--no-tune-alloc", action="store_true", help="leave glibc's malloc settings as they are"
     )
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/inference_cpu.json"))
+    p.add_argument("--out", default=None,
+                   help="JSON file (default: results/inference_cpu.json; with --precision other "
+                   "than fp32: results/precision_cpu.json, the precision table's file)")
     return p.parse_args()
 
 
@@ -294,7 +296,8 @@ def write_rows(
     old = json.loads(path.read_text()) if path.exists() else {"rows": []}
     new = {tuple(r[k] for k in keys) for r in rows}
     kept = [r for r in old["rows"] if tuple(r[k] for k in keys) not in new]
-    atomic_write_text(path, json.dumps({"meta": meta, "rows": kept + rows}, indent=1) + "\n")
+    doc = {**old, "meta": meta, "rows": kept + rows}  # other keys ("accuracy") stay
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
 
 
 def table(rows: list[dict]) -> str:
@@ -349,10 +352,20 @@ def main() -> int:
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     meta = bench.machine_info(torch.device("cpu"), ARGS.threads, "fp32")
     meta.update(thp=not ARGS.no_thp, tuned_malloc=tuned, warmup=ARGS.warmup, iters=ARGS.iters)
-    write_rows(Path(ARGS.out), meta, rows)
+    out = Path(ARGS.out or ROOT / "benchmarks/results" / (
+        "inference_cpu.json" if ARGS.precisions == ["fp32"] else "precision_cpu.json"))
+    write_rows(out, meta, rows)
     print(table(rows))
     if ARGS.precisions != ["fp32"]:
         accuracy = [miou_row(*spec.split("=", 1)) for spec in ARGS.trained]
+        if accuracy:  # beside the timings, replacing the rows of the same model and weights
+            doc = json.loads(out.read_text())
+            stamp = {"calib_images": ARGS.calib, "date": time.strftime("%Y-%m-%d %H:%M")}
+            new = {(a["model"], a["weights"]) for a in accuracy}
+            doc["accuracy"] = [a for a in doc.get("accuracy", [])
+                               if (a["model"], a["weights"]) not in new]
+            doc["accuracy"] += [{**a, **stamp} for a in accuracy]
+            atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
         print("\n" + precision_table(rows, accuracy))
     print(
         f"\n{meta['cpu']}, {meta['cores']} cores, {time.strftime('%Y-%m-%d')}, "
