@@ -466,6 +466,24 @@ def write_outputs_list(root: Path, files: Iterable[str]) -> None:
     atomic_write_text(root / OUTPUTS_NAME, text)
 
 
+def publish_folder(tmp: Path, root: Path, what: str, inputs: Iterable[PathLike] = ()) -> None:
+    """A set of files made whole in the folder `tmp` -> the folder `root`, with the list of its
+    files (`write_outputs_list`): one rename where `root` is new or empty; else, holding `root`
+    as an output folder (`what` names it in errors; `inputs` may not be written over), the last
+    run's listed files removed and each new file renamed into place. So a second run with fewer
+    files leaves none of the first's behind."""
+    files = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
+    if not root.exists() or not any(root.iterdir()):
+        write_outputs_list(tmp, files)
+        os.replace(tmp, root)  # rename(2) replaces an empty folder
+        return
+    with output_folder(root, what, inputs, overwrite=True, names=files) as folder:
+        for rel in files:
+            make_dirs((root / rel).parent)
+            os.replace(tmp / rel, root / rel)
+            folder.record(root / rel)
+
+
 def _remove_empty_dirs(root: Path, rel_dirs: Iterable[str]) -> None:
     """Remove the sub-folders `rel_dirs` of `root` (and their parents below root) while empty."""
     for rel in sorted(rel_dirs, key=lambda r: -len(Path(r).parts)):

@@ -36,10 +36,9 @@ from segcompare.utils import (
     SegcompareError,
     atomic_write_bytes,
     make_dirs,
-    output_folder,
+    publish_folder,
     temporary_folder,
     write_error,
-    write_outputs_list,
 )
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -361,28 +360,12 @@ def convert_masks(
         for name in ("id2label.json", "palette.json"):
             if (src_root / name).is_file():
                 shutil.copyfile(src_root / name, tmp / name)
-        _publish(tmp, dst_root, src_root)
+        publish_folder(tmp, dst_root, "DST", [src_root])
     except OSError as err:
         raise write_error(dst_root, err) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return counts
-
-
-def _publish(tmp: Path, root: Path, src_root: Path) -> None:
-    """The finished set in `tmp` -> `root`, with the list of its files (`write_outputs_list`):
-    one rename where `root` is new or empty; else, holding `root` as an output folder, the last
-    conversion's files removed and each new file renamed into place."""
-    files = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
-    if not root.exists() or not any(root.iterdir()):
-        write_outputs_list(tmp, files)
-        os.replace(tmp, root)  # rename(2) replaces an empty folder
-        return
-    with output_folder(root, "DST", [src_root], overwrite=True, names=files) as folder:
-        for rel in files:
-            make_dirs((root / rel).parent)
-            os.replace(tmp / rel, root / rel)
-            folder.record(root / rel)
 
 
 def _carry(src: Path, dst: Path, copy: bool) -> None:

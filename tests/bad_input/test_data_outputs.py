@@ -249,3 +249,23 @@ def test_a_synthesis_stopped_midway_leaves_nothing_in_the_folder_it_was_given(tm
         io.make_synthetic_cityscapes(out, train=2, val=0, size=(64, 64))
     assert list(out.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("layout", ["cityscapes", "folder"])
+def test_synth_overwrite_leaves_none_of_the_last_sets_files(cli, tmp_path, layout):
+    """A second synthesis with fewer images, --overwrite, into the first's folder: the folder
+    holds the second set only (before, the first's extra images stayed, a silently larger set),
+    and a file of the user's own is kept."""
+    out = tmp_path / "out"
+    rc, _, err = cli("data", "synth", out, "--layout", layout, "--train", "3", "--val", "1",
+                     "--size", "64x64")
+    assert rc == 0, err
+    (out / "notes.txt").write_text("mine")
+    fresh = tmp_path / "fresh"
+    for target, extra in ((out, ["--overwrite"]), (fresh, [])):
+        rc, _, err = cli("data", "synth", target, "--layout", layout, "--train", "1",
+                         "--val", "1", "--size", "64x64", *extra)
+        assert rc == 0, err
+    got = {k: v for k, v in _tree(out).items() if k != "notes.txt"}
+    assert got == _tree(fresh)
+    assert (out / "notes.txt").read_text() == "mine"

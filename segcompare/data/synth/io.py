@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from segcompare.utils import (
     atomic_write_bytes,
     atomic_write_text,
     check_memory,
+    publish_folder,
     temporary_folder,
     write_error,
 )
@@ -91,9 +91,10 @@ def make_synthetic_cityscapes(
 ) -> dict[str, int]:
     """Write a synthetic Cityscapes under `out` in the real layout; returns counts per split.
 
-    `out` must be new or empty unless `overwrite` (then files of the same name are replaced,
-    others kept). The set is made in a temporary folder beside `out` and moved into place
-    when complete: a synthesis that fails leaves nothing.
+    `out` must be new or empty unless `overwrite` (then the files of the last synthesis into it
+    and those of the same names are replaced, others kept: `segcompare.utils.publish_folder`).
+    The set is made in a temporary folder beside `out` and moved into place when complete: a
+    synthesis that fails leaves nothing.
 
     size is (H, W). Deterministic for a seed: sample i of a run depends only on (seed, i), so
     the first N images of a larger set equal a set of N. Images are numbered like the real ones
@@ -133,7 +134,7 @@ def _build_atomically(root: Path, fill: Any) -> None:
     tmp = temporary_folder(root)  # a killed run's is removed by the next one
     try:
         fill(tmp)
-        _move_into_place(tmp, root)
+        publish_folder(tmp, root, "OUT")
     except OSError as err:  # a full disk while writing: one line, and nothing left behind
         raise write_error(root, err) from None
     finally:
@@ -257,19 +258,6 @@ def _check_target(root: Path, overwrite: bool) -> None:
                 f"{root}: not empty (holds {len(entries)} entries, e.g. {entries[0]}); "
                 "synthesise into a new or empty folder, or pass --overwrite"
             )
-
-
-def _move_into_place(tmp: Path, root: Path) -> None:
-    """The finished set in `tmp` -> `root`: a rename where `root` is new or empty, else file by
-    file (each a rename within the file system, replacing a file of the same name)."""
-    if not root.exists() or not any(root.iterdir()):
-        os.replace(tmp, root)  # rename(2) replaces an empty folder
-        return
-    for path in sorted(tmp.rglob("*")):
-        if path.is_file():
-            dest = root / path.relative_to(tmp)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, dest)
 
 
 def _sample_names(counts: dict[str, int]) -> list[tuple[str, str, str, int]]:
