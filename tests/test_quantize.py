@@ -193,6 +193,13 @@ def test_cached_statistics_give_the_same_int8_graph(synth, tmp_path, capsys) -> 
     assert "cannot read" in err or "calibrated on 3 image(s)" in err, err
     assert torch.equal(third, first)
     assert load_file(str(files[0]))  # replaced by a good one
+    # the same tensors made for another graph (another observer on each tensor): recalibrated
+    from safetensors.torch import save_file
+
+    save_file(load_file(str(files[0])), str(files[0]), metadata={"graph": "another"})
+    fourth, err = quantized()
+    assert "calibrated on 3 image(s)" in err, err
+    assert torch.equal(fourth, first)
 
 
 # --- the whole path -----------------------------------------------------------------------------

@@ -261,7 +261,7 @@ class Int8Model:
     def _quantize(self, hw: tuple[int, int]) -> torch.fx.GraphModule:
         """The converted (quantized, not yet compiled) graph at `hw`: calibrated here, or with
         the cached statistics."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
         _, pt2e, xiq = _torchao()
         what = f"{self.name} at {hw[0]}x{hw[1]}"
@@ -273,8 +273,10 @@ class Int8Model:
         quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
         observed = pt2e.prepare_pt2e(graph, quantizer)
         stats_names = sorted(k for k in observed.state_dict() if "activation_post_process" in k)
+        # which observer watches which tensor: the statistics fit this graph only
+        signature = hashlib.sha256(str(observed.graph).encode()).hexdigest()
         path = self.cache_file(hw)
-        cached = _load_stats(path, stats_names, load_file)
+        cached = _load_stats(path, stats_names, signature)
         timing: dict[str, Any] = {"export_s": round(time.perf_counter() - start, 1)}
         if cached is not None:
             # set each observer's tensors as they are (min_val, max_val, histogram, eps):
@@ -292,7 +294,7 @@ class Int8Model:
             state = observed.state_dict()
             stats = {k: state[k].detach().contiguous().clone() for k in stats_names}
             with atomic_path(path) as tmp:
-                save_file(stats, str(tmp), metadata={"key": self._key(hw)})
+                save_file(stats, str(tmp), metadata={"key": self._key(hw), "graph": signature})
             timing["calibration_s"] = round(time.perf_counter() - start, 1)
             _say(f"int8 {what}: calibrated on {len(self.calibration.files)} image(s) of "
                  f"{self.calibration.source} in {timing['calibration_s']:.0f} s (cached: {path})")
@@ -310,17 +312,22 @@ def _say(line: str) -> None:
     tqdm.write(line, file=sys.stderr)
 
 
-def _load_stats(path: Path, names: Sequence[str], load_file: Any) -> Optional[dict]:
-    """The cached statistics at `path` when they are there and name exactly the observers of
-    this graph; else None (calibrate again). A file that cannot be read is said and replaced."""
+def _load_stats(path: Path, names: Sequence[str], signature: str) -> Optional[dict]:
+    """The cached statistics at `path` when they are there and were made for this graph (the
+    same observers on the same tensors: `signature`); else None (calibrate again). A file that
+    cannot be read is said and replaced."""
+    from safetensors import safe_open
+
     if not path.is_file():
         return None
     try:
-        stats = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            made_for = (f.metadata() or {}).get("graph")
+            stats = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # noqa: BLE001  (a damaged cache file is recalibrated, not fatal)
         log.warning("int8: %s: cannot read (%s); calibrating again", path, err)
         return None
-    if sorted(stats) != list(names):
+    if made_for != signature or sorted(stats) != list(names):
         log.warning("int8: %s: made for another graph; calibrating again", path)
         return None
     return stats
