@@ -30,6 +30,23 @@ ACCEPTED = (
 )
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+
+
+def load_image(path: Any) -> np.ndarray:
+    """An image file of any mode (grey, palette, 16-bit, alpha) -> H×W×3 uint8 RGB; one clear
+    error if it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return pil_to_rgb8(im, str(path))
+    except SegcompareError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise SegcompareError(f"cannot read image {path}: {err}") from None
+
+
 def to_rgb8(image: np.ndarray, what: str = "image", bgr: bool = False) -> np.ndarray:
     """H×W or H×W×C pixels of any type above -> H×W×3 uint8 RGB; `bgr`: colour channels are in
     OpenCV's order. SegcompareError naming `what` for anything else."""

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segcompare.data.images import ACCEPTED, pil_to_rgb8, to_rgb8
+from segcompare.data.images import ACCEPTED, IMAGE_SUFFIXES, load_image, to_rgb8
 from segcompare.data.labels import MAX_CLASSES, NUM_CLASSES, ClassTable, generic_table
 from segcompare.evaluate import InferenceSettings, inference
 from segcompare.infer.fast import (
@@ -45,21 +45,8 @@ from segcompare.utils import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 FORMATS = ("trainid", "labelid", "color", "overlay", "logits")
 OVERLAY_OPACITY = 0.5  # mmseg's show_result default
-
-
-def load_image(path: PathLike) -> np.ndarray:
-    """An image file of any mode (grey, palette, 16-bit, alpha; `segcompare.data.images`) ->
-    H×W×3 uint8 RGB; one clear error if it cannot be read."""
-    try:
-        with Image.open(path) as im:
-            return pil_to_rgb8(im, str(path))
-    except SegcompareError:
-        raise
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise SegcompareError(f"cannot read image {path}: {err}") from None
 
 
 class Predictor:

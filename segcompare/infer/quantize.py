@@ -39,6 +39,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from segcompare.data.images import IMAGE_SUFFIXES
 from segcompare.utils import SegcompareError, atomic_path
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ NOT_OFFERED = {
     "segformer": "slower than fp32 on the CPU (0.91x PT2E, 0.70x onnxruntime at 1024x2048: "
     "its time is the float32 attention); benchmarks/RESULTS.md, 'int8'",
 }
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
 
 def check_int8(model: nn.Module, device: torch.device) -> None:
@@ -130,7 +130,7 @@ class Calibration:
         self.count = count
         files = _calibration_files(self.source)
         if not files:
-            raise SegcompareError(f"--calib {source}: no images ({', '.join(_IMAGE_SUFFIXES)})")
+            raise SegcompareError(f"--calib {source}: no images ({', '.join(IMAGE_SUFFIXES)})")
         step = len(files) / min(count, len(files))
         self.files = [files[int(i * step)] for i in range(min(count, len(files)))]
 
@@ -146,8 +146,8 @@ class Calibration:
 
     def tensors(self, hw: tuple[int, int]) -> list[torch.Tensor]:
         """The images, normalised and resized to `hw`: 1×3×H×W each."""
+        from segcompare.data.images import load_image
         from segcompare.data.transforms import normalize
-        from segcompare.infer.predictor import load_image
 
         out = []
         for path in self.files:
@@ -169,7 +169,7 @@ def _calibration_files(source: Path) -> list[Path]:
     if layout is not None and "train" in available_splits(source, layout):
         source = split_dirs(source, layout, "train")[0]
     return sorted(p for p in source.rglob("*")
-                  if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 # ------------------------------------------------------------------------------------------------
