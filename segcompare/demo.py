@@ -31,6 +31,7 @@ from segcompare.utils import (
     PathLike,
     SegcompareError,
     atomic_write_text,
+    cache_dir,
     log_to_console,
     make_dirs,
 )
@@ -73,11 +74,6 @@ TINY = DemoPlan(
     ),
     corrupt=("noise",), corrupt_images=1, hardest=1, bench_iters=1,
 )  # fmt: skip
-
-
-def default_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "segcompare"
 
 
 def synth_data(plan: DemoPlan, cache: Path, fresh: bool, progress: bool) -> Path:
@@ -243,7 +239,7 @@ def run_demo(
     recipes = [shipped_recipe(r) for r in RECIPES]
     runs = [r.removesuffix(".yaml").removeprefix("synthcity_") for r in RECIPES]
 
-    cache_dir = Path(cache) if cache is not None else default_cache()
+    cache_root = Path(cache) if cache is not None else cache_dir()
     if data_root is not None:
         from segcompare.data.layouts import detect_layout
 
@@ -257,7 +253,7 @@ def run_demo(
             starts = [str(run_weights(w)) if not str(w).startswith("hf://") else str(w)
                       for w in init]  # fmt: skip
         else:  # the demo's own synthetic-Cityscapes weights
-            synth = synth_data(plan, cache_dir, fresh, progress)
+            synth = synth_data(plan, cache_root, fresh, progress)
             synth_jobs = [(p, out / "runs" / f"synthcity_{r}") for p, r in zip(recipes, runs)]
             starts = [str(w) for w in train_models(synth_jobs, synth, plan)]
         jobs = [(p, out / "runs" / f"finetune_{r}") for p, r in zip(recipes, runs)]
@@ -267,7 +263,7 @@ def run_demo(
         model_weights = train_models(jobs, data_root, plan, overrides=overrides)
     else:
         _open_out(out, fresh)  # the arguments are checked: nothing is left on an error in them
-        data_root = synth_data(plan, cache_dir, fresh, progress)
+        data_root = synth_data(plan, cache_root, fresh, progress)
         jobs = [(path, out / "runs" / r) for path, r in zip(recipes, runs)]
         model_weights = train_models(jobs, data_root, plan)
     frames = data_root / "leftImg8bit_demoVideo" / "stuttgart_00"

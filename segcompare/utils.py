@@ -466,6 +466,13 @@ def write_outputs_list(root: Path, files: Iterable[str]) -> None:
     atomic_write_text(root / OUTPUTS_NAME, text)
 
 
+def cache_dir() -> Path:
+    """segcompare's cache folder: $XDG_CACHE_HOME/segcompare, else ~/.cache/segcompare (the
+    demo's data and runs, int8's calibration statistics)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "segcompare"
+
+
 def publish_folder(tmp: Path, root: Path, what: str, inputs: Iterable[PathLike] = ()) -> None:
     """A set of files made whole in the folder `tmp` -> the folder `root`, with the list of its
     files (`write_outputs_list`): one rename where `root` is new or empty; else, holding `root`

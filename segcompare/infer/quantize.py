@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from segcompare.data.images import IMAGE_SUFFIXES
-from segcompare.utils import SegcompareError, atomic_path
+from segcompare.utils import SegcompareError, atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +187,6 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def default_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "segcompare" / "int8"
-
-
 class Int8Model:
     """The int8 forward of a prepared model (see the module's docstring).
 
@@ -207,7 +202,7 @@ class Int8Model:
         self.prepared = prepared
         self.name = getattr(model, "variant", type(model).__name__)
         self.calibration = calibration
-        self.cache = Path(cache) if cache else default_cache()
+        self.cache = Path(cache) if cache else cache_dir() / "int8"
         self._weights = weights_digest(model)
         self._digest: Optional[str] = None  # the calibration images', read when first needed
         self._graphs: dict[tuple[int, int], Any] = {}
