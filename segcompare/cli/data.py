@@ -106,7 +106,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     y.add_argument(
         "--overwrite", action="store_true",
-        help="write into a folder that is not empty (files of the same name are replaced)",
+        help="write into a folder that is not empty: its files of the same names, and those of "
+        "the last synthesis into it, are replaced; others are kept",
     )  # fmt: skip
     y.set_defaults(func=_run_data_synth)
 
