@@ -106,8 +106,10 @@ def _say(line: str) -> None:
     """Print a one-line error to stderr. Under torchrun, every process writes to the same stream
     and process 0's progress bar leaves its line open (it redraws with a carriage return), so a
     process other than 0 starts its line on a new one: it is never glued to the bar."""
-    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
-    print(("\n" if rank != "0" else "") + line, file=sys.stderr)
+    from segcompare.utils import torchrun_rank_world
+
+    rank, world = torchrun_rank_world()
+    print(("\n" if world > 1 and rank != 0 else "") + line, file=sys.stderr)
 
 
 def _rank_left_by_a_peer(err: RuntimeError) -> Optional[int]:
