@@ -294,8 +294,8 @@ def write_rows(
     """Write {"meta", "rows"} to the JSON file `path` (atomically): `rows`, after the rows already
     there that none of them replaces (same values of `keys`), so subsets can be rerun."""
     old = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    new = {tuple(r[k] for k in keys) for r in rows}
-    kept = [r for r in old["rows"] if tuple(r[k] for k in keys) not in new]
+    new = {tuple(r.get(k) for k in keys) for r in rows}
+    kept = [r for r in old["rows"] if tuple(r.get(k) for k in keys) not in new]
     doc = {**old, "meta": meta, "rows": kept + rows}  # other keys ("accuracy") stay
     atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
 

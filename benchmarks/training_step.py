@@ -14,15 +14,16 @@ the allocator settings of inference_cpu.py (--no-thp, --no-tune-alloc).
     python benchmarks/training_step.py --models segformer-b0,hrnet-w18-small-v1 \\
         --batch 4 --size 128x256 --threads 1 --bf16        # issue 25: the demo's step
     python benchmarks/training_step.py --profile ...        # also where ours spends the step
+    python benchmarks/training_step.py --compile ...        # ours under torch.compile
 
-Writes benchmarks/results/training_step.json (one row per model).
+Writes benchmarks/results/training_step.json (--out): a row per model, input, dtype and
+compile, replacing only the rows this run measured again.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -40,6 +41,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for both (as the demo)")
+    p.add_argument(
+        "--compile", action="store_true",
+        help="ours under torch.compile, as `--set train.compile=true` (prints the compile's time)",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of a step")
@@ -59,7 +64,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from inference_cpu import trained_like  # noqa: E402
+from inference_cpu import trained_like, write_rows  # noqa: E402
 
 from segcompare import bench, train  # noqa: E402
 from segcompare.config import OptimConfig  # noqa: E402
@@ -67,7 +72,6 @@ from segcompare.data.labels import IGNORE_INDEX  # noqa: E402
 from segcompare.infer.fast import tune_cpu_allocator  # noqa: E402
 from segcompare.losses import cross_entropy  # noqa: E402
 from segcompare.models import build_model  # noqa: E402
-from segcompare.utils import atomic_write_text  # noqa: E402
 
 OPTIM = OptimConfig(name="adamw", lr=6e-5, weight_decay=0.01)  # SegFormer's optimiser
 
@@ -95,10 +99,11 @@ def our_step(model, images, labels, amp):
     """The step of `segcompare train`: its model preparation, optimizer and loss."""
     model = train.prepare_for_training(model, amp_dtype=torch.bfloat16 if ARGS.bf16 else None)
     optimizer = train.build_optimizer(model, OPTIM)
+    forward = torch.compile(model) if ARGS.compile else model  # as train's `compile: true`
 
     def step() -> float:
         with amp():
-            logits = model(images)  # N×C×H/4×W/4
+            logits = forward(images)  # N×C×H/4×W/4
         loss = cross_entropy(logits, labels, IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -134,9 +139,13 @@ def run_model(name: str, h: int, w: int) -> dict:
         "ours": our_step(ours, images, labels, amp),
         "reference": reference_step(logits_of, ref, images, labels, amp),
     }
-    for _ in range(ARGS.warmup):
-        for step in steps.values():
+    first = {}
+    for i in range(ARGS.warmup):
+        for who, step in steps.items():
+            t0 = time.perf_counter()
             step()
+            if i == 0:  # ours compiled: the compile is in its first step
+                first[who] = round(time.perf_counter() - t0, 1)
     if ARGS.profile:
         for who, step in steps.items():
             profile(f"{name}, {who}", step)
@@ -154,6 +163,8 @@ def run_model(name: str, h: int, w: int) -> dict:
         "reference": what,
         "input": f"{ARGS.batch}x3x{h}x{w}",
         "dtype": "bf16 autocast" if ARGS.bf16 else "fp32",
+        "compiled": ARGS.compile,
+        "first_step_s": first,
         "ours_ms": round(median["ours"], 1),
         "reference_ms": round(median["reference"], 1),
         "ratio": round(median["ours"] / median["reference"], 3),
@@ -178,15 +189,20 @@ def main() -> int:
         "thp": not ARGS.no_thp,
         "tuned_malloc": tuned,
     }
-    atomic_write_text(ARGS.out, json.dumps({"rows": rows, "meta": meta}, indent=1) + "\n")
+    # a row per model, input, dtype and compile: runs of the others' rows into one file add up
+    write_rows(Path(ARGS.out), meta, rows, keys=("model", "input", "dtype", "compiled"))
     print("\n| model | reference | input | dtype | ours ms | reference ms | ratio | ratio of the "
           "fastest steps |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
-            f"| {r['model']} | {r['reference']} | {r['input']} | {r['dtype']} | {r['ours_ms']:.0f}"
+            f"| {r['model']}{' (compiled)' if r['compiled'] else ''} | {r['reference']}"
+            f" | {r['input']} | {r['dtype']} | {r['ours_ms']:.0f}"
             f" | {r['reference_ms']:.0f} | {r['ratio']:.2f}× | {r['ratio_best']:.2f}× |"
         )
+    for r in rows:
+        if r["compiled"]:
+            print(f"{r['model']}: ours' first step (compiling) {r['first_step_s']['ours']} s")
     print(f"\n{meta.get('cpu', '')}, {ARGS.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')}")
     return 0
 
