@@ -635,6 +635,9 @@ def image_scores(image_mats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95  # the intervals' coverage: the 2.5th and 97.5th percentiles
+# The resampled matrices are made this many bytes at a time (float64 B×C×K): without it,
+# ADE20K's 150×152 matrices at 100,000 resamples would need 18 GB at once.
+BOOTSTRAP_CHUNK_BYTES = 128 * 2**20
 
 
 def bootstrap_draws(num_images: int, resamples: int, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
@@ -662,14 +665,25 @@ def bootstrap_scores(runs: Sequence[np.ndarray], draws: np.ndarray) -> dict[str,
     runs (N×C×K per-image matrices each, on the same images): each figure is the mean over the
     runs, as the comparison's row of several seeds gives it.
 
-    {"miou": B, "mean_acc": B, "iou": B×C}"""
+    {"miou": B, "mean_acc": B, "iou": B×C}
+
+    The resamples are scored a chunk at a time (`BOOTSTRAP_CHUNK_BYTES` of matrices): the same
+    figures to the bit, since a resample's matrix is a sum of integer counts (exact in float64)
+    whatever the chunk, in bounded memory whatever the number of resamples."""
     miou, mean_acc, iou = [], [], []
     for mats in runs:
-        resampled = resample_matrices(mats, draws)
-        per_class = matrix_iou(resampled)
-        iou.append(per_class)
-        miou.append(nan_mean_last(per_class))
-        mean_acc.append(nan_mean_last(matrix_accuracy(resampled)))
+        n = mats.shape[0]
+        row_bytes = 8 * max(n, int(np.prod(mats.shape[1:])))  # a resample's counts or matrix
+        step = max(1, BOOTSTRAP_CHUNK_BYTES // row_bytes)
+        per_class, accuracy = [], []
+        for start in range(0, max(len(draws), 1), step):  # no draws: one empty chunk
+            resampled = resample_matrices(mats, draws[start:start + step])
+            per_class.append(matrix_iou(resampled))
+            accuracy.append(nan_mean_last(matrix_accuracy(resampled)))
+        per_class_all = np.concatenate(per_class)
+        iou.append(per_class_all)
+        miou.append(nan_mean_last(per_class_all))
+        mean_acc.append(np.concatenate(accuracy))
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from every run: NaN
         return {"miou": np.mean(miou, 0), "mean_acc": np.mean(mean_acc, 0),

@@ -37,7 +37,7 @@ MAX_BATCH = 65536
 MIN_OPSET = 17  # ONNX has LayerNormalization from opset 17 on; onnxruntime >= 1.11 runs it
 MAX_OPSET = 20  # the newest torch's TorchScript-based exporter writes (torch 2.13); export.py
 # also asks the installed torch (`max_opset`), which may write fewer
-MAX_RESAMPLES = 100_000  # bootstrap resamples: each holds a C×C matrix per model
+MAX_RESAMPLES = 100_000  # bootstrap resamples: each keeps C IoUs per model (metrics.py)
 
 
 @dataclasses.dataclass(frozen=True)
