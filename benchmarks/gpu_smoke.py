@@ -416,8 +416,8 @@ def environment(env: dict) -> dict:
         "     torch.cuda.get_device_properties(i).total_memory / 2**30, 1),\n"
         "     'capability': '.'.join(map(str, torch.cuda.get_device_capability(i)))}\n"
         "    for i in range(torch.cuda.device_count())] if cuda else []}\n"
-        "from segcompare.bench import _cpu_model_name\n"
-        "info['cpu'] = _cpu_model_name() or platform.processor()\n"
+        "from segcompare.bench import cpu_model_name\n"
+        "info['cpu'] = cpu_model_name() or platform.processor()\n"
         "print(json.dumps(info))\n"
     )
     try:

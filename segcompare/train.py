@@ -65,6 +65,7 @@ from segcompare.config import (
 )
 from segcompare.data.labels import IGNORE_INDEX
 from segcompare.losses import cross_entropy, ohem_cross_entropy
+from segcompare.models import precision as model_precision
 from segcompare.models.precision import guard_bf16
 from segcompare.models.segformer import AllMLPHead
 from segcompare.run_folder import (
@@ -128,6 +129,23 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
         nesterov=cfg.nesterov, fused=fused,
     )
+
+
+def training_amp(amp: str, device: torch.device) -> tuple[str, Optional[str]]:
+    """(the autocast a run's steps take, a note or None) for `train.amp` on `device`.
+
+    bf16 on a CPU without bfloat16 units (`cpu_has_bf16_units`: no AVX512-BF16, no AMX) trains
+    in float32: there bfloat16 is emulated and each step takes 2-14x as long as in float32 (the
+    demo's steps, benchmarks/RESULTS.md), for no gain in memory worth the time on a CPU. The
+    note says so; the weights then differ in their last digits from a bf16 run's, as any
+    precision change makes them differ. Everything else is kept as asked."""
+    if amp != "bf16" or device.type != "cpu" or model_precision.cpu_has_bf16_units():
+        return amp, None
+    from segcompare.bench import cpu_model_name
+
+    cpu = cpu_model_name() or "this CPU"
+    return "off", (f"train.amp bf16: {cpu} has no bfloat16 units (AVX512-BF16, AMX), where bf16 "
+                   "is emulated and a step takes 2-14x as long: training in float32")
 
 
 def prepare_for_training(
@@ -390,6 +408,7 @@ class Run:
     records: List[dict] = field(default_factory=list)  # log.jsonl (rank 0 writes it)
     writer: Any = None  # TensorBoard's SummaryWriter (rank 0, when tensorboard is installed)
     class_table: Any = None  # the data set's `ClassTable`, written into the saved weights
+    amp: str = "off"  # the autocast the steps run under (`training_amp`), in the start record
 
     @property
     def ddp(self) -> bool:
@@ -570,7 +589,7 @@ def _open_run_folder(run: Run, start_iter: int, per_process: int, notes: List[st
     run.records.append({
         "event": "start", "iter": start_iter, "model": run.cfg.model.name, "family": run.family,
         "world_size": run.world, "batch_per_process": per_process, "device": str(run.device),
-        "iters_per_epoch": run.iters_per_epoch, "notes": notes,
+        "iters_per_epoch": run.iters_per_epoch, "amp": run.amp, "notes": notes,
     })
     for note in notes:
         log.info(note)
@@ -861,10 +880,13 @@ def train(
         if ddp and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # both papers train with SyncBN
         model.to(device)
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)  # off: None
+        amp, amp_note = training_amp(tc.amp, device)
+        notes += [amp_note] if amp_note else []
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)  # off: None
         prepare_for_training(model, amp_dtype, cfg.model.name)
         run = Run(cfg, out, rank, world, device, family, model, build_optimizer(model, oc),
-                  torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16"), class_table=table)
+                  torch.amp.GradScaler(device.type, enabled=amp == "fp16"), class_table=table,
+                  amp=amp)
         autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
         class_weights = None if tc.class_weights is None else torch.tensor(
             tc.class_weights, dtype=torch.float32, device=device)

@@ -25,6 +25,20 @@ def test_rows_and_memory_of_a_known_allocation():
     assert row["memory_mb"] == pytest.approx(4.0, abs=0.01)
 
 
+@pytest.mark.parametrize("flags, labels", [
+    ({"avx2", "fma"}, ["AVX2"]),  # an AMD EPYC VM of 2026-12 (Zen, no AVX-512)
+    ({"avx2", "avx512f", "avx512_vnni"}, ["AVX-512", "VNNI"]),
+    ({"avx2", "avx_vnni"}, ["AVX2", "VNNI"]),
+    ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, ["AVX-512", "VNNI", "AVX512-BF16"]),
+    ({"avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"},
+     ["AVX-512", "VNNI", "AVX512-BF16", "AMX"]),
+    ({"sse4_2"}, []),
+])
+def test_cpu_features_name_what_decides_bf16_and_int8(flags, labels):
+    """What each published figure says of its CPU: every label comes from its own flag."""
+    assert bench.cpu_features(flags) == labels
+
+
 def test_memory_is_measured_again_after_warmup():
     """A warmed-up allocator keeps its memory: the column must still show the call's tensors."""
     model = torch.nn.Conv2d(3, 64, 3, padding=1).eval()

@@ -289,6 +289,33 @@ def test_the_whole_model_runs_in_fp32_where_that_is_faster(monkeypatch):
     assert report["whole_ms"] == {"fp32": 1.0, "bf16": 2.0}
 
 
+@pytest.mark.parametrize("variant", ["segformer", "hrnet-w18-small-v1"])
+def test_bf16_runs_the_float32_model_on_a_cpu_without_bf16_units(monkeypatch, variant):
+    """No AVX512-BF16, no AMX: bfloat16 is emulated, slower than float32 for both families, so
+    the float32 model runs (no probe), gives float32's logits, and the report says why;
+    probe=False still runs bfloat16, as asked."""
+    from segcompare.infer.fast import NO_BF16_UNITS, describe_layer_precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    monkeypatch.setattr(precision, "probe_ms", lambda *a: pytest.fail("probed"))
+    torch.manual_seed(0)
+    model = _tiny_b0() if variant == "segformer" else build_model(variant, num_classes=5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # as Predictor
+        got = prepare_for_inference(model, torch.bfloat16)
+        logits = got(x)
+    with torch.inference_mode():
+        want = prepare_for_inference(model)(x)
+    assert logits.dtype == torch.float32 and torch.equal(logits, want)
+    assert {p.dtype for p in got.parameters()} == {torch.float32}
+    (report,) = got.layer_precision()
+    assert report["layers"] and {(r["precision"], r["why"]) for r in report["layers"]} == {
+        ("fp32", NO_BF16_UNITS)}
+    assert f"({NO_BF16_UNITS})" in describe_layer_precision(report)
+    forced = prepare_for_inference(model, torch.bfloat16, probe=False)
+    assert torch.bfloat16 in {p.dtype for p in forced.parameters()}
+
+
 def test_the_probe_runs_once_per_input_shape(monkeypatch):
     calls: list = []
     _fake_probe(monkeypatch, lambda key: {"fp32": 2.0, "bf16": 1.0},

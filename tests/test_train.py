@@ -278,11 +278,13 @@ def test_demo_training_logs_name_the_model_and_no_resume_note(
     assert "--resume" not in caplog.text
 
 
-def test_hrnet_ohem_bf16_sgd_run(tmp_path: Path, synth_root: Path) -> None:
-    """The other recipe family end to end: HRNet (BatchNorm), SGD, class-weighted OHEM, bf16;
-    train.threads applies to the run only."""
+def test_hrnet_ohem_bf16_sgd_run(tmp_path: Path, synth_root: Path, monkeypatch) -> None:
+    """The other recipe family end to end: HRNet (BatchNorm), SGD, class-weighted OHEM, bf16
+    (as on a CPU with bfloat16 units, on any CPU); train.threads applies to the run only."""
+    from segcompare.models import precision
     from segcompare.train import train
 
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
     threads = torch.get_num_threads()
     raw = _tiny_run_config(synth_root, max_iters=4, eval_every=4, amp="bf16", loss="ohem",
                            ohem_min_kept=1000, class_weights=[1.0] * 18 + [2.0], threads=1)
@@ -298,6 +300,42 @@ def test_hrnet_ohem_bf16_sgd_run(tmp_path: Path, synth_root: Path) -> None:
     assert "OHEM min_kept 1000 is for 3 image(s) per process: 1333 for this run's 4" in " ".join(
         start["notes"]
     )
+    assert start["amp"] == "bf16"
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_bf16_training_runs_in_float32_where_the_cpu_only_emulates_it(units, monkeypatch):
+    """train.amp bf16 on a CPU without bfloat16 units trains in float32 and says why in a note;
+    with units, and for every other setting and device, the steps run as asked."""
+    from segcompare.models import precision
+    from segcompare.train import training_amp
+
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: units)
+    amp, note = training_amp("bf16", torch.device("cpu"))
+    if units:
+        assert (amp, note) == ("bf16", None)
+    else:
+        assert amp == "off"
+        assert "has no bfloat16 units (AVX512-BF16, AMX)" in note and "float32" in note
+    for asked in ("off", "fp16"):
+        assert training_amp(asked, torch.device("cpu")) == (asked, None)
+    assert training_amp("bf16", torch.device("cuda")) == ("bf16", None)
+
+
+def test_cpu_bf16_units_are_read_from_the_cpu(monkeypatch):
+    """x86: torch's checks of AVX512-BF16 and AMX decide; other architectures keep bf16."""
+    import platform
+
+    from segcompare.models import precision
+
+    monkeypatch.undo()  # the real check, not conftest's
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for bf16, amx in [(False, False), (True, False), (False, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert precision.cpu_has_bf16_units() is (bf16 or amx)
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert precision.cpu_has_bf16_units() is True
 
 
 def test_ohem_min_kept_scales_with_the_images_per_process() -> None:

@@ -25,8 +25,10 @@ only run forward. Nothing here changes what is computed (up to float rounding); 
 
 6. **bfloat16 where it pays**: a bfloat16 SegFormer on the CPU times each layer once per input
    shape (`BF16Probe`) and runs it the fastest way there: bfloat16, float32, or for attention
-   bfloat16 matmuls; the whole float32 model where that is faster. `layer_precision` says what
-   ran in which precision.
+   bfloat16 matmuls; the whole float32 model where that is faster. On a CPU without bfloat16
+   units (no AVX512-BF16, no AMX: bfloat16 is emulated there, slower than float32 for both
+   families) a bfloat16 model runs in float32. `layer_precision` says what ran in which
+   precision.
 
 Each idea was kept only if `benchmarks/inference_cpu.py` measured it faster (RESULTS.md there).
 The prepared model is for inference only (no gradients, no `train()`): its weights are frozen.
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcompare.models import hrnet, segformer
+from segcompare.models import precision as model_precision
 from segcompare.models.precision import (
     Float32Conv2d,
     bf16_conv_is_wrong,
@@ -59,7 +62,11 @@ log = logging.getLogger(__name__)
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_convolution_pointwise_"
 )
-_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+# oneDNN's bfloat16 convolutions need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: on an AVX2-only CPU
+# they raise, and a bfloat16 conv runs as the plain op
+_FUSED_DTYPES = (torch.float32,) + (
+    (torch.bfloat16,) if _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported() else ()
+)  # fmt: skip
 # epilogue name -> (oneDNN post-op, its algorithm, the plain-op equivalent)
 _ACTS = {
     None: ("none", None, lambda x: x),
@@ -721,13 +728,14 @@ class Prepared(nn.Module):
 
     def __init__(
         self, net: nn.Module, dtype: torch.dtype, channels_last: bool,
-        probe: Optional[BF16Probe] = None,
+        probe: Optional[BF16Probe] = None, float32_why: str = "",
     ):  # fmt: skip
         super().__init__()
         self.net = net
         self.dtype = dtype
         self.channels_last = channels_last
         self.probe = probe
+        self.float32_why = float32_why  # why a model asked for in bfloat16 runs in float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = x.dtype
@@ -742,7 +750,7 @@ class Prepared(nn.Module):
         x = x.to(dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if net is self.net:
+        if net is self.net and not self.float32_why:
             logits = net(x)
         else:  # the caller's bfloat16 autocast would turn the float32 model's attention back
             with torch.autocast(x.device.type, enabled=False):
@@ -755,7 +763,10 @@ class Prepared(nn.Module):
         """What each layer computed in: one `layer_precision` report per input shape seen (in a
         probed model), else one for the model as it stands."""
         if self.probe is None or not self.probe.timings:
-            return [layer_precision(self.net, self.dtype)]
+            report = layer_precision(self.net, self.dtype)
+            for row in report["layers"] if self.float32_why else []:
+                row["why"] = self.float32_why
+            return [report]
         reports = []
         for shape, timings in self.probe.timings.items():
             whole = self.probe.whole.get(shape)
@@ -848,6 +859,9 @@ def describe_layer_precision(report: dict[str, Any]) -> str:
     return f"layer precision{where}: " + "; ".join(parts)
 
 
+NO_BF16_UNITS = "no bfloat16 units on this CPU (AVX512-BF16, AMX): bf16 is emulated, slower"
+
+
 def _to_bf16_guarded(net: nn.Module, channels_last: bool) -> list[str]:
     """Cast `net` to bfloat16, except the FusedConvs whose geometry bfloat16 computes wrongly on
     this CPU (`segcompare.models.precision`): those keep float32 weights and compute in float32.
@@ -906,8 +920,9 @@ def prepare_for_inference(
     `dtype=torch.bfloat16` runs in bfloat16 (opt-in: about 3 significant digits); the logits
     come back in the input's dtype. A bfloat16 SegFormer on the CPU computes in float32 the
     layers that are slower in bfloat16 there (`BF16Probe`, at the first call of each input
-    shape; `probe=False` keeps every layer bfloat16). `channels_last` runs the convolutions in
-    NHWC, the fast layout of oneDNN on CPU. `compile=True` wraps the result in
+    shape; `probe=False` keeps every layer bfloat16); on a CPU without bfloat16 units
+    (`cpu_has_bf16_units`) the model runs in float32 unless `probe=False`. `channels_last` runs
+    the convolutions in NHWC, the fast layout of oneDNN on CPU. `compile=True` wraps the result in
     `torch.compile`. The result is in eval mode, with frozen weights: use it for inference only.
     """
     src = copy.deepcopy(model).eval()
@@ -926,6 +941,14 @@ def prepare_for_inference(
             setattr(net, attr, copy.deepcopy(getattr(model, attr)))
     on_cpu = all(p.device.type == "cpu" for p in net.parameters())
     bf16_cpu = dtype == torch.bfloat16 and on_cpu
+    float32_why = ""
+    if probe and bf16_cpu and not model_precision.cpu_has_bf16_units():
+        # emulated bfloat16 is slower than float32 for both families: 3.7x (HRNet-W18-Small-v2)
+        # on an Intel Xeon with AVX-512 and 7.7x on an AMD EPYC with AVX2; SegFormer's probe
+        # chose the float32 model for B0-B5 there (benchmarks/RESULTS.md)
+        float32_why = NO_BF16_UNITS
+        log.info("bf16: %s; the model runs in float32", NO_BF16_UNITS)
+        dtype, bf16_cpu = torch.float32, False
     if probe and bf16_cpu and isinstance(net, FastSegFormer):  # what BF16Probe compares with
         net_float32 = copy.deepcopy(net)
         if channels_last:
@@ -940,7 +963,7 @@ def prepare_for_inference(
     found = None
     if probe and bf16_cpu and isinstance(net, FastSegFormer):
         found = BF16Probe(net, net_float32, channels_last)
-    fast: nn.Module = Prepared(net, dtype, channels_last, found).eval()
+    fast: nn.Module = Prepared(net, dtype, channels_last, found, float32_why).eval()
     for attr in ("variant", "settings"):
         if hasattr(net, attr):
             setattr(fast, attr, getattr(net, attr))

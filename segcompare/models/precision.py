@@ -22,6 +22,7 @@ asks it for each layer of a bfloat16 SegFormer.
 from __future__ import annotations
 
 import logging
+import platform
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -85,6 +86,34 @@ def _probe(
         ref = F.conv2d(x.float(), weight.float(), None, *args)
         out = F.conv2d(x, weight, None, *args).float()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU computes bfloat16 in hardware. On x86: AVX512-BF16 or AMX (torch's own
+    checks of the CPU). Without them oneDNN emulates bfloat16 in float32 with conversions around
+    every kernel, and a bf16-autocast training step of the demo's models took 1.9-2.0x as long
+    as float32 on an Intel Xeon with AVX-512 and 6-14x as long on an AMD EPYC with AVX2 only
+    (benchmarks/RESULTS.md, "bfloat16 without bfloat16 units"). Other architectures: True (not
+    measured here: the choice is left to the user's setting)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i386", "i686"):
+        return True
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    found = [getattr(torch.cpu, name, None) for name in checks]
+    if not any(found):  # an older torch: what the kernel says of the CPU
+        return bool(_cpuinfo_flags() & {"avx512_bf16", "amx_bf16"})
+    return any(bool(check()) for check in found if check is not None)
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
 
 
 class Float32Conv2d(nn.Conv2d):

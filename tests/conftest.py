@@ -1,0 +1,17 @@
+"""Shared by every test: bfloat16 as on a CPU with bfloat16 units, on any CPU.
+
+Where a CPU has no bfloat16 units (no AVX512-BF16, no AMX), a bfloat16 model and bf16-autocast
+training run in float32 (`segcompare.models.precision.cpu_has_bf16_units`). The tests of the
+bfloat16 paths must test those paths on every CPU, so here that check says yes; the tests of
+the float32 fallback set it to no themselves. Tests that start a process of their own see the
+real CPU.
+"""
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _bf16_units(monkeypatch):
+    from segcompare.models import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
