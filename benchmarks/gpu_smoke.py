@@ -416,7 +416,7 @@ def environment(env: dict) -> dict:
         "     torch.cuda.get_device_properties(i).total_memory / 2**30, 1),\n"
         "     'capability': '.'.join(map(str, torch.cuda.get_device_capability(i)))}\n"
         "    for i in range(torch.cuda.device_count())] if cuda else []}\n"
-        "from segcompare.bench import cpu_model_name\n"
+        "from segcompare.utils import cpu_model_name\n"
         "info['cpu'] = cpu_model_name() or platform.processor()\n"
         "print(json.dumps(info))\n"
     )

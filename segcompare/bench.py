@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from segcompare.utils import synchronize
+from segcompare.utils import cpu_model_name, synchronize
 from segcompare.values import check
 
 
@@ -44,37 +44,6 @@ def machine_info(device: torch.device, threads: int, dtype: str) -> dict:
     else:
         info["cpu"] = cpu_model_name() or info["cpu"]
     return info
-
-
-def cpu_model_name() -> str:
-    """The CPU's model name and the instruction sets that decide its bfloat16 and int8 speed and
-    results (/proc/cpuinfo), e.g. 'Intel(R) Xeon(R) Processor (AVX-512, VNNI, AVX512-BF16, AMX)'
-    or 'AMD EPYC (AVX2)'."""
-    name, flags = "", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and not name:
-                    name = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        return ""
-    features = cpu_features(flags)
-    return f"{name} ({', '.join(features)})" if name and features else name
-
-
-def cpu_features(flags: set[str]) -> list[str]:
-    """The labels of what a CPU's /proc/cpuinfo flags say about its vector units: the widest of
-    AVX-512 and AVX2, then VNNI (int8 dot products: without them oneDNN's int8 kernels add pairs
-    of products in 16 bits, which saturates), AVX512-BF16 and AMX (bfloat16 in hardware)."""
-    out = ["AVX-512"] if "avx512f" in flags else ["AVX2"] if "avx2" in flags else []
-    if flags & {"avx512_vnni", "avx_vnni"}:
-        out.append("VNNI")
-    out += [label for flag, label in [("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX")]
-            if flag in flags]
-    return out
 
 
 def measure_memory_mb(cand: Candidate, x: torch.Tensor) -> float:

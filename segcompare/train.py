@@ -76,7 +76,13 @@ from segcompare.run_folder import (
     rng_states,
     set_rng_states,
 )
-from segcompare.utils import SegcompareError, atomic_path, atomic_write_text, torchrun_rank_world
+from segcompare.utils import (
+    SegcompareError,
+    atomic_path,
+    atomic_write_text,
+    cpu_model_name,
+    torchrun_rank_world,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +147,6 @@ def training_amp(amp: str, device: torch.device) -> tuple[str, Optional[str]]:
     precision change makes them differ. Everything else is kept as asked."""
     if amp != "bf16" or device.type != "cpu" or model_precision.cpu_has_bf16_units():
         return amp, None
-    from segcompare.bench import cpu_model_name
-
     cpu = cpu_model_name() or "this CPU"
     return "off", (f"train.amp bf16: {cpu} has no bfloat16 units (AVX512-BF16, AMX), where bf16 "
                    "is emulated and a step takes 2-14x as long: training in float32")

@@ -36,7 +36,9 @@ def test_rows_and_memory_of_a_known_allocation():
 ])
 def test_cpu_features_name_what_decides_bf16_and_int8(flags, labels):
     """What each published figure says of its CPU: every label comes from its own flag."""
-    assert bench.cpu_features(flags) == labels
+    from segcompare.utils import cpu_features
+
+    assert cpu_features(flags) == labels
 
 
 def test_memory_is_measured_again_after_warmup():

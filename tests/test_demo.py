@@ -91,9 +91,11 @@ def test_demo_on_given_data_and_weights_trains_nothing(demo, tmp_path, capsys):
     assert "| segformer-b0 |" in printed and "CPU ms at" in printed
 
 
-def test_side_by_side_training_gives_the_same_bits_as_one_after_the_other(demo, tmp_path):
+def test_side_by_side_training_gives_the_same_bits_as_one_after_the_other(demo, tmp_path,
+                                                                          monkeypatch):
     """The demo trains its two models at once, one process each with its data prepared in
     process; the weights equal those of sequential runs with a data-loader worker."""
+    monkeypatch.undo()  # the real CPU's bf16 rule here too, as in the processes it starts
     from safetensors.torch import load_file
 
     from segcompare.config import shipped_recipe

@@ -45,6 +45,12 @@ def _cli(capsys, *argv):
     return rc, out, err
 
 
+def _activation_highs(graph: torch.fx.GraphModule) -> set[int]:
+    """The quant_max of every activation quantization in a converted graph."""
+    return {int(n.args[4]) for n in graph.graph.nodes
+            if n.op == "call_function" and "quantize_per_tensor" in str(n.target)}
+
+
 # --- where int8 is offered ----------------------------------------------------------------------
 
 
@@ -162,7 +168,10 @@ def test_cached_statistics_give_the_same_int8_graph(synth, tmp_path, capsys) -> 
         nonlocal q
         q = Int8Model(prepared, model, Calibration(synth, 3), cache=tmp_path)
         with torch.no_grad():
-            out = q._quantize(SIZE)(x)
+            graph = q._quantize(SIZE)
+            out = graph(x)
+        assert _activation_highs(graph) == {255}  # uint8 activations: conftest's VNNI
+        assert q.timings[SIZE]["activation_bits"] == 8
         return out, capsys.readouterr().err
 
     q = None
@@ -200,6 +209,26 @@ def test_cached_statistics_give_the_same_int8_graph(synth, tmp_path, capsys) -> 
     fourth, err = quantized()
     assert "calibrated on 3 image(s)" in err, err
     assert torch.equal(fourth, first)
+
+
+def test_activations_take_7_bits_on_a_cpu_without_vnni(synth, tmp_path, capsys,
+                                                        monkeypatch) -> None:
+    """Without VNNI, oneDNN's int8 kernels add pairs of uint8 x int8 products in 16 bits, which
+    saturates: the activations are quantized to 0..127 there, and it is said (0..255 with VNNI:
+    the test above)."""
+    from segcompare.infer.fast import prepare_for_inference
+    from segcompare.infer.quantize import Calibration, Int8Model
+    from segcompare.models import precision
+
+    monkeypatch.setattr(precision, "cpu_has_vnni", lambda: False)
+    model = _hrnet()
+    q = Int8Model(prepare_for_inference(model), model, Calibration(synth, 2), cache=tmp_path)
+    with torch.no_grad():
+        graph = q._quantize(SIZE)
+    err = capsys.readouterr().err
+    assert _activation_highs(graph) == {127}
+    assert "no VNNI (int8 dot products): activations in 7 bits" in err, err
+    assert q.timings[SIZE]["activation_bits"] == 7
 
 
 # --- the whole path -----------------------------------------------------------------------------

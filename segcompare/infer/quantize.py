@@ -4,7 +4,8 @@
     logits = forward(images)   # N×3×H×W normalised -> N×C×H/4×W/4 float32
 
 What runs in int8: every convolution (uint8 activations per tensor, int8 weights per channel,
-torchao's `X86InductorQuantizer`), with the additions, ReLUs and concatenations the quantizer fuses
+torchao's `X86InductorQuantizer`; on a CPU without VNNI the activations use 7 of the 8 bits,
+as torchao advises there), with the additions, ReLUs and concatenations the quantizer fuses
 into them; `torch.compile` (inductor, freezing) lowers the graph to oneDNN int8 kernels. Everything
 else (upsampling, the classifier's output, softmax) stays float32.
 
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from segcompare.data.images import IMAGE_SUFFIXES
+from segcompare.models import precision as model_precision
 from segcompare.utils import SegcompareError, atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
@@ -266,14 +268,21 @@ class Int8Model:
         # strict: dynamo records which module made each node, which the quantizer reads
         graph = torch.export.export(self.prepared, (example,), strict=True).module()
         quantizer = xiq.X86InductorQuantizer()
-        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+        # without VNNI, 7-bit activations: oneDNN's int8 kernels would saturate 16-bit sums
+        seven_bits = not model_precision.cpu_has_vnni()
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(
+            reduce_range=seven_bits))
         observed = pt2e.prepare_pt2e(graph, quantizer)
         stats_names = sorted(k for k in observed.state_dict() if "activation_post_process" in k)
         # which observer watches which tensor: the statistics fit this graph only
         signature = hashlib.sha256(str(observed.graph).encode()).hexdigest()
         path = self.cache_file(hw)
         cached = _load_stats(path, stats_names, signature)
-        timing: dict[str, Any] = {"export_s": round(time.perf_counter() - start, 1)}
+        timing: dict[str, Any] = {"export_s": round(time.perf_counter() - start, 1),
+                                  "activation_bits": 7 if seven_bits else 8}
+        if seven_bits:
+            _say(f"int8 {what}: this CPU has no VNNI (int8 dot products): activations in 7 bits, "
+                 "so that oneDNN's 16-bit sums of products cannot saturate")
         if cached is not None:
             # set each observer's tensors as they are (min_val, max_val, histogram, eps):
             # load_state_dict does not restore the activation observers' eps, which changes

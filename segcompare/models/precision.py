@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segcompare.utils import cpu_flags
+
 log = logging.getLogger(__name__)
 
 # bfloat16 rounds the output and accumulates in float32: the relative error of a right conv on
@@ -100,20 +102,20 @@ def cpu_has_bf16_units() -> bool:
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     found = [getattr(torch.cpu, name, None) for name in checks]
     if not any(found):  # an older torch: what the kernel says of the CPU
-        return bool(_cpuinfo_flags() & {"avx512_bf16", "amx_bf16"})
+        return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
     return any(bool(check()) for check in found if check is not None)
 
 
-def _cpuinfo_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "flags":
-                    return set(value.split())
-    except OSError:
-        pass
-    return set()
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8).
+    Without them oneDNN's int8 kernels multiply uint8 by int8 with vpmaddubsw, which adds each
+    pair of products in 16 bits and saturates: activations quantized to 7 bits avoid that
+    (`segcompare.infer.quantize`). Other architectures: True (not x86 kernels)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i386", "i686"):
+        return True
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    flags = {k for k, v in capabilities().items() if v is True} if capabilities else set()
+    return bool((flags or cpu_flags()) & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 class Float32Conv2d(nn.Conv2d):
