@@ -921,6 +921,7 @@ def train(
         data = _batches(loader, start_iter, run.iters_per_epoch)
         window = {"loss": 0.0, "n": 0, "data_time": 0.0, "t0": time.time()}
         last_loss = next((r["loss"] for r in reversed(run.records) if "loss" in r), math.nan)
+        loss_read = not math.isnan(last_loss)  # a resumed run shows its last logged loss
         last_miou = next((r["val_mIoU"] for r in reversed(run.records) if "val_IoU" in r), None)
         stop, done = None, start_iter
         validated = False
@@ -958,12 +959,15 @@ def train(
                 if asked and not flush:  # stopping after this iteration: read it too
                     read_loss = _take_figures(run, step_stats, window, True)[0]
                 last_loss = last_loss if read_loss is None else read_loss
+                loss_read = loss_read or read_loss is not None
                 if asked and stop is None:
                     stop = stop_request.signal or "a signal to another process"
                 if it == start_iter:
                     _forget_autotuning_peak(device)
                 bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                # the loss is read a step late: none is shown before the first is read
+                shown = {"loss": f"{last_loss:.4f}"} if loss_read else {}
+                bar.set_postfix(**shown, lr=f"{lr:.2e}", refresh=False)
                 if log_now:
                     _log_step(run, window, done, it // run.iters_per_epoch, lr)
                     window = {"loss": 0.0, "n": 0, "data_time": 0.0, "t0": time.time()}

@@ -278,9 +278,10 @@ def test_demo_training_logs_name_the_model_and_no_resume_note(
     assert "--resume" not in caplog.text
 
 
-def test_hrnet_ohem_bf16_sgd_run(tmp_path: Path, synth_root: Path, monkeypatch) -> None:
+def test_hrnet_ohem_bf16_sgd_run(tmp_path: Path, synth_root: Path, monkeypatch, capsys) -> None:
     """The other recipe family end to end: HRNet (BatchNorm), SGD, class-weighted OHEM, bf16
-    (as on a CPU with bfloat16 units, on any CPU); train.threads applies to the run only."""
+    (as on a CPU with bfloat16 units, on any CPU); train.threads applies to the run only; the
+    progress bar shows no loss before one is read (it showed loss=nan)."""
     from segcompare.models import precision
     from segcompare.train import train
 
@@ -301,6 +302,8 @@ def test_hrnet_ohem_bf16_sgd_run(tmp_path: Path, synth_root: Path, monkeypatch) 
         start["notes"]
     )
     assert start["amp"] == "bf16"
+    bar = capsys.readouterr().err
+    assert "loss=" in bar and "loss=nan" not in bar, bar
 
 
 @pytest.mark.parametrize("units", [True, False])
