@@ -4,8 +4,7 @@
     logits = forward(images)   # N×3×H×W normalised -> N×C×H/4×W/4 float32
 
 What runs in int8: every convolution (uint8 activations per tensor, int8 weights per channel,
-torchao's `X86InductorQuantizer`; on a CPU without VNNI the activations use 7 of the 8 bits,
-as torchao advises there), with the additions, ReLUs and concatenations the quantizer fuses
+torchao's `X86InductorQuantizer`), with the additions, ReLUs and concatenations the quantizer fuses
 into them; `torch.compile` (inductor, freezing) lowers the graph to oneDNN int8 kernels. Everything
 else (upsampling, the classifier's output, softmax) stays float32.
 
@@ -14,7 +13,8 @@ the CPU (`benchmarks/int8_cpu.py`, `benchmarks/RESULTS.md` "int8"): at least 1.5
 fp32 at 1024×2048, and mIoU on trained weights within 0.5 points. HRNet: 0.33-0.44× of fp32's
 time (all five) and -0.01 to -0.02 points.
 SegFormer is refused: both int8 paths were slower than its fp32 model (0.91× and 0.70×), whose time
-is its float32 attention.
+is its float32 attention. So is a CPU without int8 dot products (no AVX512-VNNI, AVX-VNNI or
+AMX-INT8: `cpu_has_vnni`): on an AMD EPYC with AVX2 only int8 took 1.05× of fp32's time.
 
 A graph is built per input size (the exported graph has static shapes; batches run image by
 image): export, calibration on the `Calibration` images resized to that size, conversion,
@@ -52,6 +52,9 @@ DEFAULT_CALIB_IMAGES = 32
 INT8_FAMILIES = {
     "hrnet": "0.33-0.44x of fp32's time at 1024x2048 for every HRNet; mIoU -0.01/-0.02",
 }
+# without int8 dot products (VNNI) oneDNN's int8 kernels gain nothing on float32's
+NO_VNNI = ("1.05x of fp32's time for HRNet-W18-Small-v1 and -v2 at 1024x2048 on an AMD EPYC with "
+           "AVX2 only, 2026-12-04; benchmarks/RESULTS.md, 'int8'")
 NOT_OFFERED = {
     "segformer": "slower than fp32 on the CPU (0.91x PT2E, 0.70x onnxruntime at 1024x2048: "
     "its time is the float32 attention); benchmarks/RESULTS.md, 'int8'",
@@ -66,6 +69,12 @@ def check_int8(model: nn.Module, device: torch.device) -> None:
     if device.type != "cpu":
         raise SegcompareError(f"--precision int8 runs on the CPU only, not {device.type}: "
                               "use --precision fp16 or bf16 there")
+    if not model_precision.cpu_has_vnni():
+        from segcompare.utils import cpu_model_name
+
+        raise SegcompareError(f"--precision int8 is not offered on a CPU without VNNI "
+                              f"({cpu_model_name() or 'this CPU'}): int8 was not faster than "
+                              f"fp32 there ({NO_VNNI}); use fp32")
     family = family_of(model)
     if family not in INT8_FAMILIES:
         why = NOT_OFFERED.get(family, "not measured")
@@ -268,21 +277,14 @@ class Int8Model:
         # strict: dynamo records which module made each node, which the quantizer reads
         graph = torch.export.export(self.prepared, (example,), strict=True).module()
         quantizer = xiq.X86InductorQuantizer()
-        # without VNNI, 7-bit activations: oneDNN's int8 kernels would saturate 16-bit sums
-        seven_bits = not model_precision.cpu_has_vnni()
-        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(
-            reduce_range=seven_bits))
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
         observed = pt2e.prepare_pt2e(graph, quantizer)
         stats_names = sorted(k for k in observed.state_dict() if "activation_post_process" in k)
         # which observer watches which tensor: the statistics fit this graph only
         signature = hashlib.sha256(str(observed.graph).encode()).hexdigest()
         path = self.cache_file(hw)
         cached = _load_stats(path, stats_names, signature)
-        timing: dict[str, Any] = {"export_s": round(time.perf_counter() - start, 1),
-                                  "activation_bits": 7 if seven_bits else 8}
-        if seven_bits:
-            _say(f"int8 {what}: this CPU has no VNNI (int8 dot products): activations in 7 bits, "
-                 "so that oneDNN's 16-bit sums of products cannot saturate")
+        timing: dict[str, Any] = {"export_s": round(time.perf_counter() - start, 1)}
         if cached is not None:
             # set each observer's tensors as they are (min_val, max_val, histogram, eps):
             # load_state_dict does not restore the activation observers' eps, which changes

@@ -108,9 +108,9 @@ def cpu_has_bf16_units() -> bool:
 
 def cpu_has_vnni() -> bool:
     """Whether this x86 CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8).
-    Without them oneDNN's int8 kernels multiply uint8 by int8 with vpmaddubsw, which adds each
-    pair of products in 16 bits and saturates: activations quantized to 7 bits avoid that
-    (`segcompare.infer.quantize`). Other architectures: True (not x86 kernels)."""
+    Without them oneDNN's int8 convolutions multiply with vpmaddubsw and gain nothing over
+    float32 (an AMD EPYC with AVX2 only: 1.05x of fp32's time), so `--precision int8` is not
+    offered there (`segcompare.infer.quantize`). Other architectures: True (not x86 kernels)."""
     if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i386", "i686"):
         return True
     capabilities = getattr(torch.cpu, "get_capabilities", None)
