@@ -271,19 +271,26 @@ def test_each_layer_runs_the_way_the_probe_found_fastest(monkeypatch):
     assert "fp32: 4 Mix-FFN depthwise (slower in bf16 here)" in line
 
 
+def _runs_as_float32(model: nn.Module) -> nn.Module:
+    """`model` prepared in bfloat16 and run as Predictor runs it (bf16 autocast): its logits are
+    float32 and equal the float32 model's; returns the prepared model."""
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = prepare_for_inference(model, torch.bfloat16)
+        logits = got(x)
+    with torch.inference_mode():
+        want = prepare_for_inference(model)(x)
+    assert logits.dtype == torch.float32 and torch.equal(logits, want)
+    return got
+
+
 def test_the_whole_model_runs_in_fp32_where_that_is_faster(monkeypatch):
     """A CPU without bfloat16 units: the float32 model runs, and gives float32's logits."""
     _fake_probe(monkeypatch, lambda key: {"fp32": 1.0, "bf16": 2.0},
                 lambda key: {"fp32": 2.0, "bf16": 1.0, "bf16 matmuls": 3.0},
                 {"fp32": 1.0, "bf16": 2.0})
     model = _tiny_b0()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # as Predictor
-        got = prepare_for_inference(model, torch.bfloat16)
-        logits = got(x)
-    with torch.inference_mode():
-        want = prepare_for_inference(model)(x)
-    assert logits.dtype == torch.float32 and torch.equal(logits, want)
+    got = _runs_as_float32(model)
     report = got.layer_precision()[0]
     assert {row["precision"] for row in report["layers"]} == {"fp32"}
     assert report["whole_ms"] == {"fp32": 1.0, "bf16": 2.0}
@@ -300,13 +307,7 @@ def test_bf16_runs_the_float32_model_on_a_cpu_without_bf16_units(monkeypatch, va
     monkeypatch.setattr(precision, "probe_ms", lambda *a: pytest.fail("probed"))
     torch.manual_seed(0)
     model = _tiny_b0() if variant == "segformer" else build_model(variant, num_classes=5).eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # as Predictor
-        got = prepare_for_inference(model, torch.bfloat16)
-        logits = got(x)
-    with torch.inference_mode():
-        want = prepare_for_inference(model)(x)
-    assert logits.dtype == torch.float32 and torch.equal(logits, want)
+    got = _runs_as_float32(model)
     assert {p.dtype for p in got.parameters()} == {torch.float32}
     (report,) = got.layer_precision()
     assert report["layers"] and {(r["precision"], r["why"]) for r in report["layers"]} == {
