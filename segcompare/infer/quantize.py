@@ -54,7 +54,7 @@ INT8_FAMILIES = {
 }
 # without int8 dot products (VNNI) oneDNN's int8 kernels gain nothing on float32's
 NO_VNNI = ("1.05x of fp32's time for HRNet-W18-Small-v1 and -v2 at 1024x2048 on an AMD EPYC with "
-           "AVX2 only, 2026-12-04; benchmarks/RESULTS.md, 'int8'")
+           "AVX2 only, 2026-12-04; benchmarks/RESULTS.md, 'A CPU with AVX2 only'")
 NOT_OFFERED = {
     "segformer": "slower than fp32 on the CPU (0.91x PT2E, 0.70x onnxruntime at 1024x2048: "
     "its time is the float32 attention); benchmarks/RESULTS.md, 'int8'",

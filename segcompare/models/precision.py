@@ -95,7 +95,7 @@ def cpu_has_bf16_units() -> bool:
     checks of the CPU). Without them oneDNN emulates bfloat16 in float32 with conversions around
     every kernel, and a bf16-autocast training step of the demo's models took 1.9-2.0x as long
     as float32 on an Intel Xeon with AVX-512 and 6-14x as long on an AMD EPYC with AVX2 only
-    (benchmarks/RESULTS.md, "bfloat16 without bfloat16 units"). Other architectures: True (not
+    (benchmarks/RESULTS.md, "A CPU with AVX2 only"). Other architectures: True (not
     measured here: the choice is left to the user's setting)."""
     if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i386", "i686"):
         return True
