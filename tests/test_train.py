@@ -326,7 +326,8 @@ def test_bf16_training_runs_in_float32_where_the_cpu_only_emulates_it(units, mon
 
 
 def test_cpu_bf16_units_are_read_from_the_cpu(monkeypatch):
-    """x86: torch's checks of AVX512-BF16 and AMX decide; other architectures keep bf16."""
+    """x86: torch's reading of the CPU (AVX512-BF16, AMX) decides; other architectures keep
+    bf16."""
     import platform
 
     from segcompare.models import precision
@@ -334,8 +335,8 @@ def test_cpu_bf16_units_are_read_from_the_cpu(monkeypatch):
     monkeypatch.undo()  # the real check, not conftest's
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     for bf16, amx in [(False, False), (True, False), (False, True)]:
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        caps = {"avx2": True, "avx512_bf16": bf16, "amx_bf16": amx, "num_sockets": 1}
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda c=caps: c)
         assert precision.cpu_has_bf16_units() is (bf16 or amx)
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     assert precision.cpu_has_bf16_units() is True

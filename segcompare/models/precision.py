@@ -91,19 +91,13 @@ def _probe(
 
 
 def cpu_has_bf16_units() -> bool:
-    """Whether this CPU computes bfloat16 in hardware. On x86: AVX512-BF16 or AMX (torch's own
-    checks of the CPU). Without them oneDNN emulates bfloat16 in float32 with conversions around
-    every kernel, and a bf16-autocast training step of the demo's models took 1.9-2.0x as long
-    as float32 on an Intel Xeon with AVX-512 and 6-14x as long on an AMD EPYC with AVX2 only
-    (benchmarks/RESULTS.md, "A CPU with AVX2 only"). Other architectures: True (not
-    measured here: the choice is left to the user's setting)."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i386", "i686"):
-        return True
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    found = [getattr(torch.cpu, name, None) for name in checks]
-    if not any(found):  # an older torch: what the kernel says of the CPU
-        return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-    return any(bool(check()) for check in found if check is not None)
+    """Whether this CPU computes bfloat16 in hardware. On x86: AVX512-BF16 or AMX. Without them
+    oneDNN emulates bfloat16 in float32 with conversions around every kernel, and a bf16-autocast
+    training step of the demo's models took 1.9-2.0x as long as float32 on an Intel Xeon with
+    AVX-512 and 6-14x as long on an AMD EPYC with AVX2 only (benchmarks/RESULTS.md, "A CPU with
+    AVX2 only"). Other architectures: True (not measured here: the choice is left to the user's
+    setting)."""
+    return _x86_cpu_has({"avx512_bf16", "amx_bf16"})
 
 
 def cpu_has_vnni() -> bool:
@@ -111,11 +105,18 @@ def cpu_has_vnni() -> bool:
     Without them oneDNN's int8 convolutions multiply with vpmaddubsw and gain nothing over
     float32 (an AMD EPYC with AVX2 only: 1.05x of fp32's time), so `--precision int8` is not
     offered there (`segcompare.infer.quantize`). Other architectures: True (not x86 kernels)."""
+    return _x86_cpu_has({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def _x86_cpu_has(features: set[str]) -> bool:
+    """Whether an x86 CPU has any of `features` (names as /proc/cpuinfo and torch's
+    `torch.cpu.get_capabilities` both spell them: torch's own reading of the CPU, /proc/cpuinfo
+    with an older torch); True on other architectures."""
     if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i386", "i686"):
         return True
     capabilities = getattr(torch.cpu, "get_capabilities", None)
-    flags = {k for k, v in capabilities().items() if v is True} if capabilities else set()
-    return bool((flags or cpu_flags()) & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    found = {k for k, v in capabilities().items() if v is True} if capabilities else cpu_flags()
+    return bool(found & features)
 
 
 class Float32Conv2d(nn.Conv2d):
