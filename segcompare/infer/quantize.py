@@ -43,7 +43,7 @@ from torch import nn
 
 from segcompare.data.images import IMAGE_SUFFIXES
 from segcompare.models import precision as model_precision
-from segcompare.utils import SegcompareError, atomic_path, cache_dir
+from segcompare.utils import SegcompareError, atomic_path, cache_dir, cpu_model_name
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,6 @@ def check_int8(model: nn.Module, device: torch.device) -> None:
         raise SegcompareError(f"--precision int8 runs on the CPU only, not {device.type}: "
                               "use --precision fp16 or bf16 there")
     if not model_precision.cpu_has_vnni():
-        from segcompare.utils import cpu_model_name
-
         raise SegcompareError(f"--precision int8 is not offered on a CPU without VNNI "
                               f"({cpu_model_name() or 'this CPU'}): int8 was not faster than "
                               f"fp32 there ({NO_VNNI}); use fp32")
